@@ -1,0 +1,32 @@
+//! # quorate-core: the pure decision core
+//!
+//! Everything quorate *decides* lives here; everything it *does* lives in the
+//! `quorate` crate. This crate has no tokio, no sockets, no Raft library and no
+//! clock: time is always a value passed in by the caller, so every decision can
+//! be replayed, property-tested and checked exhaustively.
+//!
+//! ## Layout
+//!
+//! - [`lease`]: lease arithmetic on both sides of a lease. The holder's
+//!   deadline (`send + ttl * (1 - drift) - margin`) and the grantor's wait
+//!   before a new holder (`renewed + ttl * (1 + drift) + margin`).
+//! - [`names`]: validation of group and holder names (shared by the API layer
+//!   and the state machine, so both refuse the same inputs).
+//! - [`machine`]: the replicated state machine. Commands carry the proposing
+//!   leader's clock reading; `apply` is deterministic and returns its decision
+//!   as data ([`machine::Outcome`]) together with the change to publish.
+//!
+//! ## The one rule
+//!
+//! Safety comes from leases and fencing tokens; availability from the quorum
+//! verdict. The epoch of a group (its fencing token) is strictly increasing and
+//! never reused, and a new holder is only granted once the previous lease has
+//! expired with the drift margin on the granting leader's clock.
+
+pub mod lease;
+pub mod machine;
+pub mod names;
+
+pub use lease::LeaseTiming;
+pub use machine::{Command, LeaderStamp, LeaseView, Machine, Op, Outcome, Rejection};
+pub use names::{NameError, NameKind};

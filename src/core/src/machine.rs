@@ -1,0 +1,440 @@
+//! The replicated state machine: leases and their fencing epochs, per group.
+//!
+//! Every replica applies the same committed commands in the same order and must
+//! reach the same state, so `apply` never reads a clock. Time comes from the
+//! log entry: the leader that proposed a command stamps it with a reading of
+//! its own monotonic clock ([`LeaderStamp`]). Readings of different leaders (or
+//! of one leader process before and after a restart) are unrelated numbers, so
+//! the machine remembers whose clock its lease times are on ([`ClockBase`]).
+//! When an entry arrives from a different clock, every held lease is treated as
+//! renewed at that entry's time: a newly elected leader waits a full TTL plus
+//! the drift margin before it gives anybody's lease to someone else.
+//!
+//! `apply` returns its decision as data ([`Outcome`]) plus the change to
+//! publish to watchers ([`Change`]); the runtime layer sends them on.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::lease::LeaseTiming;
+use crate::names::{self, NameError, NameKind};
+
+/// The proposing leader's identity and clock, stamped on every command.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderStamp {
+    /// The Raft node id of the leader that proposed the command.
+    pub node_id: u64,
+    /// Random per process start: a restarted leader has a new clock.
+    pub boot_id: u64,
+    /// The leader's monotonic clock when it proposed the command, in ms.
+    pub now_ms: u64,
+    /// The leader's lease timing (drift bound and margin).
+    pub timing: LeaseTiming,
+}
+
+/// A command as it is written to the Raft log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Command {
+    pub stamp: LeaderStamp,
+    pub op: Op,
+}
+
+impl std::fmt::Display for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}@{}:{}", self.op, self.stamp.node_id, self.stamp.now_ms)
+    }
+}
+
+/// What a command asks for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Op {
+    /// Written first by every new leader, so that its clock becomes the lease
+    /// clock at once rather than at its first client command.
+    LeaderStart,
+    /// Take the group's lease for `holder`. Granted when the lease is free,
+    /// released, expired with the margin on the leader's clock, or already
+    /// held by `holder` (then with a fresh epoch).
+    Acquire { group: String, holder: String, ttl_ms: u64 },
+    /// Extend the lease `holder` holds at `epoch` by its TTL from now.
+    Renew { group: String, holder: String, epoch: u64 },
+    /// Give the lease up at once; the next acquirer needs no wait.
+    Release { group: String, holder: String, epoch: u64 },
+}
+
+/// Where an entry sits in the Raft log, as far as the machine needs to know.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPosition {
+    pub index: u64,
+    pub term: u64,
+    /// The node that led `term` (and so proposed the entry).
+    pub leader_node_id: u64,
+}
+
+/// Identifies one leader process's clock: lease times are only ever compared
+/// with readings of the same clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClockBase {
+    pub term: u64,
+    pub node_id: u64,
+    pub boot_id: u64,
+}
+
+/// One group's lease as stored in the machine.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// The current holder; `None` when never taken or released.
+    pub holder: Option<String>,
+    /// The fencing token: bumped by every grant, never reused.
+    pub epoch: u64,
+    pub ttl_ms: u64,
+    /// When the lease was last granted or renewed, on the clock in
+    /// [`Machine::clock`].
+    pub renewed_at_ms: u64,
+    /// The timing the lease was granted under (the holder was told it).
+    pub timing: Option<LeaseTiming>,
+    /// Log index of the last change to this record.
+    pub revision: u64,
+}
+
+/// The state of a lease at a given moment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseState {
+    /// Nobody holds it; the next acquirer gets it at once.
+    Free,
+    /// Held and not expired.
+    Held,
+    /// The holder's TTL has run out, but the drift margin has not: nobody
+    /// else can have it yet.
+    Expiring,
+}
+
+/// A lease as readers see it at one moment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseView {
+    pub group: String,
+    /// `None` when the lease is free (never taken, released, or expired past
+    /// the margin).
+    pub holder: Option<String>,
+    pub epoch: u64,
+    pub ttl_ms: u64,
+    /// Time left before the holder's TTL runs out (0 when free or expiring).
+    pub remaining_ms: u64,
+    pub state: LeaseState,
+    pub revision: u64,
+}
+
+/// How the reader relates to the machine's clock.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReaderClock {
+    /// The reader's `now`, measured on the machine's clock.
+    Now(u64),
+    /// The reader cannot measure on the machine's clock (a follower with no
+    /// estimate, a leader whose first entry is not applied yet): every held
+    /// lease is shown as just renewed, the conservative reading.
+    Unknown,
+}
+
+/// Why a command had no effect. Deterministic: every replica rejects alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum Rejection {
+    #[error(transparent)]
+    InvalidName(#[from] NameError),
+    #[error("ttl_ms must be positive")]
+    ZeroTtl,
+    #[error("ttl_ms {ttl_ms} leaves the holder no valid time under the lease timing")]
+    TtlTooShort { ttl_ms: u64 },
+    #[error("{holder:?} does not hold lease {group:?} at epoch {epoch}: {current}")]
+    NotHolder { group: String, holder: String, epoch: u64, current: CurrentHolder },
+    #[error("lease {group:?} at epoch {epoch} has expired; acquire it again")]
+    Expired { group: String, epoch: u64 },
+    #[error("epoch of lease {group:?} is exhausted")]
+    EpochExhausted { group: String },
+    #[error("command stamped by node {stamped} in a term led by node {leader}")]
+    ForeignStamp { stamped: u64, leader: u64 },
+}
+
+/// Who holds a lease, for [`Rejection::NotHolder`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CurrentHolder {
+    pub holder: Option<String>,
+    pub epoch: u64,
+}
+
+impl std::fmt::Display for CurrentHolder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.holder {
+            Some(h) => write!(f, "current epoch is {} (holder {h:?})", self.epoch),
+            None => write!(f, "current epoch is {} (no holder)", self.epoch),
+        }
+    }
+}
+
+/// The decision `apply` made.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Outcome {
+    LeaderStarted,
+    /// The lease was granted with a new epoch.
+    Granted(LeaseView),
+    Renewed(LeaseView),
+    Released(LeaseView),
+    /// Somebody else holds the lease; it may be granted at `grantable_at_ms`
+    /// on the machine's clock, unless it is renewed or released first.
+    Held { current: LeaseView, grantable_at_ms: u64 },
+    Rejected(Rejection),
+}
+
+/// A change watchers are told about.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Change {
+    pub kind: ChangeKind,
+    pub lease: LeaseView,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    Acquired,
+    Renewed,
+    Released,
+}
+
+/// What `apply` returns: the decision and the change to publish, if any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub outcome: Outcome,
+    pub change: Option<Change>,
+}
+
+/// The whole replicated state. Serialized as the Raft snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Machine {
+    /// Whose clock `renewed_at_ms` and `clock_now_ms` are on.
+    clock: Option<ClockBase>,
+    /// The largest stamp applied on `clock` (stamps of concurrent proposals
+    /// may reach the log slightly out of order; time never goes backwards).
+    clock_now_ms: u64,
+    leases: BTreeMap<String, LeaseRecord>,
+}
+
+impl Machine {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The clock lease times are measured on, and its latest applied reading.
+    pub fn clock(&self) -> Option<(ClockBase, u64)> {
+        self.clock.map(|c| (c, self.clock_now_ms))
+    }
+
+    /// Number of groups that have ever had a lease.
+    pub fn lease_count(&self) -> usize {
+        self.leases.len()
+    }
+
+    /// Applies one committed command. Deterministic and total.
+    pub fn apply(&mut self, pos: LogPosition, cmd: &Command) -> Applied {
+        if cmd.stamp.node_id != pos.leader_node_id {
+            // Only the leader of a term proposes entries of that term; a
+            // mismatch is a bug somewhere, refused alike on every replica.
+            return rejected(Rejection::ForeignStamp {
+                stamped: cmd.stamp.node_id,
+                leader: pos.leader_node_id,
+            });
+        }
+        let now = self.advance_clock(pos, &cmd.stamp);
+        let timing = cmd.stamp.timing;
+        match &cmd.op {
+            Op::LeaderStart => Applied { outcome: Outcome::LeaderStarted, change: None },
+            Op::Acquire { group, holder, ttl_ms } => self.acquire(pos.index, now, timing, group, holder, *ttl_ms),
+            Op::Renew { group, holder, epoch } => self.renew(pos.index, now, group, holder, *epoch),
+            Op::Release { group, holder, epoch } => self.release(pos.index, now, group, holder, *epoch),
+        }
+    }
+
+    /// The lease of `group` as seen at `now`.
+    pub fn lease(&self, group: &str, now: ReaderClock) -> LeaseView {
+        match self.leases.get(group) {
+            Some(rec) => view(group, rec, now),
+            None => LeaseView {
+                group: group.to_owned(),
+                holder: None,
+                epoch: 0,
+                ttl_ms: 0,
+                remaining_ms: 0,
+                state: LeaseState::Free,
+                revision: 0,
+            },
+        }
+    }
+
+    /// When `group`'s lease may be granted to someone other than its holder,
+    /// on the machine's clock, or `None` when it is free now.
+    pub fn grantable_at_ms(&self, group: &str, timing: LeaseTiming) -> Option<u64> {
+        let rec = self.leases.get(group)?;
+        rec.holder.as_ref()?;
+        Some(grant_timing(rec, timing).grantable_at_ms(rec.renewed_at_ms, rec.ttl_ms))
+    }
+
+    fn advance_clock(&mut self, pos: LogPosition, stamp: &LeaderStamp) -> u64 {
+        let base = ClockBase { term: pos.term, node_id: stamp.node_id, boot_id: stamp.boot_id };
+        if self.clock == Some(base) {
+            self.clock_now_ms = self.clock_now_ms.max(stamp.now_ms);
+        } else {
+            // A different leader process: its readings are unrelated to the
+            // old ones. Restart every lease's TTL on the new clock; this can
+            // only delay a grant to someone else, never hasten it.
+            self.clock = Some(base);
+            self.clock_now_ms = stamp.now_ms;
+            for rec in self.leases.values_mut() {
+                rec.renewed_at_ms = stamp.now_ms;
+            }
+        }
+        self.clock_now_ms
+    }
+
+    fn acquire(&mut self, index: u64, now: u64, timing: LeaseTiming, group: &str, holder: &str, ttl_ms: u64) -> Applied {
+        if let Err(e) = check_names(group, holder) {
+            return rejected(e);
+        }
+        if ttl_ms == 0 {
+            return rejected(Rejection::ZeroTtl);
+        }
+        if timing.check_ttl(ttl_ms).is_err() {
+            return rejected(Rejection::TtlTooShort { ttl_ms });
+        }
+        let rec = self.leases.entry(group.to_owned()).or_default();
+        if let Some(current) = &rec.holder {
+            let grantable_at_ms = grant_timing(rec, timing).grantable_at_ms(rec.renewed_at_ms, rec.ttl_ms);
+            if current != holder && now < grantable_at_ms {
+                return Applied {
+                    outcome: Outcome::Held { current: view(group, rec, ReaderClock::Now(now)), grantable_at_ms },
+                    change: None,
+                };
+            }
+        }
+        let Some(epoch) = rec.epoch.checked_add(1) else {
+            return rejected(Rejection::EpochExhausted { group: group.to_owned() });
+        };
+        let previous = rec.epoch;
+        *rec = LeaseRecord {
+            holder: Some(holder.to_owned()),
+            epoch,
+            ttl_ms,
+            renewed_at_ms: now,
+            timing: Some(timing),
+            revision: index,
+        };
+        assert!(rec.epoch > previous, "epochs must strictly increase");
+        let lease = view(group, rec, ReaderClock::Now(now));
+        Applied {
+            outcome: Outcome::Granted(lease.clone()),
+            change: Some(Change { kind: ChangeKind::Acquired, lease }),
+        }
+    }
+
+    fn renew(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
+        if let Err(e) = check_names(group, holder) {
+            return rejected(e);
+        }
+        let Some(rec) = self.holder_record(group, holder, epoch) else {
+            return rejected(self.not_holder(group, holder, epoch));
+        };
+        if now >= rec.renewed_at_ms.saturating_add(rec.ttl_ms) {
+            return rejected(Rejection::Expired { group: group.to_owned(), epoch });
+        }
+        rec.renewed_at_ms = now;
+        rec.revision = index;
+        let lease = view(group, rec, ReaderClock::Now(now));
+        Applied {
+            outcome: Outcome::Renewed(lease.clone()),
+            change: Some(Change { kind: ChangeKind::Renewed, lease }),
+        }
+    }
+
+    fn release(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
+        if let Err(e) = check_names(group, holder) {
+            return rejected(e);
+        }
+        let Some(rec) = self.holder_record(group, holder, epoch) else {
+            return rejected(self.not_holder(group, holder, epoch));
+        };
+        rec.holder = None;
+        rec.revision = index;
+        let lease = view(group, rec, ReaderClock::Now(now));
+        Applied {
+            outcome: Outcome::Released(lease.clone()),
+            change: Some(Change { kind: ChangeKind::Released, lease }),
+        }
+    }
+
+    fn holder_record(&mut self, group: &str, holder: &str, epoch: u64) -> Option<&mut LeaseRecord> {
+        self.leases
+            .get_mut(group)
+            .filter(|rec| rec.epoch == epoch && rec.holder.as_deref() == Some(holder))
+    }
+
+    fn not_holder(&self, group: &str, holder: &str, epoch: u64) -> Rejection {
+        let rec = self.leases.get(group);
+        Rejection::NotHolder {
+            group: group.to_owned(),
+            holder: holder.to_owned(),
+            epoch,
+            current: CurrentHolder {
+                holder: rec.and_then(|r| r.holder.clone()),
+                epoch: rec.map_or(0, |r| r.epoch),
+            },
+        }
+    }
+}
+
+/// The timing a grant decision uses: the stricter of the timing the holder
+/// was told and the current leader's.
+fn grant_timing(rec: &LeaseRecord, leader: LeaseTiming) -> LeaseTiming {
+    match rec.timing {
+        None => leader,
+        Some(told) => LeaseTiming {
+            max_clock_drift_ppm: told.max_clock_drift_ppm.max(leader.max_clock_drift_ppm),
+            lease_margin_ms: told.lease_margin_ms.max(leader.lease_margin_ms),
+        },
+    }
+}
+
+fn view(group: &str, rec: &LeaseRecord, now: ReaderClock) -> LeaseView {
+    let (holder, remaining_ms, state) = match (&rec.holder, now) {
+        (None, _) => (None, 0, LeaseState::Free),
+        (Some(h), ReaderClock::Unknown) => (Some(h.clone()), rec.ttl_ms, LeaseState::Held),
+        (Some(h), ReaderClock::Now(now)) => {
+            let expires = rec.renewed_at_ms.saturating_add(rec.ttl_ms);
+            let timing = rec.timing.unwrap_or_default();
+            if now < expires {
+                (Some(h.clone()), expires - now, LeaseState::Held)
+            } else if now < timing.grantable_at_ms(rec.renewed_at_ms, rec.ttl_ms) {
+                (Some(h.clone()), 0, LeaseState::Expiring)
+            } else {
+                (None, 0, LeaseState::Free)
+            }
+        }
+    };
+    LeaseView {
+        group: group.to_owned(),
+        holder,
+        epoch: rec.epoch,
+        ttl_ms: rec.ttl_ms,
+        remaining_ms,
+        state,
+        revision: rec.revision,
+    }
+}
+
+fn check_names(group: &str, holder: &str) -> Result<(), Rejection> {
+    names::validate(NameKind::Group, group)?;
+    names::validate(NameKind::Holder, holder)?;
+    Ok(())
+}
+
+fn rejected(r: Rejection) -> Applied {
+    Applied { outcome: Outcome::Rejected(r), change: None }
+}
+
+#[cfg(test)]
+mod tests;

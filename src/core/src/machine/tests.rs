@@ -1,0 +1,241 @@
+//! Unit and property tests of the lease state machine.
+
+use proptest::prelude::*;
+
+use super::*;
+
+const LEADER: u64 = 1;
+
+fn stamp(now_ms: u64) -> LeaderStamp {
+    LeaderStamp { node_id: LEADER, boot_id: 7, now_ms, timing: LeaseTiming::default() }
+}
+
+fn pos(index: u64) -> LogPosition {
+    LogPosition { index, term: 1, leader_node_id: LEADER }
+}
+
+fn acquire(group: &str, holder: &str, ttl_ms: u64) -> Op {
+    Op::Acquire { group: group.into(), holder: holder.into(), ttl_ms }
+}
+
+fn run(m: &mut Machine, index: u64, now_ms: u64, op: Op) -> Outcome {
+    m.apply(pos(index), &Command { stamp: stamp(now_ms), op }).outcome
+}
+
+fn granted_epoch(o: &Outcome) -> u64 {
+    match o {
+        Outcome::Granted(v) => v.epoch,
+        other => panic!("expected a grant, got {other:?}"),
+    }
+}
+
+#[test]
+fn first_acquire_gets_epoch_one_and_a_second_holder_waits() {
+    let mut m = Machine::new();
+    assert_eq!(granted_epoch(&run(&mut m, 1, 0, acquire("g", "a", 1000))), 1);
+    match run(&mut m, 2, 500, acquire("g", "b", 1000)) {
+        Outcome::Held { current, grantable_at_ms } => {
+            assert_eq!(current.holder.as_deref(), Some("a"));
+            assert_eq!(current.remaining_ms, 500);
+            assert_eq!(grantable_at_ms, 1060);
+        }
+        other => panic!("{other:?}"),
+    }
+    // Expired but inside the drift margin: still not grantable.
+    assert!(matches!(run(&mut m, 3, 1059, acquire("g", "b", 1000)), Outcome::Held { .. }));
+    assert_eq!(m.lease("g", ReaderClock::Now(1030)).state, LeaseState::Expiring);
+    assert_eq!(granted_epoch(&run(&mut m, 4, 1060, acquire("g", "b", 1000))), 2);
+}
+
+#[test]
+fn renew_extends_and_checks_holder_and_epoch() {
+    let mut m = Machine::new();
+    run(&mut m, 1, 0, acquire("g", "a", 1000));
+    assert!(matches!(run(&mut m, 2, 900, Op::Renew { group: "g".into(), holder: "a".into(), epoch: 1 }), Outcome::Renewed(_)));
+    assert!(matches!(run(&mut m, 3, 1500, acquire("g", "b", 1000)), Outcome::Held { .. }));
+    let stale = run(&mut m, 4, 1600, Op::Renew { group: "g".into(), holder: "a".into(), epoch: 0 });
+    assert_eq!(
+        stale,
+        Outcome::Rejected(Rejection::NotHolder {
+            group: "g".into(),
+            holder: "a".into(),
+            epoch: 0,
+            current: CurrentHolder { holder: Some("a".into()), epoch: 1 },
+        })
+    );
+    let late = run(&mut m, 5, 1900, Op::Renew { group: "g".into(), holder: "a".into(), epoch: 1 });
+    assert_eq!(late, Outcome::Rejected(Rejection::Expired { group: "g".into(), epoch: 1 }));
+}
+
+#[test]
+fn release_frees_at_once_and_the_epoch_is_never_reused() {
+    let mut m = Machine::new();
+    run(&mut m, 1, 0, acquire("g", "a", 1000));
+    assert!(matches!(run(&mut m, 2, 10, Op::Release { group: "g".into(), holder: "a".into(), epoch: 1 }), Outcome::Released(_)));
+    assert_eq!(m.lease("g", ReaderClock::Now(11)).holder, None);
+    assert_eq!(m.lease("g", ReaderClock::Now(11)).epoch, 1);
+    assert_eq!(granted_epoch(&run(&mut m, 3, 20, acquire("g", "b", 1000))), 2);
+    // The same holder acquiring again gets a fresh epoch immediately.
+    assert_eq!(granted_epoch(&run(&mut m, 4, 30, acquire("g", "b", 1000))), 3);
+}
+
+#[test]
+fn a_new_leader_restarts_every_ttl_on_its_own_clock() {
+    let mut m = Machine::new();
+    run(&mut m, 1, 100_000, acquire("g", "a", 1000));
+    // The new leader's clock reads a much larger number. Without the reset
+    // the lease would look long expired.
+    let new_leader = LeaderStamp { node_id: 2, boot_id: 9, now_ms: 900_000_000, timing: LeaseTiming::default() };
+    let p = LogPosition { index: 2, term: 2, leader_node_id: 2 };
+    let o = m.apply(p, &Command { stamp: new_leader, op: acquire("g", "b", 1000) }).outcome;
+    assert!(matches!(o, Outcome::Held { grantable_at_ms: 900_001_060, .. }), "{o:?}");
+    // A clock that reads *smaller* numbers is handled alike.
+    let restarted = LeaderStamp { node_id: 2, boot_id: 10, now_ms: 5, timing: LeaseTiming::default() };
+    let p = LogPosition { index: 3, term: 2, leader_node_id: 2 };
+    let o = m.apply(p, &Command { stamp: restarted, op: acquire("g", "b", 1000) }).outcome;
+    assert!(matches!(o, Outcome::Held { grantable_at_ms: 1065, .. }), "{o:?}");
+}
+
+#[test]
+fn invalid_commands_are_rejected_not_applied() {
+    let mut m = Machine::new();
+    assert!(matches!(run(&mut m, 1, 0, acquire("", "a", 1000)), Outcome::Rejected(Rejection::InvalidName(_))));
+    assert_eq!(run(&mut m, 2, 0, acquire("g", "a", 0)), Outcome::Rejected(Rejection::ZeroTtl));
+    assert_eq!(run(&mut m, 3, 0, acquire("g", "a", 40)), Outcome::Rejected(Rejection::TtlTooShort { ttl_ms: 40 }));
+    let foreign = m.apply(LogPosition { index: 4, term: 1, leader_node_id: 3 }, &Command { stamp: stamp(0), op: Op::LeaderStart });
+    assert!(matches!(foreign.outcome, Outcome::Rejected(Rejection::ForeignStamp { .. })));
+    assert_eq!(m.lease_count(), 0);
+}
+
+#[test]
+fn time_never_goes_backwards_within_one_clock() {
+    let mut m = Machine::new();
+    run(&mut m, 1, 1000, acquire("g", "a", 1000));
+    // A command stamped earlier but appended later is applied at the later time.
+    run(&mut m, 2, 900, Op::LeaderStart);
+    assert_eq!(m.clock().map(|c| c.1), Some(1000));
+}
+
+// ---- property tests ----------------------------------------------------------
+
+/// One step of a generated history: real time advances, maybe a new leader
+/// (with an arbitrary clock offset) takes over, then a command is applied.
+#[derive(Debug, Clone)]
+struct Step {
+    advance_ms: u64,
+    new_leader: Option<(u64, u64)>,
+    group: usize,
+    holder: usize,
+    kind: u8,
+    ttl_ms: u64,
+    epoch_delta: i8,
+}
+
+fn step() -> impl Strategy<Value = Step> {
+    (
+        0u64..800,
+        prop::option::weighted(0.1, (0u64..3, 0u64..10_000_000)),
+        0usize..2,
+        0usize..3,
+        0u8..4,
+        prop::sample::select(vec![100u64, 300, 1000]),
+        -1i8..=1,
+    )
+        .prop_map(|(advance_ms, new_leader, group, holder, kind, ttl_ms, epoch_delta)| Step {
+            advance_ms,
+            new_leader,
+            group,
+            holder,
+            kind,
+            ttl_ms,
+            epoch_delta,
+        })
+}
+
+const GROUPS: [&str; 2] = ["g0", "g1"];
+const HOLDERS: [&str; 3] = ["h0", "h1", "h2"];
+
+/// Replays steps, returning every outcome, the final machine, and checking
+/// the lease safety property in real time on the way.
+fn replay(steps: &[Step], snapshot_at: Option<usize>) -> (Vec<Outcome>, Machine) {
+    let mut m = Machine::new();
+    let mut real_ms = 0u64;
+    let (mut term, mut leader, mut offset) = (1u64, 0u64, 0u64);
+    // Per group: (holder, epoch, real time until which the holder may act).
+    let mut valid: [Option<(String, u64, u64)>; 2] = [None, None];
+    let mut outcomes = Vec::new();
+    for (i, s) in steps.iter().enumerate() {
+        if Some(i) == snapshot_at {
+            let bytes = serde_json::to_vec(&m).unwrap();
+            m = serde_json::from_slice(&bytes).unwrap();
+        }
+        real_ms += s.advance_ms;
+        if let Some((node, new_offset)) = s.new_leader {
+            term += 1;
+            leader = node;
+            offset = new_offset;
+        }
+        let group = GROUPS[s.group];
+        let holder = HOLDERS[s.holder];
+        let current_epoch = m.lease(group, ReaderClock::Unknown).epoch;
+        let epoch = current_epoch.saturating_add_signed(i64::from(s.epoch_delta));
+        let op = match s.kind {
+            0 | 1 => Op::Acquire { group: group.into(), holder: holder.into(), ttl_ms: s.ttl_ms },
+            2 => Op::Renew { group: group.into(), holder: holder.into(), epoch },
+            _ => Op::Release { group: group.into(), holder: holder.into(), epoch },
+        };
+        let stamp = LeaderStamp { node_id: leader, boot_id: term, now_ms: real_ms + offset, timing: LeaseTiming::default() };
+        let applied = m.apply(LogPosition { index: i as u64 + 1, term, leader_node_id: leader }, &Command { stamp, op });
+        let timing = LeaseTiming::default();
+        match &applied.outcome {
+            Outcome::Granted(v) => {
+                if let Some((prev_holder, prev_epoch, until)) = &valid[s.group] {
+                    assert_eq!(v.epoch, prev_epoch + 1, "epochs go up by one per grant");
+                    assert!(
+                        prev_holder == holder || real_ms >= *until,
+                        "{holder} granted {group} at {real_ms} while {prev_holder} may act until {until}"
+                    );
+                }
+                // The holder sent its request no later than the stamp.
+                valid[s.group] = Some((holder.into(), v.epoch, real_ms + timing.holder_valid_for_ms(v.ttl_ms)));
+            }
+            Outcome::Renewed(v) => {
+                let slot = valid[s.group].as_mut().expect("renewed a lease never granted");
+                assert_eq!((slot.0.as_str(), slot.1), (holder, v.epoch));
+                slot.2 = real_ms + timing.holder_valid_for_ms(v.ttl_ms);
+            }
+            Outcome::Released(v) => {
+                let slot = valid[s.group].as_mut().expect("released a lease never granted");
+                assert_eq!(slot.1, v.epoch);
+                // The holder stopped acting before it released.
+                slot.2 = real_ms;
+            }
+            _ => {}
+        }
+        if let Some(c) = &applied.change {
+            assert_eq!(c.lease.revision, i as u64 + 1);
+        }
+        outcomes.push(applied.outcome);
+    }
+    (outcomes, m)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// No two holders may act at once, whatever the leader changes and clock
+    /// offsets; epochs go up by exactly one per grant.
+    #[test]
+    fn no_overlapping_holders_and_epochs_increase(steps in prop::collection::vec(step(), 1..120)) {
+        replay(&steps, None);
+    }
+
+    /// Same commands, same state: with or without a snapshot round trip.
+    #[test]
+    fn apply_is_deterministic(steps in prop::collection::vec(step(), 1..80), cut in 0usize..80) {
+        let (a_out, a) = replay(&steps, None);
+        let (b_out, b) = replay(&steps, Some(cut.min(steps.len())));
+        prop_assert_eq!(a_out, b_out);
+        prop_assert_eq!(a, b);
+    }
+}

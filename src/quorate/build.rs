@@ -1,0 +1,20 @@
+//! Generates the gRPC code for `proto/quorate/v1/*.proto` with a vendored
+//! `protoc`, so a fresh machine needs nothing but the Rust toolchain.
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
+    let protos = [
+        proto_root.join("quorate/v1/coordinator.proto"),
+        proto_root.join("quorate/v1/raft.proto"),
+    ];
+    let mut config = tonic_prost_build::Config::new();
+    config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_with_config(config, &protos, &[proto_root])?;
+    for p in &protos {
+        println!("cargo:rerun-if-changed={}", p.display());
+    }
+    Ok(())
+}
