@@ -1,0 +1,44 @@
+//! # quorate
+//!
+//! A quorum-based failover coordinator. This crate holds everything that does
+//! I/O; every decision is made by the pure core in `quorate-core`.
+//!
+//! ## Layout
+//!
+//! - [`config`]: one validated configuration struct per process.
+//! - [`raft`]: openraft behind a boundary: redb log store, state machine
+//!   adapter, Raft RPCs over tonic.
+//! - [`server`]: a `quorate server` node: Raft plus the gRPC API, start-up,
+//!   cluster formation and clean shutdown.
+//! - [`api`]: the public gRPC service, a thin translation between protobuf
+//!   and the core, with the one place that maps errors to gRPC status.
+//! - [`client`]: the Rust client: endpoints, leader following, lease keeper.
+//! - [`cli`]: the `quorate` subcommands (no logic of their own).
+//! - [`local`]: the local launcher (`quorate local up|down`).
+//! - [`bench`]: the load generator behind `quorate bench`.
+
+//pub mod api;
+//pub mod bench;
+//pub mod cli;
+//pub mod client;
+//pub mod config;
+//pub mod local;
+pub mod raft;
+//pub mod server;
+
+/// Generated protobuf and gRPC code.
+pub mod pb {
+    /// The public coordinator API, `quorate.v1`.
+    #[allow(missing_debug_implementations, clippy::all)]
+    pub mod v1 {
+        tonic::include_proto!("quorate.v1");
+    }
+    /// Internal Raft RPCs, `quorate.raft.v1`.
+    #[allow(missing_debug_implementations, clippy::all)]
+    pub mod raft {
+        tonic::include_proto!("quorate.raft.v1");
+    }
+}
+
+/// The version every node and the CLI report.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

@@ -1,0 +1,106 @@
+//! The server side of Raft RPCs: decode, check the target, hand to openraft.
+
+use futures::StreamExt;
+use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tonic::{Request, Response, Status, Streaming};
+
+use super::network::TARGET_NODE_HEADER;
+use super::{Raft, SnapshotMeta, TypeConfig, Vote};
+use crate::pb::raft::raft_server;
+use crate::pb::raft::{RaftPayload, SnapshotChunk};
+
+/// The largest snapshot this node accepts, in bytes.
+const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
+
+/// Serves Raft RPCs for one node.
+#[derive(Clone)]
+pub struct RaftService {
+    raft: Raft,
+    node_id: u64,
+}
+
+impl std::fmt::Debug for RaftService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RaftService").field("node_id", &self.node_id).finish()
+    }
+}
+
+impl RaftService {
+    pub fn new(raft: Raft, node_id: u64) -> Self {
+        Self { raft, node_id }
+    }
+
+    pub fn into_server(self) -> raft_server::RaftServer<Self> {
+        raft_server::RaftServer::new(self).max_decoding_message_size(64 << 20)
+    }
+
+    /// Refuses requests meant for another node: a leader must never
+    /// replicate to itself or to a node that took over a stale address.
+    fn check_target<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let target = req.metadata().get(TARGET_NODE_HEADER).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+        match target {
+            Some(t) if t == self.node_id => Ok(()),
+            Some(t) => Err(Status::failed_precondition(format!("this is node {}, not node {t}", self.node_id))),
+            None => Err(Status::invalid_argument(format!("missing {TARGET_NODE_HEADER}"))),
+        }
+    }
+}
+
+fn decode<T: DeserializeOwned>(data: &[u8]) -> Result<T, Status> {
+    serde_json::from_slice(data).map_err(|e| Status::invalid_argument(format!("undecodable Raft request: {e}")))
+}
+
+/// Encodes openraft's answer; an openraft error (shutting down, fatal) goes
+/// back as `{"error": ...}`, which the sender treats as unreachable.
+fn reply<T: Serialize, E: std::fmt::Display>(res: Result<T, E>) -> Result<Response<RaftPayload>, Status> {
+    let data = match res {
+        Ok(v) => serde_json::to_vec(&v),
+        Err(e) => serde_json::to_vec(&serde_json::json!({ "error": e.to_string() })),
+    }
+    .map_err(|e| Status::internal(e.to_string()))?;
+    Ok(Response::new(RaftPayload { data }))
+}
+
+#[tonic::async_trait]
+impl raft_server::Raft for RaftService {
+    async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
+        let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        reply(self.raft.append_entries(rpc).await)
+    }
+
+    async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
+        let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        reply(self.raft.vote(rpc).await)
+    }
+
+    async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        self.check_target(&req)?;
+        let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        reply(self.raft.pre_vote(rpc).await)
+    }
+
+    async fn install_snapshot(&self, req: Request<Streaming<SnapshotChunk>>) -> Result<Response<RaftPayload>, Status> {
+        #[derive(serde::Deserialize)]
+        struct Head {
+            vote: Vote,
+            meta: SnapshotMeta,
+        }
+        self.check_target(&req)?;
+        let mut stream = req.into_inner();
+        let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
+        let head: Head = decode(&first.meta)?;
+        let mut data = first.data;
+        while let Some(chunk) = stream.next().await {
+            data.extend_from_slice(&chunk?.data);
+            if data.len() > MAX_SNAPSHOT_BYTES {
+                return Err(Status::resource_exhausted("snapshot larger than 1 GiB"));
+            }
+        }
+        let snapshot = openraft::alias::SnapshotOf::<TypeConfig, Vec<u8>> { meta: head.meta, snapshot: data };
+        reply(self.raft.install_full_snapshot(head.vote, snapshot).await)
+    }
+}

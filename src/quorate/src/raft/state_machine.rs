@@ -1,0 +1,273 @@
+//! The state machine adapter: the pure [`Machine`] behind openraft's trait.
+//!
+//! The machine itself is kept in memory (it is small); snapshots are written to
+//! redb with immediate durability, and the log store persists the committed
+//! index, so openraft rebuilds the machine at start-up by installing the last
+//! snapshot and re-applying the committed log after it.
+//!
+//! The read side ([`SmReader`]) is shared with the API layer: reads take a
+//! short `std::sync::RwLock` (never held across an await) and watchers get
+//! every change through a bounded broadcast channel.
+
+use std::io;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use futures::{Stream, TryStreamExt};
+use openraft::storage::{EntryResponder, RaftStateMachine};
+use openraft::{EntryPayload, RaftSnapshotBuilder};
+use quorate_core::machine::{Change, ClockBase, LogPosition, ReaderClock};
+use quorate_core::{LeaseView, Machine};
+use redb::{Database, Durability};
+use serde::{Deserialize, Serialize};
+use tokio::sync::broadcast;
+
+use super::log_store::{META, io_err, read_meta, write_txn};
+use super::{LogId, NodeClock, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
+
+const KEY_SNAPSHOT: &str = "snapshot";
+
+/// How many unread changes a slow watcher may fall behind before it is told
+/// to resynchronize.
+pub const CHANGE_CHANNEL_CAPACITY: usize = 4096;
+
+/// A change with the log index that made it.
+#[derive(Debug, Clone)]
+pub struct ChangeEvent {
+    pub index: u64,
+    pub change: Change,
+}
+
+/// Everything the state machine holds, as one serializable value.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct SmState {
+    machine: Machine,
+    last_applied: Option<LogId>,
+    membership: StoredMembership,
+}
+
+/// A persisted snapshot: its meta and its bytes.
+#[derive(Debug, Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta,
+    data: Vec<u8>,
+}
+
+/// When this node last applied a command, for estimating the leader's clock
+/// on a follower.
+#[derive(Debug, Clone, Copy)]
+struct ApplyMark {
+    base: ClockBase,
+    stamp_ms: u64,
+    local: Instant,
+}
+
+/// The read side of the state machine, shared with the API layer.
+#[derive(Debug)]
+pub struct SmReader {
+    state: RwLock<SmState>,
+    changes: broadcast::Sender<ChangeEvent>,
+    last_mark: Mutex<Option<ApplyMark>>,
+    clock: NodeClock,
+}
+
+impl SmReader {
+    /// Subscribes to every change applied from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<ChangeEvent> {
+        self.changes.subscribe()
+    }
+
+    /// The last applied log index (0 when nothing is applied).
+    pub fn last_applied_index(&self) -> u64 {
+        self.read(|s| s.last_applied.as_ref().map_or(0, |l| l.index))
+    }
+
+    /// Number of groups with a lease.
+    pub fn lease_count(&self) -> usize {
+        self.read(|s| s.machine.lease_count())
+    }
+
+    /// `group`'s lease now, with the remaining time measured as well as this
+    /// node can (see [`Self::reader_clock`]).
+    pub fn lease(&self, group: &str) -> LeaseView {
+        self.read(|s| s.machine.lease(group, self.reader_clock(&s.machine)))
+    }
+
+    /// Runs `f` on the machine with the reader's clock.
+    pub fn with_machine<T>(&self, f: impl FnOnce(&Machine, ReaderClock) -> T) -> T {
+        self.read(|s| f(&s.machine, self.reader_clock(&s.machine)))
+    }
+
+    /// `now` on the machine's clock, as this node can measure it:
+    /// - exactly, when the machine runs on this process's clock (we lead);
+    /// - estimated from the last apply otherwise, erring towards earlier
+    ///   times (so leases look held for longer, never shorter);
+    /// - unknown when nothing was applied on the machine's current clock.
+    pub fn reader_clock(&self, machine: &Machine) -> ReaderClock {
+        let Some((base, _)) = machine.clock() else { return ReaderClock::Unknown };
+        if base.node_id == self.clock.node_id() && base.boot_id == self.clock.boot_id() {
+            return ReaderClock::Now(self.clock.now_ms());
+        }
+        let mark = *self.last_mark.lock().unwrap_or_else(|p| p.into_inner());
+        match mark {
+            Some(m) if m.base == base => {
+                let since = u64::try_from(m.local.elapsed().as_millis()).unwrap_or(u64::MAX);
+                ReaderClock::Now(m.stamp_ms.saturating_add(since))
+            }
+            _ => ReaderClock::Unknown,
+        }
+    }
+
+    fn read<T>(&self, f: impl FnOnce(&SmState) -> T) -> T {
+        let guard = self.state.read().unwrap_or_else(|p| p.into_inner());
+        f(&guard)
+    }
+}
+
+/// The openraft state machine: in memory, snapshots in redb.
+#[derive(Debug, Clone)]
+pub struct StateMachineStore {
+    reader: Arc<SmReader>,
+    db: Arc<Database>,
+}
+
+impl StateMachineStore {
+    pub fn new(db: Arc<Database>, clock: NodeClock) -> Self {
+        let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
+        let reader =
+            SmReader { state: RwLock::new(SmState::default()), changes, last_mark: Mutex::new(None), clock };
+        Self { reader: Arc::new(reader), db }
+    }
+
+    pub fn reader(&self) -> Arc<SmReader> {
+        self.reader.clone()
+    }
+
+    fn write_state<T>(&self, f: impl FnOnce(&mut SmState) -> T) -> T {
+        let mut guard = self.reader.state.write().unwrap_or_else(|p| p.into_inner());
+        f(&mut guard)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    type SnapshotData = Vec<u8>;
+
+    async fn build_snapshot(&mut self) -> Result<Snapshot, io::Error> {
+        // Copy under the lock, then encode and persist without it: apply runs
+        // concurrently with the builder.
+        let state = self.reader.read(|s| s.clone());
+        let data = serde_json::to_vec(&state).map_err(io::Error::other)?;
+        let meta = SnapshotMeta { last_log_id: state.last_applied.clone(), last_membership: state.membership.clone() };
+        persist_snapshot(&self.db, &meta, &data).await?;
+        Ok(Snapshot { meta, snapshot: data })
+    }
+}
+
+async fn persist_snapshot(db: &Arc<Database>, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
+    let stored = serde_json::to_vec(&StoredSnapshot { meta: meta.clone(), data: data.to_vec() }).map_err(io::Error::other)?;
+    write_txn(db, Durability::Immediate, move |txn| {
+        let mut table = txn.open_table(META).map_err(io_err)?;
+        table.insert(KEY_SNAPSHOT, stored.as_slice()).map_err(io_err)?;
+        Ok(())
+    })
+    .await
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotData = Vec<u8>;
+    type SnapshotBuilder = Self;
+
+    async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
+        Ok(self.reader.read(|s| (s.last_applied.clone(), s.membership.clone())))
+    }
+
+    async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
+    where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + openraft::OptionalSend {
+        while let Some((entry, responder)) = entries.try_next().await? {
+            let log_id = entry.log_id.clone();
+            let (response, event) = self.write_state(|s| {
+                s.last_applied = Some(log_id.clone());
+                match entry.payload {
+                    EntryPayload::Blank => (None, None),
+                    EntryPayload::Membership(m) => {
+                        s.membership = StoredMembership::new(Some(log_id.clone()), m);
+                        (None, None)
+                    }
+                    EntryPayload::Normal(cmd) => {
+                        let pos = LogPosition {
+                            index: log_id.index,
+                            term: log_id.leader_id.term,
+                            leader_node_id: log_id.leader_id.node_id,
+                        };
+                        let applied = s.machine.apply(pos, &cmd);
+                        if let Some((base, _)) = s.machine.clock() {
+                            let mark = ApplyMark { base, stamp_ms: cmd.stamp.now_ms, local: Instant::now() };
+                            *self.reader.last_mark.lock().unwrap_or_else(|p| p.into_inner()) = Some(mark);
+                        }
+                        let event = applied.change.map(|change| ChangeEvent { index: log_id.index, change });
+                        (Some(applied.outcome), event)
+                    }
+                }
+            });
+            if let Some(ev) = event {
+                // No receivers is fine: nobody is watching.
+                let _ = self.reader.changes.send(ev);
+            }
+            if let Some(r) = responder {
+                r.send(response);
+            }
+        }
+        Ok(())
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn install_snapshot(&mut self, meta: &SnapshotMeta, snapshot: Vec<u8>) -> Result<(), io::Error> {
+        let state: SmState =
+            serde_json::from_slice(&snapshot).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+        if state.last_applied != meta.last_log_id {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("snapshot data is at {:?} but its meta says {:?}", state.last_applied, meta.last_log_id),
+            ));
+        }
+        // Persist first: a crash after this point restarts from the new
+        // snapshot; before it, from the old one. Never half of each.
+        persist_snapshot(&self.db, meta, &snapshot).await?;
+        self.write_state(|s| *s = state);
+        *self.reader.last_mark.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot>, io::Error> {
+        let stored: Option<StoredSnapshot> = read_meta(&self.db, KEY_SNAPSHOT)?;
+        Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: s.data }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::StorageError;
+    use openraft::testing::log::{StoreBuilder, Suite};
+
+    use super::*;
+    use crate::raft::log_store::{LogStore, open_database};
+
+    struct Builder;
+
+    impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> for Builder {
+        async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<TypeConfig>> {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let db = open_database(&dir.path().join("raft.redb")).expect("open redb");
+            Ok((dir, LogStore::new(db.clone()), StateMachineStore::new(db, NodeClock::new(0))))
+        }
+    }
+
+    /// openraft's own storage conformance suite, against the real redb store.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn openraft_storage_suite() {
+        Suite::test_all(Builder).await.expect("openraft storage suite");
+    }
+}
