@@ -17,14 +17,14 @@
 //! - [`local`]: the local launcher (`quorate local up|down`).
 //! - [`bench`]: the load generator behind `quorate bench`.
 
-//pub mod api;
-//pub mod bench;
-//pub mod cli;
-//pub mod client;
-//pub mod config;
-//pub mod local;
+pub mod api;
+pub mod bench;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod local;
 pub mod raft;
-//pub mod server;
+pub mod server;
 
 /// Generated protobuf and gRPC code.
 pub mod pb {

@@ -98,6 +98,13 @@ impl SmReader {
         self.read(|s| f(&s.machine, self.reader_clock(&s.machine)))
     }
 
+    /// `now` on the machine's clock when that clock is this process's own
+    /// (this node leads and its first entry of the term is applied).
+    pub fn own_clock_now(&self, machine: &Machine) -> Option<u64> {
+        let (base, _) = machine.clock()?;
+        (base.node_id == self.clock.node_id() && base.boot_id == self.clock.boot_id()).then(|| self.clock.now_ms())
+    }
+
     /// `now` on the machine's clock, as this node can measure it:
     /// - exactly, when the machine runs on this process's clock (we lead);
     /// - estimated from the last apply otherwise, erring towards earlier
@@ -105,8 +112,8 @@ impl SmReader {
     /// - unknown when nothing was applied on the machine's current clock.
     pub fn reader_clock(&self, machine: &Machine) -> ReaderClock {
         let Some((base, _)) = machine.clock() else { return ReaderClock::Unknown };
-        if base.node_id == self.clock.node_id() && base.boot_id == self.clock.boot_id() {
-            return ReaderClock::Now(self.clock.now_ms());
+        if let Some(now) = self.own_clock_now(machine) {
+            return ReaderClock::Now(now);
         }
         let mark = *self.last_mark.lock().unwrap_or_else(|p| p.into_inner());
         match mark {

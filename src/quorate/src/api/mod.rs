@@ -1,0 +1,407 @@
+//! The public gRPC service (`quorate.v1.Coordinator`): a thin translation
+//! between protobuf and the core. Validation happens here first (so bad input
+//! never reaches the log), decisions are the state machine's, and every error
+//! leaves through [`error::ApiError::into_status`].
+
+pub mod error;
+
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use futures::Stream;
+use openraft::type_config::async_runtime::watch::WatchReceiver as _;
+use openraft::ServerState;
+use quorate_core::machine::{ChangeKind, LeaseState as CoreLeaseState, Outcome, Rejection};
+use quorate_core::names::{self, NameKind};
+use quorate_core::{LeaseTiming, LeaseView, Op};
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, debug, info_span};
+
+use self::error::ApiError;
+use crate::pb::v1 as pb;
+use crate::pb::v1::coordinator_server::{Coordinator, CoordinatorServer};
+use crate::server::{Node, ReadConsistency};
+
+/// The default and the largest wait of a blocking Acquire.
+const DEFAULT_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
+const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(300);
+
+/// Events buffered per watch stream before the watcher counts as slow.
+const WATCH_BUFFER: usize = 256;
+
+/// Implements `quorate.v1.Coordinator` on one node.
+#[derive(Debug, Clone)]
+pub struct CoordinatorService {
+    node: Node,
+}
+
+impl CoordinatorService {
+    pub fn new(node: Node) -> Self {
+        Self { node }
+    }
+
+    pub fn into_server(self) -> CoordinatorServer<Self> {
+        CoordinatorServer::new(self)
+    }
+
+    fn timing(&self) -> LeaseTiming {
+        self.node.config.lease_timing()
+    }
+
+    fn check_ttl(&self, ttl_ms: u64) -> Result<(), ApiError> {
+        let (min, max) = (self.node.config.min_lease_ttl_ms, self.node.config.max_lease_ttl_ms);
+        if ttl_ms == 0 {
+            return Err(ApiError::InvalidArgument("ttl_ms must be positive".into()));
+        }
+        if ttl_ms > max {
+            return Err(ApiError::InvalidArgument(format!(
+                "ttl_ms {ttl_ms} is above the maximum lease TTL of {max} ms (max_lease_ttl_ms)"
+            )));
+        }
+        if ttl_ms < min {
+            return Err(ApiError::InvalidArgument(format!(
+                "ttl_ms {ttl_ms} is below the minimum lease TTL of {min} ms (min_lease_ttl_ms)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// When this node leads on its own clock and somebody other than
+    /// `holder` holds the lease: how long until it could be granted. Lets a
+    /// waiting Acquire sleep without writing to the log.
+    fn local_wait_ms(&self, group: &str, holder: &str) -> Option<u64> {
+        if self.node.raft.metrics().borrow_watched().state != ServerState::Leader {
+            return None;
+        }
+        let timing = self.timing();
+        self.node.reader.with_machine(|m, _| {
+            let now = self.node.reader.own_clock_now(m)?;
+            let current = m.lease(group, quorate_core::machine::ReaderClock::Now(now));
+            if current.holder.as_deref().is_none_or(|h| h == holder) {
+                return None;
+            }
+            m.grantable_at_ms(group, timing).map(|at| at.saturating_sub(now)).filter(|ms| *ms > 0)
+        })
+    }
+
+    fn acquired(&self, acquired: bool, lease: &LeaseView, retry_after_ms: u64) -> pb::AcquireResponse {
+        pb::AcquireResponse {
+            acquired,
+            lease: Some(lease_pb(lease)),
+            retry_after_ms,
+            timing: Some(timing_pb(self.timing())),
+        }
+    }
+
+    async fn do_acquire(&self, r: pb::AcquireRequest) -> Result<pb::AcquireResponse, ApiError> {
+        check_name(NameKind::Group, &r.group)?;
+        check_name(NameKind::Holder, &r.holder)?;
+        self.check_ttl(r.ttl_ms)?;
+        let wait_for = match r.wait_timeout_ms {
+            0 => DEFAULT_ACQUIRE_WAIT,
+            ms => Duration::from_millis(ms).min(MAX_ACQUIRE_WAIT),
+        };
+        let deadline = Instant::now() + wait_for;
+        // Subscribe before the first attempt so a release in between is seen.
+        let mut changes = self.node.reader.subscribe();
+        let mut stopping = self.node.stopping.clone();
+        loop {
+            let wait_ms = match self.local_wait_ms(&r.group, &r.holder) {
+                Some(ms) if !r.wait => {
+                    return Ok(self.acquired(false, &self.node.reader.lease(&r.group), ms));
+                }
+                Some(ms) => ms,
+                None => {
+                    let op = Op::Acquire { group: r.group.clone(), holder: r.holder.clone(), ttl_ms: r.ttl_ms };
+                    match self.node.propose(op).await? {
+                        Outcome::Granted(lease) => return Ok(self.acquired(true, &lease, 0)),
+                        Outcome::Held { current, grantable_at_ms } => {
+                            let now = self.node.reader.with_machine(|m, _| self.node.reader.own_clock_now(m));
+                            let ms = now.map_or(0, |now| grantable_at_ms.saturating_sub(now));
+                            if !r.wait {
+                                return Ok(self.acquired(false, &current, ms));
+                            }
+                            ms.max(1)
+                        }
+                        Outcome::Rejected(rej) => return Err(rejection(rej)),
+                        other => return Err(ApiError::Internal(format!("unexpected outcome of Acquire: {other:?}"))),
+                    }
+                }
+            };
+            // Wait for the lease to become grantable, for a change to this
+            // group (a release frees it at once), or for the deadline.
+            let now = Instant::now();
+            if now >= deadline {
+                let lease = self.node.reader.lease(&r.group);
+                return Ok(self.acquired(false, &lease, wait_ms));
+            }
+            let sleep = tokio::time::sleep(Duration::from_millis(wait_ms).min(deadline - now));
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    () = &mut sleep => break,
+                    ev = changes.recv() => match ev {
+                        Ok(ev) if ev.change.lease.group != r.group => continue,
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
+                        Err(broadcast::error::RecvError::Closed) => {
+                            return Err(ApiError::Stopped { node_id: self.node.id, detail: "state machine closed".into() });
+                        }
+                    },
+                    () = crate::server::node::stopped(&mut stopping) => {
+                        return Err(ApiError::Stopped { node_id: self.node.id, detail: "shutting down".into() });
+                    }
+                }
+            }
+        }
+    }
+
+    async fn do_renew(&self, r: pb::RenewRequest) -> Result<pb::RenewResponse, ApiError> {
+        check_name(NameKind::Group, &r.group)?;
+        check_name(NameKind::Holder, &r.holder)?;
+        match self.node.propose(Op::Renew { group: r.group, holder: r.holder, epoch: r.epoch }).await? {
+            Outcome::Renewed(lease) => {
+                Ok(pb::RenewResponse { lease: Some(lease_pb(&lease)), timing: Some(timing_pb(self.timing())) })
+            }
+            Outcome::Rejected(rej) => Err(rejection(rej)),
+            other => Err(ApiError::Internal(format!("unexpected outcome of Renew: {other:?}"))),
+        }
+    }
+
+    async fn do_release(&self, r: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, ApiError> {
+        check_name(NameKind::Group, &r.group)?;
+        check_name(NameKind::Holder, &r.holder)?;
+        match self.node.propose(Op::Release { group: r.group, holder: r.holder, epoch: r.epoch }).await? {
+            Outcome::Released(lease) => Ok(pb::ReleaseResponse { lease: Some(lease_pb(&lease)) }),
+            Outcome::Rejected(rej) => Err(rejection(rej)),
+            other => Err(ApiError::Internal(format!("unexpected outcome of Release: {other:?}"))),
+        }
+    }
+
+    async fn do_get_lease(&self, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ApiError> {
+        check_name(NameKind::Group, &r.group)?;
+        let consistency = pb::Consistency::try_from(r.consistency)
+            .map_err(|_| ApiError::InvalidArgument(format!("consistency {} is not a known value", r.consistency)))?;
+        let (read, served) = match consistency {
+            pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
+                (ReadConsistency::Linearizable, pb::Consistency::Linearizable)
+            }
+            pb::Consistency::LeaseRead => (ReadConsistency::LeaseRead, pb::Consistency::LeaseRead),
+            pb::Consistency::Stale => (ReadConsistency::Stale, pb::Consistency::Stale),
+        };
+        self.node.confirm_read(read).await?;
+        let lease = self.node.reader.lease(&r.group);
+        Ok(pb::GetLeaseResponse { lease: Some(lease_pb(&lease)), served_by: self.node.id, consistency: served as i32 })
+    }
+
+    fn do_status(&self) -> pb::StatusResponse {
+        let m = self.node.raft.metrics().borrow_watched().clone();
+        let me = self.node.id;
+        let leader = m.current_leader;
+        let membership = m.membership_config.membership();
+        let voters: Vec<u64> = membership.voter_ids().collect();
+        let recent = Duration::from_millis(self.node.config.election_timeout_max_ms * 2);
+        let acks = m.heartbeat.clone().unwrap_or_default();
+        let nodes = membership
+            .nodes()
+            .map(|(id, n)| {
+                let role = if Some(*id) == leader {
+                    "leader"
+                } else if voters.contains(id) {
+                    "follower"
+                } else {
+                    "learner"
+                };
+                let last_ack = acks.get(id).cloned().flatten().map(|t| {
+                    use openraft::Instant as _;
+                    t.elapsed()
+                });
+                let reachable = if *id == me {
+                    true
+                } else if m.state == ServerState::Leader {
+                    last_ack.is_some_and(|d| d < recent)
+                } else {
+                    Some(*id) == leader
+                };
+                pb::NodeStatus {
+                    id: *id,
+                    addr: n.addr.clone(),
+                    role: role.into(),
+                    reachable,
+                    last_ack_ms: last_ack.map(|d| d.as_millis() as u64),
+                }
+            })
+            .collect();
+        pb::StatusResponse {
+            node_id: me,
+            role: role_name(m.state).into(),
+            term: m.current_term,
+            leader_id: leader,
+            leader_addr: leader.and_then(|l| self.node.peers.get(&l).cloned()).unwrap_or_default(),
+            last_log_index: m.last_log_index.unwrap_or(0),
+            last_applied: m.last_applied.as_ref().map_or(0, |l| l.index),
+            nodes,
+            initialized: !voters.is_empty(),
+            version: crate::VERSION.into(),
+            lease_groups: self.node.reader.lease_count() as u64,
+        }
+    }
+
+    /// Runs one watch stream until the client leaves or the node stops.
+    async fn watch_loop(self, group: String, tx: mpsc::Sender<Result<pb::WatchEvent, Status>>) {
+        let mut changes = self.node.reader.subscribe();
+        let mut stopping = self.node.stopping.clone();
+        let reader = self.node.reader.clone();
+        let send = |kind: pb::EventKind, lease: &LeaseView| {
+            let ev = pb::WatchEvent { kind: kind as i32, lease: Some(lease_pb(lease)) };
+            let tx = tx.clone();
+            async move { tx.send(Ok(ev)).await.is_ok() }
+        };
+        let mut last = reader.lease(&group);
+        if !send(pb::EventKind::Current, &last).await {
+            return;
+        }
+        let mut expiry_reported = false;
+        loop {
+            // Wake when the lease's TTL would run out without a renewal.
+            let expiry = (last.state == CoreLeaseState::Held && !expiry_reported)
+                .then(|| tokio::time::Instant::now() + Duration::from_millis(last.remaining_ms.max(1)));
+            let expire = async {
+                match expiry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => futures::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ev = changes.recv() => match ev {
+                    Ok(ev) if ev.change.lease.group == group => {
+                        let kind = match ev.change.kind {
+                            ChangeKind::Acquired => pb::EventKind::Acquired,
+                            ChangeKind::Renewed => pb::EventKind::Renewed,
+                            ChangeKind::Released => pb::EventKind::Released,
+                        };
+                        last = ev.change.lease;
+                        expiry_reported = false;
+                        if !send(kind, &last).await { return }
+                    }
+                    Ok(_) => {}
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        debug!(group, skipped = n, "watcher lagged; resynchronizing");
+                        last = reader.lease(&group);
+                        expiry_reported = false;
+                        if !send(pb::EventKind::Resync, &last).await { return }
+                    }
+                    Err(broadcast::error::RecvError::Closed) => return,
+                },
+                () = expire => {
+                    let now = reader.lease(&group);
+                    if now.revision == last.revision && now.state != CoreLeaseState::Held {
+                        expiry_reported = true;
+                        last = now;
+                        if !send(pb::EventKind::Expired, &last).await { return }
+                    } else {
+                        last = now;
+                    }
+                }
+                () = tx.closed() => return,
+                () = crate::server::node::stopped(&mut stopping) => return,
+            }
+        }
+    }
+}
+
+fn role_name(s: ServerState) -> &'static str {
+    match s {
+        ServerState::Leader => "leader",
+        ServerState::Follower => "follower",
+        ServerState::Candidate => "candidate",
+        ServerState::Learner => "learner",
+        ServerState::Shutdown => "shutdown",
+    }
+}
+
+fn check_name(kind: NameKind, name: &str) -> Result<(), ApiError> {
+    names::validate(kind, name).map_err(|e| ApiError::InvalidArgument(e.to_string()))
+}
+
+/// A state-machine rejection as an API error.
+fn rejection(r: Rejection) -> ApiError {
+    let message = r.to_string();
+    match r {
+        Rejection::NotHolder { current, .. } => ApiError::NotHolder { message, current_epoch: current.epoch },
+        Rejection::Expired { epoch, .. } => ApiError::Expired { message, current_epoch: epoch },
+        Rejection::InvalidName(_) | Rejection::ZeroTtl | Rejection::TtlTooShort { .. } => {
+            ApiError::InvalidArgument(message)
+        }
+        Rejection::EpochExhausted { .. } | Rejection::ForeignStamp { .. } => ApiError::Internal(message),
+    }
+}
+
+/// A core lease view as protobuf.
+pub fn lease_pb(v: &LeaseView) -> pb::Lease {
+    let state = match v.state {
+        CoreLeaseState::Free => pb::LeaseState::Free,
+        CoreLeaseState::Held => pb::LeaseState::Held,
+        CoreLeaseState::Expiring => pb::LeaseState::Expiring,
+    };
+    pb::Lease {
+        group: v.group.clone(),
+        holder: v.holder.clone().unwrap_or_default(),
+        epoch: v.epoch,
+        ttl_ms: v.ttl_ms,
+        remaining_ms: v.remaining_ms,
+        state: state as i32,
+        revision: v.revision,
+    }
+}
+
+fn timing_pb(t: LeaseTiming) -> pb::LeaseTiming {
+    pb::LeaseTiming { max_clock_drift_ppm: t.max_clock_drift_ppm, lease_margin_ms: t.lease_margin_ms }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Coordinator for CoordinatorService {
+    async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<pb::AcquireResponse>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("acquire", group = %r.group, holder = %r.holder, node_id = self.node.id);
+        Ok(Response::new(self.do_acquire(r).instrument(span).await?))
+    }
+
+    async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("renew", group = %r.group, holder = %r.holder, epoch = r.epoch);
+        Ok(Response::new(self.do_renew(r).instrument(span).await?))
+    }
+
+    async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("release", group = %r.group, holder = %r.holder, epoch = r.epoch);
+        Ok(Response::new(self.do_release(r).instrument(span).await?))
+    }
+
+    async fn get_lease(&self, req: Request<pb::GetLeaseRequest>) -> Result<Response<pb::GetLeaseResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::debug_span!("get_lease", group = %r.group);
+        Ok(Response::new(self.do_get_lease(r).instrument(span).await?))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let group = req.into_inner().group;
+        check_name(NameKind::Group, &group)?;
+        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
+        let span = info_span!("watch", group = %group, node_id = self.node.id);
+        // The task ends when the client goes away (tx closed) or the node
+        // stops; it owns nothing else.
+        tokio::spawn(self.clone().watch_loop(group, tx).instrument(span));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        Ok(Response::new(self.do_status()))
+    }
+}

@@ -1,0 +1,135 @@
+//! `quorate bench`: a closed-loop load generator against a running cluster.
+//!
+//! N clients (each with its own connection) issue calls back to back for the
+//! given duration; every latency is recorded and the report gives throughput
+//! and p50/p99/max. Numbers, not assertions: this is how the README's
+//! figures are produced.
+
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use crate::client::{Client, ClientError};
+use crate::pb::v1 as pb;
+
+/// What to measure.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BenchKind {
+    /// `GetLease` on one group, at the given consistency.
+    LeaseGet,
+    /// Each client acquires its own group once, then renews as fast as it can.
+    AcquireRenew,
+}
+
+/// The result of one run.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    pub kind: BenchKind,
+    pub consistency: String,
+    pub clients: usize,
+    pub duration_s: f64,
+    pub ops: u64,
+    pub errors: u64,
+    pub ops_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl fmt::Display for BenchReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let what = match self.kind {
+            BenchKind::LeaseGet => format!("lease-get ({})", self.consistency),
+            BenchKind::AcquireRenew => "acquire-renew (renewals)".to_owned(),
+        };
+        write!(
+            f,
+            "{what}: {} clients, {:.1} s: {:.0} ops/s, p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms, {} ops, {} errors",
+            self.clients, self.duration_s, self.ops_per_s, self.p50_ms, self.p99_ms, self.max_ms, self.ops, self.errors
+        )
+    }
+}
+
+/// Runs the benchmark against the cluster `client` points at.
+pub async fn run(
+    client: &Client,
+    kind: BenchKind,
+    clients: usize,
+    duration: Duration,
+    consistency: pb::Consistency,
+) -> Result<BenchReport, ClientError> {
+    let clients = clients.max(1);
+    let endpoints = client.endpoints().to_vec();
+    let started = Instant::now();
+    let end = started + duration;
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..clients {
+        let c = Client::new(&endpoints)?;
+        tasks.spawn(async move { worker(c, kind, i, end, consistency).await });
+    }
+    let mut latencies_us: Vec<u32> = Vec::new();
+    let mut errors = 0;
+    while let Some(res) = tasks.join_next().await {
+        let (lat, errs) = res.map_err(|e| ClientError::Unavailable { attempts: 0, last: e.to_string() })??;
+        latencies_us.extend(lat);
+        errors += errs;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    latencies_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies_us.is_empty() {
+            return 0.0;
+        }
+        let idx = ((latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(latencies_us[idx]) / 1000.0
+    };
+    Ok(BenchReport {
+        kind,
+        consistency: format!("{consistency:?}").to_lowercase(),
+        clients,
+        duration_s: elapsed,
+        ops: latencies_us.len() as u64,
+        errors,
+        ops_per_s: latencies_us.len() as f64 / elapsed,
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        max_ms: pct(1.0),
+    })
+}
+
+/// One closed-loop client. Returns its latencies and its error count.
+async fn worker(
+    c: Client,
+    kind: BenchKind,
+    i: usize,
+    end: Instant,
+    consistency: pb::Consistency,
+) -> Result<(Vec<u32>, u64), ClientError> {
+    let mut lat = Vec::with_capacity(1 << 16);
+    let mut errors = 0;
+    let group = format!("bench-{i}");
+    let holder = format!("bench-{}-{i}", std::process::id());
+    let mut epoch = 0;
+    if kind == BenchKind::AcquireRenew {
+        let resp = c.acquire(&group, &holder, 10_000, Some(Duration::from_secs(15))).await?;
+        epoch = resp.lease.map_or(0, |l| l.epoch);
+    }
+    while Instant::now() < end {
+        let t = Instant::now();
+        let ok = match kind {
+            BenchKind::LeaseGet => c.get_lease("bench", consistency).await.is_ok(),
+            BenchKind::AcquireRenew => c.renew(&group, &holder, epoch).await.is_ok(),
+        };
+        if ok {
+            lat.push(u32::try_from(t.elapsed().as_micros()).unwrap_or(u32::MAX));
+        } else {
+            errors += 1;
+        }
+    }
+    if kind == BenchKind::AcquireRenew {
+        let _ = c.release(&group, &holder, epoch).await;
+    }
+    Ok((lat, errors))
+}

@@ -1,0 +1,30 @@
+//! `quorate status`: ask every node, print one view of the cluster.
+
+use serde_json::json;
+
+use super::emit;
+use crate::client::Client;
+use crate::client::cluster::cluster_view;
+
+pub async fn run(endpoints: &str, json_mode: bool) -> anyhow::Result<()> {
+    let client = Client::from_list(endpoints)?;
+    let view = cluster_view(&client).await;
+    let value = json!(view);
+    emit(json_mode, &value, || {
+        let mut out = match view.leader {
+            Some(l) => format!("leader: node {l}, term {}\n", view.term),
+            None => format!("leader: none known (highest term seen: {})\n", view.term),
+        };
+        out.push_str(&format!("{:<4} {:<22} {:<10} {}", "ID", "ADDR", "ROLE", "REACHABLE"));
+        for n in &view.nodes {
+            let id = n.id.map_or_else(|| "?".to_owned(), |i| i.to_string());
+            let reach = if n.reachable { "yes" } else { "NO" };
+            out.push_str(&format!("\n{id:<4} {:<22} {:<10} {reach}", n.addr, n.role));
+        }
+        out
+    });
+    if view.nodes.iter().all(|n| !n.reachable) {
+        anyhow::bail!("no node answered at {endpoints}");
+    }
+    Ok(())
+}

@@ -1,0 +1,284 @@
+//! The Rust client: a list of endpoints, leader following, typed calls.
+//!
+//! A call goes to the node that answered last (usually the leader). When a
+//! node answers UNAVAILABLE with a leader hint, the client retries on the
+//! hinted leader; when a node cannot be reached, it tries the next endpoint.
+//! Attempts are bounded (a few rounds over the endpoints), and so is each
+//! attempt (a per-call timeout).
+
+pub mod cluster;
+pub mod keeper;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use tonic::transport::Channel;
+use tonic::{Code, Status};
+
+use crate::api::error::{CURRENT_EPOCH_HEADER, LEADER_ADDR_HEADER};
+use crate::pb::v1 as pb;
+use crate::pb::v1::coordinator_client::CoordinatorClient;
+use crate::raft::network::lazy_channel;
+
+/// The default bound on one attempt of a call.
+pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Pause after a full round over the endpoints without success.
+const ROUND_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Upper bound on attempts of one call, whatever its time budget.
+const MAX_ATTEMPTS: usize = 1_000;
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no endpoints given: pass --endpoints HOST:PORT,... or set QUORATE_ENDPOINTS")]
+    NoEndpoints,
+    #[error("invalid endpoint {addr:?}: {message}")]
+    BadEndpoint { addr: String, message: String },
+    /// The server answered with an error status.
+    #[error("{message}")]
+    Status {
+        code: Code,
+        message: String,
+        /// The lease's current epoch, on FAILED_PRECONDITION.
+        current_epoch: Option<u64>,
+    },
+    /// No endpoint could serve the call within the bounded attempts.
+    #[error("no node could serve the call ({attempts} attempts); last error: {last}")]
+    Unavailable { attempts: usize, last: String },
+    #[error("the call did not complete within {0:?}; a write may still take effect")]
+    Timeout(Duration),
+}
+
+impl ClientError {
+    /// The gRPC code, for scripts (`UNAVAILABLE`, `INVALID_ARGUMENT`, ...).
+    pub fn code(&self) -> Code {
+        match self {
+            ClientError::Status { code, .. } => *code,
+            ClientError::Unavailable { .. } => Code::Unavailable,
+            ClientError::Timeout(_) => Code::DeadlineExceeded,
+            ClientError::NoEndpoints | ClientError::BadEndpoint { .. } => Code::InvalidArgument,
+        }
+    }
+
+    fn from_status(s: &Status) -> Self {
+        let current_epoch = s.metadata().get(CURRENT_EPOCH_HEADER).and_then(|v| v.to_str().ok()?.parse().ok());
+        ClientError::Status { code: s.code(), message: s.message().to_owned(), current_epoch }
+    }
+}
+
+/// A client of a quorate cluster.
+#[derive(Debug)]
+pub struct Client {
+    endpoints: Vec<String>,
+    channels: Mutex<HashMap<String, Channel>>,
+    /// The address that answered last; tried first.
+    preferred: Mutex<Option<String>>,
+    call_timeout: Duration,
+}
+
+impl Client {
+    /// A client for `endpoints` (HOST:PORT each). Connects lazily.
+    pub fn new(endpoints: &[String]) -> Result<Self, ClientError> {
+        let endpoints: Vec<String> =
+            endpoints.iter().map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
+        if endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let client = Self {
+            endpoints,
+            channels: Mutex::new(HashMap::new()),
+            preferred: Mutex::new(None),
+            call_timeout: DEFAULT_CALL_TIMEOUT,
+        };
+        for e in client.endpoints.clone() {
+            client.channel(&e)?;
+        }
+        Ok(client)
+    }
+
+    /// Parses a comma-separated endpoint list.
+    pub fn from_list(list: &str) -> Result<Self, ClientError> {
+        let endpoints: Vec<String> = list.split(',').map(str::to_owned).collect();
+        Self::new(&endpoints)
+    }
+
+    /// Sets the bound on each attempt.
+    pub fn with_call_timeout(mut self, timeout: Duration) -> Self {
+        self.call_timeout = timeout;
+        self
+    }
+
+    pub fn endpoints(&self) -> &[String] {
+        &self.endpoints
+    }
+
+    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+        let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = channels.get(addr) {
+            return Ok(c.clone());
+        }
+        let c = lazy_channel(addr).map_err(|e| ClientError::BadEndpoint { addr: addr.into(), message: e.to_string() })?;
+        channels.insert(addr.to_owned(), c.clone());
+        Ok(c)
+    }
+
+    /// A raw gRPC client for one address (status queries of each node).
+    pub fn raw(&self, addr: &str) -> Result<CoordinatorClient<Channel>, ClientError> {
+        Ok(CoordinatorClient::new(self.channel(addr)?))
+    }
+
+    /// The order to try addresses in: the preferred one first.
+    fn candidates(&self) -> Vec<String> {
+        let preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let mut out: Vec<String> = preferred.into_iter().collect();
+        for e in &self.endpoints {
+            if !out.contains(e) {
+                out.push(e.clone());
+            }
+        }
+        out
+    }
+
+    /// Runs `f` against the cluster, following leader hints, until it
+    /// succeeds, fails for good, or `budget` runs out.
+    ///
+    /// UNAVAILABLE (not the leader, no quorum, connection refused) is
+    /// retried: on the hinted leader first, unless that address just failed
+    /// to answer, else on the next endpoint, pausing after each full round
+    /// without success (an election may be running). Any other status is
+    /// final. Bounded by `budget` and by [`MAX_ATTEMPTS`].
+    async fn call<T, F, Fut>(&self, budget: Duration, mut f: F) -> Result<T, ClientError>
+    where
+        F: FnMut(CoordinatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let deadline = tokio::time::Instant::now() + budget;
+        let queue = self.candidates();
+        let mut next_in_queue = 0;
+        let mut hinted: Option<String> = None;
+        let mut unanswered: Vec<String> = Vec::new();
+        let mut last = String::from("no attempt made");
+        let mut attempts = 0;
+        while attempts < MAX_ATTEMPTS {
+            attempts += 1;
+            let addr = hinted.take().unwrap_or_else(|| {
+                next_in_queue += 1;
+                queue[(next_in_queue - 1) % queue.len()].clone()
+            });
+            let client = CoordinatorClient::new(self.channel(&addr)?);
+            let status = match tokio::time::timeout_at(deadline, f(client)).await {
+                Err(_) => return Err(ClientError::Timeout(budget)),
+                Ok(Ok(resp)) => {
+                    *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+                    return Ok(resp.into_inner());
+                }
+                Ok(Err(status)) => status,
+            };
+            // A connection that broke mid-call (the node died) surfaces as
+            // Unknown with a transport source: as retryable as Unavailable.
+            let broken = status.code() == Code::Unknown && std::error::Error::source(&status).is_some();
+            if status.code() != Code::Unavailable && !broken {
+                return Err(ClientError::from_status(&status));
+            }
+            last = format!("{addr}: {}", status.message());
+            let hint = status.metadata().get(LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            if hint.is_none() && !unanswered.contains(&addr) {
+                // Either unreachable or no leader known there; do not chase
+                // hints to it until a full round has passed.
+                unanswered.push(addr.clone());
+            }
+            match hint {
+                Some(leader) if leader != addr && !unanswered.contains(&leader) => hinted = Some(leader),
+                _ if next_in_queue % queue.len() == 0 => {
+                    // A full round without success: an election is probably
+                    // running. Pause, then start over with a clean slate.
+                    unanswered.clear();
+                    let pause = tokio::time::Instant::now() + ROUND_BACKOFF;
+                    if pause >= deadline {
+                        break;
+                    }
+                    tokio::time::sleep_until(pause).await;
+                }
+                _ => {}
+            }
+        }
+        Err(ClientError::Unavailable { attempts, last })
+    }
+
+    /// Acquires `group`'s lease. With `wait`, blocks server-side for up to
+    /// `wait_timeout` until granted.
+    pub async fn acquire(
+        &self,
+        group: &str,
+        holder: &str,
+        ttl_ms: u64,
+        wait: Option<Duration>,
+    ) -> Result<pb::AcquireResponse, ClientError> {
+        let req = pb::AcquireRequest {
+            group: group.into(),
+            holder: holder.into(),
+            ttl_ms,
+            wait: wait.is_some(),
+            wait_timeout_ms: wait.map_or(0, |w| w.as_millis().max(1) as u64),
+        };
+        let timeout = self.call_timeout + wait.unwrap_or_default();
+        self.call(timeout, |mut c| {
+            let req = req.clone();
+            async move { c.acquire(req).await }
+        })
+        .await
+    }
+
+    pub async fn renew(&self, group: &str, holder: &str, epoch: u64) -> Result<pb::RenewResponse, ClientError> {
+        self.renew_within(group, holder, epoch, self.call_timeout).await
+    }
+
+    /// Renews with an explicit bound (the lease keeper passes the time left
+    /// before its deadline).
+    pub async fn renew_within(
+        &self,
+        group: &str,
+        holder: &str,
+        epoch: u64,
+        timeout: Duration,
+    ) -> Result<pb::RenewResponse, ClientError> {
+        let req = pb::RenewRequest { group: group.into(), holder: holder.into(), epoch };
+        self.call(timeout, |mut c| {
+            let req = req.clone();
+            async move { c.renew(req).await }
+        })
+        .await
+    }
+
+    pub async fn release(&self, group: &str, holder: &str, epoch: u64) -> Result<pb::ReleaseResponse, ClientError> {
+        let req = pb::ReleaseRequest { group: group.into(), holder: holder.into(), epoch };
+        self.call(self.call_timeout, |mut c| {
+            let req = req.clone();
+            async move { c.release(req).await }
+        })
+        .await
+    }
+
+    pub async fn get_lease(&self, group: &str, consistency: pb::Consistency) -> Result<pb::GetLeaseResponse, ClientError> {
+        let req = pb::GetLeaseRequest { group: group.into(), consistency: consistency as i32 };
+        self.call(self.call_timeout, |mut c| {
+            let req = req.clone();
+            async move { c.get_lease(req).await }
+        })
+        .await
+    }
+
+    /// Opens a watch stream on whichever node answers first.
+    pub async fn watch(&self, group: &str) -> Result<tonic::Streaming<pb::WatchEvent>, ClientError> {
+        let req = pb::WatchRequest { group: group.into() };
+        self.call(self.call_timeout, |mut c| {
+            let req = req.clone();
+            async move { c.watch(req).await }
+        })
+        .await
+    }
+}

@@ -1,0 +1,283 @@
+//! The configuration of a `quorate server` process: one struct, validated at
+//! start-up, units in every name.
+//!
+//! Sources, lowest precedence first: built-in defaults, the TOML file given
+//! with `--config`, command-line flags. [`ServerConfig::validate`] checks each
+//! value and the timing relationships between them, and names the field in
+//! every error.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use quorate_core::LeaseTiming;
+use serde::{Deserialize, Serialize};
+
+/// Everything a coordinator node needs to run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    /// This node's Raft id; must be one of `peers`.
+    pub node_id: u64,
+    /// The address the gRPC server (API and Raft) binds, HOST:PORT.
+    pub listen: String,
+    /// Where the Raft log, vote and snapshots are kept.
+    pub data_dir: PathBuf,
+    /// Every cluster member, `ID=HOST:PORT` separated by commas. The address
+    /// is what the other nodes and clients dial.
+    pub peers: String,
+    /// How often the Raft leader sends heartbeats.
+    pub heartbeat_interval_ms: u64,
+    /// A follower that hears no leader for a random time in
+    /// [min, max) starts an election.
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Shortest lease TTL clients may ask for. Must exceed
+    /// `election_timeout_max_ms`: a shorter lease would lapse during every
+    /// leader change.
+    pub min_lease_ttl_ms: u64,
+    /// Longest lease TTL clients may ask for.
+    pub max_lease_ttl_ms: u64,
+    /// The largest rate difference between any two clocks, in parts per
+    /// million. Leases are only safe while real drift stays below this.
+    pub max_clock_drift_ppm: u64,
+    /// Safety margin added to every lease wait and subtracted from every
+    /// holder's validity.
+    pub lease_margin_ms: u64,
+    /// Build a snapshot (and compact the log) after this many entries.
+    pub snapshot_every_entries: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        let timing = LeaseTiming::default();
+        Self {
+            node_id: 0,
+            listen: String::new(),
+            data_dir: PathBuf::new(),
+            peers: String::new(),
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 300,
+            min_lease_ttl_ms: 500,
+            max_lease_ttl_ms: 300_000,
+            max_clock_drift_ppm: timing.max_clock_drift_ppm,
+            lease_margin_ms: timing.lease_margin_ms,
+            snapshot_every_entries: 5_000,
+        }
+    }
+}
+
+/// A configuration that cannot be used, with the field at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("config file {path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{field}: {message}")]
+    Invalid { field: &'static str, message: String },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid { field, message: message.into() }
+}
+
+/// Parses `1=HOST:PORT,2=HOST:PORT,...`.
+pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
+    let mut peers = BTreeMap::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let (id, addr) = part
+            .split_once('=')
+            .ok_or_else(|| invalid("peers", format!("{part:?} is not ID=HOST:PORT")))?;
+        let id: u64 = id
+            .trim()
+            .parse()
+            .map_err(|_| invalid("peers", format!("{id:?} in {part:?} is not a node id (a non-negative integer)")))?;
+        let addr = addr.trim();
+        check_host_port("peers", addr)?;
+        if peers.insert(id, addr.to_owned()).is_some() {
+            return Err(invalid("peers", format!("node id {id} is listed twice")));
+        }
+    }
+    Ok(peers)
+}
+
+fn check_host_port(field: &'static str, addr: &str) -> Result<(), ConfigError> {
+    let (host, port) =
+        addr.rsplit_once(':').ok_or_else(|| invalid(field, format!("{addr:?} is not HOST:PORT")))?;
+    if host.is_empty() {
+        return Err(invalid(field, format!("{addr:?} has no host")));
+    }
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(()),
+        _ => Err(invalid(field, format!("{addr:?} has no valid port (1-65535)"))),
+    }
+}
+
+impl ServerConfig {
+    /// Reads a TOML file (every key optional; unknown keys are an error).
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+    }
+
+    /// The parsed peer map. Only valid after [`Self::validate`].
+    pub fn peer_map(&self) -> BTreeMap<u64, String> {
+        parse_peers(&self.peers).unwrap_or_default()
+    }
+
+    /// This node's own advertised address.
+    pub fn advertised_addr(&self) -> String {
+        self.peer_map().get(&self.node_id).cloned().unwrap_or_default()
+    }
+
+    /// The lease timing this node stamps on its commands.
+    pub fn lease_timing(&self) -> LeaseTiming {
+        LeaseTiming { max_clock_drift_ppm: self.max_clock_drift_ppm, lease_margin_ms: self.lease_margin_ms }
+    }
+
+    /// Checks every field and the timing relationships.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.data_dir.as_os_str().is_empty() {
+            return Err(invalid("data_dir", "missing: give --data-dir DIR"));
+        }
+        if self.listen.is_empty() {
+            return Err(invalid("listen", "missing: give --listen HOST:PORT"));
+        }
+        self.listen
+            .parse::<SocketAddr>()
+            .map_err(|_| invalid("listen", format!("{:?} is not an IP:PORT to bind", self.listen)))?;
+        if self.peers.trim().is_empty() {
+            return Err(invalid("peers", "missing: give --peers 1=HOST:PORT,2=HOST:PORT,3=HOST:PORT"));
+        }
+        let peers = parse_peers(&self.peers)?;
+        if !peers.contains_key(&self.node_id) {
+            let ids: Vec<String> = peers.keys().map(u64::to_string).collect();
+            return Err(invalid(
+                "node_id",
+                format!("node id {} is not among the peers ({})", self.node_id, ids.join(", ")),
+            ));
+        }
+        let mut seen = BTreeSet::new();
+        for (id, addr) in &peers {
+            if !seen.insert(addr.as_str()) {
+                return Err(invalid("peers", format!("address {addr} is used by more than one node (again by node {id})")));
+            }
+        }
+        if self.heartbeat_interval_ms == 0 {
+            return Err(invalid("heartbeat_interval_ms", "must be positive"));
+        }
+        if self.election_timeout_min_ms < 3 * self.heartbeat_interval_ms {
+            return Err(invalid(
+                "election_timeout_min_ms",
+                format!(
+                    "{} ms is less than 3 x heartbeat_interval_ms ({} ms): two lost heartbeats would start an election",
+                    self.election_timeout_min_ms, self.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return Err(invalid(
+                "election_timeout_max_ms",
+                format!(
+                    "{} ms must be above election_timeout_min_ms ({} ms)",
+                    self.election_timeout_max_ms, self.election_timeout_min_ms
+                ),
+            ));
+        }
+        if self.min_lease_ttl_ms <= self.election_timeout_max_ms {
+            return Err(invalid(
+                "min_lease_ttl_ms",
+                format!(
+                    "{} ms must be above election_timeout_max_ms ({} ms): a shorter lease would lapse during every Raft leader change",
+                    self.min_lease_ttl_ms, self.election_timeout_max_ms
+                ),
+            ));
+        }
+        if self.max_lease_ttl_ms < self.min_lease_ttl_ms {
+            return Err(invalid(
+                "max_lease_ttl_ms",
+                format!("{} ms is below min_lease_ttl_ms ({} ms)", self.max_lease_ttl_ms, self.min_lease_ttl_ms),
+            ));
+        }
+        let timing = self.lease_timing();
+        timing.validate().map_err(|e| invalid("max_clock_drift_ppm", e.to_string()))?;
+        if timing.holder_valid_for_ms(self.min_lease_ttl_ms) <= timing.renew_interval_ms(self.min_lease_ttl_ms) {
+            return Err(invalid(
+                "lease_margin_ms",
+                format!(
+                    "{} ms leaves a {} ms lease less valid time than one renewal interval; lower the margin or raise min_lease_ttl_ms",
+                    self.lease_margin_ms, self.min_lease_ttl_ms
+                ),
+            ));
+        }
+        if self.snapshot_every_entries == 0 {
+            return Err(invalid("snapshot_every_entries", "must be positive"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn good() -> ServerConfig {
+        ServerConfig {
+            node_id: 1,
+            listen: "127.0.0.1:7101".into(),
+            data_dir: "/tmp/x".into(),
+            peers: "1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103".into(),
+            ..ServerConfig::default()
+        }
+    }
+
+    fn err(c: &ServerConfig) -> String {
+        c.validate().unwrap_err().to_string()
+    }
+
+    #[test]
+    fn defaults_with_required_fields_are_valid() {
+        good().validate().unwrap();
+        assert_eq!(good().advertised_addr(), "127.0.0.1:7101");
+    }
+
+    #[test]
+    fn each_mistake_is_named() {
+        let c = ServerConfig { node_id: 4, ..good() };
+        assert_eq!(err(&c), "node_id: node id 4 is not among the peers (1, 2, 3)");
+        let c = ServerConfig { peers: "1=127.0.0.1:7101,2=127.0.0.1:7101".into(), ..good() };
+        assert!(err(&c).contains("address 127.0.0.1:7101 is used by more than one node"), "{}", err(&c));
+        let c = ServerConfig { peers: "1=127.0.0.1:7101,1=127.0.0.1:7102".into(), ..good() };
+        assert!(err(&c).contains("node id 1 is listed twice"));
+        let c = ServerConfig { peers: "1=127.0.0.1".into(), ..good() };
+        assert!(err(&c).starts_with("peers:"));
+        let c = ServerConfig { election_timeout_min_ms: 100, election_timeout_max_ms: 300, ..good() };
+        assert!(err(&c).starts_with("election_timeout_min_ms: 100 ms is less than 3 x heartbeat_interval_ms"), "{}", err(&c));
+        let c = ServerConfig { election_timeout_max_ms: 150, ..good() };
+        assert!(err(&c).starts_with("election_timeout_max_ms:"));
+        let c = ServerConfig { min_lease_ttl_ms: 300, ..good() };
+        assert!(err(&c).contains("lapse during every Raft leader change"));
+        let c = ServerConfig { max_lease_ttl_ms: 10, ..good() };
+        assert!(err(&c).starts_with("max_lease_ttl_ms:"));
+        let c = ServerConfig { lease_margin_ms: 400, ..good() };
+        assert!(err(&c).starts_with("lease_margin_ms:"));
+        let c = ServerConfig { listen: "nowhere".into(), ..good() };
+        assert!(err(&c).starts_with("listen:"));
+        let c = ServerConfig { data_dir: PathBuf::new(), ..good() };
+        assert!(err(&c).starts_with("data_dir:"));
+    }
+
+    #[test]
+    fn toml_file_round_trip_and_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, toml::to_string(&good()).unwrap()).unwrap();
+        assert_eq!(ServerConfig::from_file(&p).unwrap(), good());
+        std::fs::write(&p, "node_id = 1\nlease_ttl = 5\n").unwrap();
+        let e = ServerConfig::from_file(&p).unwrap_err().to_string();
+        assert!(e.contains("unknown field `lease_ttl`"), "{e}");
+    }
+}

@@ -1,0 +1,213 @@
+//! A `quorate server` process: one Raft node plus the gRPC API.
+//!
+//! [`run`] owns everything it starts: the gRPC server, the cluster-formation
+//! task and the leader-duties task. On shutdown it stops accepting calls, ends
+//! long-lived streams, waits (bounded) for its tasks, then shuts Raft down.
+
+pub mod node;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::type_config::async_runtime::watch::WatchReceiver as _;
+use openraft::{BasicNode, ServerState, SnapshotPolicy};
+use quorate_core::Op;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use tracing::{Instrument, info, info_span, warn};
+
+pub use self::node::{Node, ReadConsistency};
+use crate::api::CoordinatorService;
+use crate::config::ServerConfig;
+use crate::pb::v1::StatusRequest;
+use crate::pb::v1::coordinator_client::CoordinatorClient;
+use crate::raft::log_store::{LogStore, StoreError, open_database};
+use crate::raft::network::{NetworkFactory, lazy_channel};
+use crate::raft::service::RaftService;
+use crate::raft::state_machine::StateMachineStore;
+use crate::raft::{NodeClock, Raft};
+
+/// How long shutdown waits for in-flight calls and tasks before it stops
+/// waiting.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+
+/// Why a server could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("cannot create data directory {path}: {source}")]
+    DataDir { path: String, source: std::io::Error },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("invalid Raft configuration: {0}")]
+    RaftConfig(String),
+    #[error("Raft failed to start: {0}")]
+    Raft(String),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+/// openraft's configuration, from ours.
+pub fn openraft_config(c: &ServerConfig) -> Result<openraft::Config, ServerError> {
+    let config = openraft::Config {
+        cluster_name: "quorate".into(),
+        heartbeat_interval: c.heartbeat_interval_ms,
+        election_timeout_min: c.election_timeout_min_ms,
+        election_timeout_max: c.election_timeout_max_ms,
+        // Snapshots are small; give their transfer room on a busy machine.
+        install_snapshot_timeout: 5_000,
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every_entries),
+        // Must exceed the snapshot interval, or a snapshot may not cure lag.
+        replication_lag_threshold: c.snapshot_every_entries * 2,
+        max_in_snapshot_log_to_keep: 1_000,
+        // Pre-Vote: a node that cannot win does not bump terms and disturb
+        // a working leader (flapping links, a rejoining node).
+        enable_pre_vote: Some(true),
+        // Partial partitions: a leader that lost its quorum stops sending
+        // heartbeats so the connected majority can elect (openraft #2080).
+        quorum_loss_probe_interval: Some(c.election_timeout_max_ms * 2),
+        // The state machine is rebuilt from snapshot + committed log at
+        // start; a restarted node must not resume as leader with it.
+        enable_leader_restore: Some(false),
+        ..Default::default()
+    };
+    config.validate().map_err(|e| ServerError::RaftConfig(e.to_string()))
+}
+
+/// Runs a server until `shutdown` completes.
+pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    config.validate()?;
+    let config = Arc::new(config);
+    let id = config.node_id;
+    let peers = config.peer_map();
+    std::fs::create_dir_all(&config.data_dir)
+        .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
+    // Bind first: a port conflict is the most common start-up failure and
+    // should be reported before anything else happens.
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
+
+    let db = open_database(&config.data_dir.join("raft.redb"))?;
+    let clock = NodeClock::new(id);
+    let sm = StateMachineStore::new(db.clone(), clock.clone());
+    let reader = sm.reader();
+    let raft = Raft::new(id, Arc::new(openraft_config(&config)?), NetworkFactory::new(id), LogStore::new(db), sm)
+        .await
+        .map_err(|e| ServerError::Raft(e.to_string()))?;
+
+    let (stop_tx, stopping) = watch::channel(false);
+    let node = Node { id, raft: raft.clone(), reader, clock, config: config.clone(), peers, stopping };
+    info!(node_id = id, listen = %config.listen, data_dir = %config.data_dir.display(), "quorate server starting");
+
+    let mut tasks = JoinSet::new();
+    tasks.spawn(form_cluster(node.clone()).instrument(info_span!("form_cluster", node_id = id)));
+    tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
+
+    let mut server_stop = node.stopping.clone();
+    let server = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .add_service(RaftService::new(raft.clone(), id).into_server())
+        .add_service(CoordinatorService::new(node.clone()).into_server())
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            node::stopped(&mut server_stop).await;
+        });
+    tokio::pin!(server);
+
+    let result = tokio::select! {
+        res = &mut server => res.map_err(ServerError::from),
+        () = shutdown => Ok(()),
+    };
+    info!(node_id = id, "shutting down");
+    let _ = stop_tx.send(true);
+    if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+        warn!("gRPC server did not stop within {SHUTDOWN_GRACE:?}; dropping open calls");
+    }
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    if let Err(e) = raft.shutdown().await {
+        warn!("raft shutdown: {e}");
+    }
+    info!(node_id = id, "stopped");
+    result
+}
+
+/// Forms the cluster once: the node with the lowest id initializes it with
+/// every peer, unless it already is, or a peer reports it already belongs to
+/// a formed cluster (this node's data was lost; it must rejoin, not found a
+/// second cluster). Other nodes wait to be contacted by the leader.
+async fn form_cluster(node: Node) {
+    let lowest = node.peers.keys().next().copied();
+    if lowest != Some(node.id) {
+        return;
+    }
+    match node.raft.is_initialized().await {
+        Ok(true) => return,
+        Ok(false) => {}
+        Err(e) => {
+            warn!("cannot tell whether the cluster is initialized: {e}");
+            return;
+        }
+    }
+    for (id, addr) in node.peers.iter().filter(|(id, _)| **id != node.id) {
+        if peer_initialized(addr).await == Some(true) {
+            warn!(peer = id, "peer already belongs to a formed cluster; not initializing, waiting to be contacted");
+            return;
+        }
+    }
+    let members: BTreeMap<u64, BasicNode> =
+        node.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+    match node.raft.initialize(members).await {
+        Ok(()) => info!(members = ?node.peers, "cluster initialized"),
+        Err(e) => warn!("initialize: {e}"),
+    }
+}
+
+/// Asks a peer whether it is initialized; `None` when it cannot be reached.
+async fn peer_initialized(addr: &str) -> Option<bool> {
+    let channel = lazy_channel(addr).ok()?;
+    let mut client = CoordinatorClient::new(channel);
+    let mut req = tonic::Request::new(StatusRequest {});
+    req.set_timeout(Duration::from_secs(1));
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.status(req)).await.ok()?.ok()?;
+    Some(resp.into_inner().initialized)
+}
+
+/// Work only the leader does. For now: at the start of each term, commit a
+/// `LeaderStart` so the lease clock moves to this leader at once.
+async fn leader_duties(node: Node) {
+    let mut metrics = node.raft.metrics();
+    let mut started_term: Option<u64> = None;
+    let mut stopping = node.stopping.clone();
+    loop {
+        let (state, term) = {
+            let m = metrics.borrow_watched();
+            (m.state, m.current_term)
+        };
+        if state == ServerState::Leader && started_term != Some(term) {
+            match node.propose(Op::LeaderStart).instrument(info_span!("leader_start", term)).await {
+                Ok(_) => {
+                    info!(term, "leading; lease clock moved to this node");
+                    started_term = Some(term);
+                }
+                Err(e) => {
+                    warn!(term, "could not commit LeaderStart: {e}");
+                    // Retry on the next metrics change, but not in a hot loop.
+                    tokio::time::sleep(Duration::from_millis(node.config.heartbeat_interval_ms)).await;
+                }
+            }
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            () = crate::server::node::stopped(&mut stopping) => return,
+        }
+    }
+}

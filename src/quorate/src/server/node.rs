@@ -1,0 +1,159 @@
+//! A running coordinator node as the API layer sees it: propose a command,
+//! confirm a read, say who leads.
+//!
+//! This is where openraft's errors are translated into [`ApiError`]s, and
+//! where every write is bounded: a leader that has lost its quorum refuses
+//! within one election timeout instead of letting the caller hang.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use openraft::type_config::async_runtime::watch::WatchReceiver as _;
+use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::{Instant as _, ReadPolicy, ServerState};
+use quorate_core::machine::Outcome;
+use quorate_core::{Command, Op};
+use tokio::sync::watch;
+
+use crate::api::error::{ApiError, LeaderHint};
+use crate::config::ServerConfig;
+use crate::raft::state_machine::SmReader;
+use crate::raft::{NodeClock, Raft, TypeConfig};
+
+/// The longest a write may stay pending while the leader still has its
+/// quorum; past it the outcome is reported as unknown.
+const WRITE_HARD_CAP: Duration = Duration::from_secs(10);
+
+/// Completes when the node starts shutting down (or its sender is gone).
+pub async fn stopped(rx: &mut watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it right here.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// How a read must be confirmed before it is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadConsistency {
+    Linearizable,
+    LeaseRead,
+    Stale,
+}
+
+/// One coordinator node: Raft handle, state machine reader, clock, config.
+#[derive(Clone)]
+pub struct Node {
+    pub id: u64,
+    pub raft: Raft,
+    pub reader: Arc<SmReader>,
+    pub clock: NodeClock,
+    pub config: Arc<ServerConfig>,
+    pub peers: BTreeMap<u64, String>,
+    /// Flips to true when the node shuts down; long calls (watch, waiting
+    /// acquire) end when it does.
+    pub stopping: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node").field("id", &self.id).finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// The leader as this node knows it, with its address.
+    pub fn leader_hint(&self) -> Option<LeaderHint> {
+        let leader = self.raft.metrics().borrow_watched().current_leader?;
+        self.peers.get(&leader).map(|addr| LeaderHint { id: leader, addr: addr.clone() })
+    }
+
+    fn not_leader(&self) -> ApiError {
+        let leader = self.leader_hint().filter(|l| l.id != self.id);
+        ApiError::NotLeader { node_id: self.id, leader }
+    }
+
+    /// Whether this node leads and heard from a quorum within the last
+    /// election timeout.
+    fn leads_with_quorum(&self) -> bool {
+        let max = Duration::from_millis(self.config.election_timeout_max_ms);
+        let m = self.raft.metrics().borrow_watched().clone();
+        m.state == ServerState::Leader && m.last_quorum_acked.is_some_and(|t| t.elapsed() < max)
+    }
+
+    /// Proposes `op`, stamped with this node's clock, and waits for the state
+    /// machine's decision.
+    ///
+    /// Bounded: if the leader loses its quorum while the write is pending,
+    /// the call fails with UNAVAILABLE (outcome unknown) within one election
+    /// timeout; a write that stays pending with a quorum fails after
+    /// [`WRITE_HARD_CAP`].
+    pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
+        if *self.stopping.borrow() {
+            return Err(ApiError::Stopped { node_id: self.id, detail: "shutting down".into() });
+        }
+        let cmd = Command { stamp: self.clock.stamp(self.config.lease_timing()), op };
+        let started = Instant::now();
+        let check_every = Duration::from_millis(self.config.election_timeout_max_ms);
+        let write = self.raft.client_write(cmd);
+        tokio::pin!(write);
+        loop {
+            tokio::select! {
+                res = &mut write => return self.write_result(res),
+                _ = tokio::time::sleep(check_every) => {
+                    if !self.leads_with_quorum() {
+                        return Err(ApiError::NoQuorum {
+                            node_id: self.id,
+                            detail: format!("no quorum acknowledgement within {} ms", self.config.election_timeout_max_ms),
+                            outcome_unknown: true,
+                        });
+                    }
+                    if started.elapsed() > WRITE_HARD_CAP {
+                        return Err(ApiError::OutcomeUnknown { waited_ms: WRITE_HARD_CAP.as_millis() as u64 });
+                    }
+                }
+            }
+        }
+    }
+
+    fn write_result(
+        &self,
+        res: Result<openraft::raft::ClientWriteResponse<TypeConfig>, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>,
+    ) -> Result<Outcome, ApiError> {
+        match res {
+            Ok(resp) => resp
+                .data
+                .ok_or_else(|| ApiError::Internal("the state machine gave no outcome for a command".into())),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(self.not_leader()),
+            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => Err(ApiError::NoQuorum {
+                node_id: self.id,
+                detail: "leadership changed before the write committed".into(),
+                outcome_unknown: true,
+            }),
+            Err(RaftError::APIError(e)) => Err(ApiError::Internal(e.to_string())),
+            Err(RaftError::Fatal(f)) => Err(ApiError::Stopped { node_id: self.id, detail: f.to_string() }),
+        }
+    }
+
+    /// Makes a read safe to serve at `consistency` from the local state
+    /// machine. Linearizable and lease reads must be served by the leader.
+    pub async fn confirm_read(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
+        let policy = match consistency {
+            ReadConsistency::Stale => return Ok(()),
+            ReadConsistency::Linearizable => ReadPolicy::ReadIndex,
+            ReadConsistency::LeaseRead => ReadPolicy::LeaseRead,
+        };
+        let bound = Duration::from_millis(self.config.election_timeout_max_ms * 2);
+        match tokio::time::timeout(bound, self.raft.ensure_linearizable(policy)).await {
+            Err(_) => Err(ApiError::NoQuorum {
+                node_id: self.id,
+                detail: format!("leadership not confirmed within {} ms", bound.as_millis()),
+                outcome_unknown: false,
+            }),
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_)))) => Err(self.not_leader()),
+            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
+                Err(ApiError::NoQuorum { node_id: self.id, detail: q.to_string(), outcome_unknown: false })
+            }
+            Ok(Err(RaftError::Fatal(f))) => Err(ApiError::Stopped { node_id: self.id, detail: f.to_string() }),
+        }
+    }
+}
