@@ -138,6 +138,7 @@ fn print_event(spec: &KeeperSpec, ev: &KeeperEvent, json_mode: bool) {
     };
     let (value, text) = match ev {
         KeeperEvent::Acquired { epoch, valid_until } | KeeperEvent::Renewed { epoch, valid_until } => {
+            let valid_until = &valid_until.into_std();
             let name = if matches!(ev, KeeperEvent::Acquired { .. }) { "acquired" } else { "renewed" };
             let mut v = base(name, *epoch);
             v["valid_until_unix_ms"] = json!(unix_ms(*valid_until));

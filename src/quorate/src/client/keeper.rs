@@ -9,10 +9,11 @@
 //! the deadline, so a user can also check it right before acting.
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use quorate_core::LeaseTiming;
 use tokio::sync::mpsc;
+use tokio::time::Instant;
 use tonic::Code;
 use tracing::{debug, warn};
 
@@ -56,6 +57,60 @@ fn timing_of(t: Option<pb::LeaseTiming>) -> LeaseTiming {
     })
 }
 
+/// The three calls a keeper makes. [`Client`] implements it against a
+/// cluster; tests implement it in memory over the core state machine.
+pub trait LeaseService {
+    fn acquire(
+        &self,
+        group: &str,
+        holder: &str,
+        ttl_ms: u64,
+        wait: Option<Duration>,
+    ) -> impl Future<Output = Result<pb::AcquireResponse, ClientError>> + Send;
+    fn renew_within(
+        &self,
+        group: &str,
+        holder: &str,
+        epoch: u64,
+        budget: Duration,
+    ) -> impl Future<Output = Result<pb::RenewResponse, ClientError>> + Send;
+    fn release(
+        &self,
+        group: &str,
+        holder: &str,
+        epoch: u64,
+    ) -> impl Future<Output = Result<pb::ReleaseResponse, ClientError>> + Send;
+}
+
+impl LeaseService for Client {
+    fn acquire(
+        &self,
+        group: &str,
+        holder: &str,
+        ttl_ms: u64,
+        wait: Option<Duration>,
+    ) -> impl Future<Output = Result<pb::AcquireResponse, ClientError>> + Send {
+        Client::acquire(self, group, holder, ttl_ms, wait)
+    }
+    fn renew_within(
+        &self,
+        group: &str,
+        holder: &str,
+        epoch: u64,
+        budget: Duration,
+    ) -> impl Future<Output = Result<pb::RenewResponse, ClientError>> + Send {
+        Client::renew_within(self, group, holder, epoch, budget)
+    }
+    fn release(
+        &self,
+        group: &str,
+        holder: &str,
+        epoch: u64,
+    ) -> impl Future<Output = Result<pb::ReleaseResponse, ClientError>> + Send {
+        Client::release(self, group, holder, epoch)
+    }
+}
+
 /// The holder's deadline arithmetic for one lease, on this process's clock.
 #[derive(Debug, Clone, Copy)]
 struct Deadline {
@@ -82,8 +137,8 @@ impl Deadline {
 /// lease is lost. Events go to `events`; a closed receiver stops nothing.
 ///
 /// Returns an error only when the lease could not be acquired at all.
-pub async fn keep(
-    client: &Client,
+pub async fn keep<S: LeaseService>(
+    client: &S,
     spec: &KeeperSpec,
     events: &mpsc::Sender<KeeperEvent>,
     stop: impl Future<Output = ()>,
@@ -132,7 +187,7 @@ pub async fn keep(
             return Ok(());
         }
         tokio::select! {
-            () = tokio::time::sleep_until(next_renew.min(loss_at).into()) => {}
+            () = tokio::time::sleep_until(next_renew.min(loss_at)) => {}
             () = &mut stop => return release(client, spec, epoch, &emit).await,
         }
         let t_send = Instant::now();
@@ -167,7 +222,7 @@ pub async fn keep(
     }
 }
 
-async fn release<F, Fut>(client: &Client, spec: &KeeperSpec, epoch: u64, emit: &F) -> Result<(), ClientError>
+async fn release<S: LeaseService, F, Fut>(client: &S, spec: &KeeperSpec, epoch: u64, emit: &F) -> Result<(), ClientError>
 where
     F: Fn(KeeperEvent) -> Fut,
     Fut: Future<Output = ()>,
@@ -180,4 +235,211 @@ where
         Err(_) => emit(KeeperEvent::Lost { epoch, reason: "release timed out; the lease will expire".into() }).await,
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    //! The keeper against an in-memory lease service built on the real core
+    //! state machine, under tokio's paused clock: timing is exact and
+    //! repeatable, and the service's grants follow the same rules as the
+    //! cluster's.
+
+    use std::sync::Mutex;
+
+    use quorate_core::machine::{LogPosition, Outcome};
+    use quorate_core::{Command, LeaderStamp, Machine, Op};
+
+    use super::*;
+    use crate::api::lease_pb;
+
+    /// The core machine behind the keeper's three calls, with a switch that
+    /// makes renewals fail as if the cluster were unreachable.
+    struct MemService {
+        machine: Mutex<(Machine, u64)>,
+        start: Instant,
+        latency: Duration,
+        unreachable_from: Mutex<Option<Instant>>,
+    }
+
+    impl MemService {
+        fn new() -> Self {
+            Self {
+                machine: Mutex::new((Machine::new(), 0)),
+                start: Instant::now(),
+                latency: Duration::from_millis(2),
+                unreachable_from: Mutex::new(None),
+            }
+        }
+
+        fn apply(&self, op: Op) -> Outcome {
+            let mut guard = self.machine.lock().unwrap();
+            let (m, index) = &mut *guard;
+            *index += 1;
+            let now_ms = self.start.elapsed().as_millis() as u64;
+            let stamp = LeaderStamp { node_id: 1, boot_id: 1, now_ms, timing: LeaseTiming::default() };
+            m.apply(LogPosition { index: *index, term: 1, leader_node_id: 1 }, &Command { stamp, op }).outcome
+        }
+
+        fn unreachable(&self) -> bool {
+            self.unreachable_from.lock().unwrap().is_some_and(|t| Instant::now() >= t)
+        }
+    }
+
+    fn unavailable() -> ClientError {
+        ClientError::Unavailable { attempts: 1, last: "unreachable".into() }
+    }
+
+    fn rejected(o: Outcome) -> ClientError {
+        ClientError::Status { code: Code::FailedPrecondition, message: format!("{o:?}"), current_epoch: None }
+    }
+
+    impl LeaseService for MemService {
+        async fn acquire(
+            &self,
+            group: &str,
+            holder: &str,
+            ttl_ms: u64,
+            wait: Option<Duration>,
+        ) -> Result<pb::AcquireResponse, ClientError> {
+            let deadline = Instant::now() + wait.unwrap_or_default();
+            loop {
+                tokio::time::sleep(self.latency).await;
+                let op = Op::Acquire { group: group.into(), holder: holder.into(), ttl_ms };
+                match self.apply(op) {
+                    Outcome::Granted(v) => {
+                        return Ok(pb::AcquireResponse { acquired: true, lease: Some(lease_pb(&v)), ..Default::default() });
+                    }
+                    Outcome::Held { current, .. } if Instant::now() >= deadline => {
+                        return Ok(pb::AcquireResponse { lease: Some(lease_pb(&current)), ..Default::default() });
+                    }
+                    Outcome::Held { .. } => tokio::time::sleep(Duration::from_millis(10)).await,
+                    other => return Err(rejected(other)),
+                }
+            }
+        }
+
+        async fn renew_within(
+            &self,
+            group: &str,
+            holder: &str,
+            epoch: u64,
+            budget: Duration,
+        ) -> Result<pb::RenewResponse, ClientError> {
+            if self.unreachable() {
+                tokio::time::sleep(budget.min(Duration::from_millis(50))).await;
+                return Err(unavailable());
+            }
+            tokio::time::sleep(self.latency).await;
+            match self.apply(Op::Renew { group: group.into(), holder: holder.into(), epoch }) {
+                Outcome::Renewed(v) => Ok(pb::RenewResponse { lease: Some(lease_pb(&v)), timing: None }),
+                other => Err(rejected(other)),
+            }
+        }
+
+        async fn release(&self, group: &str, holder: &str, epoch: u64) -> Result<pb::ReleaseResponse, ClientError> {
+            match self.apply(Op::Release { group: group.into(), holder: holder.into(), epoch }) {
+                Outcome::Released(v) => Ok(pb::ReleaseResponse { lease: Some(lease_pb(&v)) }),
+                other => Err(rejected(other)),
+            }
+        }
+    }
+
+    fn spec(holder: &str, wait: bool) -> KeeperSpec {
+        KeeperSpec { group: "g".into(), holder: holder.into(), ttl_ms: 1000, wait }
+    }
+
+    /// Runs a keeper for `run_for` (or until it ends) and returns its events
+    /// with the instant each was received.
+    async fn run_keeper(svc: &MemService, spec: KeeperSpec, run_for: Duration) -> Vec<(Instant, KeeperEvent)> {
+        let (tx, mut rx) = mpsc::channel(1024);
+        let keeper = keep(svc, &spec, &tx, tokio::time::sleep(run_for));
+        tokio::pin!(keeper);
+        let mut events = Vec::new();
+        loop {
+            tokio::select! {
+                res = &mut keeper => { res.unwrap(); break; }
+                Some(ev) = rx.recv() => events.push((Instant::now(), ev)),
+            }
+        }
+        while let Ok(ev) = rx.try_recv() {
+            events.push((Instant::now(), ev));
+        }
+        events
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn renews_every_third_of_the_ttl_and_releases_on_stop() {
+        let svc = MemService::new();
+        let events = run_keeper(&svc, spec("a", false), Duration::from_secs(3)).await;
+        assert!(matches!(events[0].1, KeeperEvent::Acquired { epoch: 1, .. }), "{events:?}");
+        let renewals: Vec<Instant> =
+            events.iter().filter(|(_, e)| matches!(e, KeeperEvent::Renewed { .. })).map(|(t, _)| *t).collect();
+        assert!(renewals.len() >= 8, "expected a renewal every ~333 ms, got {}", renewals.len());
+        for w in renewals.windows(2) {
+            let gap = w[1] - w[0];
+            assert!(gap >= Duration::from_millis(330) && gap <= Duration::from_millis(340), "gap {gap:?}");
+        }
+        assert!(matches!(events.last().unwrap().1, KeeperEvent::Released { epoch: 1 }), "{events:?}");
+        assert_eq!(svc.apply(Op::LeaderStart), Outcome::LeaderStarted);
+        let m = svc.machine.lock().unwrap();
+        assert_eq!(m.0.lease("g", quorate_core::machine::ReaderClock::Unknown).holder, None);
+    }
+
+    /// The cluster becomes unreachable: the keeper announces the loss before
+    /// its deadline, and a waiting acquirer only gets the lease after that.
+    #[tokio::test(start_paused = true)]
+    async fn loss_is_signalled_before_the_deadline_and_before_anyone_else_holds() {
+        let svc = MemService::new();
+        *svc.unreachable_from.lock().unwrap() = Some(Instant::now() + Duration::from_millis(1_200));
+        let events = run_keeper(&svc, spec("a", false), Duration::from_secs(10)).await;
+        let last_valid = events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                KeeperEvent::Acquired { valid_until, .. } | KeeperEvent::Renewed { valid_until, .. } => Some(*valid_until),
+                _ => None,
+            })
+            .max()
+            .expect("the lease was held");
+        let (lost_at, lost) = events.last().unwrap().clone();
+        assert!(matches!(lost, KeeperEvent::Lost { epoch: 1, .. }), "{events:?}");
+        assert!(lost_at < last_valid, "loss announced at {lost_at:?}, after the deadline {last_valid:?}");
+        let lead = LeaseTiming::default().loss_signal_lead_ms(1000);
+        assert_eq!(last_valid - lost_at, Duration::from_millis(lead));
+
+        // Another holder, waiting, gets the lease only once the first could
+        // no longer act.
+        *svc.unreachable_from.lock().unwrap() = None;
+        let events_b = run_keeper(&svc, spec("b", true), Duration::from_secs(3)).await;
+        let (acquired_at, ev) = &events_b[0];
+        assert!(matches!(ev, KeeperEvent::Acquired { epoch: 2, .. }), "{events_b:?}");
+        assert!(*acquired_at > last_valid, "b acquired at {acquired_at:?} while a was valid until {last_valid:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_rejected_renewal_is_a_loss_at_once() {
+        let svc = MemService::new();
+        let keeper_a = run_keeper(&svc, spec("a", false), Duration::from_secs(5));
+        // Somebody with the same holder name takes a fresh epoch: a's epoch
+        // is stale and its next renewal is refused.
+        let thief = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            svc.apply(Op::Acquire { group: "g".into(), holder: "a".into(), ttl_ms: 1000 })
+        };
+        let (events, stolen) = tokio::join!(keeper_a, thief);
+        assert!(matches!(stolen, Outcome::Granted(_)));
+        let (_, last) = events.last().unwrap();
+        assert!(matches!(last, KeeperEvent::Lost { epoch: 1, reason } if reason.contains("NotHolder")), "{events:?}");
+        assert!(events.len() <= 4, "{events:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn without_wait_a_held_lease_is_reported_busy() {
+        let svc = MemService::new();
+        svc.apply(Op::Acquire { group: "g".into(), holder: "other".into(), ttl_ms: 1000 });
+        let events = run_keeper(&svc, spec("a", false), Duration::from_secs(1)).await;
+        assert!(
+            matches!(&events[..], [(_, KeeperEvent::Busy { holder: Some(h), epoch: 1, .. })] if h == "other"),
+            "{events:?}"
+        );
+    }
 }
