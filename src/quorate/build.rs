@@ -3,16 +3,14 @@
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let proto_root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../proto");
-    let protos = [
-        proto_root.join("quorate/v1/coordinator.proto"),
-        proto_root.join("quorate/v1/raft.proto"),
-    ];
+    let protos = [proto_root.join("quorate/v1/coordinator.proto"), proto_root.join("quorate/v1/raft.proto")];
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
-    tonic_prost_build::configure()
-        .build_client(true)
-        .build_server(true)
-        .compile_with_config(config, &protos, &[proto_root])?;
+    tonic_prost_build::configure().build_client(true).build_server(true).compile_with_config(
+        config,
+        &protos,
+        &[proto_root],
+    )?;
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

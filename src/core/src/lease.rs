@@ -39,10 +39,7 @@ pub struct LeaseTiming {
 
 impl Default for LeaseTiming {
     fn default() -> Self {
-        Self {
-            max_clock_drift_ppm: 10_000,
-            lease_margin_ms: 50,
-        }
+        Self { max_clock_drift_ppm: 10_000, lease_margin_ms: 50 }
     }
 }
 

@@ -180,7 +180,10 @@ pub enum Outcome {
     Released(LeaseView),
     /// Somebody else holds the lease; it may be granted at `grantable_at_ms`
     /// on the machine's clock, unless it is renewed or released first.
-    Held { current: LeaseView, grantable_at_ms: u64 },
+    Held {
+        current: LeaseView,
+        grantable_at_ms: u64,
+    },
     Rejected(Rejection),
 }
 
@@ -236,10 +239,7 @@ impl Machine {
         if cmd.stamp.node_id != pos.leader_node_id {
             // Only the leader of a term proposes entries of that term; a
             // mismatch is a bug somewhere, refused alike on every replica.
-            return rejected(Rejection::ForeignStamp {
-                stamped: cmd.stamp.node_id,
-                leader: pos.leader_node_id,
-            });
+            return rejected(Rejection::ForeignStamp { stamped: cmd.stamp.node_id, leader: pos.leader_node_id });
         }
         let now = self.advance_clock(pos, &cmd.stamp);
         let timing = cmd.stamp.timing;
@@ -292,7 +292,15 @@ impl Machine {
         self.clock_now_ms
     }
 
-    fn acquire(&mut self, index: u64, now: u64, timing: LeaseTiming, group: &str, holder: &str, ttl_ms: u64) -> Applied {
+    fn acquire(
+        &mut self,
+        index: u64,
+        now: u64,
+        timing: LeaseTiming,
+        group: &str,
+        holder: &str,
+        ttl_ms: u64,
+    ) -> Applied {
         if let Err(e) = check_names(group, holder) {
             return rejected(e);
         }
@@ -326,10 +334,7 @@ impl Machine {
         };
         assert!(rec.epoch > previous, "epochs must strictly increase");
         let lease = view(group, rec, ReaderClock::Now(now));
-        Applied {
-            outcome: Outcome::Granted(lease.clone()),
-            change: Some(Change { kind: ChangeKind::Acquired, lease }),
-        }
+        Applied { outcome: Outcome::Granted(lease.clone()), change: Some(Change { kind: ChangeKind::Acquired, lease }) }
     }
 
     fn renew(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
@@ -345,10 +350,7 @@ impl Machine {
         rec.renewed_at_ms = now;
         rec.revision = index;
         let lease = view(group, rec, ReaderClock::Now(now));
-        Applied {
-            outcome: Outcome::Renewed(lease.clone()),
-            change: Some(Change { kind: ChangeKind::Renewed, lease }),
-        }
+        Applied { outcome: Outcome::Renewed(lease.clone()), change: Some(Change { kind: ChangeKind::Renewed, lease }) }
     }
 
     fn release(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
@@ -368,9 +370,7 @@ impl Machine {
     }
 
     fn holder_record(&mut self, group: &str, holder: &str, epoch: u64) -> Option<&mut LeaseRecord> {
-        self.leases
-            .get_mut(group)
-            .filter(|rec| rec.epoch == epoch && rec.holder.as_deref() == Some(holder))
+        self.leases.get_mut(group).filter(|rec| rec.epoch == epoch && rec.holder.as_deref() == Some(holder))
     }
 
     fn not_holder(&self, group: &str, holder: &str, epoch: u64) -> Rejection {
@@ -379,10 +379,7 @@ impl Machine {
             group: group.to_owned(),
             holder: holder.to_owned(),
             epoch,
-            current: CurrentHolder {
-                holder: rec.and_then(|r| r.holder.clone()),
-                epoch: rec.map_or(0, |r| r.epoch),
-            },
+            current: CurrentHolder { holder: rec.and_then(|r| r.holder.clone()), epoch: rec.map_or(0, |r| r.epoch) },
         }
     }
 }

@@ -32,9 +32,7 @@ pub enum NameError {
     Empty { kind: NameKind },
     #[error("{kind} name is {len} bytes long; the limit is {max} bytes", max = MAX_NAME_LEN)]
     TooLong { kind: NameKind, len: usize },
-    #[error(
-        "{kind} name {name:?} contains {bad:?}; use letters, digits and . _ - : @ only"
-    )]
+    #[error("{kind} name {name:?} contains {bad:?}; use letters, digits and . _ - : @ only")]
     BadCharacter { kind: NameKind, name: String, bad: char },
 }
 
@@ -47,11 +45,7 @@ pub fn validate(kind: NameKind, name: &str) -> Result<(), NameError> {
         return Err(NameError::TooLong { kind, len: name.len() });
     }
     if let Some(bad) = name.chars().find(|c| !allowed(*c)) {
-        return Err(NameError::BadCharacter {
-            kind,
-            name: name.to_owned(),
-            bad,
-        });
+        return Err(NameError::BadCharacter { kind, name: name.to_owned(), bad });
     }
     Ok(())
 }

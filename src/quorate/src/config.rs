@@ -87,9 +87,8 @@ fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
 pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
     let mut peers = BTreeMap::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let (id, addr) = part
-            .split_once('=')
-            .ok_or_else(|| invalid("peers", format!("{part:?} is not ID=HOST:PORT")))?;
+        let (id, addr) =
+            part.split_once('=').ok_or_else(|| invalid("peers", format!("{part:?} is not ID=HOST:PORT")))?;
         let id: u64 = id
             .trim()
             .parse()
@@ -104,8 +103,7 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
 }
 
 fn check_host_port(field: &'static str, addr: &str) -> Result<(), ConfigError> {
-    let (host, port) =
-        addr.rsplit_once(':').ok_or_else(|| invalid(field, format!("{addr:?} is not HOST:PORT")))?;
+    let (host, port) = addr.rsplit_once(':').ok_or_else(|| invalid(field, format!("{addr:?} is not HOST:PORT")))?;
     if host.is_empty() {
         return Err(invalid(field, format!("{addr:?} has no host")));
     }
@@ -120,7 +118,8 @@ impl ServerConfig {
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path)
             .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+        toml::from_str(&text)
+            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
     }
 
     /// The parsed peer map. Only valid after [`Self::validate`].
@@ -163,7 +162,10 @@ impl ServerConfig {
         let mut seen = BTreeSet::new();
         for (id, addr) in &peers {
             if !seen.insert(addr.as_str()) {
-                return Err(invalid("peers", format!("address {addr} is used by more than one node (again by node {id})")));
+                return Err(invalid(
+                    "peers",
+                    format!("address {addr} is used by more than one node (again by node {id})"),
+                ));
             }
         }
         if self.heartbeat_interval_ms == 0 {
@@ -255,7 +257,11 @@ mod tests {
         let c = ServerConfig { peers: "1=127.0.0.1".into(), ..good() };
         assert!(err(&c).starts_with("peers:"));
         let c = ServerConfig { election_timeout_min_ms: 100, election_timeout_max_ms: 300, ..good() };
-        assert!(err(&c).starts_with("election_timeout_min_ms: 100 ms is less than 3 x heartbeat_interval_ms"), "{}", err(&c));
+        assert!(
+            err(&c).starts_with("election_timeout_min_ms: 100 ms is less than 3 x heartbeat_interval_ms"),
+            "{}",
+            err(&c)
+        );
         let c = ServerConfig { election_timeout_max_ms: 150, ..good() };
         assert!(err(&c).starts_with("election_timeout_max_ms:"));
         let c = ServerConfig { min_lease_ttl_ms: 300, ..good() };

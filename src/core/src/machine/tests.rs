@@ -51,7 +51,10 @@ fn first_acquire_gets_epoch_one_and_a_second_holder_waits() {
 fn renew_extends_and_checks_holder_and_epoch() {
     let mut m = Machine::new();
     run(&mut m, 1, 0, acquire("g", "a", 1000));
-    assert!(matches!(run(&mut m, 2, 900, Op::Renew { group: "g".into(), holder: "a".into(), epoch: 1 }), Outcome::Renewed(_)));
+    assert!(matches!(
+        run(&mut m, 2, 900, Op::Renew { group: "g".into(), holder: "a".into(), epoch: 1 }),
+        Outcome::Renewed(_)
+    ));
     assert!(matches!(run(&mut m, 3, 1500, acquire("g", "b", 1000)), Outcome::Held { .. }));
     let stale = run(&mut m, 4, 1600, Op::Renew { group: "g".into(), holder: "a".into(), epoch: 0 });
     assert_eq!(
@@ -71,7 +74,10 @@ fn renew_extends_and_checks_holder_and_epoch() {
 fn release_frees_at_once_and_the_epoch_is_never_reused() {
     let mut m = Machine::new();
     run(&mut m, 1, 0, acquire("g", "a", 1000));
-    assert!(matches!(run(&mut m, 2, 10, Op::Release { group: "g".into(), holder: "a".into(), epoch: 1 }), Outcome::Released(_)));
+    assert!(matches!(
+        run(&mut m, 2, 10, Op::Release { group: "g".into(), holder: "a".into(), epoch: 1 }),
+        Outcome::Released(_)
+    ));
     assert_eq!(m.lease("g", ReaderClock::Now(11)).holder, None);
     assert_eq!(m.lease("g", ReaderClock::Now(11)).epoch, 1);
     assert_eq!(granted_epoch(&run(&mut m, 3, 20, acquire("g", "b", 1000))), 2);
@@ -102,7 +108,8 @@ fn invalid_commands_are_rejected_not_applied() {
     assert!(matches!(run(&mut m, 1, 0, acquire("", "a", 1000)), Outcome::Rejected(Rejection::InvalidName(_))));
     assert_eq!(run(&mut m, 2, 0, acquire("g", "a", 0)), Outcome::Rejected(Rejection::ZeroTtl));
     assert_eq!(run(&mut m, 3, 0, acquire("g", "a", 40)), Outcome::Rejected(Rejection::TtlTooShort { ttl_ms: 40 }));
-    let foreign = m.apply(LogPosition { index: 4, term: 1, leader_node_id: 3 }, &Command { stamp: stamp(0), op: Op::LeaderStart });
+    let foreign = m
+        .apply(LogPosition { index: 4, term: 1, leader_node_id: 3 }, &Command { stamp: stamp(0), op: Op::LeaderStart });
     assert!(matches!(foreign.outcome, Outcome::Rejected(Rejection::ForeignStamp { .. })));
     assert_eq!(m.lease_count(), 0);
 }
@@ -184,8 +191,10 @@ fn replay(steps: &[Step], snapshot_at: Option<usize>) -> (Vec<Outcome>, Machine)
             2 => Op::Renew { group: group.into(), holder: holder.into(), epoch },
             _ => Op::Release { group: group.into(), holder: holder.into(), epoch },
         };
-        let stamp = LeaderStamp { node_id: leader, boot_id: term, now_ms: real_ms + offset, timing: LeaseTiming::default() };
-        let applied = m.apply(LogPosition { index: i as u64 + 1, term, leader_node_id: leader }, &Command { stamp, op });
+        let stamp =
+            LeaderStamp { node_id: leader, boot_id: term, now_ms: real_ms + offset, timing: LeaseTiming::default() };
+        let applied =
+            m.apply(LogPosition { index: i as u64 + 1, term, leader_node_id: leader }, &Command { stamp, op });
         let timing = LeaseTiming::default();
         match &applied.outcome {
             Outcome::Granted(v) => {

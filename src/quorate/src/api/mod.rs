@@ -9,8 +9,8 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use openraft::ServerState;
+use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use quorate_core::machine::{ChangeKind, LeaseState as CoreLeaseState, Outcome, Rejection};
 use quorate_core::names::{self, NameKind};
 use quorate_core::{LeaseTiming, LeaseView, Op};

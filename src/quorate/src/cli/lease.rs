@@ -83,7 +83,8 @@ pub async fn run(client: Client, cmd: LeaseCommand, json_mode: bool) -> anyhow::
             let epoch = match epoch {
                 Some(e) => e,
                 None => {
-                    let lease = client.get_lease(&group, pb::Consistency::Linearizable).await?.lease.unwrap_or_default();
+                    let lease =
+                        client.get_lease(&group, pb::Consistency::Linearizable).await?.lease.unwrap_or_default();
                     if lease.holder != holder {
                         anyhow::bail!(
                             "{holder} does not hold {group} (holder: {}); nothing to release",
@@ -133,9 +134,7 @@ async fn acquire(client: Client, spec: KeeperSpec, json_mode: bool) -> anyhow::R
 }
 
 fn print_event(spec: &KeeperSpec, ev: &KeeperEvent, json_mode: bool) {
-    let base = |event: &str, epoch: u64| {
-        json!({ "event": event, "group": spec.group, "holder": spec.holder, "epoch": epoch, "at_unix_ms": now_unix_ms() })
-    };
+    let base = |event: &str, epoch: u64| json!({ "event": event, "group": spec.group, "holder": spec.holder, "epoch": epoch, "at_unix_ms": now_unix_ms() });
     let (value, text) = match ev {
         KeeperEvent::Acquired { epoch, valid_until } | KeeperEvent::Renewed { epoch, valid_until } => {
             let valid_until = &valid_until.into_std();
@@ -157,7 +156,9 @@ fn print_event(spec: &KeeperSpec, ev: &KeeperEvent, json_mode: bool) {
             v["reason"] = json!(reason);
             (v, format!("LOST {} at epoch {epoch}: {reason}", spec.group))
         }
-        KeeperEvent::Released { epoch } => (base("released", *epoch), format!("released {} at epoch {epoch}", spec.group)),
+        KeeperEvent::Released { epoch } => {
+            (base("released", *epoch), format!("released {} at epoch {epoch}", spec.group))
+        }
     };
     emit(json_mode, &value, || text);
 }
@@ -183,7 +184,9 @@ pub async fn watch(client: Client, group: &str, json_mode: bool) -> anyhow::Resu
             Err(e) => {
                 let since = *failing_since.get_or_insert_with(Instant::now);
                 if since.elapsed() > WATCH_RECONNECT_FOR {
-                    return Err(anyhow::Error::from(e).context(format!("no node served the watch for {WATCH_RECONNECT_FOR:?}")));
+                    return Err(
+                        anyhow::Error::from(e).context(format!("no node served the watch for {WATCH_RECONNECT_FOR:?}"))
+                    );
                 }
                 tokio::time::sleep(Duration::from_millis(200)).await;
                 continue;

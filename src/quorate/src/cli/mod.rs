@@ -22,7 +22,12 @@ use crate::pb::v1 as pb;
 #[command(name = "quorate", version, about, long_about = None)]
 pub struct Cli {
     /// Coordinator endpoints, HOST:PORT separated by commas.
-    #[arg(long, global = true, env = "QUORATE_ENDPOINTS", default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103")]
+    #[arg(
+        long,
+        global = true,
+        env = "QUORATE_ENDPOINTS",
+        default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
+    )]
     pub endpoints: String,
     /// Print one JSON object per line instead of text.
     #[arg(long, global = true)]

@@ -92,4 +92,3 @@ pub async fn cluster_view(client: &Client) -> ClusterView {
     }
     ClusterView { leader: leader.map(|s| s.node_id), term, nodes }
 }
-

@@ -40,14 +40,29 @@ pub struct KeeperSpec {
 /// this process's monotonic clock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeeperEvent {
-    Acquired { epoch: u64, valid_until: Instant },
-    Renewed { epoch: u64, valid_until: Instant },
+    Acquired {
+        epoch: u64,
+        valid_until: Instant,
+    },
+    Renewed {
+        epoch: u64,
+        valid_until: Instant,
+    },
     /// Not acquired (without `wait`): somebody else holds it.
-    Busy { holder: Option<String>, epoch: u64, retry_after_ms: u64 },
+    Busy {
+        holder: Option<String>,
+        epoch: u64,
+        retry_after_ms: u64,
+    },
     /// The lease is lost or about to lapse: stop acting as holder now.
-    Lost { epoch: u64, reason: String },
+    Lost {
+        epoch: u64,
+        reason: String,
+    },
     /// Released on request.
-    Released { epoch: u64 },
+    Released {
+        epoch: u64,
+    },
 }
 
 fn timing_of(t: Option<pb::LeaseTiming>) -> LeaseTiming {
@@ -170,14 +185,25 @@ pub async fn keep<S: LeaseService>(
     };
     let mut valid_until = deadline.valid_until(t_acquire);
     let mut next_renew = t_acquire + deadline.renew_interval();
-    // A long server-side wait leaves little of the deadline computed from
-    // the send time: then renew at once, and announce after that renewal.
-    let mut announced = deadline.loss_at(valid_until) > Instant::now() + deadline.renew_interval();
-    if announced {
-        emit(KeeperEvent::Acquired { epoch, valid_until }).await;
-    } else {
-        next_renew = Instant::now();
+    if deadline.loss_at(valid_until) <= Instant::now() + deadline.renew_interval() {
+        // A long server-side wait: the deadline computed from the Acquire's
+        // send time is (nearly) gone, though the grant itself is recent.
+        // Confirm with a renewal sent now before acting as holder.
+        let t_send = Instant::now();
+        let budget = Duration::from_millis(deadline.timing.holder_valid_for_ms(spec.ttl_ms)) / 2;
+        let res = tokio::select! {
+            r = client.renew_within(&spec.group, &spec.holder, epoch, budget) => r,
+            () = &mut stop => return release(client, spec, epoch, &emit).await,
+        };
+        if let Err(e) = res {
+            let reason = format!("acquired after a long wait, but the confirming renewal failed: {e}");
+            emit(KeeperEvent::Lost { epoch, reason }).await;
+            return Ok(());
+        }
+        valid_until = deadline.valid_until(t_send);
+        next_renew = t_send + deadline.renew_interval();
     }
+    emit(KeeperEvent::Acquired { epoch, valid_until }).await;
 
     loop {
         let loss_at = deadline.loss_at(valid_until);
@@ -203,12 +229,7 @@ pub async fn keep<S: LeaseService>(
             Ok(_) => {
                 valid_until = deadline.valid_until(t_send);
                 next_renew = t_send + deadline.renew_interval();
-                if announced {
-                    emit(KeeperEvent::Renewed { epoch, valid_until }).await;
-                } else {
-                    announced = true;
-                    emit(KeeperEvent::Acquired { epoch, valid_until }).await;
-                }
+                emit(KeeperEvent::Renewed { epoch, valid_until }).await;
             }
             Err(ClientError::Status { code: Code::FailedPrecondition, message, .. }) => {
                 emit(KeeperEvent::Lost { epoch, reason: message }).await;
@@ -222,7 +243,12 @@ pub async fn keep<S: LeaseService>(
     }
 }
 
-async fn release<S: LeaseService, F, Fut>(client: &S, spec: &KeeperSpec, epoch: u64, emit: &F) -> Result<(), ClientError>
+async fn release<S: LeaseService, F, Fut>(
+    client: &S,
+    spec: &KeeperSpec,
+    epoch: u64,
+    emit: &F,
+) -> Result<(), ClientError>
 where
     F: Fn(KeeperEvent) -> Fut,
     Fut: Future<Output = ()>,
@@ -307,7 +333,11 @@ mod tests {
                 let op = Op::Acquire { group: group.into(), holder: holder.into(), ttl_ms };
                 match self.apply(op) {
                     Outcome::Granted(v) => {
-                        return Ok(pb::AcquireResponse { acquired: true, lease: Some(lease_pb(&v)), ..Default::default() });
+                        return Ok(pb::AcquireResponse {
+                            acquired: true,
+                            lease: Some(lease_pb(&v)),
+                            ..Default::default()
+                        });
                     }
                     Outcome::Held { current, .. } if Instant::now() >= deadline => {
                         return Ok(pb::AcquireResponse { lease: Some(lease_pb(&current)), ..Default::default() });
@@ -395,7 +425,9 @@ mod tests {
         let last_valid = events
             .iter()
             .filter_map(|(_, e)| match e {
-                KeeperEvent::Acquired { valid_until, .. } | KeeperEvent::Renewed { valid_until, .. } => Some(*valid_until),
+                KeeperEvent::Acquired { valid_until, .. } | KeeperEvent::Renewed { valid_until, .. } => {
+                    Some(*valid_until)
+                }
                 _ => None,
             })
             .max()
@@ -441,5 +473,27 @@ mod tests {
             matches!(&events[..], [(_, KeeperEvent::Busy { holder: Some(h), epoch: 1, .. })] if h == "other"),
             "{events:?}"
         );
+    }
+
+    /// After a long server-side wait the keeper confirms with a fresh
+    /// renewal, so its deadline counts from after the grant, not from when
+    /// it started waiting.
+    #[tokio::test(start_paused = true)]
+    async fn a_long_wait_is_confirmed_by_a_renewal_before_acting() {
+        let svc = MemService::new();
+        let holder_a = run_keeper(&svc, spec("a", false), Duration::from_secs(2));
+        let waiter_b = async {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            run_keeper(&svc, spec("b", true), Duration::from_secs(3)).await
+        };
+        let (events_a, events_b) = tokio::join!(holder_a, waiter_b);
+        let (released_at, _) = events_a.last().unwrap();
+        assert!(matches!(events_a.last().unwrap().1, KeeperEvent::Released { epoch: 1 }), "{events_a:?}");
+        let (acquired_at, ev) = &events_b[0];
+        let KeeperEvent::Acquired { epoch: 2, valid_until } = ev else { panic!("{events_b:?}") };
+        assert!(acquired_at >= released_at);
+        let valid_for = LeaseTiming::default().holder_valid_for_ms(1000);
+        assert!(*valid_until >= *released_at + Duration::from_millis(valid_for), "{valid_until:?}");
+        assert!(events_b.iter().any(|(_, e)| matches!(e, KeeperEvent::Renewed { epoch: 2, .. })));
     }
 }

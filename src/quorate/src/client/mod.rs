@@ -83,8 +83,7 @@ pub struct Client {
 impl Client {
     /// A client for `endpoints` (HOST:PORT each). Connects lazily.
     pub fn new(endpoints: &[String]) -> Result<Self, ClientError> {
-        let endpoints: Vec<String> =
-            endpoints.iter().map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
+        let endpoints: Vec<String> = endpoints.iter().map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
@@ -121,7 +120,8 @@ impl Client {
         if let Some(c) = channels.get(addr) {
             return Ok(c.clone());
         }
-        let c = lazy_channel(addr).map_err(|e| ClientError::BadEndpoint { addr: addr.into(), message: e.to_string() })?;
+        let c =
+            lazy_channel(addr).map_err(|e| ClientError::BadEndpoint { addr: addr.into(), message: e.to_string() })?;
         channels.insert(addr.to_owned(), c.clone());
         Ok(c)
     }
@@ -263,7 +263,11 @@ impl Client {
         .await
     }
 
-    pub async fn get_lease(&self, group: &str, consistency: pb::Consistency) -> Result<pb::GetLeaseResponse, ClientError> {
+    pub async fn get_lease(
+        &self,
+        group: &str,
+        consistency: pb::Consistency,
+    ) -> Result<pb::GetLeaseResponse, ClientError> {
         let req = pb::GetLeaseRequest { group: group.into(), consistency: consistency as i32 };
         self.call(self.call_timeout, |mut c| {
             let req = req.clone();

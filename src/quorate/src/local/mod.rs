@@ -144,8 +144,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         }
         None => new_cluster(&dir, opts)?,
     };
-    let peers: String =
-        file.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+    let peers: String = file.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
     for node in &mut file.nodes {
         if is_our_server(node.pid) {
             continue;

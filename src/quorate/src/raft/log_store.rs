@@ -71,7 +71,9 @@ fn encode<T: serde::Serialize>(value: &T) -> io::Result<Vec<u8>> {
 
 /// Runs a write transaction on the blocking pool and commits it.
 pub(super) async fn write_txn<F>(db: &Arc<Database>, durability: Durability, f: F) -> io::Result<()>
-where F: FnOnce(&WriteTransaction) -> io::Result<()> + Send + 'static {
+where
+    F: FnOnce(&WriteTransaction) -> io::Result<()> + Send + 'static,
+{
     let db = db.clone();
     tokio::task::spawn_blocking(move || {
         let mut txn = db.begin_write().map_err(io_err)?;
@@ -149,7 +151,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Some((_, v)) => Some(decode::<Entry>(v.value())?.log_id),
             None => None,
         };
-        Ok(LogState { last_purged_log_id: last_purged.clone(), last_log_id: last.or(last_purged) })
+        Ok(LogState { last_purged_log_id: last_purged, last_log_id: last.or(last_purged) })
     }
 
     async fn get_log_reader(&mut self) -> Self::LogReader {
@@ -210,7 +212,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId) -> Result<(), io::Error> {
-        let bytes = encode(&Some(log_id.clone()))?;
+        let bytes = encode(&Some(log_id))?;
         let upto = log_id.index;
         write_txn(&self.db, Durability::None, move |txn| {
             // Record the purge point first; one transaction, so both or neither.

@@ -70,7 +70,12 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
                 self.channels.insert(key, c.clone());
             }),
         };
-        PeerClient { self_id: self.self_id, target, addr: node.addr.clone(), channel: channel.map_err(|e| e.to_string()) }
+        PeerClient {
+            self_id: self.self_id,
+            target,
+            addr: node.addr.clone(),
+            channel: channel.map_err(|e| e.to_string()),
+        }
     }
 }
 
@@ -218,7 +223,10 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
             .map_err(|e| to_streaming(CallError::Other(e.to_string())))?;
         let mut chunks = vec![SnapshotChunk { meta, data: Vec::new() }];
         chunks.extend(
-            snapshot.snapshot.chunks(SNAPSHOT_CHUNK_BYTES).map(|c| SnapshotChunk { meta: Vec::new(), data: c.to_vec() }),
+            snapshot
+                .snapshot
+                .chunks(SNAPSHOT_CHUNK_BYTES)
+                .map(|c| SnapshotChunk { meta: Vec::new(), data: c.to_vec() }),
         );
         let mut client = self.client().map_err(&to_streaming)?;
         let req = self.request(tokio_stream::iter(chunks), deadline);

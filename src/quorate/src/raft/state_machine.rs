@@ -141,8 +141,7 @@ pub struct StateMachineStore {
 impl StateMachineStore {
     pub fn new(db: Arc<Database>, clock: NodeClock) -> Self {
         let (changes, _) = broadcast::channel(CHANGE_CHANNEL_CAPACITY);
-        let reader =
-            SmReader { state: RwLock::new(SmState::default()), changes, last_mark: Mutex::new(None), clock };
+        let reader = SmReader { state: RwLock::new(SmState::default()), changes, last_mark: Mutex::new(None), clock };
         Self { reader: Arc::new(reader), db }
     }
 
@@ -164,14 +163,15 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
         // concurrently with the builder.
         let state = self.reader.read(|s| s.clone());
         let data = serde_json::to_vec(&state).map_err(io::Error::other)?;
-        let meta = SnapshotMeta { last_log_id: state.last_applied.clone(), last_membership: state.membership.clone() };
+        let meta = SnapshotMeta { last_log_id: state.last_applied, last_membership: state.membership.clone() };
         persist_snapshot(&self.db, &meta, &data).await?;
         Ok(Snapshot { meta, snapshot: data })
     }
 }
 
 async fn persist_snapshot(db: &Arc<Database>, meta: &SnapshotMeta, data: &[u8]) -> io::Result<()> {
-    let stored = serde_json::to_vec(&StoredSnapshot { meta: meta.clone(), data: data.to_vec() }).map_err(io::Error::other)?;
+    let stored =
+        serde_json::to_vec(&StoredSnapshot { meta: meta.clone(), data: data.to_vec() }).map_err(io::Error::other)?;
     write_txn(db, Durability::Immediate, move |txn| {
         let mut table = txn.open_table(META).map_err(io_err)?;
         table.insert(KEY_SNAPSHOT, stored.as_slice()).map_err(io_err)?;
@@ -185,19 +185,21 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     type SnapshotBuilder = Self;
 
     async fn applied_state(&mut self) -> Result<(Option<LogId>, StoredMembership), io::Error> {
-        Ok(self.reader.read(|s| (s.last_applied.clone(), s.membership.clone())))
+        Ok(self.reader.read(|s| (s.last_applied, s.membership.clone())))
     }
 
     async fn apply<Strm>(&mut self, mut entries: Strm) -> Result<(), io::Error>
-    where Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + openraft::OptionalSend {
+    where
+        Strm: Stream<Item = Result<EntryResponder<TypeConfig>, io::Error>> + Unpin + openraft::OptionalSend,
+    {
         while let Some((entry, responder)) = entries.try_next().await? {
-            let log_id = entry.log_id.clone();
+            let log_id = entry.log_id;
             let (response, event) = self.write_state(|s| {
-                s.last_applied = Some(log_id.clone());
+                s.last_applied = Some(log_id);
                 match entry.payload {
                     EntryPayload::Blank => (None, None),
                     EntryPayload::Membership(m) => {
-                        s.membership = StoredMembership::new(Some(log_id.clone()), m);
+                        s.membership = StoredMembership::new(Some(log_id), m);
                         (None, None)
                     }
                     EntryPayload::Normal(cmd) => {

@@ -9,8 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
+use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use openraft::{Instant as _, ReadPolicy, ServerState};
 use quorate_core::machine::Outcome;
 use quorate_core::{Command, Op};
@@ -116,12 +116,15 @@ impl Node {
 
     fn write_result(
         &self,
-        res: Result<openraft::raft::ClientWriteResponse<TypeConfig>, RaftError<TypeConfig, ClientWriteError<TypeConfig>>>,
+        res: Result<
+            openraft::raft::ClientWriteResponse<TypeConfig>,
+            RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
+        >,
     ) -> Result<Outcome, ApiError> {
         match res {
-            Ok(resp) => resp
-                .data
-                .ok_or_else(|| ApiError::Internal("the state machine gave no outcome for a command".into())),
+            Ok(resp) => {
+                resp.data.ok_or_else(|| ApiError::Internal("the state machine gave no outcome for a command".into()))
+            }
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(self.not_leader()),
             Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => Err(ApiError::NoQuorum {
                 node_id: self.id,

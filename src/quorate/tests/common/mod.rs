@@ -1,0 +1,233 @@
+//! Test harness: real `quorate server` processes on free ports, one temp
+//! directory per test, every process killed when the harness is dropped
+//! (also when the test fails), node logs printed on failure.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard, mpsc};
+use std::time::{Duration, Instant};
+
+use quorate::client::Client;
+use quorate::pb::v1 as pb;
+
+pub const QUORATE: &str = env!("CARGO_BIN_EXE_quorate");
+
+/// Cluster tests run one at a time: several 3-node clusters at once on a
+/// 2-core machine would turn timing bounds into a lottery.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A free TCP port on 127.0.0.1 (bound and released; the OS hands out
+/// ephemeral ports at random, so a clash with another test is unlikely).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub struct NodeProc {
+    pub id: u64,
+    pub addr: String,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub proc: Option<Proc>,
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub nodes: Vec<NodeProc>,
+    pub peers: String,
+    config: Option<PathBuf>,
+}
+
+impl Cluster {
+    /// Starts `n` nodes with default settings.
+    pub fn start(n: u64) -> Self {
+        Self::start_with(n, None)
+    }
+
+    /// Starts `n` nodes with extra `ServerConfig` keys in TOML.
+    pub fn start_with(n: u64, extra_toml: Option<&str>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let config = extra_toml.map(|t| {
+            let p = dir.path().join("extra.toml");
+            std::fs::write(&p, t).unwrap();
+            p
+        });
+        let nodes: Vec<NodeProc> = (1..=n)
+            .map(|id| NodeProc {
+                id,
+                addr: format!("127.0.0.1:{}", free_port()),
+                data_dir: dir.path().join(format!("node-{id}")),
+                log: dir.path().join(format!("node-{id}.log")),
+                proc: None,
+            })
+            .collect();
+        let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+        let mut c = Cluster { dir, nodes, peers, config };
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c
+    }
+
+    pub fn endpoints(&self) -> String {
+        self.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")
+    }
+
+    pub fn client(&self) -> Client {
+        Client::from_list(&self.endpoints()).unwrap()
+    }
+
+    pub fn node(&self, id: u64) -> &NodeProc {
+        self.nodes.iter().find(|n| n.id == id).unwrap()
+    }
+
+    pub fn start_node(&mut self, id: u64) {
+        let config = self.config.clone();
+        let peers = self.peers.clone();
+        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        let log = std::fs::File::options().create(true).append(true).open(&n.log).unwrap();
+        let mut cmd = Command::new(QUORATE);
+        cmd.args(["server", "--node-id", &id.to_string(), "--listen", &n.addr, "--peers", &peers])
+            .arg("--data-dir")
+            .arg(&n.data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(c) = config {
+            cmd.arg("--config").arg(c);
+        }
+        n.proc = Some(Proc { child: cmd.spawn().unwrap(), name: format!("node-{id}") });
+    }
+
+    /// kill -9 of one node.
+    pub fn kill(&mut self, id: u64) {
+        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        if let Some(mut p) = n.proc.take() {
+            p.kill();
+        }
+    }
+
+    /// One node's own status, or None if it does not answer.
+    pub async fn status_of(&self, id: u64) -> Option<pb::StatusResponse> {
+        let client = Client::from_list(&self.node(id).addr).ok()?;
+        let mut raw = client.raw(&self.node(id).addr).ok()?;
+        let fut = raw.status(pb::StatusRequest {});
+        Some(tokio::time::timeout(Duration::from_secs(1), fut).await.ok()?.ok()?.into_inner())
+    }
+
+    /// Waits until a running node reports itself leader; returns its id.
+    pub async fn wait_for_leader(&self, within: Duration) -> u64 {
+        let start = Instant::now();
+        while start.elapsed() < within {
+            for n in self.nodes.iter().filter(|n| n.proc.is_some()) {
+                if let Some(s) = self.status_of(n.id).await
+                    && s.role == "leader"
+                {
+                    return n.id;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        panic!("no leader within {within:?}");
+    }
+
+    pub fn print_logs(&self) {
+        for n in &self.nodes {
+            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            eprintln!("----- {} (last 40 lines) -----", n.log.display());
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.print_logs();
+        }
+        for n in &mut self.nodes {
+            if let Some(mut p) = n.proc.take() {
+                p.kill();
+            }
+        }
+    }
+}
+
+/// A CLI process whose stdout lines arrive on a channel, with the instant
+/// each was read.
+pub struct CliProc {
+    pub proc: Proc,
+    pub lines: mpsc::Receiver<(Instant, String)>,
+}
+
+impl CliProc {
+    pub fn spawn(name: &str, args: &[&str], endpoints: &str, dir: &Path) -> Self {
+        let stderr = std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap();
+        let mut child = Command::new(QUORATE)
+            .args(args)
+            .env("QUORATE_ENDPOINTS", endpoints)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send((Instant::now(), line)).is_err() {
+                    break;
+                }
+            }
+        });
+        CliProc { proc: Proc { child, name: name.into() }, lines: rx }
+    }
+
+    /// The next JSON line within `within`.
+    pub fn next_json(&self, within: Duration) -> Option<(Instant, serde_json::Value)> {
+        let (at, line) = self.lines.recv_timeout(within).ok()?;
+        Some((at, serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON line {line:?}: {e}"))))
+    }
+}
+
+/// Runs the CLI to completion; returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], endpoints: &str) -> (i32, String, String) {
+    let out = Command::new(QUORATE).args(args).env("QUORATE_ENDPOINTS", endpoints).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
