@@ -87,7 +87,12 @@ pub async fn run(
     };
     Ok(BenchReport {
         kind,
-        consistency: format!("{consistency:?}").to_lowercase(),
+        consistency: match (kind, consistency) {
+            (BenchKind::AcquireRenew, _) => "write".to_owned(),
+            (_, pb::Consistency::LeaseRead) => "lease-read".to_owned(),
+            (_, pb::Consistency::Stale) => "stale".to_owned(),
+            _ => "linearizable".to_owned(),
+        },
         clients,
         duration_s: elapsed,
         ops: latencies_us.len() as u64,
