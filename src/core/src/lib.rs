@@ -23,9 +23,14 @@
 //! never reused, and a new holder is only granted once the previous lease has
 //! expired with the drift margin on the granting leader's clock.
 
+pub mod group;
 pub mod lease;
 pub mod machine;
+pub mod matrix;
 pub mod names;
+pub mod observe;
+pub mod quorum;
+pub mod verdict;
 
 pub use lease::LeaseTiming;
 pub use machine::{Command, LeaderStamp, LeaseView, Machine, Op, Outcome, Rejection};

@@ -14,6 +14,7 @@ pub const MAX_NAME_LEN: usize = 128;
 pub enum NameKind {
     Group,
     Holder,
+    Member,
 }
 
 impl std::fmt::Display for NameKind {
@@ -21,6 +22,7 @@ impl std::fmt::Display for NameKind {
         f.write_str(match self {
             NameKind::Group => "group",
             NameKind::Holder => "holder",
+            NameKind::Member => "member",
         })
     }
 }

@@ -1,0 +1,271 @@
+//! Failover groups: who the members are, where their heartbeats live, and the
+//! timing policy every observer follows. Stored in the replicated state.
+
+use std::collections::BTreeSet;
+
+use serde::{Deserialize, Serialize};
+
+use crate::names::{self, NameError, NameKind};
+
+/// The most members a group may have (the matrix is members x observers).
+pub const MAX_MEMBERS: usize = 32;
+
+/// A failover group as configured.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupSpec {
+    pub name: String,
+    pub members: Vec<MemberSpec>,
+    #[serde(default)]
+    pub policy: Policy,
+}
+
+/// One member of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MemberSpec {
+    /// The member's name, unique in the group.
+    pub id: String,
+    /// The Redis that holds this member's heartbeat key:
+    /// `redis://HOST:PORT[/DB]` or `rediss://...`. Several members may share
+    /// one store; the key names the member.
+    pub heartbeat: String,
+    /// Preference for the primary role (higher wins); 0 = never primary.
+    #[serde(default = "default_priority")]
+    pub priority: u32,
+}
+
+fn default_priority() -> u32 {
+    100
+}
+
+/// Timing every observer of the group follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// How often members publish their heartbeat and observers read them.
+    pub heartbeat_interval_ms: u64,
+    /// An observer calls a target down once it has seen no progress (a new
+    /// sequence number) for this long: key missing, expired, frozen, or its
+    /// store unreachable.
+    pub down_after_ms: u64,
+    /// Observers re-send their whole view at least this often, even without
+    /// changes, so that its freshness is known.
+    pub report_interval_ms: u64,
+    /// A view older than this does not count in verdicts.
+    pub freshness_ms: u64,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Self { heartbeat_interval_ms: 100, down_after_ms: 500, report_interval_ms: 1_000, freshness_ms: 3_000 }
+    }
+}
+
+impl Policy {
+    /// The TTL of a heartbeat key: it disappears once the member has not
+    /// published for `down_after_ms`.
+    pub fn heartbeat_ttl_ms(&self) -> u64 {
+        self.down_after_ms
+    }
+}
+
+/// An invalid group spec, naming the field.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
+pub enum SpecError {
+    #[error("name: {0}")]
+    Name(NameError),
+    #[error("members: a group needs at least one member")]
+    NoMembers,
+    #[error("members: {count} members is more than the limit of {max}", max = MAX_MEMBERS)]
+    TooManyMembers { count: usize },
+    #[error("members[{index}].id: {error}")]
+    MemberId { index: usize, error: NameError },
+    #[error("members[{index}].id: {id:?} starts with \"coordinator-\", which names coordinator observers")]
+    ReservedMemberId { index: usize, id: String },
+    #[error("members[{index}].id: {id:?} appears twice")]
+    DuplicateMember { index: usize, id: String },
+    #[error("members[{index}].heartbeat: {url:?}: {reason}")]
+    BadUrl { index: usize, url: String, reason: String },
+    #[error("policy.{field}: {reason}")]
+    Policy { field: &'static str, reason: String },
+}
+
+impl GroupSpec {
+    /// Checks the spec; the error names the field at fault.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        names::validate(NameKind::Group, &self.name).map_err(SpecError::Name)?;
+        if self.members.is_empty() {
+            return Err(SpecError::NoMembers);
+        }
+        if self.members.len() > MAX_MEMBERS {
+            return Err(SpecError::TooManyMembers { count: self.members.len() });
+        }
+        let mut seen = BTreeSet::new();
+        for (index, m) in self.members.iter().enumerate() {
+            names::validate(NameKind::Member, &m.id).map_err(|error| SpecError::MemberId { index, error })?;
+            if m.id.starts_with(crate::matrix::COORDINATOR_PREFIX) {
+                return Err(SpecError::ReservedMemberId { index, id: m.id.clone() });
+            }
+            if !seen.insert(m.id.as_str()) {
+                return Err(SpecError::DuplicateMember { index, id: m.id.clone() });
+            }
+            check_redis_url(&m.heartbeat).map_err(|reason| SpecError::BadUrl {
+                index,
+                url: m.heartbeat.clone(),
+                reason,
+            })?;
+        }
+        self.policy.validate()
+    }
+
+    pub fn member(&self, id: &str) -> Option<&MemberSpec> {
+        self.members.iter().find(|m| m.id == id)
+    }
+
+    pub fn member_ids(&self) -> impl Iterator<Item = &str> {
+        self.members.iter().map(|m| m.id.as_str())
+    }
+}
+
+impl Policy {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        let bad = |field, reason: String| Err(SpecError::Policy { field, reason });
+        if self.heartbeat_interval_ms == 0 {
+            return bad("heartbeat_interval_ms", "must be positive".into());
+        }
+        if self.down_after_ms < 2 * self.heartbeat_interval_ms {
+            return bad(
+                "down_after_ms",
+                format!(
+                    "{} ms is shorter than two heartbeat intervals ({} ms): one late heartbeat would mark a member down",
+                    self.down_after_ms,
+                    2 * self.heartbeat_interval_ms
+                ),
+            );
+        }
+        if self.report_interval_ms < self.heartbeat_interval_ms {
+            return bad(
+                "report_interval_ms",
+                format!(
+                    "{} ms is shorter than heartbeat_interval_ms ({} ms)",
+                    self.report_interval_ms, self.heartbeat_interval_ms
+                ),
+            );
+        }
+        if self.freshness_ms < 2 * self.report_interval_ms {
+            return bad(
+                "freshness_ms",
+                format!(
+                    "{} ms is shorter than two report intervals ({} ms): a single late report would make a view stale",
+                    self.freshness_ms,
+                    2 * self.report_interval_ms
+                ),
+            );
+        }
+        Ok(())
+    }
+}
+
+/// The parts of a Redis URL quorate needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RedisAddr {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    pub db: u32,
+}
+
+/// Parses `redis://[user:pass@]HOST:PORT[/DB]` (or `rediss://`).
+pub fn parse_redis_url(url: &str) -> Result<RedisAddr, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("redis://") {
+        (false, r)
+    } else if let Some(r) = url.strip_prefix("rediss://") {
+        (true, r)
+    } else {
+        return Err("must start with redis:// or rediss://".into());
+    };
+    let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+    let (hostport, db) = match rest.split_once('/') {
+        Some((hp, "")) => (hp, 0),
+        Some((hp, db)) => (hp, db.parse::<u32>().map_err(|_| format!("database {db:?} is not a number"))?),
+        None => (rest, 0),
+    };
+    let (host, port) = hostport.rsplit_once(':').ok_or("needs HOST:PORT")?;
+    if host.is_empty() {
+        return Err("has no host".into());
+    }
+    let port = port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("port {port:?} is not 1-65535"))?;
+    Ok(RedisAddr { tls, host: host.to_owned(), port, db })
+}
+
+fn check_redis_url(url: &str) -> Result<(), String> {
+    parse_redis_url(url).map(|_| ())
+}
+
+/// The heartbeat key of `member` in `group`.
+pub fn heartbeat_key(group: &str, member: &str) -> String {
+    format!("quorate:hb:{{{group}}}:{member}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn spec(members: &[&str]) -> GroupSpec {
+        GroupSpec {
+            name: "cache".into(),
+            members: members
+                .iter()
+                .enumerate()
+                .map(|(i, id)| MemberSpec {
+                    id: (*id).into(),
+                    heartbeat: format!("redis://127.0.0.1:{}", 6400 + i),
+                    priority: 100,
+                })
+                .collect(),
+            policy: Policy::default(),
+        }
+    }
+
+    #[test]
+    fn a_good_spec_passes() {
+        spec(&["cache-1", "cache-2"]).validate().unwrap();
+    }
+
+    #[test]
+    fn each_mistake_names_its_field() {
+        let err = |s: GroupSpec| s.validate().unwrap_err().to_string();
+        assert_eq!(err(spec(&[])), "members: a group needs at least one member");
+        assert_eq!(err(spec(&["a", "b", "a"])), "members[2].id: \"a\" appears twice");
+        assert!(err(spec(&["coordinator-1"])).contains("names coordinator observers"));
+        assert!(err(spec(&["a b"])).starts_with("members[0].id: member name"));
+        let mut s = spec(&["a"]);
+        s.members[0].heartbeat = "http://x:1".into();
+        assert_eq!(err(s.clone()), "members[0].heartbeat: \"http://x:1\": must start with redis:// or rediss://");
+        s.members[0].heartbeat = "redis://host".into();
+        assert!(err(s.clone()).contains("needs HOST:PORT"));
+        s.members[0].heartbeat = "redis://host:0".into();
+        assert!(err(s.clone()).contains("is not 1-65535"));
+        let mut s = spec(&["a"]);
+        s.policy.down_after_ms = 150;
+        assert!(err(s.clone()).starts_with("policy.down_after_ms: 150 ms is shorter than two heartbeat intervals"));
+        s.policy = Policy { freshness_ms: 1000, ..Policy::default() };
+        assert!(err(s.clone()).starts_with("policy.freshness_ms:"));
+        s.policy = Policy { report_interval_ms: 50, ..Policy::default() };
+        assert!(err(s.clone()).starts_with("policy.report_interval_ms:"));
+        s.name = String::new();
+        assert!(err(s).starts_with("name: group name must not be empty"));
+    }
+
+    #[test]
+    fn redis_urls() {
+        assert_eq!(
+            parse_redis_url("redis://127.0.0.1:6379/2").unwrap(),
+            RedisAddr { tls: false, host: "127.0.0.1".into(), port: 6379, db: 2 }
+        );
+        assert_eq!(parse_redis_url("rediss://u:p@h:1").unwrap().host, "h");
+        assert!(parse_redis_url("redis://h:1/x").is_err());
+        assert_eq!(heartbeat_key("g", "m"), "quorate:hb:{g}:m");
+    }
+}

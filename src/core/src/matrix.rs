@@ -1,0 +1,186 @@
+//! The replicated matrix of a group: every observer's latest view of every
+//! member, with the time it was committed.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::group::GroupSpec;
+use crate::observe::Observation;
+
+/// Restart events kept per group.
+pub const MAX_RESTART_EVENTS: usize = 32;
+
+/// Who observes: a member's agent, or a coordinator node. Serialized as its
+/// display form (`coordinator-N` or the member id), so it can key a map.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(into = "String", from = "String")]
+pub enum Observer {
+    Coordinator(u64),
+    Member(String),
+}
+
+impl fmt::Display for Observer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Observer::Coordinator(id) => write!(f, "coordinator-{id}"),
+            Observer::Member(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<Observer> for String {
+    fn from(o: Observer) -> String {
+        o.to_string()
+    }
+}
+
+impl From<String> for Observer {
+    fn from(s: String) -> Observer {
+        Observer::parse(&s)
+    }
+}
+
+/// Member ids may not start with this (it names coordinators).
+pub const COORDINATOR_PREFIX: &str = "coordinator-";
+
+impl Observer {
+    /// Parses the display form (`coordinator-N` or a member id).
+    pub fn parse(s: &str) -> Observer {
+        match s.strip_prefix(COORDINATOR_PREFIX).and_then(|n| n.parse().ok()) {
+            Some(id) => Observer::Coordinator(id),
+            None => Observer::Member(s.to_owned()),
+        }
+    }
+}
+
+/// One observer's view as committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredView {
+    /// When it was committed, on the machine's clock. Signed: after a move
+    /// to a new leader's clock, old views may predate that clock's zero.
+    pub reported_at_ms: i64,
+    /// The observer's own incarnation (a restarted agent starts afresh).
+    pub observer_incarnation: u64,
+    /// Its observation of each target, by member id.
+    pub cells: BTreeMap<String, Observation>,
+}
+
+/// A member seen coming back with a new incarnation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestartEvent {
+    pub member: String,
+    pub from_incarnation: u64,
+    pub to_incarnation: u64,
+    /// The observer whose report first showed it.
+    pub seen_by: Observer,
+    /// Raft log index of that report.
+    pub revision: u64,
+}
+
+/// A group in the replicated state: its spec and its matrix.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupState {
+    pub spec: GroupSpec,
+    /// Log index of the last spec change.
+    pub spec_revision: u64,
+    pub views: BTreeMap<Observer, StoredView>,
+    /// The latest incarnation of each member, as reported.
+    pub incarnations: BTreeMap<String, u64>,
+    /// The latest restarts, oldest first.
+    pub restarts: VecDeque<RestartEvent>,
+    /// Log index of the last change to the matrix.
+    pub revision: u64,
+}
+
+impl GroupState {
+    pub fn new(spec: GroupSpec, revision: u64) -> Self {
+        Self {
+            spec,
+            spec_revision: revision,
+            views: BTreeMap::new(),
+            incarnations: BTreeMap::new(),
+            restarts: VecDeque::new(),
+            revision,
+        }
+    }
+
+    /// Replaces the spec; views of observers and targets no longer in the
+    /// group are dropped.
+    pub fn respec(&mut self, spec: GroupSpec, revision: u64) {
+        let keep = |id: &str| spec.member(id).is_some();
+        self.views.retain(|o, _| match o {
+            Observer::Member(m) => keep(m),
+            Observer::Coordinator(_) => true,
+        });
+        for v in self.views.values_mut() {
+            v.cells.retain(|t, _| keep(t));
+        }
+        self.incarnations.retain(|m, _| keep(m));
+        self.spec = spec;
+        self.spec_revision = revision;
+        self.revision = revision;
+    }
+
+    /// Stores a view. Cells about non-members, and a member's cell about
+    /// itself, are dropped. Returns the restarts it reveals.
+    pub fn report(
+        &mut self,
+        observer: Observer,
+        observer_incarnation: u64,
+        cells: &[(String, Observation)],
+        now_ms: u64,
+        revision: u64,
+    ) -> Vec<RestartEvent> {
+        let now_ms = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let mut restarts = Vec::new();
+        let mut stored = BTreeMap::new();
+        for (target, obs) in cells {
+            if self.spec.member(target).is_none() || observer == Observer::Member(target.clone()) {
+                continue;
+            }
+            if let Some(inc) = obs.incarnation {
+                match self.incarnations.insert(target.clone(), inc) {
+                    Some(prev) if prev != inc => restarts.push(RestartEvent {
+                        member: target.clone(),
+                        from_incarnation: prev,
+                        to_incarnation: inc,
+                        seen_by: observer.clone(),
+                        revision,
+                    }),
+                    _ => {}
+                }
+            }
+            stored.insert(target.clone(), obs.clone());
+        }
+        for r in &restarts {
+            if self.restarts.len() == MAX_RESTART_EVENTS {
+                self.restarts.pop_front();
+            }
+            self.restarts.push_back(r.clone());
+        }
+        self.views.insert(observer, StoredView { reported_at_ms: now_ms, observer_incarnation, cells: stored });
+        self.revision = revision;
+        restarts
+    }
+
+    /// Moves every view's time onto a new clock, keeping its age as of the
+    /// old clock's last reading. (The time between that reading and the new
+    /// clock's first is unknown and not counted: views can look up to one
+    /// leader election fresher than they are. Failover decisions therefore
+    /// also require views reported on the current clock.)
+    pub fn rebase(&mut self, old_now_ms: u64, new_now_ms: u64) {
+        let delta = i128::from(new_now_ms) - i128::from(old_now_ms);
+        for v in self.views.values_mut() {
+            let moved = i128::from(v.reported_at_ms) + delta;
+            v.reported_at_ms = i64::try_from(moved).unwrap_or(if moved < 0 { i64::MIN } else { i64::MAX });
+        }
+    }
+
+    /// A view's age at `now_ms`, in ms (0 if it is from the future).
+    pub fn view_age_ms(view: &StoredView, now_ms: u64) -> u64 {
+        let age = i128::from(now_ms) - i128::from(view.reported_at_ms);
+        u64::try_from(age.max(0)).unwrap_or(u64::MAX)
+    }
+}
