@@ -88,7 +88,7 @@ pub enum SpecError {
     #[error("members[{index}].heartbeat: {url:?}: {reason}")]
     BadUrl { index: usize, url: String, reason: String },
     #[error("policy.{field}: {reason}")]
-    Policy { field: &'static str, reason: String },
+    Policy { field: String, reason: String },
 }
 
 impl GroupSpec {
@@ -130,7 +130,7 @@ impl GroupSpec {
 
 impl Policy {
     pub fn validate(&self) -> Result<(), SpecError> {
-        let bad = |field, reason: String| Err(SpecError::Policy { field, reason });
+        let bad = |field: &str, reason: String| Err(SpecError::Policy { field: field.to_owned(), reason });
         if self.heartbeat_interval_ms == 0 {
             return bad("heartbeat_interval_ms", "must be positive".into());
         }

@@ -17,8 +17,11 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::group::{GroupSpec, SpecError};
 use crate::lease::LeaseTiming;
+use crate::matrix::{GroupState, Observer, RestartEvent};
 use crate::names::{self, NameError, NameKind};
+use crate::observe::Observation;
 
 /// The proposing leader's identity and clock, stamped on every command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -60,6 +63,10 @@ pub enum Op {
     Renew { group: String, holder: String, epoch: u64 },
     /// Give the lease up at once; the next acquirer needs no wait.
     Release { group: String, holder: String, epoch: u64 },
+    /// Create or change a failover group.
+    ApplyGroup { spec: GroupSpec },
+    /// One observer's view of a group's members.
+    Report { group: String, observer: Observer, observer_incarnation: u64, cells: Vec<(String, Observation)> },
 }
 
 /// Where an entry sits in the Raft log, as far as the machine needs to know.
@@ -152,6 +159,12 @@ pub enum Rejection {
     EpochExhausted { group: String },
     #[error("command stamped by node {stamped} in a term led by node {leader}")]
     ForeignStamp { stamped: u64, leader: u64 },
+    #[error("invalid group spec: {0}")]
+    InvalidSpec(SpecError),
+    #[error("no group named {group:?}; create it with `quorate group apply`")]
+    UnknownGroup { group: String },
+    #[error("{observer} is not a member of group {group:?}")]
+    UnknownObserver { group: String, observer: Observer },
 }
 
 /// Who holds a lease, for [`Rejection::NotHolder`].
@@ -184,14 +197,25 @@ pub enum Outcome {
         current: LeaseView,
         grantable_at_ms: u64,
     },
+    /// The group spec is stored (created or changed) at `revision`.
+    GroupApplied {
+        revision: u64,
+        created: bool,
+    },
+    /// The view is stored; it revealed these restarts.
+    Reported {
+        restarts: Vec<RestartEvent>,
+    },
     Rejected(Rejection),
 }
 
 /// A change watchers are told about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    pub group: String,
     pub kind: ChangeKind,
-    pub lease: LeaseView,
+    /// The lease after the change, for lease changes.
+    pub lease: Option<LeaseView>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -199,6 +223,14 @@ pub enum ChangeKind {
     Acquired,
     Renewed,
     Released,
+    GroupApplied,
+    ViewReported,
+}
+
+impl Change {
+    fn lease(kind: ChangeKind, lease: LeaseView) -> Self {
+        Self { group: lease.group.clone(), kind, lease: Some(lease) }
+    }
 }
 
 /// What `apply` returns: the decision and the change to publish, if any.
@@ -217,6 +249,9 @@ pub struct Machine {
     /// may reach the log slightly out of order; time never goes backwards).
     clock_now_ms: u64,
     leases: BTreeMap<String, LeaseRecord>,
+    /// Failover groups: spec and matrix.
+    #[serde(default)]
+    groups: BTreeMap<String, GroupState>,
 }
 
 impl Machine {
@@ -234,6 +269,16 @@ impl Machine {
         self.leases.len()
     }
 
+    /// A failover group's spec and matrix.
+    pub fn group(&self, name: &str) -> Option<&GroupState> {
+        self.groups.get(name)
+    }
+
+    /// Every failover group.
+    pub fn groups(&self) -> impl Iterator<Item = &GroupState> {
+        self.groups.values()
+    }
+
     /// Applies one committed command. Deterministic and total.
     pub fn apply(&mut self, pos: LogPosition, cmd: &Command) -> Applied {
         if cmd.stamp.node_id != pos.leader_node_id {
@@ -248,6 +293,10 @@ impl Machine {
             Op::Acquire { group, holder, ttl_ms } => self.acquire(pos.index, now, timing, group, holder, *ttl_ms),
             Op::Renew { group, holder, epoch } => self.renew(pos.index, now, group, holder, *epoch),
             Op::Release { group, holder, epoch } => self.release(pos.index, now, group, holder, *epoch),
+            Op::ApplyGroup { spec } => self.apply_group(pos.index, spec),
+            Op::Report { group, observer, observer_incarnation, cells } => {
+                self.report(pos.index, now, group, observer, *observer_incarnation, cells)
+            }
         }
     }
 
@@ -283,10 +332,15 @@ impl Machine {
             // A different leader process: its readings are unrelated to the
             // old ones. Restart every lease's TTL on the new clock; this can
             // only delay a grant to someone else, never hasten it.
+            let old_now = self.clock_now_ms;
             self.clock = Some(base);
             self.clock_now_ms = stamp.now_ms;
             for rec in self.leases.values_mut() {
                 rec.renewed_at_ms = stamp.now_ms;
+            }
+            // Views keep their ages: a leader change must not flip verdicts.
+            for g in self.groups.values_mut() {
+                g.rebase(old_now, stamp.now_ms);
             }
         }
         self.clock_now_ms
@@ -334,7 +388,7 @@ impl Machine {
         };
         assert!(rec.epoch > previous, "epochs must strictly increase");
         let lease = view(group, rec, ReaderClock::Now(now));
-        Applied { outcome: Outcome::Granted(lease.clone()), change: Some(Change { kind: ChangeKind::Acquired, lease }) }
+        Applied { outcome: Outcome::Granted(lease.clone()), change: Some(Change::lease(ChangeKind::Acquired, lease)) }
     }
 
     fn renew(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
@@ -350,7 +404,7 @@ impl Machine {
         rec.renewed_at_ms = now;
         rec.revision = index;
         let lease = view(group, rec, ReaderClock::Now(now));
-        Applied { outcome: Outcome::Renewed(lease.clone()), change: Some(Change { kind: ChangeKind::Renewed, lease }) }
+        Applied { outcome: Outcome::Renewed(lease.clone()), change: Some(Change::lease(ChangeKind::Renewed, lease)) }
     }
 
     fn release(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
@@ -363,9 +417,50 @@ impl Machine {
         rec.holder = None;
         rec.revision = index;
         let lease = view(group, rec, ReaderClock::Now(now));
+        Applied { outcome: Outcome::Released(lease.clone()), change: Some(Change::lease(ChangeKind::Released, lease)) }
+    }
+
+    fn apply_group(&mut self, index: u64, spec: &GroupSpec) -> Applied {
+        if let Err(e) = spec.validate() {
+            return rejected(Rejection::InvalidSpec(e));
+        }
+        let created = match self.groups.get_mut(&spec.name) {
+            Some(g) => {
+                g.respec(spec.clone(), index);
+                false
+            }
+            None => {
+                self.groups.insert(spec.name.clone(), GroupState::new(spec.clone(), index));
+                true
+            }
+        };
         Applied {
-            outcome: Outcome::Released(lease.clone()),
-            change: Some(Change { kind: ChangeKind::Released, lease }),
+            outcome: Outcome::GroupApplied { revision: index, created },
+            change: Some(Change { group: spec.name.clone(), kind: ChangeKind::GroupApplied, lease: None }),
+        }
+    }
+
+    fn report(
+        &mut self,
+        index: u64,
+        now: u64,
+        group: &str,
+        observer: &Observer,
+        observer_incarnation: u64,
+        cells: &[(String, Observation)],
+    ) -> Applied {
+        let Some(g) = self.groups.get_mut(group) else {
+            return rejected(Rejection::UnknownGroup { group: group.to_owned() });
+        };
+        if let Observer::Member(m) = observer
+            && g.spec.member(m).is_none()
+        {
+            return rejected(Rejection::UnknownObserver { group: group.to_owned(), observer: observer.clone() });
+        }
+        let restarts = g.report(observer.clone(), observer_incarnation, cells, now, index);
+        Applied {
+            outcome: Outcome::Reported { restarts },
+            change: Some(Change { group: group.to_owned(), kind: ChangeKind::ViewReported, lease: None }),
         }
     }
 

@@ -12,11 +12,14 @@
 //!   cluster formation and clean shutdown.
 //! - [`api`]: the public gRPC service, a thin translation between protobuf
 //!   and the core, with the one place that maps errors to gRPC status.
+//! - [`agent`]: `quorate agent`: heartbeat publisher, the observation loop
+//!   (shared with coordinator nodes), reporter.
 //! - [`client`]: the Rust client: endpoints, leader following, lease keeper.
 //! - [`cli`]: the `quorate` subcommands (no logic of their own).
 //! - [`local`]: the local launcher (`quorate local up|down`).
 //! - [`bench`]: the load generator behind `quorate bench`.
 
+pub mod agent;
 pub mod api;
 pub mod bench;
 pub mod cli;
@@ -25,6 +28,7 @@ pub mod config;
 pub mod local;
 pub mod raft;
 pub mod server;
+pub mod shutdown;
 
 /// Generated protobuf and gRPC code.
 pub mod pb {

@@ -7,7 +7,7 @@ use tracing_subscriber::EnvFilter;
 fn main() {
     let cli = Cli::parse();
     // Servers log at info by default; CLI commands only warn.
-    let default = if matches!(cli.command, Command::Server(_)) { "info" } else { "warn" };
+    let default = if matches!(cli.command, Command::Server(_) | Command::Agent(_)) { "info" } else { "warn" };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 

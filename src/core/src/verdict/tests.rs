@@ -259,7 +259,7 @@ fn exhaustive_over_reachability_patterns() {
                                 let lost = (member_cells.len() - mp.count_ones() as usize)
                                     + triple.iter().map(|m| k - m.count_ones() as usize).sum::<usize>();
                                 let p = Pattern { k, sees: &sees };
-                                check_pattern(&mut g, &p, lost, n % 4099 == 0);
+                                check_pattern(&mut g, &p, lost, n.is_multiple_of(4099));
                                 n += 1;
                             }
                         }

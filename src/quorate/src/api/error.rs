@@ -28,6 +28,9 @@ pub enum ApiError {
     /// The request is malformed; the message names the field.
     #[error("{0}")]
     InvalidArgument(String),
+    /// The named group (or member) does not exist.
+    #[error("{0}")]
+    NotFound(String),
     /// This node is not the leader. Nothing was written.
     #[error("node {node_id} is not the leader{}", hint_text(.leader))]
     NotLeader { node_id: u64, leader: Option<LeaderHint> },
@@ -68,6 +71,7 @@ impl ApiError {
         let message = self.to_string();
         let mut status = match &self {
             ApiError::InvalidArgument(_) => Status::invalid_argument(message),
+            ApiError::NotFound(_) => Status::not_found(message),
             ApiError::NotLeader { .. } | ApiError::NoQuorum { .. } | ApiError::Stopped { .. } => {
                 Status::unavailable(message)
             }

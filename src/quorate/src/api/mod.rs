@@ -3,7 +3,12 @@
 //! never reaches the log), decisions are the state machine's, and every error
 //! leaves through [`error::ApiError::into_status`].
 
+pub(crate) mod convert;
 pub mod error;
+mod groups;
+mod watch;
+
+pub use convert::lease_pb;
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
@@ -11,14 +16,15 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use openraft::ServerState;
 use openraft::type_config::async_runtime::watch::WatchReceiver as _;
-use quorate_core::machine::{ChangeKind, LeaseState as CoreLeaseState, Outcome, Rejection};
+use quorate_core::machine::{Outcome, Rejection};
 use quorate_core::names::{self, NameKind};
 use quorate_core::{LeaseTiming, LeaseView, Op};
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
-use tracing::{Instrument, debug, info_span};
+use tracing::{Instrument, info_span};
 
+use self::convert::timing_pb;
 use self::error::ApiError;
 use crate::pb::v1 as pb;
 use crate::pb::v1::coordinator_server::{Coordinator, CoordinatorServer};
@@ -143,13 +149,13 @@ impl CoordinatorService {
                 tokio::select! {
                     () = &mut sleep => break,
                     ev = changes.recv() => match ev {
-                        Ok(ev) if ev.change.lease.group != r.group => continue,
+                        Ok(ev) if ev.change.group != r.group => continue,
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => {
                             return Err(ApiError::Stopped { node_id: self.node.id, detail: "state machine closed".into() });
                         }
                     },
-                    () = crate::server::node::stopped(&mut stopping) => {
+                    () = crate::shutdown::stopped(&mut stopping) => {
                         return Err(ApiError::Stopped { node_id: self.node.id, detail: "shutting down".into() });
                     }
                 }
@@ -179,10 +185,10 @@ impl CoordinatorService {
         }
     }
 
-    async fn do_get_lease(&self, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ApiError> {
-        check_name(NameKind::Group, &r.group)?;
-        let consistency = pb::Consistency::try_from(r.consistency)
-            .map_err(|_| ApiError::InvalidArgument(format!("consistency {} is not a known value", r.consistency)))?;
+    /// Confirms a read at the requested consistency; returns what was used.
+    async fn confirm_read(&self, consistency: i32) -> Result<pb::Consistency, ApiError> {
+        let consistency = pb::Consistency::try_from(consistency)
+            .map_err(|_| ApiError::InvalidArgument(format!("consistency {consistency} is not a known value")))?;
         let (read, served) = match consistency {
             pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
                 (ReadConsistency::Linearizable, pb::Consistency::Linearizable)
@@ -191,6 +197,12 @@ impl CoordinatorService {
             pb::Consistency::Stale => (ReadConsistency::Stale, pb::Consistency::Stale),
         };
         self.node.confirm_read(read).await?;
+        Ok(served)
+    }
+
+    async fn do_get_lease(&self, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ApiError> {
+        check_name(NameKind::Group, &r.group)?;
+        let served = self.confirm_read(r.consistency).await?;
         let lease = self.node.reader.lease(&r.group);
         Ok(pb::GetLeaseResponse { lease: Some(lease_pb(&lease)), served_by: self.node.id, consistency: served as i32 })
     }
@@ -247,68 +259,6 @@ impl CoordinatorService {
             lease_groups: self.node.reader.lease_count() as u64,
         }
     }
-
-    /// Runs one watch stream until the client leaves or the node stops.
-    async fn watch_loop(self, group: String, tx: mpsc::Sender<Result<pb::WatchEvent, Status>>) {
-        let mut changes = self.node.reader.subscribe();
-        let mut stopping = self.node.stopping.clone();
-        let reader = self.node.reader.clone();
-        let send = |kind: pb::EventKind, lease: &LeaseView| {
-            let ev = pb::WatchEvent { kind: kind as i32, lease: Some(lease_pb(lease)) };
-            let tx = tx.clone();
-            async move { tx.send(Ok(ev)).await.is_ok() }
-        };
-        let mut last = reader.lease(&group);
-        if !send(pb::EventKind::Current, &last).await {
-            return;
-        }
-        let mut expiry_reported = false;
-        loop {
-            // Wake when the lease's TTL would run out without a renewal.
-            let expiry = (last.state == CoreLeaseState::Held && !expiry_reported)
-                .then(|| tokio::time::Instant::now() + Duration::from_millis(last.remaining_ms.max(1)));
-            let expire = async {
-                match expiry {
-                    Some(at) => tokio::time::sleep_until(at).await,
-                    None => futures::future::pending().await,
-                }
-            };
-            tokio::select! {
-                ev = changes.recv() => match ev {
-                    Ok(ev) if ev.change.lease.group == group => {
-                        let kind = match ev.change.kind {
-                            ChangeKind::Acquired => pb::EventKind::Acquired,
-                            ChangeKind::Renewed => pb::EventKind::Renewed,
-                            ChangeKind::Released => pb::EventKind::Released,
-                        };
-                        last = ev.change.lease;
-                        expiry_reported = false;
-                        if !send(kind, &last).await { return }
-                    }
-                    Ok(_) => {}
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        debug!(group, skipped = n, "watcher lagged; resynchronizing");
-                        last = reader.lease(&group);
-                        expiry_reported = false;
-                        if !send(pb::EventKind::Resync, &last).await { return }
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                },
-                () = expire => {
-                    let now = reader.lease(&group);
-                    if now.revision == last.revision && now.state != CoreLeaseState::Held {
-                        expiry_reported = true;
-                        last = now;
-                        if !send(pb::EventKind::Expired, &last).await { return }
-                    } else {
-                        last = now;
-                    }
-                }
-                () = tx.closed() => return,
-                () = crate::server::node::stopped(&mut stopping) => return,
-            }
-        }
-    }
 }
 
 fn role_name(s: ServerState) -> &'static str {
@@ -331,33 +281,14 @@ fn rejection(r: Rejection) -> ApiError {
     match r {
         Rejection::NotHolder { current, .. } => ApiError::NotHolder { message, current_epoch: current.epoch },
         Rejection::Expired { epoch, .. } => ApiError::Expired { message, current_epoch: epoch },
-        Rejection::InvalidName(_) | Rejection::ZeroTtl | Rejection::TtlTooShort { .. } => {
-            ApiError::InvalidArgument(message)
-        }
+        Rejection::InvalidName(_)
+        | Rejection::ZeroTtl
+        | Rejection::TtlTooShort { .. }
+        | Rejection::InvalidSpec(_)
+        | Rejection::UnknownObserver { .. } => ApiError::InvalidArgument(message),
+        Rejection::UnknownGroup { .. } => ApiError::NotFound(message),
         Rejection::EpochExhausted { .. } | Rejection::ForeignStamp { .. } => ApiError::Internal(message),
     }
-}
-
-/// A core lease view as protobuf.
-pub fn lease_pb(v: &LeaseView) -> pb::Lease {
-    let state = match v.state {
-        CoreLeaseState::Free => pb::LeaseState::Free,
-        CoreLeaseState::Held => pb::LeaseState::Held,
-        CoreLeaseState::Expiring => pb::LeaseState::Expiring,
-    };
-    pb::Lease {
-        group: v.group.clone(),
-        holder: v.holder.clone().unwrap_or_default(),
-        epoch: v.epoch,
-        ttl_ms: v.ttl_ms,
-        remaining_ms: v.remaining_ms,
-        state: state as i32,
-        revision: v.revision,
-    }
-}
-
-fn timing_pb(t: LeaseTiming) -> pb::LeaseTiming {
-    pb::LeaseTiming { max_clock_drift_ppm: t.max_clock_drift_ppm, lease_margin_ms: t.lease_margin_ms }
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
@@ -397,11 +328,45 @@ impl Coordinator for CoordinatorService {
         let span = info_span!("watch", group = %group, node_id = self.node.id);
         // The task ends when the client goes away (tx closed) or the node
         // stops; it owns nothing else.
-        tokio::spawn(self.clone().watch_loop(group, tx).instrument(span));
+        tokio::spawn(watch::watch_loop(self.node.clone(), group, tx).instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         Ok(Response::new(self.do_status()))
+    }
+
+    async fn apply_group(
+        &self,
+        req: Request<pb::ApplyGroupRequest>,
+    ) -> Result<Response<pb::ApplyGroupResponse>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("apply_group", group = r.spec.as_ref().map_or("", |s| s.name.as_str()));
+        Ok(Response::new(self.do_apply_group(r).instrument(span).await?))
+    }
+
+    async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::GetGroupResponse>, Status> {
+        Ok(Response::new(self.do_get_group(req.into_inner()).await?))
+    }
+
+    async fn list_groups(
+        &self,
+        _req: Request<pb::ListGroupsRequest>,
+    ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        Ok(Response::new(self.do_list_groups()))
+    }
+
+    async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+        let r = req.into_inner();
+        let span = tracing::debug_span!("report", group = %r.group, observer = %r.observer);
+        Ok(Response::new(self.do_report(r).instrument(span).await?))
+    }
+
+    async fn get_matrix(&self, req: Request<pb::GetMatrixRequest>) -> Result<Response<pb::Matrix>, Status> {
+        Ok(Response::new(self.do_get_matrix(req.into_inner()).await?))
+    }
+
+    async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {
+        Ok(Response::new(self.do_explain(req.into_inner()).await?))
     }
 }

@@ -205,12 +205,31 @@ pub async fn watch(client: Client, group: &str, json_mode: bool) -> anyhow::Resu
                     break;
                 }
             };
-            print_watch_event(&ev, json_mode);
+            print_watch_event(group, &ev, json_mode);
         }
     }
 }
 
-fn print_watch_event(ev: &pb::WatchEvent, json_mode: bool) {
+fn print_watch_event(group: &str, ev: &pb::WatchEvent, json_mode: bool) {
+    if let Some(v) = ev.verdict.as_ref().filter(|_| ev.kind == pb::EventKind::Verdict as i32) {
+        let to = v.to.clone().unwrap_or_default();
+        let from = super::groups::verdict_name(v.from);
+        let state = super::groups::verdict_name(to.state);
+        let value = json!({
+            "event": "verdict",
+            "group": group,
+            "member": v.member,
+            "from": if v.from == 0 { Value::Null } else { json!(from) },
+            "state": state,
+            "up_votes": to.up_votes,
+            "down_votes": to.down_votes,
+            "quorum": to.quorum,
+            "explanation": to.explanation,
+            "at_unix_ms": now_unix_ms(),
+        });
+        emit(json_mode, &value, || format!(" verdict  {}: {} -> {}  {}", v.member, from, state, to.explanation));
+        return;
+    }
     let kind = match pb::EventKind::try_from(ev.kind) {
         Ok(pb::EventKind::Current) => "current",
         Ok(pb::EventKind::Acquired) => "acquired",

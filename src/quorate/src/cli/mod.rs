@@ -3,6 +3,7 @@
 //! module and prints what comes back, for people or (`--json`) as one JSON
 //! object per line.
 
+mod groups;
 mod lease;
 mod status;
 
@@ -16,6 +17,9 @@ use serde_json::json;
 use crate::client::Client;
 use crate::config::ServerConfig;
 use crate::pb::v1 as pb;
+
+/// The endpoints of `quorate local up` with its default ports.
+pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
 
 /// quorate: a quorum-based failover coordinator.
 #[derive(Debug, Parser)]
@@ -50,6 +54,19 @@ pub enum Command {
         /// The group to watch.
         group: String,
     },
+    /// Create, change and read failover groups.
+    #[command(subcommand)]
+    Group(GroupCommand),
+    /// Show who sees whom in a group, and every member's verdict.
+    Matrix {
+        group: String,
+        #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
+        consistency: ConsistencyArg,
+    },
+    /// Explain one member's verdict: a sentence and the evidence under it.
+    Explain { group: String, member: String },
+    /// Run beside a member: publish its heartbeat, observe its peers, report.
+    Agent(AgentArgs),
     /// Start or stop a local cluster of background processes.
     #[command(subcommand)]
     Local(LocalCommand),
@@ -121,6 +138,51 @@ impl ServerArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum GroupCommand {
+    /// Create or change a group from a TOML file (see README: group spec).
+    Apply { file: PathBuf },
+    /// Show a group's spec.
+    Get { name: String },
+    /// List every group.
+    List,
+}
+
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// TOML file with `group`, `member`, `endpoints`; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// The failover group.
+    #[arg(long)]
+    pub group: Option<String>,
+    /// This member's id in the group.
+    #[arg(long)]
+    pub member: Option<String>,
+}
+
+impl AgentArgs {
+    fn to_config(&self, endpoints: &str) -> anyhow::Result<crate::agent::AgentConfig> {
+        let mut c = match &self.config {
+            Some(p) => {
+                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
+                toml::from_str(&text).with_context(|| format!("{} is not a valid agent config", p.display()))?
+            }
+            None => crate::agent::AgentConfig::default(),
+        };
+        if let Some(g) = &self.group {
+            c.group = g.clone();
+        }
+        if let Some(m) = &self.member {
+            c.member = m.clone();
+        }
+        if c.endpoints.is_empty() || std::env::var_os("QUORATE_ENDPOINTS").is_some() || endpoints != DEFAULT_ENDPOINTS {
+            c.endpoints = endpoints.to_owned();
+        }
+        Ok(c)
+    }
+}
+
+#[derive(Debug, Subcommand)]
 pub enum LeaseCommand {
     /// Show a group's lease.
     Get {
@@ -179,9 +241,17 @@ pub enum LocalCommand {
         /// Directory for data, logs and cluster.json.
         #[arg(long)]
         dir: PathBuf,
-        /// Port of node 1; node N listens on base-port + N - 1.
+        /// Port of node 1; node N listens on base-port + N - 1, and the
+        /// heartbeat Redis of member K on base-port + 100 + K - 1.
         #[arg(long, default_value_t = 7101)]
         base_port: u16,
+        /// Also create this failover group, with a heartbeat redis-server
+        /// and an agent per member (members GROUP-1 .. GROUP-K).
+        #[arg(long)]
+        group: Option<String>,
+        /// Number of members of --group.
+        #[arg(long, default_value_t = 2, requires = "group")]
+        members: u64,
     },
     /// Stop everything `local up` started in DIR (data is kept).
     Down {
@@ -227,13 +297,34 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => status::run(&cli.endpoints, json_mode).await,
         Command::Lease(cmd) => lease::run(client(&cli.endpoints)?, cmd, json_mode).await,
         Command::Watch { group } => lease::watch(client(&cli.endpoints)?, &group, json_mode).await,
-        Command::Local(LocalCommand::Up { nodes, dir, base_port }) => {
-            let file = crate::local::up(&crate::local::UpOptions { nodes, dir, base_port }).await?;
+        Command::Group(GroupCommand::Apply { file }) => groups::apply(&client(&cli.endpoints)?, &file, json_mode).await,
+        Command::Group(GroupCommand::Get { name }) => groups::get(&client(&cli.endpoints)?, &name, json_mode).await,
+        Command::Group(GroupCommand::List) => groups::list(&client(&cli.endpoints)?, json_mode).await,
+        Command::Matrix { group, consistency } => {
+            groups::matrix(&client(&cli.endpoints)?, &group, consistency.to_pb(), json_mode).await
+        }
+        Command::Explain { group, member } => {
+            groups::explain(&client(&cli.endpoints)?, &group, &member, json_mode).await
+        }
+        Command::Agent(args) => {
+            let config = args.to_config(&cli.endpoints)?;
+            crate::agent::run(config, shutdown_signal()).await?;
+            Ok(())
+        }
+        Command::Local(LocalCommand::Up { nodes, dir, base_port, group, members }) => {
+            let group = group.map(|g| (g, members));
+            let file = crate::local::up(&crate::local::UpOptions { nodes, dir, base_port, group }).await?;
             let value = serde_json::to_value(&file)?;
             emit(json_mode, &value, || {
                 let mut out = format!("local cluster up: {} nodes", file.nodes.len());
                 for n in &file.nodes {
                     out.push_str(&format!("\n  node {} pid {} at {} (data {})", n.id, n.pid, n.addr, n.data_dir));
+                }
+                for m in &file.members {
+                    out.push_str(&format!(
+                        "\n  member {}: agent pid {}, heartbeat redis pid {} at {}",
+                        m.id, m.agent_pid, m.heartbeat_redis_pid, m.heartbeat_redis_addr
+                    ));
                 }
                 out.push_str(&format!("\nexport QUORATE_ENDPOINTS={}", file.endpoints));
                 out
@@ -265,15 +356,4 @@ fn client(endpoints: &str) -> anyhow::Result<Client> {
     Client::from_list(endpoints).context("cannot create a client")
 }
 
-/// Completes on SIGINT or SIGTERM.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term.recv() => {}
-    }
-}
+pub use crate::shutdown::signal as shutdown_signal;

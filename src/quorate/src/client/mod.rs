@@ -285,4 +285,58 @@ impl Client {
         })
         .await
     }
+
+    /// Creates or changes a failover group.
+    pub async fn apply_group(&self, spec: pb::GroupSpec) -> Result<pb::ApplyGroupResponse, ClientError> {
+        let req = pb::ApplyGroupRequest { spec: Some(spec) };
+        self.call(self.call_timeout, |mut c| {
+            let req = req.clone();
+            async move { c.apply_group(req).await }
+        })
+        .await
+    }
+
+    pub async fn get_group(
+        &self,
+        name: &str,
+        consistency: pb::Consistency,
+    ) -> Result<pb::GetGroupResponse, ClientError> {
+        let req = pb::GetGroupRequest { name: name.into(), consistency: consistency as i32 };
+        self.call(self.call_timeout, |mut c| {
+            let req = req.clone();
+            async move { c.get_group(req).await }
+        })
+        .await
+    }
+
+    pub async fn list_groups(&self) -> Result<pb::ListGroupsResponse, ClientError> {
+        self.call(self.call_timeout, |mut c| async move { c.list_groups(pb::ListGroupsRequest {}).await }).await
+    }
+
+    /// Sends one observer's view.
+    pub async fn report_view(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, ClientError> {
+        self.call(self.call_timeout, |mut c| {
+            let req = req.clone();
+            async move { c.report(req).await }
+        })
+        .await
+    }
+
+    pub async fn get_matrix(&self, group: &str, consistency: pb::Consistency) -> Result<pb::Matrix, ClientError> {
+        let req = pb::GetMatrixRequest { group: group.into(), consistency: consistency as i32 };
+        self.call(self.call_timeout, |mut c| {
+            let req = req.clone();
+            async move { c.get_matrix(req).await }
+        })
+        .await
+    }
+
+    pub async fn explain(&self, group: &str, member: &str) -> Result<pb::ExplainResponse, ClientError> {
+        let req = pb::ExplainRequest { group: group.into(), member: member.into() };
+        self.call(self.call_timeout, |mut c| {
+            let req = req.clone();
+            async move { c.explain(req).await }
+        })
+        .await
+    }
 }

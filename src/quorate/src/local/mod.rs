@@ -31,6 +31,23 @@ pub struct ClusterFile {
     /// The value for `--endpoints` / `QUORATE_ENDPOINTS`.
     pub endpoints: String,
     pub nodes: Vec<NodeEntry>,
+    /// The failover group started with `--group`, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
+    /// Its members: a heartbeat redis-server and an agent each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberEntry>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberEntry {
+    /// The member id, `GROUP-K`.
+    pub id: String,
+    /// The agent's process id; 0 when stopped.
+    pub agent_pid: u32,
+    /// The heartbeat redis-server's process id; 0 when stopped.
+    pub heartbeat_redis_pid: u32,
+    pub heartbeat_redis_addr: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,6 +65,8 @@ pub struct UpOptions {
     pub nodes: u64,
     pub dir: PathBuf,
     pub base_port: u16,
+    /// A failover group and its number of members.
+    pub group: Option<(String, u64)>,
 }
 
 /// Why the launcher failed.
@@ -92,17 +111,107 @@ fn write_cluster_file(dir: &Path, file: &ClusterFile) -> Result<(), LocalError> 
     std::fs::rename(&tmp, &path).map_err(io("cannot write", &path))
 }
 
-/// Whether `pid` is a live `quorate server` process (not a recycled pid).
-pub fn is_our_server(pid: u32) -> bool {
+/// The command line of a live process (empty for a zombie or no process).
+fn cmdline(pid: u32) -> Vec<String> {
     if pid == 0 {
-        return false;
+        return Vec::new();
     }
-    match std::fs::read(format!("/proc/{pid}/cmdline")) {
-        Ok(cmd) => {
-            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
-            args.iter().any(|a| a.ends_with(b"quorate")) && args.iter().any(|a| *a == b"server")
-        }
-        Err(_) => false,
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmd| {
+            cmd.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Whether `pid` is a live `quorate <subcommand>` process (not a recycled pid).
+fn is_quorate(pid: u32, subcommand: &str) -> bool {
+    let args = cmdline(pid);
+    args.first().is_some_and(|a| a.ends_with("quorate")) && args.iter().any(|a| a == subcommand)
+}
+
+/// Whether `pid` is a live `quorate server` process.
+pub fn is_our_server(pid: u32) -> bool {
+    is_quorate(pid, "server")
+}
+
+/// Whether `pid` is a live `quorate agent` process.
+pub fn is_our_agent(pid: u32) -> bool {
+    is_quorate(pid, "agent")
+}
+
+/// Whether `pid` is a live redis-server (it rewrites its title, so match the
+/// first argument's prefix).
+pub fn is_redis(pid: u32) -> bool {
+    cmdline(pid).first().is_some_and(|a| a.contains("redis-server"))
+}
+
+/// Finds `redis-server` on PATH.
+pub fn find_redis_server() -> Result<PathBuf, LocalError> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path).map(|d| d.join("redis-server")).find(|p| p.is_file()).ok_or_else(|| {
+        LocalError::Invalid(
+            "redis-server not found on PATH; install it (Debian/Ubuntu: `sudo apt-get install redis-server`, \
+             macOS: `brew install redis`) or add its directory to PATH"
+                .into(),
+        )
+    })
+}
+
+fn log_file(dir: &Path, name: &str) -> Result<(File, File), LocalError> {
+    let path = dir.join(name);
+    let log = File::options().create(true).append(true).open(&path).map_err(io("cannot open log", &path))?;
+    let err = log.try_clone().map_err(io("cannot open log", &path))?;
+    Ok((log, err))
+}
+
+fn spawn_redis(dir: &Path, member: &MemberEntry) -> Result<u32, LocalError> {
+    let redis = find_redis_server()?;
+    let port = member.heartbeat_redis_addr.rsplit_once(':').map_or("", |(_, p)| p);
+    let data = dir.join(format!("{}-redis", member.id));
+    std::fs::create_dir_all(&data).map_err(io("cannot create", &data))?;
+    let (log, err) = log_file(dir, &format!("{}-redis.log", member.id))?;
+    let child = std::process::Command::new(redis)
+        .args(["--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .arg("--dir")
+        .arg(&data)
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(io("cannot start redis-server for", dir))?;
+    Ok(child.id())
+}
+
+fn spawn_agent(dir: &Path, group: &str, member: &MemberEntry, endpoints: &str) -> Result<u32, LocalError> {
+    let exe = std::env::current_exe().map_err(io("cannot find the quorate binary", Path::new("current_exe")))?;
+    let (log, err) = log_file(dir, &format!("{}-agent.log", member.id))?;
+    let child = std::process::Command::new(exe)
+        .args(["agent", "--group", group, "--member", &member.id, "--endpoints", endpoints])
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(log)
+        .stderr(err)
+        .process_group(0)
+        .spawn()
+        .map_err(io("cannot start agent for", dir))?;
+    Ok(child.id())
+}
+
+/// The spec `local up --group` applies: members GROUP-1..K, each with its
+/// own heartbeat store, default policy.
+pub fn local_group_spec(group: &str, members: &[MemberEntry]) -> quorate_core::group::GroupSpec {
+    quorate_core::group::GroupSpec {
+        name: group.to_owned(),
+        members: members
+            .iter()
+            .map(|m| quorate_core::group::MemberSpec {
+                id: m.id.clone(),
+                heartbeat: format!("redis://{}", m.heartbeat_redis_addr),
+                priority: 100,
+            })
+            .collect(),
+        policy: quorate_core::group::Policy::default(),
     }
 }
 
@@ -130,8 +239,19 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
     let dir = &opts.dir;
     std::fs::create_dir_all(dir).map_err(io("cannot create", dir))?;
     let dir = dir.canonicalize().map_err(io("cannot resolve", dir))?;
+    if opts.group.is_some() {
+        find_redis_server()?;
+    }
     let mut file = match read_cluster_file(&dir)? {
         Some(f) => {
+            if f.group.as_deref() != opts.group.as_ref().map(|(g, _)| g.as_str())
+                || f.members.len() as u64 != opts.group.as_ref().map_or(0, |(_, k)| *k)
+            {
+                return Err(LocalError::Invalid(format!(
+                    "the cluster in {} was started with a different --group/--members; use another --dir",
+                    dir.display()
+                )));
+            }
             if f.nodes.len() as u64 != opts.nodes {
                 return Err(LocalError::Invalid(format!(
                     "the cluster in {} has {} nodes, not {}; run `quorate local down --dir {0}` and use another --dir",
@@ -152,8 +272,31 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         std::fs::create_dir_all(&node.data_dir).map_err(io("cannot create", Path::new(&node.data_dir)))?;
         node.pid = spawn_node(&dir, node, &peers)?;
     }
+    for m in &mut file.members {
+        if !is_redis(m.heartbeat_redis_pid) {
+            m.heartbeat_redis_pid = spawn_redis(&dir, m)?;
+        }
+    }
     write_cluster_file(&dir, &file)?;
     wait_for_leader(&file, &dir).await?;
+    if let Some(group) = file.group.clone() {
+        let client = Client::from_list(&file.endpoints).map_err(|e| LocalError::Invalid(e.to_string()))?;
+        let spec = local_group_spec(&group, &file.members);
+        let current = client.get_group(&group, crate::pb::v1::Consistency::Linearizable).await;
+        let same = current.ok().and_then(|r| r.spec).map(crate::api::convert::spec_from_pb).as_ref() == Some(&spec);
+        if !same {
+            client
+                .apply_group(crate::api::convert::spec_pb(&spec))
+                .await
+                .map_err(|e| LocalError::Invalid(format!("cannot create group {group}: {e}")))?;
+        }
+        for m in &mut file.members {
+            if !is_our_agent(m.agent_pid) {
+                m.agent_pid = spawn_agent(&dir, &group, m, &file.endpoints)?;
+            }
+        }
+        write_cluster_file(&dir, &file)?;
+    }
     Ok(file)
 }
 
@@ -175,7 +318,31 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
         nodes.push(NodeEntry { id, pid: 0, addr, data_dir });
     }
     let endpoints = nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
-    Ok(ClusterFile { endpoints, nodes })
+    let mut members = Vec::new();
+    if let Some((group, k)) = &opts.group {
+        quorate_core::names::validate(quorate_core::names::NameKind::Group, group)
+            .map_err(|e| LocalError::Invalid(format!("--group: {e}")))?;
+        if *k == 0 || *k > 16 {
+            return Err(LocalError::Invalid(format!("--members {k} is out of range (1 to 16)")));
+        }
+        for i in 1..=*k {
+            let port = u64::from(opts.base_port) + 100 + i - 1;
+            let port = u16::try_from(port).map_err(|_| LocalError::Invalid(format!("port {port} is out of range")))?;
+            let addr = format!("127.0.0.1:{port}");
+            if TcpListener::bind(&addr).is_err() {
+                return Err(LocalError::Invalid(format!(
+                    "port {port} (heartbeat redis of {group}-{i}) is in use; pick other ports with --base-port"
+                )));
+            }
+            members.push(MemberEntry {
+                id: format!("{group}-{i}"),
+                agent_pid: 0,
+                heartbeat_redis_pid: 0,
+                heartbeat_redis_addr: addr,
+            });
+        }
+    }
+    Ok(ClusterFile { endpoints, nodes, group: opts.group.as_ref().map(|(g, _)| g.clone()), members })
 }
 
 async fn wait_for_leader(file: &ClusterFile, dir: &Path) -> Result<(), LocalError> {
@@ -205,19 +372,31 @@ pub async fn down(dir: &Path) -> Result<Vec<u32>, LocalError> {
     let Some(mut file) = read_cluster_file(dir)? else {
         return Err(LocalError::Invalid(format!("no cluster.json in {}; nothing to stop", dir.display())));
     };
-    let running: Vec<u32> = file.nodes.iter().map(|n| n.pid).filter(|p| is_our_server(*p)).collect();
-    stop_pids(&running).await;
+    // Agents first (they would report their stores down), then the
+    // heartbeat stores, then the coordinators.
+    let agents: Vec<u32> = file.members.iter().map(|m| m.agent_pid).filter(|p| is_our_agent(*p)).collect();
+    stop_pids(&agents, is_our_agent).await;
+    let redis: Vec<u32> = file.members.iter().map(|m| m.heartbeat_redis_pid).filter(|p| is_redis(*p)).collect();
+    stop_pids(&redis, is_redis).await;
+    let servers: Vec<u32> = file.nodes.iter().map(|n| n.pid).filter(|p| is_our_server(*p)).collect();
+    stop_pids(&servers, is_our_server).await;
     for n in &mut file.nodes {
         n.pid = 0;
     }
+    for m in &mut file.members {
+        m.agent_pid = 0;
+        m.heartbeat_redis_pid = 0;
+    }
+    let running = [agents, redis, servers].concat();
     write_cluster_file(dir, &file)?;
     Ok(running)
 }
 
-/// SIGTERM, wait up to the grace period, then SIGKILL what is left.
-pub async fn stop_pids(pids: &[u32]) {
+/// SIGTERM, wait up to the grace period, then SIGKILL what is left (only
+/// while `alive` still recognizes the process, so a recycled pid is spared).
+pub async fn stop_pids(pids: &[u32], alive: fn(u32) -> bool) {
     let signal_all = |sig: Signal| {
-        for pid in pids {
+        for pid in pids.iter().filter(|p| alive(**p)) {
             if let Ok(p) = i32::try_from(*pid) {
                 let _ = kill(Pid::from_raw(p), sig);
             }
@@ -225,7 +404,7 @@ pub async fn stop_pids(pids: &[u32]) {
     };
     signal_all(Signal::SIGTERM);
     let started = Instant::now();
-    while started.elapsed() < STOP_GRACE && pids.iter().any(|p| is_our_server(*p)) {
+    while started.elapsed() < STOP_GRACE && pids.iter().any(|p| alive(*p)) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     signal_all(Signal::SIGKILL);

@@ -82,6 +82,21 @@ impl SmReader {
         self.read(|s| s.last_applied.as_ref().map_or(0, |l| l.index))
     }
 
+    /// The Raft voters as the state machine last applied them: the
+    /// coordinators that observe every member.
+    pub fn voters(&self) -> Vec<u64> {
+        self.read(|s| s.membership.membership().voter_ids().collect())
+    }
+
+    /// `now` on the machine's clock for computing verdicts: as measured by
+    /// [`Self::reader_clock`], else the machine's last applied reading.
+    pub fn machine_now(&self, machine: &Machine) -> u64 {
+        match self.reader_clock(machine) {
+            ReaderClock::Now(n) => n,
+            ReaderClock::Unknown => machine.clock().map_or(0, |c| c.1),
+        }
+    }
+
     /// Number of groups with a lease.
     pub fn lease_count(&self) -> usize {
         self.read(|s| s.machine.lease_count())

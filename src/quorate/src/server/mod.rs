@@ -5,6 +5,7 @@
 //! long-lived streams, waits (bounded) for its tasks, then shuts Raft down.
 
 pub mod node;
+mod observers;
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -110,6 +111,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     let mut tasks = JoinSet::new();
     tasks.spawn(form_cluster(node.clone()).instrument(info_span!("form_cluster", node_id = id)));
     tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
+    tasks.spawn(observers::observe_groups(node.clone()).instrument(info_span!("observers", node_id = id)));
 
     let mut server_stop = node.stopping.clone();
     let server = tonic::transport::Server::builder()
@@ -118,7 +120,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         .add_service(RaftService::new(raft.clone(), id).into_server())
         .add_service(CoordinatorService::new(node.clone()).into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            node::stopped(&mut server_stop).await;
+            crate::shutdown::stopped(&mut server_stop).await;
         });
     tokio::pin!(server);
 
@@ -207,7 +209,7 @@ async fn leader_duties(node: Node) {
         }
         tokio::select! {
             changed = metrics.changed() => if changed.is_err() { return },
-            () = crate::server::node::stopped(&mut stopping) => return,
+            () = crate::shutdown::stopped(&mut stopping) => return,
         }
     }
 }

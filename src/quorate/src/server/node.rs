@@ -25,12 +25,6 @@ use crate::raft::{NodeClock, Raft, TypeConfig};
 /// quorum; past it the outcome is reported as unknown.
 const WRITE_HARD_CAP: Duration = Duration::from_secs(10);
 
-/// Completes when the node starts shutting down (or its sender is gone).
-pub async fn stopped(rx: &mut watch::Receiver<bool>) {
-    // The guard `wait_for` returns is not Send; drop it right here.
-    let _ = rx.wait_for(|s| *s).await.map(|_| ());
-}
-
 /// How a read must be confirmed before it is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadConsistency {

@@ -1,0 +1,223 @@
+//! `quorate agent`: runs beside one member of a failover group.
+//!
+//! - publishes `SET quorate:hb:{G}:{M} "{incarnation}:{seq}:{unix_ms}" PX ttl`
+//!   into the member's own heartbeat store every `heartbeat_interval_ms`
+//!   (a new random incarnation at every start);
+//! - reads every peer's heartbeat key and reports its view to the
+//!   coordinators ([`observer`], the same loop coordinator nodes run);
+//! - follows changes of the group spec.
+//!
+//! Every task is owned by [`run`] and stops when its shutdown future fires.
+
+pub mod observer;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use quorate_core::group::{GroupSpec, heartbeat_key};
+use quorate_core::matrix::Observer;
+use quorate_core::names::{self, NameKind};
+use quorate_core::observe::Beat;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{Instrument, info, info_span, warn};
+
+use self::store::{RedisStores, Stores};
+use crate::api::convert::spec_from_pb;
+use crate::client::{Client, ClientError};
+use crate::pb::v1 as pb;
+
+/// How often the agent re-reads its group's spec.
+const SPEC_REFRESH: Duration = Duration::from_secs(2);
+
+/// The configuration of one agent process.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The failover group.
+    pub group: String,
+    /// This member's id in the group.
+    pub member: String,
+    /// Coordinator endpoints, HOST:PORT separated by commas.
+    pub endpoints: String,
+}
+
+/// Why an agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(String),
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl AgentConfig {
+    pub fn validate(&self) -> Result<(), AgentError> {
+        names::validate(NameKind::Group, &self.group).map_err(|e| AgentError::Config(format!("group: {e}")))?;
+        names::validate(NameKind::Member, &self.member).map_err(|e| AgentError::Config(format!("member: {e}")))?;
+        if self.endpoints.trim().is_empty() {
+            return Err(AgentError::Config("endpoints: missing: give --endpoints HOST:PORT,...".into()));
+        }
+        Ok(())
+    }
+}
+
+/// Fetches the group spec, retrying (bounded by `stop`) until the group
+/// exists and names this member.
+/// Cancelled by dropping it.
+async fn fetch_spec(client: &Client, config: &AgentConfig) -> Result<GroupSpec, AgentError> {
+    let mut warned = false;
+    loop {
+        match client.get_group(&config.group, pb::Consistency::Stale).await {
+            Ok(resp) => {
+                let spec = spec_from_pb(resp.spec.unwrap_or_default());
+                if spec.member(&config.member).is_some() {
+                    return Ok(spec);
+                }
+                if !warned {
+                    warn!("group {} has no member {}; waiting for the spec to name it", config.group, config.member);
+                    warned = true;
+                }
+            }
+            Err(e) if e.code() == tonic::Code::NotFound => {
+                if !warned {
+                    warn!("group {} does not exist yet; waiting (create it with `quorate group apply`)", config.group);
+                    warned = true;
+                }
+            }
+            Err(e) if e.code() == tonic::Code::InvalidArgument => return Err(e.into()),
+            Err(e) => warn!("cannot read the group spec, retrying: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A new incarnation: random, so two starts never share one.
+pub fn new_incarnation() -> u64 {
+    rand::random()
+}
+
+/// Runs the agent until `shutdown` completes.
+pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
+    config.validate()?;
+    let client = Arc::new(Client::from_list(&config.endpoints)?);
+    tokio::pin!(shutdown);
+    let spec = tokio::select! {
+        s = fetch_spec(&client, &config) => s?,
+        () = &mut shutdown => return Ok(()),
+    };
+    run_with(config, spec, client, Arc::new(RedisStores::new()), shutdown).await
+}
+
+/// The agent's tasks over any [`Stores`]; split out for tests.
+pub async fn run_with<S: Stores>(
+    config: AgentConfig,
+    spec: GroupSpec,
+    client: Arc<Client>,
+    stores: Arc<S>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    let incarnation = new_incarnation();
+    let (stop_tx, _) = watch::channel(false);
+    info!(group = %config.group, member = %config.member, incarnation = format!("{incarnation:016x}"), "agent starting");
+    let (spec_tx, spec_rx) = watch::channel(spec);
+    let mut tasks = JoinSet::new();
+    let span = info_span!("agent", group = %config.group, member = %config.member);
+    tasks.spawn(
+        publish(config.clone(), incarnation, spec_rx.clone(), stores.clone(), stop_tx.subscribe())
+            .instrument(span.clone()),
+    );
+    tasks.spawn(
+        observer::observe(
+            Observer::Member(config.member.clone()),
+            incarnation,
+            spec_rx,
+            stores,
+            client.clone(),
+            stop_tx.subscribe(),
+        )
+        .instrument(span.clone()),
+    );
+    tasks.spawn(refresh_spec(config, client, spec_tx, stop_tx.subscribe()).instrument(span));
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    while tasks.join_next().await.is_some() {}
+    info!("agent stopped");
+    Ok(())
+}
+
+/// Publishes this member's heartbeat every interval.
+async fn publish<S: Stores>(
+    config: AgentConfig,
+    incarnation: u64,
+    mut spec: watch::Receiver<GroupSpec>,
+    stores: Arc<S>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let key = heartbeat_key(&config.group, &config.member);
+    let mut seq = 0u64;
+    let mut failing = false;
+    loop {
+        let (url, policy) = {
+            let s = spec.borrow_and_update();
+            (s.member(&config.member).map(|m| m.heartbeat.clone()), s.policy)
+        };
+        if let Some(url) = url {
+            seq += 1;
+            let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+            let value = Beat { incarnation, seq, unix_ms }.encode();
+            let timeout = Duration::from_millis((policy.heartbeat_interval_ms * 4 / 5).max(20));
+            match stores.set(&url, &key, &value, policy.heartbeat_ttl_ms(), timeout).await {
+                Ok(()) if failing => {
+                    info!("heartbeats published again");
+                    failing = false;
+                }
+                Ok(()) => {}
+                Err(e) if !failing => {
+                    warn!("cannot publish heartbeat: {e}");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_millis(policy.heartbeat_interval_ms)) => {}
+            () = crate::shutdown::stopped(&mut stop) => return,
+        }
+    }
+}
+
+/// Follows changes of the group spec.
+async fn refresh_spec(
+    config: AgentConfig,
+    client: Arc<Client>,
+    spec_tx: watch::Sender<GroupSpec>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(SPEC_REFRESH) => {}
+            () = crate::shutdown::stopped(&mut stop) => return,
+        }
+        match client.get_group(&config.group, pb::Consistency::Stale).await {
+            Ok(resp) => {
+                let spec = spec_from_pb(resp.spec.unwrap_or_default());
+                if spec.member(&config.member).is_none() {
+                    warn!("this member is no longer in group {}; keeping the last spec", config.group);
+                    continue;
+                }
+                spec_tx.send_if_modified(|s| {
+                    let changed = *s != spec;
+                    if changed {
+                        info!("group spec changed");
+                        *s = spec;
+                    }
+                    changed
+                });
+            }
+            Err(e) => tracing::debug!("spec refresh failed: {e}"),
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Conversions between protobuf messages and core types, in one place.
+
+use quorate_core::group::{GroupSpec, MemberSpec, Policy};
+use quorate_core::machine::LeaseState as CoreLeaseState;
+use quorate_core::matrix::{GroupState, Observer, RestartEvent};
+use quorate_core::observe::{ObsState, Observation, Reason};
+use quorate_core::verdict::{GroupVerdict, MemberVerdict, Verdict, explain};
+use quorate_core::{LeaseTiming, LeaseView};
+
+use super::error::ApiError;
+use crate::pb::v1 as pb;
+
+/// A core lease view as protobuf.
+pub fn lease_pb(v: &LeaseView) -> pb::Lease {
+    let state = match v.state {
+        CoreLeaseState::Free => pb::LeaseState::Free,
+        CoreLeaseState::Held => pb::LeaseState::Held,
+        CoreLeaseState::Expiring => pb::LeaseState::Expiring,
+    };
+    pb::Lease {
+        group: v.group.clone(),
+        holder: v.holder.clone().unwrap_or_default(),
+        epoch: v.epoch,
+        ttl_ms: v.ttl_ms,
+        remaining_ms: v.remaining_ms,
+        state: state as i32,
+        revision: v.revision,
+    }
+}
+
+pub fn timing_pb(t: LeaseTiming) -> pb::LeaseTiming {
+    pb::LeaseTiming { max_clock_drift_ppm: t.max_clock_drift_ppm, lease_margin_ms: t.lease_margin_ms }
+}
+
+/// A protobuf spec as a core spec; zero policy fields take the defaults.
+/// Not validated here (the state machine validates).
+pub fn spec_from_pb(s: pb::GroupSpec) -> GroupSpec {
+    let d = Policy::default();
+    let p = s.policy.unwrap_or_default();
+    let or = |v: u64, default: u64| if v == 0 { default } else { v };
+    GroupSpec {
+        name: s.name,
+        members: s
+            .members
+            .into_iter()
+            .map(|m| MemberSpec { id: m.id, heartbeat: m.heartbeat, priority: m.priority })
+            .collect(),
+        policy: Policy {
+            heartbeat_interval_ms: or(p.heartbeat_interval_ms, d.heartbeat_interval_ms),
+            down_after_ms: or(p.down_after_ms, d.down_after_ms),
+            report_interval_ms: or(p.report_interval_ms, d.report_interval_ms),
+            freshness_ms: or(p.freshness_ms, d.freshness_ms),
+        },
+    }
+}
+
+pub fn policy_pb(p: &Policy) -> pb::GroupPolicy {
+    pb::GroupPolicy {
+        heartbeat_interval_ms: p.heartbeat_interval_ms,
+        down_after_ms: p.down_after_ms,
+        report_interval_ms: p.report_interval_ms,
+        freshness_ms: p.freshness_ms,
+    }
+}
+
+pub fn spec_pb(s: &GroupSpec) -> pb::GroupSpec {
+    pb::GroupSpec {
+        name: s.name.clone(),
+        members: s
+            .members
+            .iter()
+            .map(|m| pb::MemberSpec { id: m.id.clone(), heartbeat: m.heartbeat.clone(), priority: m.priority })
+            .collect(),
+        policy: Some(policy_pb(&s.policy)),
+    }
+}
+
+pub fn obs_state_pb(s: ObsState) -> pb::ObservationState {
+    match s {
+        ObsState::Up => pb::ObservationState::ObservedUp,
+        ObsState::Down => pb::ObservationState::ObservedDown,
+        ObsState::Unknown => pb::ObservationState::ObservedUnknown,
+    }
+}
+
+const REASONS: [Reason; 6] =
+    [Reason::Advancing, Reason::NoReadingYet, Reason::Missing, Reason::Frozen, Reason::Unreachable, Reason::Garbled];
+
+pub fn reason_from_str(s: &str) -> Option<Reason> {
+    REASONS.into_iter().find(|r| r.as_str() == s)
+}
+
+pub fn observation_pb(target: &str, o: &Observation) -> pb::Observation {
+    pb::Observation {
+        target: target.to_owned(),
+        state: obs_state_pb(o.state) as i32,
+        reason: o.reason.as_str().to_owned(),
+        state_age_ms: o.state_age_ms,
+        incarnation: o.incarnation,
+        seq: o.seq,
+        restarts: o.restarts,
+    }
+}
+
+/// A reported observation as a core one; refuses unknown states and reasons.
+pub fn observation_from_pb(o: &pb::Observation) -> Result<(String, Observation), ApiError> {
+    let state = match pb::ObservationState::try_from(o.state) {
+        Ok(pb::ObservationState::ObservedUp) => ObsState::Up,
+        Ok(pb::ObservationState::ObservedDown) => ObsState::Down,
+        Ok(pb::ObservationState::ObservedUnknown) => ObsState::Unknown,
+        _ => {
+            return Err(ApiError::InvalidArgument(format!(
+                "cells[{}].state: {} is not a valid state",
+                o.target, o.state
+            )));
+        }
+    };
+    let reason = reason_from_str(&o.reason).ok_or_else(|| {
+        ApiError::InvalidArgument(format!("cells[{}].reason: {:?} is not a known reason", o.target, o.reason))
+    })?;
+    Ok((
+        o.target.clone(),
+        Observation {
+            state,
+            reason,
+            state_age_ms: o.state_age_ms,
+            incarnation: o.incarnation,
+            seq: o.seq,
+            restarts: o.restarts,
+        },
+    ))
+}
+
+pub fn verdict_state_pb(v: Verdict) -> pb::VerdictState {
+    match v {
+        Verdict::Up => pb::VerdictState::VerdictUp,
+        Verdict::Partial => pb::VerdictState::VerdictPartial,
+        Verdict::Down => pb::VerdictState::VerdictDown,
+        Verdict::Unknown => pb::VerdictState::VerdictUnknown,
+    }
+}
+
+pub fn member_verdict_pb(mv: &MemberVerdict) -> pb::MemberVerdict {
+    let n = |x: usize| u32::try_from(x).unwrap_or(u32::MAX);
+    pb::MemberVerdict {
+        member: mv.member.clone(),
+        state: verdict_state_pb(mv.state) as i32,
+        up_votes: n(mv.up_votes),
+        down_votes: n(mv.down_votes),
+        unknown_votes: n(mv.unknown_votes),
+        silent: n(mv.silent),
+        observers: n(mv.observers),
+        quorum: n(mv.quorum),
+        explanation: explain(mv),
+    }
+}
+
+pub fn restart_pb(r: &RestartEvent) -> pb::Restart {
+    pb::Restart {
+        member: r.member.clone(),
+        from_incarnation: r.from_incarnation,
+        to_incarnation: r.to_incarnation,
+        seen_by: r.seen_by.to_string(),
+        revision: r.revision,
+    }
+}
+
+/// The evidence cells of one member's verdict: one per configured observer.
+pub fn evidence_cells(mv: &MemberVerdict, state: &GroupState) -> Vec<pb::MatrixCell> {
+    mv.evidence
+        .iter()
+        .map(|e| {
+            let incarnation =
+                state.views.get(&e.observer).and_then(|v| v.cells.get(&mv.member)).and_then(|c| c.incarnation);
+            pb::MatrixCell {
+                observer: e.observer.to_string(),
+                target: mv.member.clone(),
+                state: e.state.map_or(pb::ObservationState::Unspecified, obs_state_pb) as i32,
+                reason: e.reason.map_or_else(|| "no report".to_owned(), |r| r.as_str().to_owned()),
+                age_ms: e.view_age_ms.unwrap_or(0),
+                state_age_ms: e.state_age_ms.unwrap_or(0),
+                fresh: e.fresh,
+                incarnation,
+            }
+        })
+        .collect()
+}
+
+/// The whole matrix with its verdicts.
+pub fn matrix_pb(state: &GroupState, v: &GroupVerdict, coordinators: &[u64], served_by: u64) -> pb::Matrix {
+    let mut observers: Vec<String> = state.spec.member_ids().map(str::to_owned).collect();
+    observers.extend(coordinators.iter().map(|c| Observer::Coordinator(*c).to_string()));
+    // Observers that reported but are no longer configured (a removed
+    // coordinator) still show, last.
+    for o in state.views.keys() {
+        let name = o.to_string();
+        if !observers.contains(&name) {
+            observers.push(name);
+        }
+    }
+    let mut cells: Vec<pb::MatrixCell> = v.members.iter().flat_map(|mv| evidence_cells(mv, state)).collect();
+    cells.sort_by_key(|c| {
+        (observers.iter().position(|o| *o == c.observer), state.spec.members.iter().position(|m| m.id == c.target))
+    });
+    pb::Matrix {
+        group: state.spec.name.clone(),
+        observers,
+        targets: state.spec.member_ids().map(str::to_owned).collect(),
+        cells,
+        verdicts: v.members.iter().map(member_verdict_pb).collect(),
+        cut_links: v
+            .cut_links
+            .iter()
+            .map(|c| pb::CutLink { observer: c.observer.to_string(), target: c.target.clone() })
+            .collect(),
+        isolated: v.isolated.iter().map(Observer::to_string).collect(),
+        restarts: state.restarts.iter().map(restart_pb).collect(),
+        revision: state.revision,
+        served_by,
+        policy: Some(policy_pb(&state.spec.policy)),
+    }
+}

@@ -1,0 +1,106 @@
+//! Groups, reports, the matrix and verdicts.
+
+use quorate_core::machine::Outcome;
+use quorate_core::matrix::Observer;
+use quorate_core::names::NameKind;
+use quorate_core::verdict::{explain, verdict};
+use quorate_core::{Op, matrix::GroupState};
+
+use super::convert::{
+    evidence_cells, matrix_pb, member_verdict_pb, observation_from_pb, restart_pb, spec_from_pb, spec_pb,
+};
+use super::error::ApiError;
+use super::{CoordinatorService, check_name, rejection};
+use crate::pb::v1 as pb;
+
+impl CoordinatorService {
+    pub(super) async fn do_apply_group(&self, r: pb::ApplyGroupRequest) -> Result<pb::ApplyGroupResponse, ApiError> {
+        let spec = spec_from_pb(r.spec.ok_or_else(|| ApiError::InvalidArgument("spec: missing".into()))?);
+        spec.validate().map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+        match self.node.propose(Op::ApplyGroup { spec }).await? {
+            Outcome::GroupApplied { revision, created } => Ok(pb::ApplyGroupResponse { created, revision }),
+            Outcome::Rejected(rej) => Err(rejection(rej)),
+            other => Err(ApiError::Internal(format!("unexpected outcome of ApplyGroup: {other:?}"))),
+        }
+    }
+
+    /// Runs `f` on a group's state after confirming the read.
+    async fn with_group<T>(
+        &self,
+        name: &str,
+        consistency: i32,
+        f: impl FnOnce(&GroupState, u64) -> T,
+    ) -> Result<T, ApiError> {
+        check_name(NameKind::Group, name)?;
+        self.confirm_read(consistency).await?;
+        self.node.reader.with_machine(|m, _| {
+            let now = self.node.reader.machine_now(m);
+            match m.group(name) {
+                Some(g) => Ok(f(g, now)),
+                None => Err(ApiError::NotFound(format!(
+                    "no group named {name:?}; create it with `quorate group apply FILE.toml`"
+                ))),
+            }
+        })
+    }
+
+    pub(super) async fn do_get_group(&self, r: pb::GetGroupRequest) -> Result<pb::GetGroupResponse, ApiError> {
+        self.with_group(&r.name, r.consistency, |g, _| pb::GetGroupResponse {
+            spec: Some(spec_pb(&g.spec)),
+            revision: g.spec_revision,
+        })
+        .await
+    }
+
+    pub(super) fn do_list_groups(&self) -> pb::ListGroupsResponse {
+        pb::ListGroupsResponse {
+            names: self.node.reader.with_machine(|m, _| m.groups().map(|g| g.spec.name.clone()).collect()),
+        }
+    }
+
+    pub(super) async fn do_report(&self, r: pb::ReportRequest) -> Result<pb::ReportResponse, ApiError> {
+        check_name(NameKind::Group, &r.group)?;
+        if r.observer.is_empty() {
+            return Err(ApiError::InvalidArgument("observer: missing".into()));
+        }
+        let cells = r.cells.iter().map(observation_from_pb).collect::<Result<Vec<_>, _>>()?;
+        let op = Op::Report {
+            group: r.group,
+            observer: Observer::parse(&r.observer),
+            observer_incarnation: r.observer_incarnation,
+            cells,
+        };
+        match self.node.propose(op).await? {
+            Outcome::Reported { restarts } => {
+                Ok(pb::ReportResponse { restarts: restarts.iter().map(restart_pb).collect() })
+            }
+            Outcome::Rejected(rej) => Err(rejection(rej)),
+            other => Err(ApiError::Internal(format!("unexpected outcome of Report: {other:?}"))),
+        }
+    }
+
+    pub(super) async fn do_get_matrix(&self, r: pb::GetMatrixRequest) -> Result<pb::Matrix, ApiError> {
+        let voters = self.node.reader.voters();
+        let id = self.node.id;
+        self.with_group(&r.group, r.consistency, |g, now| matrix_pb(g, &verdict(g, &voters, now), &voters, id)).await
+    }
+
+    pub(super) async fn do_explain(&self, r: pb::ExplainRequest) -> Result<pb::ExplainResponse, ApiError> {
+        check_name(NameKind::Member, &r.member)?;
+        let voters = self.node.reader.voters();
+        let member = r.member.clone();
+        self.with_group(&r.group, pb::Consistency::Linearizable as i32, move |g, now| {
+            let v = verdict(g, &voters, now);
+            let mv = v
+                .member(&member)
+                .ok_or_else(|| ApiError::NotFound(format!("group {:?} has no member {member:?}", g.spec.name)))?;
+            Ok(pb::ExplainResponse {
+                sentence: explain(mv),
+                verdict: Some(member_verdict_pb(mv)),
+                evidence: evidence_cells(mv, g),
+                restarts: g.restarts.iter().filter(|x| x.member == member).map(restart_pb).collect(),
+            })
+        })
+        .await?
+    }
+}

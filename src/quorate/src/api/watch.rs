@@ -1,0 +1,143 @@
+//! One `Watch` stream: lease events from the log, expiries and verdict
+//! changes as the serving node sees them.
+//!
+//! The stream starts with the lease's current state and the current verdict
+//! of every member (if the name is a failover group), then follows the
+//! state machine's changes. Verdicts also change with the passage of time
+//! (views go stale), so they are recomputed on every change of the group and
+//! on a short timer.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use quorate_core::LeaseView;
+use quorate_core::machine::{ChangeKind, LeaseState as CoreLeaseState};
+use quorate_core::verdict::{GroupVerdict, Verdict, verdict};
+use tokio::sync::{broadcast, mpsc};
+use tonic::Status;
+use tracing::debug;
+
+use super::convert::{lease_pb, member_verdict_pb, verdict_state_pb};
+use crate::pb::v1 as pb;
+use crate::server::Node;
+use crate::shutdown::stopped;
+
+/// How often verdicts are recomputed without a change in the log.
+const VERDICT_RECHECK: Duration = Duration::from_millis(200);
+
+type Tx = mpsc::Sender<Result<pb::WatchEvent, Status>>;
+
+async fn send(tx: &Tx, ev: pb::WatchEvent) -> bool {
+    tx.send(Ok(ev)).await.is_ok()
+}
+
+fn lease_event(kind: pb::EventKind, lease: &LeaseView) -> pb::WatchEvent {
+    pb::WatchEvent { kind: kind as i32, lease: Some(lease_pb(lease)), verdict: None }
+}
+
+/// The group's verdict now, if `group` is a failover group.
+fn current_verdict(node: &Node, group: &str) -> Option<GroupVerdict> {
+    let voters = node.reader.voters();
+    node.reader.with_machine(|m, _| {
+        let g = m.group(group)?;
+        Some(verdict(g, &voters, node.reader.machine_now(m)))
+    })
+}
+
+/// Sends a VERDICT event per member whose verdict differs from `last`.
+async fn send_verdict_changes(tx: &Tx, last: &mut BTreeMap<String, Verdict>, now: Option<GroupVerdict>) -> bool {
+    let Some(v) = now else { return true };
+    for mv in &v.members {
+        let before = last.get(&mv.member).copied();
+        if before == Some(mv.state) {
+            continue;
+        }
+        last.insert(mv.member.clone(), mv.state);
+        let change = pb::VerdictChange {
+            member: mv.member.clone(),
+            from: before.map_or(pb::VerdictState::Unspecified, verdict_state_pb) as i32,
+            to: Some(member_verdict_pb(mv)),
+        };
+        let ev = pb::WatchEvent { kind: pb::EventKind::Verdict as i32, lease: None, verdict: Some(change) };
+        if !send(tx, ev).await {
+            return false;
+        }
+    }
+    last.retain(|m, _| v.member(m).is_some());
+    true
+}
+
+/// Runs one watch stream until the client leaves or the node stops.
+pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
+    let mut changes = node.reader.subscribe();
+    let mut stopping = node.stopping.clone();
+    let reader = node.reader.clone();
+    let mut last = reader.lease(&group);
+    if !send(&tx, lease_event(pb::EventKind::Current, &last)).await {
+        return;
+    }
+    let mut verdicts = BTreeMap::new();
+    if !send_verdict_changes(&tx, &mut verdicts, current_verdict(&node, &group)).await {
+        return;
+    }
+    let mut recheck = tokio::time::interval(VERDICT_RECHECK);
+    recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut expiry_reported = false;
+    loop {
+        // Wake when the lease's TTL would run out without a renewal.
+        let expiry = (last.state == CoreLeaseState::Held && !expiry_reported)
+            .then(|| tokio::time::Instant::now() + Duration::from_millis(last.remaining_ms.max(1)));
+        let expire = async {
+            match expiry {
+                Some(at) => tokio::time::sleep_until(at).await,
+                None => std::future::pending().await,
+            }
+        };
+        let alive = tokio::select! {
+            ev = changes.recv() => match ev {
+                Ok(ev) if ev.change.group == group => {
+                    let kind = match ev.change.kind {
+                        ChangeKind::Acquired => Some(pb::EventKind::Acquired),
+                        ChangeKind::Renewed => Some(pb::EventKind::Renewed),
+                        ChangeKind::Released => Some(pb::EventKind::Released),
+                        ChangeKind::GroupApplied | ChangeKind::ViewReported => None,
+                    };
+                    match (kind, ev.change.lease) {
+                        (Some(kind), Some(lease)) => {
+                            last = lease;
+                            expiry_reported = false;
+                            send(&tx, lease_event(kind, &last)).await
+                        }
+                        _ => send_verdict_changes(&tx, &mut verdicts, current_verdict(&node, &group)).await,
+                    }
+                }
+                Ok(_) => true,
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    debug!(group, skipped = n, "watcher lagged; resynchronizing");
+                    last = reader.lease(&group);
+                    expiry_reported = false;
+                    send(&tx, lease_event(pb::EventKind::Resync, &last)).await
+                        && send_verdict_changes(&tx, &mut verdicts, current_verdict(&node, &group)).await
+                }
+                Err(broadcast::error::RecvError::Closed) => false,
+            },
+            () = expire => {
+                let now = reader.lease(&group);
+                let expired = now.revision == last.revision && now.state != CoreLeaseState::Held;
+                last = now;
+                if expired {
+                    expiry_reported = true;
+                    send(&tx, lease_event(pb::EventKind::Expired, &last)).await
+                } else {
+                    true
+                }
+            }
+            _ = recheck.tick() => send_verdict_changes(&tx, &mut verdicts, current_verdict(&node, &group)).await,
+            () = tx.closed() => false,
+            () = stopped(&mut stopping) => false,
+        };
+        if !alive {
+            return;
+        }
+    }
+}
