@@ -135,3 +135,81 @@ fn local_cluster_status_lease_watch_and_restart() {
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["epoch"], 1);
 }
+
+#[test]
+fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let dir_s = dir.display().to_string();
+    // Ports base..base+2 for nodes, base+100.. for heartbeat stores.
+    let base = loop {
+        let b = free_base_port();
+        if (100..102).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()) {
+            break b;
+        }
+    };
+    let _guard = LocalGuard(&dir);
+    let args = ["--json", "local", "up", "--nodes", "3", "--dir", &dir_s, "--base-port", &base.to_string()];
+    let (code, out, err) = run_cli(&[&args[..], &["--group", "cache", "--members", "2"]].concat(), "");
+    assert_eq!(code, 0, "local up failed: {err}");
+    let up = json(&out);
+    let eps = up["endpoints"].as_str().unwrap().to_owned();
+    let members = up["members"].as_array().unwrap();
+    assert_eq!(members.len(), 2);
+    for (i, m) in members.iter().enumerate() {
+        assert_eq!(m["id"], format!("cache-{}", i + 1));
+        assert!(m["agent_pid"].as_u64().unwrap() > 0);
+        assert!(m["heartbeat_redis_pid"].as_u64().unwrap() > 0);
+        assert_eq!(m["heartbeat_redis_addr"], format!("127.0.0.1:{}", base + 100 + i as u16));
+    }
+
+    // The matrix fills in: every member up, seen by 4 observers, quorum 3.
+    let start = std::time::Instant::now();
+    let matrix = loop {
+        let (code, out, _) = run_cli(&["matrix", "cache", "--json"], &eps);
+        if code == 0 {
+            let m = json(&out);
+            if m["verdicts"]["cache-1"]["state"] == "up" && m["verdicts"]["cache-2"]["state"] == "up" {
+                break m;
+            }
+        }
+        assert!(start.elapsed() < Duration::from_secs(30), "verdicts never became up");
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(matrix["group"], "cache");
+    assert_eq!(matrix["targets"], serde_json::json!(["cache-1", "cache-2"]));
+    assert_eq!(matrix["observers"].as_array().unwrap().len(), 5);
+    let cells = matrix["cells"].as_array().unwrap();
+    assert_eq!(cells.len(), 8, "2 member cells + 2 x 3 coordinator cells");
+    for c in cells {
+        assert!(c["observer"].is_string() && c["target"].is_string() && c["age_ms"].is_u64(), "{c}");
+        assert_eq!(c["state"], "up", "{c}");
+    }
+    let v = &matrix["verdicts"]["cache-2"];
+    assert_eq!((v["up_votes"].as_u64(), v["down_votes"].as_u64(), v["quorum"].as_u64()), (Some(4), Some(0), Some(3)));
+
+    // The human grid and the explanation.
+    let (code, out, _) = run_cli(&["matrix", "cache"], &eps);
+    assert_eq!(code, 0);
+    assert!(out.contains("OBSERVER") && out.contains("VERDICT") && out.contains("legend:"), "{out}");
+    let (code, out, _) = run_cli(&["explain", "cache", "cache-1", "--json"], &eps);
+    assert_eq!(code, 0);
+    let e = json(&out);
+    assert!(e["sentence"].as_str().unwrap().starts_with("cache-1 is UP"), "{e}");
+    assert_eq!(e["evidence"].as_array().unwrap().len(), 4);
+
+    // The spec, and a bad spec refused with the field named.
+    let (code, out, _) = run_cli(&["group", "get", "cache", "--json"], &eps);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)["policy"]["down_after_ms"], 500);
+    let bad = tmp.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "name = \"x\"\n[policy]\nheartbeat_interval_ms = 100\ndown_after_ms = 150\n\n[[members]]\nid = \"a\"\nheartbeat = \"redis://127.0.0.1:1\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = run_cli(&["group", "apply", &bad.display().to_string()], &eps);
+    assert_eq!(code, 1);
+    assert!(err.contains("policy.down_after_ms"), "{err}");
+}

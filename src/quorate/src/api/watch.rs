@@ -14,6 +14,7 @@ use quorate_core::LeaseView;
 use quorate_core::machine::{ChangeKind, LeaseState as CoreLeaseState};
 use quorate_core::verdict::{GroupVerdict, Verdict, verdict};
 use tokio::sync::{broadcast, mpsc};
+use tokio::time::Instant;
 use tonic::Status;
 use tracing::debug;
 
@@ -82,11 +83,12 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
     }
     let mut recheck = tokio::time::interval(VERDICT_RECHECK);
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut expiry_reported = false;
+    // When the lease's TTL would run out without a renewal; set whenever
+    // `last` changes, cleared once the expiry is reported.
+    let expiry_of =
+        |l: &LeaseView| (l.state == CoreLeaseState::Held).then(|| Instant::now() + Duration::from_millis(l.remaining_ms.max(1)));
+    let mut expiry = expiry_of(&last);
     loop {
-        // Wake when the lease's TTL would run out without a renewal.
-        let expiry = (last.state == CoreLeaseState::Held && !expiry_reported)
-            .then(|| tokio::time::Instant::now() + Duration::from_millis(last.remaining_ms.max(1)));
         let expire = async {
             match expiry {
                 Some(at) => tokio::time::sleep_until(at).await,
@@ -105,7 +107,7 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
                     match (kind, ev.change.lease) {
                         (Some(kind), Some(lease)) => {
                             last = lease;
-                            expiry_reported = false;
+                            expiry = expiry_of(&last);
                             send(&tx, lease_event(kind, &last)).await
                         }
                         _ => send_verdict_changes(&tx, &mut verdicts, current_verdict(&node, &group)).await,
@@ -115,7 +117,7 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     debug!(group, skipped = n, "watcher lagged; resynchronizing");
                     last = reader.lease(&group);
-                    expiry_reported = false;
+                    expiry = expiry_of(&last);
                     send(&tx, lease_event(pb::EventKind::Resync, &last)).await
                         && send_verdict_changes(&tx, &mut verdicts, current_verdict(&node, &group)).await
                 }
@@ -126,9 +128,10 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
                 let expired = now.revision == last.revision && now.state != CoreLeaseState::Held;
                 last = now;
                 if expired {
-                    expiry_reported = true;
+                    expiry = None;
                     send(&tx, lease_event(pb::EventKind::Expired, &last)).await
                 } else {
+                    expiry = expiry_of(&last);
                     true
                 }
             }

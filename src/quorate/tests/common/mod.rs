@@ -231,3 +231,155 @@ pub fn run_cli(args: &[&str], endpoints: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// A redis-server on a free port, killed on drop.
+pub struct Redis {
+    pub port: u16,
+    pub proc: Option<Proc>,
+    dir: PathBuf,
+}
+
+impl Redis {
+    pub fn start(dir: &Path, name: &str) -> Self {
+        let mut r = Redis { port: free_port(), proc: None, dir: dir.join(name) };
+        r.restart();
+        r
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    pub fn restart(&mut self) {
+        std::fs::create_dir_all(&self.dir).unwrap();
+        let child = Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (deploy/test.sh installs it)");
+        self.proc = Some(Proc { child, name: format!("redis:{}", self.port) });
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(start.elapsed() < Duration::from_secs(10), "redis-server did not start on {}", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.proc.take() {
+            p.kill();
+        }
+    }
+}
+
+/// Sends a signal to a process.
+pub fn signal(pid: u32, sig: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig).unwrap();
+}
+
+/// A 3-node cluster plus a group of `k` members, each with its own
+/// heartbeat redis-server and a `quorate agent`.
+pub struct GroupFixture {
+    pub cluster: Cluster,
+    pub group: String,
+    pub redis: Vec<Redis>,
+    pub agents: Vec<Option<Proc>>,
+}
+
+impl GroupFixture {
+    pub async fn start(k: usize) -> Self {
+        let cluster = Cluster::start(3);
+        cluster.wait_for_leader(Duration::from_secs(20)).await;
+        let redis: Vec<Redis> = (1..=k).map(|i| Redis::start(cluster.dir.path(), &format!("redis-{i}"))).collect();
+        let group = "cache".to_owned();
+        let spec = pb::GroupSpec {
+            name: group.clone(),
+            members: redis
+                .iter()
+                .enumerate()
+                .map(|(i, r)| pb::MemberSpec { id: format!("cache-{}", i + 1), heartbeat: r.url(), priority: 100 })
+                .collect(),
+            policy: None,
+        };
+        cluster.client().apply_group(spec).await.unwrap();
+        let mut f = GroupFixture { cluster, group, redis, agents: (0..k).map(|_| None).collect() };
+        for i in 0..k {
+            f.start_agent(i);
+        }
+        f
+    }
+
+    pub fn member(&self, i: usize) -> String {
+        format!("cache-{}", i + 1)
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let log = self.cluster.dir.path().join(format!("agent-{}.log", i + 1));
+        let log = std::fs::File::options().create(true).append(true).open(log).unwrap();
+        let child = Command::new(QUORATE)
+            .args(["agent", "--group", &self.group, "--member", &self.member(i), "--endpoints", &self.cluster.endpoints()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.agents[i] = Some(Proc { child, name: format!("agent-{}", i + 1) });
+    }
+
+    pub fn agent_pid(&self, i: usize) -> u32 {
+        self.agents[i].as_ref().unwrap().pid()
+    }
+
+    pub async fn matrix(&self) -> Option<pb::Matrix> {
+        self.cluster.client().get_matrix(&self.group, pb::Consistency::Linearizable).await.ok()
+    }
+
+    /// Member id -> verdict name, from the current matrix.
+    pub async fn verdicts(&self) -> Option<std::collections::BTreeMap<String, pb::VerdictState>> {
+        let m = self.matrix().await?;
+        Some(m.verdicts.iter().map(|v| (v.member.clone(), pb::VerdictState::try_from(v.state).unwrap())).collect())
+    }
+
+    /// Waits until `member`'s verdict is `want`; returns how long it took.
+    pub async fn wait_verdict(&self, member: &str, want: pb::VerdictState, within: Duration) -> Duration {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = self.verdicts().await
+                && v.get(member) == Some(&want)
+            {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < within, "{member} not {want:?} within {within:?}: {:?}", self.verdicts().await);
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+impl Drop for GroupFixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 0..self.agents.len() {
+                let log = std::fs::read_to_string(self.cluster.dir.path().join(format!("agent-{}.log", i + 1)));
+                let text = log.unwrap_or_default();
+                eprintln!("----- agent-{} (last 30 lines) -----", i + 1);
+                for l in text.lines().rev().take(30).collect::<Vec<_>>().iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        // Agents first, then stores; the cluster drops last.
+        for a in &mut self.agents {
+            if let Some(mut p) = a.take() {
+                p.kill();
+            }
+        }
+        for r in &mut self.redis {
+            r.kill();
+        }
+    }
+}
