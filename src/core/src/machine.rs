@@ -65,8 +65,17 @@ pub enum Op {
     Release { group: String, holder: String, epoch: u64 },
     /// Create or change a failover group.
     ApplyGroup { spec: GroupSpec },
-    /// One observer's view of a group's members.
-    Report { group: String, observer: Observer, observer_incarnation: u64, cells: Vec<(String, Observation)> },
+    /// One observer's views of the members of one or more groups (a
+    /// coordinator reports all its groups in one command).
+    Report { observer: Observer, observer_incarnation: u64, views: Vec<GroupView> },
+}
+
+/// An observer's view of one group's members.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GroupView {
+    pub group: String,
+    /// Its observation of each target, by member id.
+    pub cells: Vec<(String, Observation)>,
 }
 
 /// Where an entry sits in the Raft log, as far as the machine needs to know.
@@ -202,9 +211,12 @@ pub enum Outcome {
         revision: u64,
         created: bool,
     },
-    /// The view is stored; it revealed these restarts.
+    /// The views are stored; they revealed these restarts. Views of unknown
+    /// groups (or groups the observer is not in) are `rejected`, the others
+    /// still stored.
     Reported {
         restarts: Vec<RestartEvent>,
+        rejected: Vec<Rejection>,
     },
     Rejected(Rejection),
 }
@@ -237,7 +249,7 @@ impl Change {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
     pub outcome: Outcome,
-    pub change: Option<Change>,
+    pub changes: Vec<Change>,
 }
 
 /// The whole replicated state. Serialized as the Raft snapshot.
@@ -284,18 +296,21 @@ impl Machine {
         if cmd.stamp.node_id != pos.leader_node_id {
             // Only the leader of a term proposes entries of that term; a
             // mismatch is a bug somewhere, refused alike on every replica.
-            return rejected(Rejection::ForeignStamp { stamped: cmd.stamp.node_id, leader: pos.leader_node_id });
+            return rejected_outcome(Rejection::ForeignStamp {
+                stamped: cmd.stamp.node_id,
+                leader: pos.leader_node_id,
+            });
         }
         let now = self.advance_clock(pos, &cmd.stamp);
         let timing = cmd.stamp.timing;
         match &cmd.op {
-            Op::LeaderStart => Applied { outcome: Outcome::LeaderStarted, change: None },
+            Op::LeaderStart => Applied { outcome: Outcome::LeaderStarted, changes: Vec::new() },
             Op::Acquire { group, holder, ttl_ms } => self.acquire(pos.index, now, timing, group, holder, *ttl_ms),
             Op::Renew { group, holder, epoch } => self.renew(pos.index, now, group, holder, *epoch),
             Op::Release { group, holder, epoch } => self.release(pos.index, now, group, holder, *epoch),
             Op::ApplyGroup { spec } => self.apply_group(pos.index, spec),
-            Op::Report { group, observer, observer_incarnation, cells } => {
-                self.report(pos.index, now, group, observer, *observer_incarnation, cells)
+            Op::Report { observer, observer_incarnation, views } => {
+                self.report(pos.index, now, observer, *observer_incarnation, views)
             }
         }
     }
@@ -356,13 +371,13 @@ impl Machine {
         ttl_ms: u64,
     ) -> Applied {
         if let Err(e) = check_names(group, holder) {
-            return rejected(e);
+            return rejected_outcome(e);
         }
         if ttl_ms == 0 {
-            return rejected(Rejection::ZeroTtl);
+            return rejected_outcome(Rejection::ZeroTtl);
         }
         if timing.check_ttl(ttl_ms).is_err() {
-            return rejected(Rejection::TtlTooShort { ttl_ms });
+            return rejected_outcome(Rejection::TtlTooShort { ttl_ms });
         }
         let rec = self.leases.entry(group.to_owned()).or_default();
         if let Some(current) = &rec.holder {
@@ -370,12 +385,12 @@ impl Machine {
             if current != holder && now < grantable_at_ms {
                 return Applied {
                     outcome: Outcome::Held { current: view(group, rec, ReaderClock::Now(now)), grantable_at_ms },
-                    change: None,
+                    changes: Vec::new(),
                 };
             }
         }
         let Some(epoch) = rec.epoch.checked_add(1) else {
-            return rejected(Rejection::EpochExhausted { group: group.to_owned() });
+            return rejected_outcome(Rejection::EpochExhausted { group: group.to_owned() });
         };
         let previous = rec.epoch;
         *rec = LeaseRecord {
@@ -388,41 +403,41 @@ impl Machine {
         };
         assert!(rec.epoch > previous, "epochs must strictly increase");
         let lease = view(group, rec, ReaderClock::Now(now));
-        Applied { outcome: Outcome::Granted(lease.clone()), change: Some(Change::lease(ChangeKind::Acquired, lease)) }
+        Applied { outcome: Outcome::Granted(lease.clone()), changes: vec![Change::lease(ChangeKind::Acquired, lease)] }
     }
 
     fn renew(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
         if let Err(e) = check_names(group, holder) {
-            return rejected(e);
+            return rejected_outcome(e);
         }
         let Some(rec) = self.holder_record(group, holder, epoch) else {
-            return rejected(self.not_holder(group, holder, epoch));
+            return rejected_outcome(self.not_holder(group, holder, epoch));
         };
         if now >= rec.renewed_at_ms.saturating_add(rec.ttl_ms) {
-            return rejected(Rejection::Expired { group: group.to_owned(), epoch });
+            return rejected_outcome(Rejection::Expired { group: group.to_owned(), epoch });
         }
         rec.renewed_at_ms = now;
         rec.revision = index;
         let lease = view(group, rec, ReaderClock::Now(now));
-        Applied { outcome: Outcome::Renewed(lease.clone()), change: Some(Change::lease(ChangeKind::Renewed, lease)) }
+        Applied { outcome: Outcome::Renewed(lease.clone()), changes: vec![Change::lease(ChangeKind::Renewed, lease)] }
     }
 
     fn release(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
         if let Err(e) = check_names(group, holder) {
-            return rejected(e);
+            return rejected_outcome(e);
         }
         let Some(rec) = self.holder_record(group, holder, epoch) else {
-            return rejected(self.not_holder(group, holder, epoch));
+            return rejected_outcome(self.not_holder(group, holder, epoch));
         };
         rec.holder = None;
         rec.revision = index;
         let lease = view(group, rec, ReaderClock::Now(now));
-        Applied { outcome: Outcome::Released(lease.clone()), change: Some(Change::lease(ChangeKind::Released, lease)) }
+        Applied { outcome: Outcome::Released(lease.clone()), changes: vec![Change::lease(ChangeKind::Released, lease)] }
     }
 
     fn apply_group(&mut self, index: u64, spec: &GroupSpec) -> Applied {
         if let Err(e) = spec.validate() {
-            return rejected(Rejection::InvalidSpec(e));
+            return rejected_outcome(Rejection::InvalidSpec(e));
         }
         let created = match self.groups.get_mut(&spec.name) {
             Some(g) => {
@@ -436,7 +451,7 @@ impl Machine {
         };
         Applied {
             outcome: Outcome::GroupApplied { revision: index, created },
-            change: Some(Change { group: spec.name.clone(), kind: ChangeKind::GroupApplied, lease: None }),
+            changes: vec![Change { group: spec.name.clone(), kind: ChangeKind::GroupApplied, lease: None }],
         }
     }
 
@@ -444,24 +459,31 @@ impl Machine {
         &mut self,
         index: u64,
         now: u64,
-        group: &str,
         observer: &Observer,
         observer_incarnation: u64,
-        cells: &[(String, Observation)],
+        views: &[GroupView],
     ) -> Applied {
-        let Some(g) = self.groups.get_mut(group) else {
-            return rejected(Rejection::UnknownGroup { group: group.to_owned() });
-        };
-        if let Observer::Member(m) = observer
-            && g.spec.member(m).is_none()
-        {
-            return rejected(Rejection::UnknownObserver { group: group.to_owned(), observer: observer.clone() });
+        let mut restarts = Vec::new();
+        let mut rejected = Vec::new();
+        let mut changes = Vec::new();
+        for view in views {
+            let Some(g) = self.groups.get_mut(&view.group) else {
+                rejected.push(Rejection::UnknownGroup { group: view.group.clone() });
+                continue;
+            };
+            if let Observer::Member(m) = observer
+                && g.spec.member(m).is_none()
+            {
+                rejected.push(Rejection::UnknownObserver { group: view.group.clone(), observer: observer.clone() });
+                continue;
+            }
+            restarts.extend(g.report(observer.clone(), observer_incarnation, &view.cells, now, index));
+            changes.push(Change { group: view.group.clone(), kind: ChangeKind::ViewReported, lease: None });
         }
-        let restarts = g.report(observer.clone(), observer_incarnation, cells, now, index);
-        Applied {
-            outcome: Outcome::Reported { restarts },
-            change: Some(Change { group: group.to_owned(), kind: ChangeKind::ViewReported, lease: None }),
+        if changes.is_empty() && rejected.len() == 1 {
+            return rejected_outcome(rejected.remove(0));
         }
+        Applied { outcome: Outcome::Reported { restarts, rejected }, changes }
     }
 
     fn holder_record(&mut self, group: &str, holder: &str, epoch: u64) -> Option<&mut LeaseRecord> {
@@ -524,8 +546,8 @@ fn check_names(group: &str, holder: &str) -> Result<(), Rejection> {
     Ok(())
 }
 
-fn rejected(r: Rejection) -> Applied {
-    Applied { outcome: Outcome::Rejected(r), change: None }
+fn rejected_outcome(r: Rejection) -> Applied {
+    Applied { outcome: Outcome::Rejected(r), changes: Vec::new() }
 }
 
 #[cfg(test)]

@@ -114,7 +114,9 @@ async fn killing_the_raft_leader_flips_no_verdict() {
     // The survivor's stream: the current state, the first verdicts, and no
     // verdict change after them.
     let mut verdict_events = Vec::new();
-    while let Ok(Some(ev)) = tokio::time::timeout(Duration::from_millis(100), stream.message()).await.unwrap_or(Ok(None)) {
+    while let Ok(Some(ev)) =
+        tokio::time::timeout(Duration::from_millis(100), stream.message()).await.unwrap_or(Ok(None))
+    {
         if let Some(v) = ev.verdict {
             verdict_events.push((v.member, v.from, v.to.map(|t| t.state)));
         }

@@ -221,7 +221,7 @@ fn replay(steps: &[Step], snapshot_at: Option<usize>) -> (Vec<Outcome>, Machine)
             }
             _ => {}
         }
-        if let Some(c) = &applied.change {
+        for c in &applied.changes {
             assert_eq!(c.lease.as_ref().map(|l| l.revision), Some(i as u64 + 1));
         }
         outcomes.push(applied.outcome);
@@ -278,15 +278,17 @@ fn groups_are_applied_validated_and_reported_on() {
         restarts: 0,
     };
     let report = |observer: Observer, inc| Op::Report {
-        group: "cache".into(),
         observer,
         observer_incarnation: 9,
-        cells: vec![("c2".into(), cell(inc))],
+        views: vec![GroupView { group: "cache".into(), cells: vec![("c2".into(), cell(inc))] }],
     };
-    assert_eq!(run(&mut m, 3, 10, report(Observer::Member("c1".into()), 7)), Outcome::Reported { restarts: vec![] });
+    assert_eq!(
+        run(&mut m, 3, 10, report(Observer::Member("c1".into()), 7)),
+        Outcome::Reported { restarts: vec![], rejected: vec![] }
+    );
     // A new incarnation of c2 is recorded as a restart.
     match run(&mut m, 4, 20, report(Observer::Coordinator(2), 8)) {
-        Outcome::Reported { restarts } => {
+        Outcome::Reported { restarts, .. } => {
             assert_eq!((restarts[0].from_incarnation, restarts[0].to_incarnation), (7, 8))
         }
         other => panic!("{other:?}"),
@@ -295,11 +297,21 @@ fn groups_are_applied_validated_and_reported_on() {
         run(&mut m, 5, 20, report(Observer::Member("zz".into()), 8)),
         Outcome::Rejected(Rejection::UnknownObserver { .. })
     ));
-    let unknown =
-        Op::Report { group: "nope".into(), observer: Observer::Coordinator(1), observer_incarnation: 1, cells: vec![] };
+    let view = |group: &str| GroupView { group: group.into(), cells: vec![] };
+    let unknown = Op::Report { observer: Observer::Coordinator(1), observer_incarnation: 1, views: vec![view("nope")] };
     assert!(matches!(run(&mut m, 6, 20, unknown), Outcome::Rejected(Rejection::UnknownGroup { .. })));
+    // In a batch, an unknown group does not stop the others.
+    let batch = Op::Report {
+        observer: Observer::Coordinator(1),
+        observer_incarnation: 1,
+        views: vec![view("nope"), view("cache")],
+    };
+    match run(&mut m, 6, 20, batch) {
+        Outcome::Reported { rejected, .. } => assert!(matches!(&rejected[..], [Rejection::UnknownGroup { .. }])),
+        other => panic!("{other:?}"),
+    }
     let g = m.group("cache").unwrap();
-    assert_eq!(g.views.len(), 2);
+    assert_eq!(g.views.len(), 3, "c1, coordinator-2 and (from the batch) coordinator-1");
     assert_eq!(g.restarts.len(), 1);
     // Dropping a member drops its views and cells.
     let mut smaller = spec;

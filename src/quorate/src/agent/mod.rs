@@ -123,6 +123,8 @@ pub async fn run_with<S: Stores>(
     let (stop_tx, _) = watch::channel(false);
     info!(group = %config.group, member = %config.member, incarnation = format!("{incarnation:016x}"), "agent starting");
     let (spec_tx, spec_rx) = watch::channel(spec);
+    // The observation loop takes a list of groups; an agent has one.
+    let (specs_tx, specs_rx) = watch::channel(vec![spec_rx.borrow().clone()]);
     let mut tasks = JoinSet::new();
     let span = info_span!("agent", group = %config.group, member = %config.member);
     tasks.spawn(
@@ -133,14 +135,14 @@ pub async fn run_with<S: Stores>(
         observer::observe(
             Observer::Member(config.member.clone()),
             incarnation,
-            spec_rx,
+            specs_rx,
             stores,
             client.clone(),
             stop_tx.subscribe(),
         )
         .instrument(span.clone()),
     );
-    tasks.spawn(refresh_spec(config, client, spec_tx, stop_tx.subscribe()).instrument(span));
+    tasks.spawn(refresh_spec(config, client, spec_tx, specs_tx, stop_tx.subscribe()).instrument(span));
     shutdown.await;
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
@@ -194,6 +196,7 @@ async fn refresh_spec(
     config: AgentConfig,
     client: Arc<Client>,
     spec_tx: watch::Sender<GroupSpec>,
+    specs_tx: watch::Sender<Vec<GroupSpec>>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -208,14 +211,17 @@ async fn refresh_spec(
                     warn!("this member is no longer in group {}; keeping the last spec", config.group);
                     continue;
                 }
-                spec_tx.send_if_modified(|s| {
+                let changed = spec_tx.send_if_modified(|s| {
                     let changed = *s != spec;
                     if changed {
                         info!("group spec changed");
-                        *s = spec;
+                        *s = spec.clone();
                     }
                     changed
                 });
+                if changed {
+                    let _ = specs_tx.send(vec![spec]);
+                }
             }
             Err(e) => tracing::debug!("spec refresh failed: {e}"),
         }

@@ -1,22 +1,24 @@
-//! The observation loop, shared by agents and coordinator nodes.
+//! The observation loop, shared by agents (one group) and coordinator nodes
+//! (every group).
 //!
-//! Every `heartbeat_interval_ms` it reads every target's heartbeat key (one
-//! `MGET` per store, all stores at once, each bounded by a timeout shorter
-//! than the interval, so a slow store cannot stall the loop), feeds the
-//! readings to one pure [`Tracker`] per target, and hands a report to the
-//! reporter when any observation changes state and at least every
-//! `report_interval_ms`. The reporter sends the latest report (never a
-//! backlog) and retries until it gets through, following the Raft leader.
+//! Every heartbeat interval it reads every target's heartbeat key (one
+//! `MGET` per store across all groups, all stores at once, each bounded by a
+//! timeout shorter than the interval, so a slow store cannot stall the loop),
+//! feeds the readings to one pure [`Tracker`] per target, and queues a
+//! group's view when one of its observations changes state and at least
+//! every `report_interval_ms`. The reporter sends every queued view in one
+//! report (the latest view per group, never a backlog) and retries until it
+//! gets through, following the Raft leader.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quorate_core::group::{GroupSpec, heartbeat_key};
 use quorate_core::matrix::Observer;
 use quorate_core::observe::{Beat, Reading, Tracker};
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -36,104 +38,171 @@ impl ReportSink for Client {
     }
 }
 
-/// Bound on one read round, as a fraction of the heartbeat interval.
-fn read_timeout(spec: &GroupSpec) -> Duration {
-    Duration::from_millis((spec.policy.heartbeat_interval_ms * 4 / 5).max(20))
+/// Bound on one read round: four fifths of the shortest heartbeat interval.
+fn read_timeout(specs: &[GroupSpec]) -> Duration {
+    let interval = specs.iter().map(|s| s.policy.heartbeat_interval_ms).min().unwrap_or(100);
+    Duration::from_millis((interval * 4 / 5).max(20))
 }
 
-/// The targets `observer` watches: the other members (or every member, for
-/// a coordinator).
-fn targets<'a>(
-    spec: &'a GroupSpec,
-    observer: &'a Observer,
-) -> impl Iterator<Item = &'a quorate_core::group::MemberSpec> {
-    spec.members.iter().filter(move |m| *observer != Observer::Member(m.id.clone()))
+/// The (group, member, store) triples `observer` watches: the other members
+/// of its group, or every member of every group for a coordinator.
+fn targets<'a>(specs: &'a [GroupSpec], observer: &'a Observer) -> impl Iterator<Item = (&'a str, &'a str, &'a str)> {
+    specs.iter().flat_map(move |spec| {
+        spec.members
+            .iter()
+            .filter(move |m| *observer != Observer::Member(m.id.clone()))
+            .map(move |m| (spec.name.as_str(), m.id.as_str(), m.heartbeat.as_str()))
+    })
 }
 
-/// Runs the observation loop for one group until `stop` flips to true.
-/// `spec` carries the group spec and its changes.
+/// Views waiting to be reported: the latest per group.
+#[derive(Default)]
+struct Pending {
+    views: Mutex<BTreeMap<String, pb::GroupView>>,
+    notify: Notify,
+}
+
+impl Pending {
+    fn put(&self, views: Vec<pb::GroupView>) {
+        let mut p = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        for v in views {
+            p.insert(v.group.clone(), v);
+        }
+        drop(p);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<pb::GroupView> {
+        std::mem::take(&mut *self.views.lock().unwrap_or_else(|e| e.into_inner())).into_values().collect()
+    }
+
+    /// Puts back views that failed to send, unless newer ones replaced them.
+    fn put_back(&self, views: Vec<pb::GroupView>) {
+        let mut p = self.views.lock().unwrap_or_else(|e| e.into_inner());
+        for v in views {
+            p.entry(v.group.clone()).or_insert(v);
+        }
+    }
+}
+
+/// Runs the observation loop until `stop` flips to true. `specs` carries
+/// the groups to observe and their changes.
 pub async fn observe<S: Stores, R: ReportSink>(
     observer: Observer,
     incarnation: u64,
-    mut spec: watch::Receiver<GroupSpec>,
+    mut specs: watch::Receiver<Vec<GroupSpec>>,
     stores: Arc<S>,
     sink: Arc<R>,
     mut stop: watch::Receiver<bool>,
 ) {
     let start = Instant::now();
     let now_ms = || start.elapsed().as_millis() as u64;
-    let (report_tx, report_rx) = watch::channel::<Option<pb::ReportRequest>>(None);
-    let reporter = tokio::spawn(report_loop(sink, report_rx, stop.clone()).in_current_span());
+    let pending = Arc::new(Pending::default());
+    let reporter =
+        tokio::spawn(report_loop(observer.clone(), incarnation, sink, pending.clone(), stop.clone()).in_current_span());
 
-    let mut current = spec.borrow_and_update().clone();
-    let mut trackers: BTreeMap<String, Tracker> = BTreeMap::new();
-    let mut last_report: Option<Instant> = None;
-    let mut interval = tokio::time::interval(Duration::from_millis(current.policy.heartbeat_interval_ms));
-    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut current = specs.borrow_and_update().clone();
+    let mut trackers: BTreeMap<(String, String), Tracker> = BTreeMap::new();
+    let mut last_report: BTreeMap<String, Instant> = BTreeMap::new();
+    let tick_of = |specs: &[GroupSpec]| {
+        let ms = specs.iter().map(|s| s.policy.heartbeat_interval_ms).min().unwrap_or(100);
+        let mut i = tokio::time::interval(Duration::from_millis(ms));
+        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+        i
+    };
+    let mut interval = tick_of(&current);
     loop {
         tokio::select! {
             _ = interval.tick() => {}
-            changed = spec.changed() => {
+            changed = specs.changed() => {
                 if changed.is_err() { break; }
-                current = spec.borrow_and_update().clone();
-                interval = tokio::time::interval(Duration::from_millis(current.policy.heartbeat_interval_ms));
-                interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-                debug!(group = %current.name, "spec changed");
+                current = specs.borrow_and_update().clone();
+                interval = tick_of(&current);
+                debug!(groups = current.len(), "specs changed");
                 continue;
             }
             () = crate::shutdown::stopped(&mut stop) => break,
         }
-        // Keep one tracker per current target.
-        trackers.retain(|id, _| current.member(id).is_some());
-        for m in targets(&current, &observer) {
+        // Keep one tracker per current (group, target).
+        let wanted: BTreeMap<(String, String), u64> = current
+            .iter()
+            .flat_map(|s| {
+                targets(std::slice::from_ref(s), &observer)
+                    .map(|(g, m, _)| ((g.to_owned(), m.to_owned()), s.policy.down_after_ms))
+                    .collect::<Vec<_>>()
+            })
+            .collect();
+        trackers.retain(|k, _| wanted.contains_key(k));
+        last_report.retain(|g, _| current.iter().any(|s| s.name == *g));
+        for (k, down_after) in &wanted {
             trackers
-                .entry(m.id.clone())
-                .or_insert_with(|| Tracker::new(current.policy.down_after_ms, now_ms()))
-                .set_down_after(current.policy.down_after_ms);
+                .entry(k.clone())
+                .or_insert_with(|| Tracker::new(*down_after, now_ms()))
+                .set_down_after(*down_after);
         }
         let readings = read_round(&current, &observer, stores.as_ref()).instrument(info_span!("read_round")).await;
         let now = now_ms();
-        let mut changed = false;
-        for (id, reading) in readings {
-            if let Some(t) = trackers.get_mut(&id)
+        let mut changed: BTreeSet<String> = BTreeSet::new();
+        for (key, reading) in readings {
+            if let Some(t) = trackers.get_mut(&key)
                 && let Some(tr) = t.observe(now, reading)
             {
-                changed = true;
+                let (group, target) = &key;
+                changed.insert(group.clone());
                 if let Some((from, to)) = tr.restarted {
-                    info!(group = %current.name, target = %id, from = format!("{from:016x}"), to = format!("{to:016x}"), "target restarted");
+                    info!(%group, %target, from = format!("{from:016x}"), to = format!("{to:016x}"), "target restarted");
                 }
                 if tr.from != tr.to {
-                    info!(group = %current.name, target = %id, from = tr.from.as_str(), to = tr.to.as_str(), "observation changed");
+                    info!(%group, %target, from = tr.from.as_str(), to = tr.to.as_str(), "observation changed");
                 }
             }
         }
-        let due = last_report.is_none_or(|t| t.elapsed() >= Duration::from_millis(current.policy.report_interval_ms));
-        if changed || due {
-            last_report = Some(Instant::now());
-            let req = pb::ReportRequest {
-                group: current.name.clone(),
-                observer: observer.to_string(),
-                observer_incarnation: incarnation,
-                cells: trackers.iter().map(|(id, t)| observation_pb(id, &t.observation(now))).collect(),
-            };
-            // Latest wins: an unsent older report is simply replaced.
-            let _ = report_tx.send(Some(req));
+        let due: Vec<&GroupSpec> = current
+            .iter()
+            .filter(|s| {
+                changed.contains(&s.name)
+                    || last_report
+                        .get(&s.name)
+                        .is_none_or(|t| t.elapsed() >= Duration::from_millis(s.policy.report_interval_ms))
+            })
+            .collect();
+        let views: Vec<pb::GroupView> = due
+            .into_iter()
+            .map(|s| {
+                last_report.insert(s.name.clone(), Instant::now());
+                pb::GroupView {
+                    group: s.name.clone(),
+                    cells: trackers
+                        .range((s.name.clone(), String::new())..)
+                        .take_while(|((g, _), _)| *g == s.name)
+                        .map(|((_, id), t)| observation_pb(id, &t.observation(now)))
+                        .collect(),
+                }
+            })
+            .collect();
+        if !views.is_empty() {
+            pending.put(views);
         }
     }
-    drop(report_tx);
+    pending.notify.notify_one();
     let _ = reporter.await;
 }
 
 /// One read of every target's key: one MGET per store, all stores at once.
-async fn read_round<S: Stores>(spec: &GroupSpec, observer: &Observer, stores: &S) -> Vec<(String, Reading)> {
-    let timeout = read_timeout(spec);
-    let mut by_store: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for m in targets(spec, observer) {
-        by_store.entry(m.heartbeat.as_str()).or_default().push(m.id.as_str());
+async fn read_round<S: Stores>(
+    specs: &[GroupSpec],
+    observer: &Observer,
+    stores: &S,
+) -> Vec<((String, String), Reading)> {
+    let timeout = read_timeout(specs);
+    let mut by_store: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
+    for (group, member, url) in targets(specs, observer) {
+        by_store.entry(url).or_default().push((group, member));
     }
     let reads = by_store.into_iter().map(|(url, ids)| async move {
-        let keys: Vec<String> = ids.iter().map(|id| heartbeat_key(&spec.name, id)).collect();
+        let keys: Vec<String> = ids.iter().map(|(g, m)| heartbeat_key(g, m)).collect();
         let res = stores.get_many(url, &keys, timeout).await;
+        let key = |(g, m): &(&str, &str)| ((*g).to_owned(), (*m).to_owned());
         match res {
             Ok(values) => ids
                 .iter()
@@ -143,32 +212,39 @@ async fn read_round<S: Stores>(spec: &GroupSpec, observer: &Observer, stores: &S
                         None => Reading::Missing,
                         Some(s) => Beat::parse(&s).map_or(Reading::Garbled, Reading::Present),
                     };
-                    ((*id).to_owned(), reading)
+                    (key(id), reading)
                 })
                 .collect::<Vec<_>>(),
             Err(e) => {
                 debug!("heartbeat store unreachable: {e}");
-                ids.iter().map(|id| ((*id).to_owned(), Reading::Unreachable)).collect()
+                ids.iter().map(|id| (key(id), Reading::Unreachable)).collect()
             }
         }
     });
     futures::future::join_all(reads).await.into_iter().flatten().collect()
 }
 
-/// Sends the latest report until it gets through, then waits for the next.
+/// Sends every queued view in one report until it gets through; then waits
+/// for more. A failed send is retried shortly, merged with newer views.
 async fn report_loop<R: ReportSink>(
+    observer: Observer,
+    incarnation: u64,
     sink: Arc<R>,
-    mut rx: watch::Receiver<Option<pb::ReportRequest>>,
+    pending: Arc<Pending>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut failures = 0u32;
     loop {
         tokio::select! {
-            changed = rx.changed() => if changed.is_err() { return },
+            () = pending.notify.notified() => {}
             () = crate::shutdown::stopped(&mut stop) => return,
         }
-        let Some(req) = rx.borrow_and_update().clone() else { continue };
-        match sink.report(req).await {
+        let views = pending.take();
+        if views.is_empty() {
+            continue;
+        }
+        let req = pb::ReportRequest { observer: observer.to_string(), observer_incarnation: incarnation, views };
+        match sink.report(req.clone()).await {
             Ok(()) => {
                 if failures > 0 {
                     info!(after = failures, "reports get through again");
@@ -180,13 +256,123 @@ async fn report_loop<R: ReportSink>(
                 if failures == 1 || failures.is_power_of_two() {
                     warn!(failures, "report failed, will retry: {e}");
                 }
-                // Retry the latest report shortly (a newer one may replace it).
-                rx.mark_changed();
+                pending.put_back(req.views);
                 tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    () = tokio::time::sleep(Duration::from_millis(100)) => pending.notify.notify_one(),
                     () = crate::shutdown::stopped(&mut stop) => return,
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The loop over in-memory stores, under tokio's paused clock.
+
+    use quorate_core::group::{MemberSpec, Policy};
+
+    use super::*;
+    use crate::agent::store::MemStores;
+
+    #[derive(Default)]
+    struct Collect {
+        reports: Mutex<Vec<(Instant, pb::ReportRequest)>>,
+    }
+
+    impl ReportSink for Collect {
+        async fn report(&self, req: pb::ReportRequest) -> Result<(), ClientError> {
+            self.reports.lock().unwrap().push((Instant::now(), req));
+            Ok(())
+        }
+    }
+
+    fn spec(name: &str, members: &[(&str, &str)]) -> GroupSpec {
+        GroupSpec {
+            name: name.into(),
+            members: members
+                .iter()
+                .map(|(id, url)| MemberSpec { id: (*id).into(), heartbeat: (*url).into(), priority: 1 })
+                .collect(),
+            policy: Policy::default(),
+        }
+    }
+
+    /// Publishes `member`'s heartbeat every 100 ms until `until`.
+    async fn beat(stores: MemStores, url: &'static str, group: &'static str, member: &'static str, until: Instant) {
+        let mut seq = 0;
+        while Instant::now() < until {
+            seq += 1;
+            let v = Beat { incarnation: 7, seq, unix_ms: 0 }.encode();
+            stores.set(url, &heartbeat_key(group, member), &v, 500, Duration::from_millis(80)).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn state_of(req: &pb::ReportRequest, group: &str, target: &str) -> Option<(i32, String)> {
+        let view = req.views.iter().find(|v| v.group == group)?;
+        view.cells.iter().find(|c| c.target == target).map(|c| (c.state, c.reason.clone()))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reports_changes_at_once_and_refreshes_every_report_interval() {
+        let stores = MemStores::new();
+        let sink = Arc::new(Collect::default());
+        let specs =
+            vec![spec("g1", &[("a", "redis://s1:1"), ("b", "redis://s1:1")]), spec("g2", &[("c", "redis://s2:1")])];
+        let (_specs_tx, specs_rx) = watch::channel(specs);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let t0 = Instant::now();
+        let far = t0 + Duration::from_secs(60);
+        tokio::spawn(beat(stores.clone(), "redis://s1:1", "g1", "a", far));
+        // b stops beating after 2 s.
+        tokio::spawn(beat(stores.clone(), "redis://s1:1", "g1", "b", t0 + Duration::from_secs(2)));
+        tokio::spawn(beat(stores.clone(), "redis://s2:1", "g2", "c", far));
+        // g2's store becomes unreachable at 4 s.
+        let s2 = stores.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(4)).await;
+            s2.set_down("redis://s2:1", true);
+        });
+        let looping = tokio::spawn(observe(
+            Observer::Coordinator(1),
+            1,
+            specs_rx,
+            Arc::new(stores.clone()),
+            sink.clone(),
+            stop_rx,
+        ));
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        let _ = stop_tx.send(true);
+        looping.await.unwrap();
+
+        let reports = sink.reports.lock().unwrap().clone();
+        // Both groups travel in the same reports (one report per tick).
+        assert!(reports.iter().any(|(_, r)| r.views.len() == 2), "no batched report");
+        // b goes down once it stopped for down_after (500 ms) plus a tick.
+        let (b_down_at, _) = reports
+            .iter()
+            .find(|(_, r)| state_of(r, "g1", "b").is_some_and(|(s, _)| s == pb::ObservationState::ObservedDown as i32))
+            .expect("b never reported down");
+        let after = *b_down_at - (t0 + Duration::from_secs(2));
+        assert!(after >= Duration::from_millis(400) && after <= Duration::from_millis(700), "b down after {after:?}");
+        // c goes down as unreachable after its store went away.
+        let c_down = reports.iter().find_map(|(t, r)| {
+            state_of(r, "g2", "c")
+                .filter(|(s, _)| *s == pb::ObservationState::ObservedDown as i32)
+                .map(|(_, why)| (*t, why))
+        });
+        let (c_at, why) = c_down.expect("c never reported down");
+        assert_eq!(why, "heartbeat store unreachable");
+        assert!(c_at - (t0 + Duration::from_secs(4)) <= Duration::from_millis(700));
+        // a stays up throughout, and is refreshed about once a second.
+        let a_reports: Vec<Instant> =
+            reports.iter().filter(|(_, r)| state_of(r, "g1", "a").is_some()).map(|(t, _)| *t).collect();
+        let down = pb::ObservationState::ObservedDown as i32;
+        assert!(reports.iter().all(|(_, r)| state_of(r, "g1", "a").is_none_or(|(s, _)| s != down)), "a went down");
+        assert!((7..=10).contains(&a_reports.len()), "{} reports of g1 in 7 s", a_reports.len());
+        for w in a_reports.windows(2) {
+            assert!(w[1] - w[0] <= Duration::from_millis(1100), "refresh gap {:?}", w[1] - w[0]);
         }
     }
 }

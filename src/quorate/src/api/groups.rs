@@ -1,6 +1,6 @@
 //! Groups, reports, the matrix and verdicts.
 
-use quorate_core::machine::Outcome;
+use quorate_core::machine::{GroupView, Outcome};
 use quorate_core::matrix::Observer;
 use quorate_core::names::NameKind;
 use quorate_core::verdict::{explain, verdict};
@@ -59,21 +59,22 @@ impl CoordinatorService {
     }
 
     pub(super) async fn do_report(&self, r: pb::ReportRequest) -> Result<pb::ReportResponse, ApiError> {
-        check_name(NameKind::Group, &r.group)?;
         if r.observer.is_empty() {
             return Err(ApiError::InvalidArgument("observer: missing".into()));
         }
-        let cells = r.cells.iter().map(observation_from_pb).collect::<Result<Vec<_>, _>>()?;
-        let op = Op::Report {
-            group: r.group,
-            observer: Observer::parse(&r.observer),
-            observer_incarnation: r.observer_incarnation,
-            cells,
-        };
+        let mut views = Vec::with_capacity(r.views.len());
+        for v in &r.views {
+            check_name(NameKind::Group, &v.group)?;
+            let cells = v.cells.iter().map(observation_from_pb).collect::<Result<Vec<_>, _>>()?;
+            views.push(GroupView { group: v.group.clone(), cells });
+        }
+        let op =
+            Op::Report { observer: Observer::parse(&r.observer), observer_incarnation: r.observer_incarnation, views };
         match self.node.propose(op).await? {
-            Outcome::Reported { restarts } => {
-                Ok(pb::ReportResponse { restarts: restarts.iter().map(restart_pb).collect() })
-            }
+            Outcome::Reported { restarts, rejected } => Ok(pb::ReportResponse {
+                restarts: restarts.iter().map(restart_pb).collect(),
+                rejected: rejected.iter().map(ToString::to_string).collect(),
+            }),
             Outcome::Rejected(rej) => Err(rejection(rej)),
             other => Err(ApiError::Internal(format!("unexpected outcome of Report: {other:?}"))),
         }

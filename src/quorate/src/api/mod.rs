@@ -358,7 +358,7 @@ impl Coordinator for CoordinatorService {
 
     async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
         let r = req.into_inner();
-        let span = tracing::debug_span!("report", group = %r.group, observer = %r.observer);
+        let span = tracing::debug_span!("report", observer = %r.observer, views = r.views.len());
         Ok(Response::new(self.do_report(r).instrument(span).await?))
     }
 

@@ -85,8 +85,9 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
     recheck.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // When the lease's TTL would run out without a renewal; set whenever
     // `last` changes, cleared once the expiry is reported.
-    let expiry_of =
-        |l: &LeaseView| (l.state == CoreLeaseState::Held).then(|| Instant::now() + Duration::from_millis(l.remaining_ms.max(1)));
+    let expiry_of = |l: &LeaseView| {
+        (l.state == CoreLeaseState::Held).then(|| Instant::now() + Duration::from_millis(l.remaining_ms.max(1)))
+    };
     let mut expiry = expiry_of(&last);
     loop {
         let expire = async {

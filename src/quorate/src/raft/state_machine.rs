@@ -209,13 +209,13 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         while let Some((entry, responder)) = entries.try_next().await? {
             let log_id = entry.log_id;
-            let (response, event) = self.write_state(|s| {
+            let (response, events) = self.write_state(|s| {
                 s.last_applied = Some(log_id);
                 match entry.payload {
-                    EntryPayload::Blank => (None, None),
+                    EntryPayload::Blank => (None, Vec::new()),
                     EntryPayload::Membership(m) => {
                         s.membership = StoredMembership::new(Some(log_id), m);
-                        (None, None)
+                        (None, Vec::new())
                     }
                     EntryPayload::Normal(cmd) => {
                         let pos = LogPosition {
@@ -228,12 +228,16 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                             let mark = ApplyMark { base, stamp_ms: cmd.stamp.now_ms, local: Instant::now() };
                             *self.reader.last_mark.lock().unwrap_or_else(|p| p.into_inner()) = Some(mark);
                         }
-                        let event = applied.change.map(|change| ChangeEvent { index: log_id.index, change });
-                        (Some(applied.outcome), event)
+                        let events: Vec<ChangeEvent> = applied
+                            .changes
+                            .into_iter()
+                            .map(|change| ChangeEvent { index: log_id.index, change })
+                            .collect();
+                        (Some(applied.outcome), events)
                     }
                 }
             });
-            if let Some(ev) = event {
+            for ev in events {
                 // No receivers is fine: nobody is watching.
                 let _ = self.reader.changes.send(ev);
             }

@@ -1,11 +1,9 @@
-//! Coordinator nodes observe every member of every group, like agents do.
-//!
-//! One observation loop per group (the same loop agents run), started and
-//! stopped as groups appear and disappear in the replicated state, fed spec
-//! changes, reporting as `coordinator-N` through a client that follows the
-//! Raft leader (this node may be a follower).
+//! Coordinator nodes observe every member of every group, like agents do:
+//! the same observation loop, over all groups at once (one read per store
+//! per tick, one report per tick with changes), reporting as
+//! `coordinator-N` through a client that follows the Raft leader (this node
+//! may be a follower). The set of groups follows the replicated state.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +12,7 @@ use quorate_core::machine::ChangeKind;
 use quorate_core::matrix::Observer;
 use tokio::sync::{broadcast, watch};
 use tokio::task::JoinSet;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, info_span, warn};
 
 use super::Node;
 use crate::agent::observer::observe;
@@ -24,9 +22,8 @@ use crate::client::Client;
 /// How often the set of groups is re-read without a change event.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
 
-struct Running {
-    spec: watch::Sender<GroupSpec>,
-    stop: watch::Sender<bool>,
+fn specs_of(node: &Node) -> Vec<GroupSpec> {
+    node.reader.with_machine(|m, _| m.groups().map(|g| g.spec.clone()).collect())
 }
 
 /// Runs until the node stops.
@@ -39,57 +36,21 @@ pub async fn observe_groups(node: Node) {
             return;
         }
     };
-    let stores = Arc::new(RedisStores::new());
     let observer = Observer::Coordinator(node.id);
-    let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    // Dropping the set (when this task ends or is aborted) aborts every loop.
-    let mut tasks = JoinSet::new();
+    let (specs_tx, specs_rx) = watch::channel(specs_of(&node));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    // Dropping the set (when this task ends or is aborted) aborts the loop.
+    let mut task = JoinSet::new();
+    task.spawn(
+        observe(observer.clone(), node.clock.boot_id(), specs_rx, Arc::new(RedisStores::new()), client, stop_rx)
+            .instrument(info_span!("observe", observer = %observer)),
+    );
     let mut changes = node.reader.subscribe();
     let mut stopping = node.stopping.clone();
     loop {
-        let specs: BTreeMap<String, GroupSpec> =
-            node.reader.with_machine(|m, _| m.groups().map(|g| (g.spec.name.clone(), g.spec.clone())).collect());
-        running.retain(|name, r| {
-            let keep = specs.contains_key(name);
-            if !keep {
-                let _ = r.stop.send(true);
-            }
-            keep
-        });
-        for (name, spec) in specs {
-            match running.get(&name) {
-                Some(r) => {
-                    r.spec.send_if_modified(|s| {
-                        let changed = *s != spec;
-                        *s = spec.clone();
-                        changed
-                    });
-                }
-                None => {
-                    info!(group = %name, "observing group");
-                    let (spec_tx, spec_rx) = watch::channel(spec);
-                    let (stop_tx, stop_rx) = watch::channel(false);
-                    let span = info_span!("observe", group = %name, observer = %observer);
-                    tasks.spawn(
-                        observe(
-                            observer.clone(),
-                            node.clock.boot_id(),
-                            spec_rx,
-                            stores.clone(),
-                            client.clone(),
-                            stop_rx,
-                        )
-                        .instrument(span),
-                    );
-                    running.insert(name, Running { spec: spec_tx, stop: stop_tx });
-                }
-            }
-        }
-        // Reap finished loops without blocking.
-        while tasks.try_join_next().is_some() {}
-        // Wait for a spec change (or the periodic resync).
         let resync = tokio::time::sleep(RESYNC_EVERY);
         tokio::pin!(resync);
+        // Wait for a spec change (or the periodic resync).
         let stop = loop {
             tokio::select! {
                 ev = changes.recv() => match ev {
@@ -104,9 +65,15 @@ pub async fn observe_groups(node: Node) {
         if stop {
             break;
         }
+        let specs = specs_of(&node);
+        specs_tx.send_if_modified(|s| {
+            let changed = *s != specs;
+            if changed {
+                *s = specs;
+            }
+            changed
+        });
     }
-    for r in running.values() {
-        let _ = r.stop.send(true);
-    }
-    let _ = tokio::time::timeout(Duration::from_secs(2), async { while tasks.join_next().await.is_some() {} }).await;
+    let _ = stop_tx.send(true);
+    let _ = tokio::time::timeout(Duration::from_secs(2), task.join_next()).await;
 }

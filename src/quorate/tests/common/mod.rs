@@ -321,7 +321,15 @@ impl GroupFixture {
         let log = self.cluster.dir.path().join(format!("agent-{}.log", i + 1));
         let log = std::fs::File::options().create(true).append(true).open(log).unwrap();
         let child = Command::new(QUORATE)
-            .args(["agent", "--group", &self.group, "--member", &self.member(i), "--endpoints", &self.cluster.endpoints()])
+            .args([
+                "agent",
+                "--group",
+                &self.group,
+                "--member",
+                &self.member(i),
+                "--endpoints",
+                &self.cluster.endpoints(),
+            ])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
