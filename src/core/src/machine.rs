@@ -68,6 +68,9 @@ pub enum Op {
     /// One observer's views of the members of one or more groups (a
     /// coordinator reports all its groups in one command).
     Report { observer: Observer, observer_incarnation: u64, views: Vec<GroupView> },
+    /// Several commands in one log entry, applied in order at the same time
+    /// (the leader batches concurrent reports). Not nested.
+    Batch(Vec<Op>),
 }
 
 /// An observer's view of one group's members.
@@ -168,6 +171,8 @@ pub enum Rejection {
     EpochExhausted { group: String },
     #[error("command stamped by node {stamped} in a term led by node {leader}")]
     ForeignStamp { stamped: u64, leader: u64 },
+    #[error("batches cannot be nested")]
+    NestedBatch,
     #[error("invalid group spec: {0}")]
     InvalidSpec(SpecError),
     #[error("no group named {group:?}; create it with `quorate group apply`")]
@@ -218,6 +223,8 @@ pub enum Outcome {
         restarts: Vec<RestartEvent>,
         rejected: Vec<Rejection>,
     },
+    /// One outcome per command of a batch, in order.
+    Batch(Vec<Outcome>),
     Rejected(Rejection),
 }
 
@@ -302,8 +309,24 @@ impl Machine {
             });
         }
         let now = self.advance_clock(pos, &cmd.stamp);
-        let timing = cmd.stamp.timing;
-        match &cmd.op {
+        self.apply_op(pos, now, cmd.stamp.timing, &cmd.op)
+    }
+
+    fn apply_op(&mut self, pos: LogPosition, now: u64, timing: LeaseTiming, op: &Op) -> Applied {
+        match op {
+            Op::Batch(ops) => {
+                let mut outcomes = Vec::with_capacity(ops.len());
+                let mut changes = Vec::new();
+                for op in ops {
+                    let applied = match op {
+                        Op::Batch(_) => rejected_outcome(Rejection::NestedBatch),
+                        op => self.apply_op(pos, now, timing, op),
+                    };
+                    outcomes.push(applied.outcome);
+                    changes.extend(applied.changes);
+                }
+                Applied { outcome: Outcome::Batch(outcomes), changes }
+            }
             Op::LeaderStart => Applied { outcome: Outcome::LeaderStarted, changes: Vec::new() },
             Op::Acquire { group, holder, ttl_ms } => self.acquire(pos.index, now, timing, group, holder, *ttl_ms),
             Op::Renew { group, holder, epoch } => self.renew(pos.index, now, group, holder, *epoch),

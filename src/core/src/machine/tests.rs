@@ -326,3 +326,25 @@ fn groups_are_applied_validated_and_reported_on() {
     let copy: Machine = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
     assert_eq!(copy, m);
 }
+
+#[test]
+fn a_batch_applies_each_command_in_order() {
+    let mut m = Machine::new();
+    let batch = Op::Batch(vec![
+        acquire("g", "a", 1000),
+        acquire("g", "b", 1000),
+        Op::Batch(vec![]),
+        Op::Release { group: "g".into(), holder: "a".into(), epoch: 1 },
+    ]);
+    match run(&mut m, 1, 0, batch) {
+        Outcome::Batch(o) => {
+            assert_eq!(o.len(), 4);
+            assert!(matches!(o[0], Outcome::Granted(_)));
+            assert!(matches!(o[1], Outcome::Held { .. }));
+            assert_eq!(o[2], Outcome::Rejected(Rejection::NestedBatch));
+            assert!(matches!(o[3], Outcome::Released(_)));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(m.lease("g", ReaderClock::Unknown).holder, None);
+}

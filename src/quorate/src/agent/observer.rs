@@ -103,7 +103,9 @@ pub async fn observe<S: Stores, R: ReportSink>(
 
     let mut current = specs.borrow_and_update().clone();
     let mut trackers: BTreeMap<(String, String), Tracker> = BTreeMap::new();
-    let mut last_report: BTreeMap<String, Instant> = BTreeMap::new();
+    // When every group's view was last sent. Refreshes go out together, so
+    // a coordinator observing many groups sends one report per interval.
+    let mut last_refresh: Option<Instant> = None;
     let tick_of = |specs: &[GroupSpec]| {
         let ms = specs.iter().map(|s| s.policy.heartbeat_interval_ms).min().unwrap_or(100);
         let mut i = tokio::time::interval(Duration::from_millis(ms));
@@ -133,7 +135,6 @@ pub async fn observe<S: Stores, R: ReportSink>(
             })
             .collect();
         trackers.retain(|k, _| wanted.contains_key(k));
-        last_report.retain(|g, _| current.iter().any(|s| s.name == *g));
         for (k, down_after) in &wanted {
             trackers
                 .entry(k.clone())
@@ -157,27 +158,21 @@ pub async fn observe<S: Stores, R: ReportSink>(
                 }
             }
         }
-        let due: Vec<&GroupSpec> = current
+        let refresh_every = current.iter().map(|s| s.policy.report_interval_ms).min().unwrap_or(1_000);
+        let refresh = last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_millis(refresh_every));
+        if refresh {
+            last_refresh = Some(Instant::now());
+        }
+        let views: Vec<pb::GroupView> = current
             .iter()
-            .filter(|s| {
-                changed.contains(&s.name)
-                    || last_report
-                        .get(&s.name)
-                        .is_none_or(|t| t.elapsed() >= Duration::from_millis(s.policy.report_interval_ms))
-            })
-            .collect();
-        let views: Vec<pb::GroupView> = due
-            .into_iter()
-            .map(|s| {
-                last_report.insert(s.name.clone(), Instant::now());
-                pb::GroupView {
-                    group: s.name.clone(),
-                    cells: trackers
-                        .range((s.name.clone(), String::new())..)
-                        .take_while(|((g, _), _)| *g == s.name)
-                        .map(|((_, id), t)| observation_pb(id, &t.observation(now)))
-                        .collect(),
-                }
+            .filter(|s| refresh || changed.contains(&s.name))
+            .map(|s| pb::GroupView {
+                group: s.name.clone(),
+                cells: trackers
+                    .range((s.name.clone(), String::new())..)
+                    .take_while(|((g, _), _)| *g == s.name)
+                    .map(|((_, id), t)| observation_pb(id, &t.observation(now)))
+                    .collect(),
             })
             .collect();
         if !views.is_empty() {

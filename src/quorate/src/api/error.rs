@@ -23,7 +23,7 @@ pub struct LeaderHint {
 }
 
 /// Why an API call failed.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum ApiError {
     /// The request is malformed; the message names the field.
     #[error("{0}")]

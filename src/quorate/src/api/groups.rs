@@ -70,7 +70,7 @@ impl CoordinatorService {
         }
         let op =
             Op::Report { observer: Observer::parse(&r.observer), observer_incarnation: r.observer_incarnation, views };
-        match self.node.propose(op).await? {
+        match self.reports.propose(op, self.node.id).await? {
             Outcome::Reported { restarts, rejected } => Ok(pb::ReportResponse {
                 restarts: restarts.iter().map(restart_pb).collect(),
                 rejected: rejected.iter().map(ToString::to_string).collect(),

@@ -3,6 +3,7 @@
 //! never reaches the log), decisions are the state machine's, and every error
 //! leaves through [`error::ApiError::into_status`].
 
+mod batch;
 pub(crate) mod convert;
 pub mod error;
 mod groups;
@@ -41,11 +42,14 @@ const WATCH_BUFFER: usize = 256;
 #[derive(Debug, Clone)]
 pub struct CoordinatorService {
     node: Node,
+    reports: batch::Batcher,
 }
 
 impl CoordinatorService {
-    pub fn new(node: Node) -> Self {
-        Self { node }
+    /// The service, and the report batcher's task (owned by the caller).
+    pub fn new(node: Node) -> (Self, tokio::task::JoinHandle<()>) {
+        let (reports, task) = batch::Batcher::start(node.clone());
+        (Self { node, reports }, task)
     }
 
     pub fn into_server(self) -> CoordinatorServer<Self> {
@@ -287,7 +291,9 @@ fn rejection(r: Rejection) -> ApiError {
         | Rejection::InvalidSpec(_)
         | Rejection::UnknownObserver { .. } => ApiError::InvalidArgument(message),
         Rejection::UnknownGroup { .. } => ApiError::NotFound(message),
-        Rejection::EpochExhausted { .. } | Rejection::ForeignStamp { .. } => ApiError::Internal(message),
+        Rejection::EpochExhausted { .. } | Rejection::ForeignStamp { .. } | Rejection::NestedBatch => {
+            ApiError::Internal(message)
+        }
     }
 }
 

@@ -274,6 +274,18 @@ pub struct BenchArgs {
     /// Read consistency for lease-get.
     #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
     pub consistency: ConsistencyArg,
+    /// ingest: number of simulated members.
+    #[arg(long, default_value_t = 1000)]
+    pub members: usize,
+    /// ingest: members per group.
+    #[arg(long, default_value_t = 2)]
+    pub group_size: usize,
+    /// ingest: seconds before measuring.
+    #[arg(long, default_value_t = 5)]
+    pub warmup_s: u64,
+    /// ingest: an existing heartbeat Redis (default: start a redis-server).
+    #[arg(long)]
+    pub heartbeat_url: Option<String>,
 }
 
 /// Prints a line: the JSON value with `--json`, else the text.
@@ -334,6 +346,19 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Local(LocalCommand::Down { dir }) => {
             let stopped = crate::local::down(&dir).await?;
             emit(json_mode, &json!({ "stopped": stopped }), || format!("stopped {} processes", stopped.len()));
+            Ok(())
+        }
+        Command::Bench(args) if args.kind == crate::bench::BenchKind::Ingest => {
+            let client = client(&cli.endpoints)?;
+            let opts = crate::bench::ingest::IngestOptions {
+                members: args.members,
+                group_size: args.group_size,
+                duration: Duration::from_secs(args.duration_s),
+                warmup: Duration::from_secs(args.warmup_s),
+                heartbeat_url: args.heartbeat_url,
+            };
+            let report = crate::bench::ingest::run(&client, &opts).await?;
+            emit(json_mode, &serde_json::to_value(&report)?, || report.to_string());
             Ok(())
         }
         Command::Bench(args) => {

@@ -164,8 +164,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_committed(&mut self, committed: Option<LogId>) -> Result<(), io::Error> {
+        // No fsync (Durability::None), so no need for the blocking pool: a
+        // thread hop per commit costs more than the write itself.
         let bytes = encode(&committed)?;
-        write_txn(&self.db, Durability::None, move |txn| put_meta(txn, KEY_COMMITTED, &bytes)).await
+        let mut txn = self.db.begin_write().map_err(io_err)?;
+        txn.set_durability(Durability::None).map_err(io::Error::other)?;
+        put_meta(&txn, KEY_COMMITTED, &bytes)?;
+        txn.commit().map_err(io_err)
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId>, io::Error> {

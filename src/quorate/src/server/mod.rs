@@ -113,12 +113,13 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
     tasks.spawn(observers::observe_groups(node.clone()).instrument(info_span!("observers", node_id = id)));
 
+    let (coordinator, batcher) = CoordinatorService::new(node.clone());
     let mut server_stop = node.stopping.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(RaftService::new(raft.clone(), id).into_server())
-        .add_service(CoordinatorService::new(node.clone()).into_server())
+        .add_service(coordinator.into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             crate::shutdown::stopped(&mut server_stop).await;
         });
@@ -135,6 +136,10 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     }
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
+    // The server (and with it every batcher handle) is gone: the batcher
+    // drains what it has and ends.
+    drop(server);
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, batcher).await;
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }

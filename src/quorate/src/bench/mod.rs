@@ -1,9 +1,14 @@
-//! `quorate bench`: a closed-loop load generator against a running cluster.
+//! `quorate bench`: load generators against a running cluster.
+//!
+//! `lease-get` and `acquire-renew` are closed loops (this file); `ingest`
+//! measures what observations cost the coordinators ([`ingest`]).
 //!
 //! N clients (each with its own connection) issue calls back to back for the
 //! given duration; every latency is recorded and the report gives throughput
 //! and p50/p99/max. Numbers, not assertions: this is how the README's
 //! figures are produced.
+
+pub mod ingest;
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -21,6 +26,8 @@ pub enum BenchKind {
     LeaseGet,
     /// Each client acquires its own group once, then renews as fast as it can.
     AcquireRenew,
+    /// Simulated members and agents; measures coordinator CPU per observation.
+    Ingest,
 }
 
 /// The result of one run.
@@ -43,6 +50,7 @@ impl fmt::Display for BenchReport {
         let what = match self.kind {
             BenchKind::LeaseGet => format!("lease-get ({})", self.consistency),
             BenchKind::AcquireRenew => "acquire-renew (renewals)".to_owned(),
+            BenchKind::Ingest => "ingest".to_owned(),
         };
         write!(
             f,
@@ -124,7 +132,7 @@ async fn worker(
     while Instant::now() < end {
         let t = Instant::now();
         let ok = match kind {
-            BenchKind::LeaseGet => c.get_lease("bench", consistency).await.is_ok(),
+            BenchKind::LeaseGet | BenchKind::Ingest => c.get_lease("bench", consistency).await.is_ok(),
             BenchKind::AcquireRenew => c.renew(&group, &holder, epoch).await.is_ok(),
         };
         if ok {

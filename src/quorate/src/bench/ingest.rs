@@ -1,0 +1,356 @@
+//! `quorate bench ingest`: what observations cost the coordinators.
+//!
+//! Simulates N members in groups of K, all publishing heartbeats into one
+//! heartbeat store (a redis-server it starts, unless `--heartbeat-url` is
+//! given): one pipelined round trip per heartbeat interval sets every key.
+//! Simulated agents send what real agents send: one report per member per
+//! report interval, with its view of its peers. The coordinators do their
+//! real work: observe every member of every group, ingest every report
+//! through Raft. The bench measures, over the window after a warm-up:
+//! the CPU time of every `quorate server` process on this machine (from
+//! /proc), committed reports per second, observations per second, and
+//! whether every view stayed fresh.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use quorate_core::group::{GroupSpec, MemberSpec, Policy, heartbeat_key};
+use quorate_core::observe::Beat;
+use serde::Serialize;
+use tokio::sync::Semaphore;
+
+use crate::api::convert::spec_pb;
+use crate::client::{Client, ClientError};
+use crate::pb::v1 as pb;
+
+/// Options of one ingestion run.
+#[derive(Debug, Clone)]
+pub struct IngestOptions {
+    pub members: usize,
+    pub group_size: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// An existing heartbeat store; else the bench starts a redis-server.
+    pub heartbeat_url: Option<String>,
+}
+
+/// What one run measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct IngestReport {
+    pub members: usize,
+    pub groups: usize,
+    pub coordinators: usize,
+    pub heartbeat_interval_ms: u64,
+    pub report_interval_ms: u64,
+    pub window_s: f64,
+    /// Raft entries applied per second (agent and coordinator reports).
+    pub entries_per_s: f64,
+    /// Observations (matrix cells) ingested per second.
+    pub observations_per_s: f64,
+    /// CPU of all coordinator processes, in % of the whole machine.
+    pub coordinator_cpu_pct_of_machine: f64,
+    /// Coordinator CPU per 1,000 observations/s, in % of one core.
+    pub cpu_pct_of_core_per_1000_obs_per_s: f64,
+    pub agent_reports_failed: u64,
+    /// Sampled groups whose every member had a fresh report from every
+    /// observer at the end of the run, out of those sampled.
+    pub fresh_groups: usize,
+    pub sampled_groups: usize,
+    pub cores: usize,
+}
+
+impl std::fmt::Display for IngestReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "ingest: {} members in {} groups, {} coordinators, heartbeat {} ms: {:.0} observations/s in {:.0} Raft entries/s; \
+             coordinator CPU {:.1}% of the machine ({} cores), {:.2}% of a core per 1,000 observations/s; \
+             fresh: {}/{} sampled groups; {} agent reports failed",
+            self.members,
+            self.groups,
+            self.coordinators,
+            self.heartbeat_interval_ms,
+            self.observations_per_s,
+            self.entries_per_s,
+            self.coordinator_cpu_pct_of_machine,
+            self.cores,
+            self.cpu_pct_of_core_per_1000_obs_per_s,
+            self.fresh_groups,
+            self.sampled_groups,
+            self.agent_reports_failed
+        )
+    }
+}
+
+/// Why the bench could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum IngestError {
+    #[error(transparent)]
+    Client(#[from] ClientError),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Process ids of every `quorate server` on this machine.
+fn server_pids() -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<&[u8]> = cmd.split(|b| *b == 0).collect();
+            args.first().is_some_and(|a| a.ends_with(b"quorate")) && args.iter().any(|a| *a == b"server")
+        })
+        .collect()
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may contain spaces): state is 3rd.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    get(11) + get(12)
+}
+
+fn clock_ticks_per_s() -> f64 {
+    std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
+        .unwrap_or(100.0)
+}
+
+/// A redis-server started for the bench, stopped on drop.
+struct OwnRedis {
+    child: std::process::Child,
+    _dir: std::path::PathBuf,
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_redis() -> Result<(OwnRedis, String), IngestError> {
+    let redis = crate::local::find_redis_server().map_err(|e| IngestError::Setup(e.to_string()))?;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map_err(|e| IngestError::Setup(e.to_string()))?
+        .port();
+    let dir = std::env::temp_dir().join(format!("quorate-bench-redis-{port}"));
+    std::fs::create_dir_all(&dir).map_err(|e| IngestError::Setup(e.to_string()))?;
+    let child = std::process::Command::new(redis)
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .arg("--dir")
+        .arg(&dir)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| IngestError::Setup(format!("cannot start redis-server: {e}")))?;
+    let started = Instant::now();
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if started.elapsed() > Duration::from_secs(10) {
+            return Err(IngestError::Setup("redis-server did not start".into()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok((OwnRedis { child, _dir: dir }, format!("redis://127.0.0.1:{port}")))
+}
+
+/// Publishes every member's heartbeat each interval in one pipeline.
+async fn publish_all(
+    url: String,
+    keys: Vec<String>,
+    incarnation: u64,
+    interval: Duration,
+    ttl_ms: u64,
+    until: Instant,
+) -> Result<(), IngestError> {
+    let client = redis::Client::open(url.as_str()).map_err(|e| IngestError::Setup(e.to_string()))?;
+    let mut conn = client.get_multiplexed_async_connection().await.map_err(|e| IngestError::Setup(e.to_string()))?;
+    let mut seq = 0;
+    let mut tick = tokio::time::interval(interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    while Instant::now() < until {
+        tick.tick().await;
+        seq += 1;
+        let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let value = Beat { incarnation, seq, unix_ms }.encode();
+        let mut pipe = redis::pipe();
+        for k in &keys {
+            pipe.cmd("SET").arg(k).arg(&value).arg("PX").arg(ttl_ms).ignore();
+        }
+        pipe.query_async::<()>(&mut conn).await.map_err(|e| IngestError::Setup(format!("publishing: {e}")))?;
+    }
+    Ok(())
+}
+
+/// Runs the ingestion benchmark against the cluster `client` points at.
+pub async fn run(client: &Client, opts: &IngestOptions) -> Result<IngestReport, IngestError> {
+    let k = opts.group_size.max(1);
+    let groups = opts.members.div_ceil(k);
+    let (_own, url) = match &opts.heartbeat_url {
+        Some(u) => (None, u.clone()),
+        None => {
+            let (r, u) = start_redis()?;
+            (Some(r), u)
+        }
+    };
+    let policy = Policy::default();
+    let specs: Vec<GroupSpec> = (0..groups)
+        .map(|g| GroupSpec {
+            name: format!("ingest-{g}"),
+            members: (0..k)
+                .map(|i| MemberSpec { id: format!("m{g}-{i}"), heartbeat: url.clone(), priority: 1 })
+                .collect(),
+            policy,
+        })
+        .collect();
+    for s in &specs {
+        client.apply_group(spec_pb(s)).await?;
+    }
+    let keys: Vec<String> =
+        specs.iter().flat_map(|s| s.members.iter().map(|m| heartbeat_key(&s.name, &m.id))).collect();
+    // Keep members beating a little past the window, so the freshness check
+    // at its end sees a live system.
+    let total = opts.warmup + opts.duration + Duration::from_secs(3);
+    let until = Instant::now() + total;
+    // One incarnation for every simulated member: agents report what they
+    // would read.
+    let incarnation: u64 = rand::random();
+    let publisher = tokio::spawn(publish_all(
+        url.clone(),
+        keys,
+        incarnation,
+        Duration::from_millis(policy.heartbeat_interval_ms),
+        policy.heartbeat_ttl_ms(),
+        until,
+    ));
+
+    // Simulated agents: each member reports its view of its peers once per
+    // report interval, spread over the interval, through a few connections.
+    let endpoints = client.endpoints().to_vec();
+    let conns: Vec<Arc<Client>> = (0..8).map(|_| Client::new(&endpoints).map(Arc::new)).collect::<Result<_, _>>()?;
+    let failed = Arc::new(AtomicU64::new(0));
+    let in_flight = Arc::new(Semaphore::new(128));
+    let members: Vec<(String, String, Vec<String>)> = specs
+        .iter()
+        .flat_map(|s| {
+            s.members.iter().map(|m| {
+                let peers = s.members.iter().filter(|p| p.id != m.id).map(|p| p.id.clone()).collect();
+                (s.name.clone(), m.id.clone(), peers)
+            })
+        })
+        .collect();
+    let agents = {
+        let failed = failed.clone();
+        tokio::spawn(async move {
+            let per_member = Duration::from_millis(policy.report_interval_ms) / members.len().max(1) as u32;
+            let mut tick = tokio::time::interval(per_member.max(Duration::from_micros(50)));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut i = 0usize;
+            while Instant::now() < until {
+                tick.tick().await;
+                let (group, member, peers) = &members[i % members.len()];
+                i += 1;
+                let cells = peers
+                    .iter()
+                    .map(|p| pb::Observation {
+                        target: p.clone(),
+                        state: pb::ObservationState::ObservedUp as i32,
+                        reason: quorate_core::observe::Reason::Advancing.as_str().into(),
+                        state_age_ms: 1_000,
+                        incarnation: Some(incarnation),
+                        seq: Some(i as u64),
+                        restarts: 0,
+                    })
+                    .collect();
+                let req = pb::ReportRequest {
+                    observer: member.clone(),
+                    observer_incarnation: incarnation,
+                    views: vec![pb::GroupView { group: group.clone(), cells }],
+                };
+                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
+                let c = conns[i % conns.len()].clone();
+                let failed = failed.clone();
+                tokio::spawn(async move {
+                    if c.report_view(req).await.is_err() {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
+                    drop(permit);
+                });
+            }
+        })
+    };
+
+    tokio::time::sleep(opts.warmup).await;
+    let pids = server_pids();
+    let coordinators = pids.len();
+    let cpu0: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let applied0 = applied_index(client).await?;
+    let failed0 = failed.load(Ordering::Relaxed);
+    let t0 = Instant::now();
+    tokio::time::sleep(opts.duration).await;
+    let window = t0.elapsed().as_secs_f64();
+    let cpu1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+    let applied1 = applied_index(client).await?;
+    let failed_reports = failed.load(Ordering::Relaxed) - failed0;
+
+    // Freshness: every member of a sample of groups has a fresh report from
+    // every configured observer.
+    let sample: Vec<&GroupSpec> = specs.iter().step_by((groups / 20).max(1)).collect();
+    let mut fresh_groups = 0;
+    for s in &sample {
+        let m = client.get_matrix(&s.name, pb::Consistency::Stale).await?;
+        if m.verdicts.iter().all(|v| v.silent == 0 && v.state == pb::VerdictState::VerdictUp as i32) {
+            fresh_groups += 1;
+        }
+    }
+    let _ = agents.await;
+    publisher.await.map_err(|e| IngestError::Setup(e.to_string()))??;
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_s = (cpu1 - cpu0) as f64 / clock_ticks_per_s();
+    let cpu_pct_machine = 100.0 * cpu_s / window / cores as f64;
+    let entries_per_s = (applied1 - applied0) as f64 / window;
+    // Agents: one view of K-1 peers per member per interval; coordinators:
+    // one view of every member per interval each.
+    let per_interval = (opts.members * (k - 1) + coordinators * opts.members) as f64;
+    let observations_per_s = per_interval / (policy.report_interval_ms as f64 / 1000.0);
+    let cpu_pct_core = 100.0 * cpu_s / window;
+    Ok(IngestReport {
+        members: opts.members,
+        groups,
+        coordinators,
+        heartbeat_interval_ms: policy.heartbeat_interval_ms,
+        report_interval_ms: policy.report_interval_ms,
+        window_s: window,
+        entries_per_s,
+        observations_per_s,
+        coordinator_cpu_pct_of_machine: cpu_pct_machine,
+        cpu_pct_of_core_per_1000_obs_per_s: cpu_pct_core / (observations_per_s / 1000.0),
+        agent_reports_failed: failed_reports,
+        fresh_groups,
+        sampled_groups: sample.len(),
+        cores,
+    })
+}
+
+async fn applied_index(client: &Client) -> Result<u64, ClientError> {
+    // The highest applied index any node reports.
+    let mut best = BTreeMap::new();
+    for e in client.endpoints() {
+        if let Ok(mut raw) = client.raw(e)
+            && let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(1), raw.status(pb::StatusRequest {})).await
+        {
+            best.insert(e.clone(), s.into_inner().last_applied);
+        }
+    }
+    best.values().max().copied().ok_or(ClientError::Unavailable { attempts: 1, last: "no node answered Status".into() })
+}
