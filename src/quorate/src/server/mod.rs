@@ -123,7 +123,8 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             crate::shutdown::stopped(&mut server_stop).await;
         });
-    tokio::pin!(server);
+    // Boxed so it can be dropped (with every service handle in it) below.
+    let mut server = Box::pin(server);
 
     let result = tokio::select! {
         res = &mut server => res.map_err(ServerError::from),
