@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Reproduces the README's performance figures on this machine: builds a
+# release binary, starts a local 3-node cluster on ports 27101-27103, runs
+# every benchmark, stops the cluster. Takes about five minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source deploy/lib/deps.sh
+need_redis_server
+cargo build --release --locked -p quorate
+q=$PWD/target/release/quorate
+dir=$(mktemp -d)
+trap '"$q" local down --dir "$dir" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
+"$q" local up --nodes 3 --dir "$dir" --base-port 27101 >/dev/null
+export QUORATE_ENDPOINTS=127.0.0.1:27101,127.0.0.1:27102,127.0.0.1:27103
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+for c in 1 16 64; do "$q" bench lease-get --clients "$c" --duration-s 5; done
+"$q" bench lease-get --clients 64 --duration-s 5 --consistency lease-read
+"$q" bench lease-get --clients 64 --duration-s 5 --consistency stale
+for c in 1 16 64; do "$q" bench acquire-renew --clients "$c" --duration-s 5; done
+for n in 1000 2000 4000; do "$q" bench ingest --members "$n" --duration-s 10; done
