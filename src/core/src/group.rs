@@ -18,6 +18,33 @@ pub struct GroupSpec {
     pub members: Vec<MemberSpec>,
     #[serde(default)]
     pub policy: Policy,
+    /// Present for a *managed* group: quorate picks its primary.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<FailoverPolicy>,
+}
+
+/// How quorate runs the primary role of a managed group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailoverPolicy {
+    /// The primary's lease: it must renew within this TTL or fence itself.
+    pub lease_ttl_ms: u64,
+    /// A replica more than this many bytes behind the primary's last
+    /// reported replication offset is not promoted.
+    pub max_lag_bytes: u64,
+    /// After an automatic failover, no other for this long (an operator can
+    /// clear the block).
+    pub min_failover_interval_ms: u64,
+    /// The primary when the group is created; default: the member with the
+    /// highest priority (the first one on a tie).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub initial_primary: Option<String>,
+}
+
+impl Default for FailoverPolicy {
+    fn default() -> Self {
+        Self { lease_ttl_ms: 1_000, max_lag_bytes: 1 << 20, min_failover_interval_ms: 30_000, initial_primary: None }
+    }
 }
 
 /// One member of a group.
@@ -33,6 +60,11 @@ pub struct MemberSpec {
     /// Preference for the primary role (higher wins); 0 = never primary.
     #[serde(default = "default_priority")]
     pub priority: u32,
+    /// The member's data service, for drivers that need to reach it from
+    /// elsewhere: the redis driver makes replicas follow the primary's
+    /// `redis://HOST:PORT`. Required in managed groups.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
 }
 
 fn default_priority() -> u32 {
@@ -89,6 +121,10 @@ pub enum SpecError {
     BadUrl { index: usize, url: String, reason: String },
     #[error("policy.{field}: {reason}")]
     Policy { field: String, reason: String },
+    #[error("members[{index}].data: {url:?}: {reason}")]
+    BadDataUrl { index: usize, url: String, reason: String },
+    #[error("failover.{field}: {reason}")]
+    Failover { field: String, reason: String },
 }
 
 impl GroupSpec {
@@ -115,8 +151,64 @@ impl GroupSpec {
                 url: m.heartbeat.clone(),
                 reason,
             })?;
+            if let Some(data) = &m.data {
+                check_redis_url(data).map_err(|reason| SpecError::BadDataUrl { index, url: data.clone(), reason })?;
+            }
         }
-        self.policy.validate()
+        self.policy.validate()?;
+        if let Some(f) = &self.failover {
+            self.validate_failover(f)?;
+        }
+        Ok(())
+    }
+
+    fn validate_failover(&self, f: &FailoverPolicy) -> Result<(), SpecError> {
+        let bad = |field: &str, reason: String| Err(SpecError::Failover { field: field.to_owned(), reason });
+        let p = &self.policy;
+        if f.lease_ttl_ms < p.down_after_ms + p.heartbeat_interval_ms {
+            return bad(
+                "lease_ttl_ms",
+                format!(
+                    "{} ms is shorter than down_after_ms + heartbeat_interval_ms ({} ms): a primary would lose its lease before anyone could judge it down",
+                    f.lease_ttl_ms,
+                    p.down_after_ms + p.heartbeat_interval_ms
+                ),
+            );
+        }
+        if !self.members.iter().any(|m| m.priority > 0) {
+            return bad("members", "a managed group needs a member with priority above 0".into());
+        }
+        if let Some(index) = self.members.iter().position(|m| m.data.is_none()) {
+            return Err(SpecError::Failover {
+                field: format!("members[{index}].data"),
+                reason: "missing: every member of a managed group needs its data URL (redis://HOST:PORT)".into(),
+            });
+        }
+        if let Some(initial) = &f.initial_primary {
+            match self.member(initial) {
+                None => return bad("initial_primary", format!("{initial:?} is not a member")),
+                Some(m) if m.priority == 0 => {
+                    return bad("initial_primary", format!("{initial:?} has priority 0 (never primary)"));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether quorate picks this group's primary.
+    pub fn is_managed(&self) -> bool {
+        self.failover.is_some()
+    }
+
+    /// The primary a new managed group starts with.
+    pub fn initial_primary(&self) -> Option<&str> {
+        let f = self.failover.as_ref()?;
+        if let Some(p) = &f.initial_primary {
+            return Some(p);
+        }
+        let best = self.members.iter().map(|m| m.priority).max()?;
+        self.members.iter().find(|m| m.priority == best && m.priority > 0).map(|m| m.id.as_str())
     }
 
     pub fn member(&self, id: &str) -> Option<&MemberSpec> {
@@ -222,9 +314,11 @@ mod tests {
                     id: (*id).into(),
                     heartbeat: format!("redis://127.0.0.1:{}", 6400 + i),
                     priority: 100,
+                    data: None,
                 })
                 .collect(),
             policy: Policy::default(),
+            failover: None,
         }
     }
 
@@ -256,6 +350,32 @@ mod tests {
         assert!(err(s.clone()).starts_with("policy.report_interval_ms:"));
         s.name = String::new();
         assert!(err(s).starts_with("name: group name must not be empty"));
+    }
+
+    #[test]
+    fn managed_groups_are_checked_too() {
+        let err = |s: GroupSpec| s.validate().unwrap_err().to_string();
+        let mut s = spec(&["a", "b"]);
+        s.failover = Some(FailoverPolicy::default());
+        assert_eq!(
+            err(s.clone()),
+            "failover.members[0].data: missing: every member of a managed group needs its data URL (redis://HOST:PORT)"
+        );
+        for (i, m) in s.members.iter_mut().enumerate() {
+            m.data = Some(format!("redis://127.0.0.1:{}", 6500 + i));
+        }
+        s.validate().unwrap();
+        assert_eq!(s.initial_primary(), Some("a"));
+        s.members[1].priority = 200;
+        assert_eq!(s.initial_primary(), Some("b"));
+        s.failover.as_mut().unwrap().lease_ttl_ms = 300;
+        assert!(err(s.clone()).starts_with("failover.lease_ttl_ms: 300 ms is shorter than down_after_ms"));
+        s.failover = Some(FailoverPolicy { initial_primary: Some("zz".into()), ..FailoverPolicy::default() });
+        assert_eq!(err(s.clone()), "failover.initial_primary: \"zz\" is not a member");
+        s.failover = Some(FailoverPolicy::default());
+        s.members[0].priority = 0;
+        s.members[1].priority = 0;
+        assert!(err(s).starts_with("failover.members: a managed group needs a member with priority above 0"));
     }
 
     #[test]

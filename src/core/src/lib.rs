@@ -23,6 +23,7 @@
 //! never reused, and a new holder is only granted once the previous lease has
 //! expired with the drift margin on the granting leader's clock.
 
+pub mod election;
 pub mod group;
 pub mod lease;
 pub mod machine;

@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::election::{HistoryEntry, MemberStatus, MoveKind, Switchover};
 use crate::group::{GroupSpec, SpecError};
 use crate::lease::LeaseTiming;
 use crate::matrix::{GroupState, Observer, RestartEvent};
@@ -34,6 +35,9 @@ pub struct LeaderStamp {
     pub now_ms: u64,
     /// The leader's lease timing (drift bound and margin).
     pub timing: LeaseTiming,
+    /// The leader's wall clock, for people (history); never compared.
+    #[serde(default)]
+    pub wall_ms: u64,
 }
 
 /// A command as it is written to the Raft log.
@@ -66,8 +70,25 @@ pub enum Op {
     /// Create or change a failover group.
     ApplyGroup { spec: GroupSpec },
     /// One observer's views of the members of one or more groups (a
-    /// coordinator reports all its groups in one command).
-    Report { observer: Observer, observer_incarnation: u64, views: Vec<GroupView> },
+    /// coordinator reports all its groups in one command). A member's agent
+    /// also reports the state of its own data service.
+    Report {
+        observer: Observer,
+        observer_incarnation: u64,
+        views: Vec<GroupView>,
+        #[serde(default)]
+        status: Option<MemberStatus>,
+    },
+    /// The leader's decision to move a managed group's designation.
+    Designate { group: String, kind: MoveKind, from: Option<String>, to: String, reason: String, evidence: Vec<String> },
+    /// Maintenance on or off: no automatic failover while on.
+    SetMaintenance { group: String, on: bool },
+    /// Lift the minimum interval after the last failover.
+    UnblockFailover { group: String },
+    /// Start a planned switchover to `to` (or the best candidate).
+    Switchover { group: String, to: Option<String> },
+    /// Give a pending switchover up.
+    CancelSwitchover { group: String, reason: String },
     /// Several commands in one log entry, applied in order at the same time
     /// (the leader batches concurrent reports). Not nested.
     Batch(Vec<Op>),
@@ -173,6 +194,20 @@ pub enum Rejection {
     ForeignStamp { stamped: u64, leader: u64 },
     #[error("batches cannot be nested")]
     NestedBatch,
+    #[error("group {group:?} is not managed (its spec has no [failover] section)")]
+    NotManaged { group: String },
+    #[error("{holder:?} is not the designated primary of {group:?} (designated: {})", designated.as_deref().unwrap_or("nobody"))]
+    NotDesignated { group: String, holder: String, designated: Option<String> },
+    #[error("stale decision: expected {expected:?} to be designated, but it is {actual:?}")]
+    StaleDecision { expected: Option<String>, actual: Option<String> },
+    #[error(
+        "automatic failover of {group:?} is blocked for another {remaining_ms} ms (min_failover_interval_ms); `quorate failover unblock` lifts it"
+    )]
+    FailoverBlocked { group: String, remaining_ms: u64 },
+    #[error("group {group:?} is in maintenance: no automatic failover")]
+    InMaintenance { group: String },
+    #[error("{0}")]
+    InvalidTarget(String),
     #[error("invalid group spec: {0}")]
     InvalidSpec(SpecError),
     #[error("no group named {group:?}; create it with `quorate group apply`")]
@@ -225,6 +260,10 @@ pub enum Outcome {
     },
     /// One outcome per command of a batch, in order.
     Batch(Vec<Outcome>),
+    /// The designation moved (or maintenance/blocks changed, switchover started).
+    ElectionChanged {
+        designated: Option<String>,
+    },
     Rejected(Rejection),
 }
 
@@ -244,6 +283,7 @@ pub enum ChangeKind {
     Released,
     GroupApplied,
     ViewReported,
+    ElectionChanged,
 }
 
 impl Change {
@@ -267,6 +307,10 @@ pub struct Machine {
     /// The largest stamp applied on `clock` (stamps of concurrent proposals
     /// may reach the log slightly out of order; time never goes backwards).
     clock_now_ms: u64,
+    /// The first stamp applied on `clock`: when the current leader's term
+    /// started, as far as the machine knows.
+    #[serde(default)]
+    clock_started_ms: u64,
     leases: BTreeMap<String, LeaseRecord>,
     /// Failover groups: spec and matrix.
     #[serde(default)]
@@ -281,6 +325,12 @@ impl Machine {
     /// The clock lease times are measured on, and its latest applied reading.
     pub fn clock(&self) -> Option<(ClockBase, u64)> {
         self.clock.map(|c| (c, self.clock_now_ms))
+    }
+
+    /// The first reading of the machine's current clock (the current
+    /// leader's first applied entry).
+    pub fn clock_started_ms(&self) -> u64 {
+        self.clock_started_ms
     }
 
     /// Number of groups that have ever had a lease.
@@ -309,10 +359,10 @@ impl Machine {
             });
         }
         let now = self.advance_clock(pos, &cmd.stamp);
-        self.apply_op(pos, now, cmd.stamp.timing, &cmd.op)
+        self.apply_op(pos, now, cmd.stamp.timing, cmd.stamp.wall_ms, &cmd.op)
     }
 
-    fn apply_op(&mut self, pos: LogPosition, now: u64, timing: LeaseTiming, op: &Op) -> Applied {
+    fn apply_op(&mut self, pos: LogPosition, now: u64, timing: LeaseTiming, wall_ms: u64, op: &Op) -> Applied {
         match op {
             Op::Batch(ops) => {
                 let mut outcomes = Vec::with_capacity(ops.len());
@@ -320,7 +370,7 @@ impl Machine {
                 for op in ops {
                     let applied = match op {
                         Op::Batch(_) => rejected_outcome(Rejection::NestedBatch),
-                        op => self.apply_op(pos, now, timing, op),
+                        op => self.apply_op(pos, now, timing, wall_ms, op),
                     };
                     outcomes.push(applied.outcome);
                     changes.extend(applied.changes);
@@ -330,11 +380,27 @@ impl Machine {
             Op::LeaderStart => Applied { outcome: Outcome::LeaderStarted, changes: Vec::new() },
             Op::Acquire { group, holder, ttl_ms } => self.acquire(pos.index, now, timing, group, holder, *ttl_ms),
             Op::Renew { group, holder, epoch } => self.renew(pos.index, now, group, holder, *epoch),
-            Op::Release { group, holder, epoch } => self.release(pos.index, now, group, holder, *epoch),
-            Op::ApplyGroup { spec } => self.apply_group(pos.index, spec),
-            Op::Report { observer, observer_incarnation, views } => {
-                self.report(pos.index, now, observer, *observer_incarnation, views)
+            Op::Release { group, holder, epoch } => self.release(pos.index, now, wall_ms, group, holder, *epoch),
+            Op::ApplyGroup { spec } => self.apply_group(pos.index, wall_ms, spec),
+            Op::Report { observer, observer_incarnation, views, status } => {
+                self.report(pos.index, now, observer, *observer_incarnation, views, status.as_ref())
             }
+            Op::Designate { group, kind, from, to, reason, evidence } => {
+                self.designate(pos.index, now, wall_ms, group, *kind, from.as_deref(), to, reason, evidence)
+            }
+            Op::SetMaintenance { group, on } => self.election_op(group, |g| {
+                g.election.maintenance = *on;
+                Ok(())
+            }),
+            Op::UnblockFailover { group } => self.election_op(group, |g| {
+                g.election.last_failover_ms = None;
+                Ok(())
+            }),
+            Op::Switchover { group, to } => self.start_switchover(pos.index, group, to.as_deref()),
+            Op::CancelSwitchover { group, .. } => self.election_op(group, |g| {
+                g.election.switchover = None;
+                Ok(())
+            }),
         }
     }
 
@@ -373,6 +439,7 @@ impl Machine {
             let old_now = self.clock_now_ms;
             self.clock = Some(base);
             self.clock_now_ms = stamp.now_ms;
+            self.clock_started_ms = stamp.now_ms;
             for rec in self.leases.values_mut() {
                 rec.renewed_at_ms = stamp.now_ms;
             }
@@ -402,6 +469,9 @@ impl Machine {
         if timing.check_ttl(ttl_ms).is_err() {
             return rejected_outcome(Rejection::TtlTooShort { ttl_ms });
         }
+        if let Err(r) = self.check_designated(group, holder) {
+            return rejected_outcome(r);
+        }
         let rec = self.leases.entry(group.to_owned()).or_default();
         if let Some(current) = &rec.holder {
             let grantable_at_ms = grant_timing(rec, timing).grantable_at_ms(rec.renewed_at_ms, rec.ttl_ms);
@@ -426,12 +496,22 @@ impl Machine {
         };
         assert!(rec.epoch > previous, "epochs must strictly increase");
         let lease = view(group, rec, ReaderClock::Now(now));
+        if let Some(g) = self.groups.get_mut(group)
+            && let Some(last) = g.election.history.back_mut()
+            && last.to == holder
+            && last.epoch.is_none()
+        {
+            last.epoch = Some(epoch);
+        }
         Applied { outcome: Outcome::Granted(lease.clone()), changes: vec![Change::lease(ChangeKind::Acquired, lease)] }
     }
 
     fn renew(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
         if let Err(e) = check_names(group, holder) {
             return rejected_outcome(e);
+        }
+        if let Err(r) = self.check_designated(group, holder) {
+            return rejected_outcome(r);
         }
         let Some(rec) = self.holder_record(group, holder, epoch) else {
             return rejected_outcome(self.not_holder(group, holder, epoch));
@@ -445,7 +525,7 @@ impl Machine {
         Applied { outcome: Outcome::Renewed(lease.clone()), changes: vec![Change::lease(ChangeKind::Renewed, lease)] }
     }
 
-    fn release(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
+    fn release(&mut self, index: u64, now: u64, wall_ms: u64, group: &str, holder: &str, epoch: u64) -> Applied {
         if let Err(e) = check_names(group, holder) {
             return rejected_outcome(e);
         }
@@ -455,10 +535,30 @@ impl Machine {
         rec.holder = None;
         rec.revision = index;
         let lease = view(group, rec, ReaderClock::Now(now));
-        Applied { outcome: Outcome::Released(lease.clone()), changes: vec![Change::lease(ChangeKind::Released, lease)] }
+        let mut changes = vec![Change::lease(ChangeKind::Released, lease.clone())];
+        // The primary gives the lease up for a planned switchover: the
+        // target is designated in the same step.
+        if let Some(g) = self.groups.get_mut(group)
+            && g.election.designated.as_deref() == Some(holder)
+            && let Some(sw) = g.election.switchover.take()
+        {
+            g.election.designated = Some(sw.to.clone());
+            g.election.record(HistoryEntry {
+                revision: index,
+                kind: MoveKind::Switchover,
+                from: Some(holder.to_owned()),
+                to: sw.to,
+                epoch: None,
+                reason: format!("planned switchover requested at revision {}", sw.requested_revision),
+                evidence: Vec::new(),
+                wall_ms,
+            });
+            changes.push(Change { group: group.to_owned(), kind: ChangeKind::ElectionChanged, lease: None });
+        }
+        Applied { outcome: Outcome::Released(lease), changes }
     }
 
-    fn apply_group(&mut self, index: u64, spec: &GroupSpec) -> Applied {
+    fn apply_group(&mut self, index: u64, wall_ms: u64, spec: &GroupSpec) -> Applied {
         if let Err(e) = spec.validate() {
             return rejected_outcome(Rejection::InvalidSpec(e));
         }
@@ -472,6 +572,9 @@ impl Machine {
                 true
             }
         };
+        if let Some(g) = self.groups.get_mut(&spec.name) {
+            g.ensure_designation(index, wall_ms);
+        }
         Applied {
             outcome: Outcome::GroupApplied { revision: index, created },
             changes: vec![Change { group: spec.name.clone(), kind: ChangeKind::GroupApplied, lease: None }],
@@ -485,6 +588,7 @@ impl Machine {
         observer: &Observer,
         observer_incarnation: u64,
         views: &[GroupView],
+        status: Option<&MemberStatus>,
     ) -> Applied {
         let mut restarts = Vec::new();
         let mut rejected = Vec::new();
@@ -501,12 +605,136 @@ impl Machine {
                 continue;
             }
             restarts.extend(g.report(observer.clone(), observer_incarnation, &view.cells, now, index));
+            if let (Observer::Member(m), Some(st)) = (observer, status) {
+                g.statuses.insert(m.clone(), st.clone());
+            }
             changes.push(Change { group: view.group.clone(), kind: ChangeKind::ViewReported, lease: None });
         }
         if changes.is_empty() && rejected.len() == 1 {
             return rejected_outcome(rejected.remove(0));
         }
         Applied { outcome: Outcome::Reported { restarts, rejected }, changes }
+    }
+
+    /// For a managed group's lease, only the designated member may hold it.
+    fn check_designated(&self, group: &str, holder: &str) -> Result<(), Rejection> {
+        match self.groups.get(group) {
+            Some(g) if g.spec.is_managed() && g.election.designated.as_deref() != Some(holder) => {
+                Err(Rejection::NotDesignated {
+                    group: group.to_owned(),
+                    holder: holder.to_owned(),
+                    designated: g.election.designated.clone(),
+                })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn managed_group(&mut self, group: &str) -> Result<&mut GroupState, Rejection> {
+        match self.groups.get_mut(group) {
+            None => Err(Rejection::UnknownGroup { group: group.to_owned() }),
+            Some(g) if !g.spec.is_managed() => Err(Rejection::NotManaged { group: group.to_owned() }),
+            Some(g) => Ok(g),
+        }
+    }
+
+    fn election_op(&mut self, group: &str, f: impl FnOnce(&mut GroupState) -> Result<(), Rejection>) -> Applied {
+        let g = match self.managed_group(group) {
+            Ok(g) => g,
+            Err(r) => return rejected_outcome(r),
+        };
+        if let Err(r) = f(g) {
+            return rejected_outcome(r);
+        }
+        let designated = g.election.designated.clone();
+        Applied {
+            outcome: Outcome::ElectionChanged { designated },
+            changes: vec![Change { group: group.to_owned(), kind: ChangeKind::ElectionChanged, lease: None }],
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn designate(
+        &mut self,
+        index: u64,
+        now: u64,
+        wall_ms: u64,
+        group: &str,
+        kind: MoveKind,
+        from: Option<&str>,
+        to: &str,
+        reason: &str,
+        evidence: &[String],
+    ) -> Applied {
+        self.election_op(group, |g| {
+            if g.election.designated.as_deref() != from {
+                return Err(Rejection::StaleDecision {
+                    expected: from.map(str::to_owned),
+                    actual: g.election.designated.clone(),
+                });
+            }
+            match g.spec.member(to) {
+                Some(m) if m.priority > 0 && Some(to) != from => {}
+                _ => return Err(Rejection::InvalidTarget(format!("{to:?} cannot be designated primary"))),
+            }
+            if kind == MoveKind::Failover {
+                if g.election.maintenance {
+                    return Err(Rejection::InMaintenance { group: g.spec.name.clone() });
+                }
+                let min = g.spec.failover.as_ref().map_or(0, |f| f.min_failover_interval_ms);
+                if let Some(until) = g.election.blocked_until_ms(min)
+                    && i128::from(now) < i128::from(until)
+                {
+                    let remaining_ms = u64::try_from(i128::from(until) - i128::from(now)).unwrap_or(u64::MAX);
+                    return Err(Rejection::FailoverBlocked { group: g.spec.name.clone(), remaining_ms });
+                }
+                g.election.last_failover_ms = Some(i64::try_from(now).unwrap_or(i64::MAX));
+            }
+            g.election.designated = Some(to.to_owned());
+            g.election.switchover = None;
+            g.election.record(HistoryEntry {
+                revision: index,
+                kind,
+                from: from.map(str::to_owned),
+                to: to.to_owned(),
+                epoch: None,
+                reason: reason.to_owned(),
+                evidence: evidence.to_vec(),
+                wall_ms,
+            });
+            Ok(())
+        })
+    }
+
+    fn start_switchover(&mut self, index: u64, group: &str, to: Option<&str>) -> Applied {
+        self.election_op(group, |g| {
+            let Some(current) = g.election.designated.clone() else {
+                return Err(Rejection::InvalidTarget("no primary to switch over from".into()));
+            };
+            let target = match to {
+                Some(t) => match g.spec.member(t) {
+                    Some(m) if m.priority > 0 && t != current => t.to_owned(),
+                    Some(_) if t == current => {
+                        return Err(Rejection::InvalidTarget(format!("{t:?} is already the primary")));
+                    }
+                    Some(_) => return Err(Rejection::InvalidTarget(format!("{t:?} has priority 0 (never primary)"))),
+                    None => return Err(Rejection::InvalidTarget(format!("{t:?} is not a member of {group:?}"))),
+                },
+                None => {
+                    // The best other member: highest priority, then most data.
+                    let best = g.spec.members.iter().filter(|m| m.id != current && m.priority > 0).max_by(|a, b| {
+                        let off = |id: &str| g.statuses.get(id).map_or(0, |s| s.offset);
+                        a.priority.cmp(&b.priority).then(off(&a.id).cmp(&off(&b.id))).then(b.id.cmp(&a.id))
+                    });
+                    match best {
+                        Some(m) => m.id.clone(),
+                        None => return Err(Rejection::InvalidTarget("no other member can be primary".into())),
+                    }
+                }
+            };
+            g.election.switchover = Some(Switchover { to: target, requested_revision: index });
+            Ok(())
+        })
     }
 
     fn holder_record(&mut self, group: &str, holder: &str, epoch: u64) -> Option<&mut LeaseRecord> {

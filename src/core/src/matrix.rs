@@ -6,6 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+use crate::election::{Election, HistoryEntry, MemberStatus, MoveKind};
 use crate::group::GroupSpec;
 use crate::observe::Observation;
 
@@ -92,6 +93,12 @@ pub struct GroupState {
     pub restarts: VecDeque<RestartEvent>,
     /// Log index of the last change to the matrix.
     pub revision: u64,
+    /// What each member's agent last reported about its data service.
+    #[serde(default)]
+    pub statuses: BTreeMap<String, MemberStatus>,
+    /// Election state (managed groups).
+    #[serde(default)]
+    pub election: Election,
 }
 
 impl GroupState {
@@ -103,6 +110,37 @@ impl GroupState {
             incarnations: BTreeMap::new(),
             restarts: VecDeque::new(),
             revision,
+            statuses: BTreeMap::new(),
+            election: Election::default(),
+        }
+    }
+
+    /// Designates `to` (by the spec's initial choice) when a managed group
+    /// has no valid designated member; unmanaged groups have none.
+    pub fn ensure_designation(&mut self, revision: u64, wall_ms: u64) {
+        if !self.spec.is_managed() {
+            self.election.designated = None;
+            self.election.switchover = None;
+            return;
+        }
+        let valid =
+            self.election.designated.as_deref().is_some_and(|d| self.spec.member(d).is_some_and(|m| m.priority > 0));
+        if valid {
+            return;
+        }
+        if let Some(to) = self.spec.initial_primary().map(str::to_owned) {
+            let from = self.election.designated.take();
+            self.election.designated = Some(to.clone());
+            self.election.record(HistoryEntry {
+                revision,
+                kind: MoveKind::Initial,
+                from,
+                to,
+                epoch: None,
+                reason: "group spec applied: initial primary".into(),
+                evidence: Vec::new(),
+                wall_ms,
+            });
         }
     }
 
@@ -118,6 +156,7 @@ impl GroupState {
             v.cells.retain(|t, _| keep(t));
         }
         self.incarnations.retain(|m, _| keep(m));
+        self.statuses.retain(|m, _| keep(m));
         self.spec = spec;
         self.spec_revision = revision;
         self.revision = revision;
@@ -172,9 +211,15 @@ impl GroupState {
     /// also require views reported on the current clock.)
     pub fn rebase(&mut self, old_now_ms: u64, new_now_ms: u64) {
         let delta = i128::from(new_now_ms) - i128::from(old_now_ms);
+        let shift = |t: i64| {
+            let moved = i128::from(t) + delta;
+            i64::try_from(moved).unwrap_or(if moved < 0 { i64::MIN } else { i64::MAX })
+        };
         for v in self.views.values_mut() {
-            let moved = i128::from(v.reported_at_ms) + delta;
-            v.reported_at_ms = i64::try_from(moved).unwrap_or(if moved < 0 { i64::MIN } else { i64::MAX });
+            v.reported_at_ms = shift(v.reported_at_ms);
+        }
+        if let Some(t) = self.election.last_failover_ms {
+            self.election.last_failover_ms = Some(shift(t));
         }
     }
 

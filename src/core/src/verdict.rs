@@ -118,7 +118,18 @@ pub fn observers_of(state: &GroupState, coordinators: &[u64], member: &str) -> V
 /// Computes the verdict of every member at `now_ms` (the machine's clock).
 /// `coordinators` are the Raft voters.
 pub fn verdict(state: &GroupState, coordinators: &[u64], now_ms: u64) -> GroupVerdict {
+    verdict_since(state, coordinators, now_ms, None)
+}
+
+/// Like [`verdict`], counting only views reported at or after `since_ms`
+/// (the current leader's first entry): a new leader acts only on views of
+/// its own term.
+pub fn verdict_since(state: &GroupState, coordinators: &[u64], now_ms: u64, since_ms: Option<u64>) -> GroupVerdict {
     let freshness = state.spec.policy.freshness_ms;
+    let counts = |v: &crate::matrix::StoredView| {
+        GroupState::view_age_ms(v, now_ms) <= freshness
+            && since_ms.is_none_or(|s| i128::from(v.reported_at_ms) >= i128::from(s))
+    };
     let mut members = Vec::with_capacity(state.spec.members.len());
     for m in &state.spec.members {
         let observers = observers_of(state, coordinators, &m.id);
@@ -128,7 +139,7 @@ pub fn verdict(state: &GroupState, coordinators: &[u64], now_ms: u64) -> GroupVe
             let view = state.views.get(&o);
             let cell = view.and_then(|v| v.cells.get(&m.id));
             let view_age_ms = view.map(|v| GroupState::view_age_ms(v, now_ms));
-            let fresh = cell.is_some() && view_age_ms.is_some_and(|a| a <= freshness);
+            let fresh = cell.is_some() && view.is_some_and(counts);
             if fresh {
                 match cell.map(|c| c.state) {
                     Some(ObsState::Up) => up += 1,
@@ -185,7 +196,7 @@ pub fn verdict(state: &GroupState, coordinators: &[u64], now_ms: u64) -> GroupVe
     // quorum sees (and that it observes), with at least one such member.
     let mut isolated = Vec::new();
     for (observer, view) in &state.views {
-        if GroupState::view_age_ms(view, now_ms) > freshness {
+        if !counts(view) {
             continue;
         }
         let seen_by_quorum: Vec<&MemberVerdict> = members

@@ -7,7 +7,7 @@ use super::*;
 const LEADER: u64 = 1;
 
 fn stamp(now_ms: u64) -> LeaderStamp {
-    LeaderStamp { node_id: LEADER, boot_id: 7, now_ms, timing: LeaseTiming::default() }
+    LeaderStamp { node_id: LEADER, boot_id: 7, now_ms, timing: LeaseTiming::default(), wall_ms: 0 }
 }
 
 fn pos(index: u64) -> LogPosition {
@@ -91,12 +91,13 @@ fn a_new_leader_restarts_every_ttl_on_its_own_clock() {
     run(&mut m, 1, 100_000, acquire("g", "a", 1000));
     // The new leader's clock reads a much larger number. Without the reset
     // the lease would look long expired.
-    let new_leader = LeaderStamp { node_id: 2, boot_id: 9, now_ms: 900_000_000, timing: LeaseTiming::default() };
+    let new_leader =
+        LeaderStamp { node_id: 2, boot_id: 9, now_ms: 900_000_000, timing: LeaseTiming::default(), wall_ms: 0 };
     let p = LogPosition { index: 2, term: 2, leader_node_id: 2 };
     let o = m.apply(p, &Command { stamp: new_leader, op: acquire("g", "b", 1000) }).outcome;
     assert!(matches!(o, Outcome::Held { grantable_at_ms: 900_001_060, .. }), "{o:?}");
     // A clock that reads *smaller* numbers is handled alike.
-    let restarted = LeaderStamp { node_id: 2, boot_id: 10, now_ms: 5, timing: LeaseTiming::default() };
+    let restarted = LeaderStamp { node_id: 2, boot_id: 10, now_ms: 5, timing: LeaseTiming::default(), wall_ms: 0 };
     let p = LogPosition { index: 3, term: 2, leader_node_id: 2 };
     let o = m.apply(p, &Command { stamp: restarted, op: acquire("g", "b", 1000) }).outcome;
     assert!(matches!(o, Outcome::Held { grantable_at_ms: 1065, .. }), "{o:?}");
@@ -191,8 +192,13 @@ fn replay(steps: &[Step], snapshot_at: Option<usize>) -> (Vec<Outcome>, Machine)
             2 => Op::Renew { group: group.into(), holder: holder.into(), epoch },
             _ => Op::Release { group: group.into(), holder: holder.into(), epoch },
         };
-        let stamp =
-            LeaderStamp { node_id: leader, boot_id: term, now_ms: real_ms + offset, timing: LeaseTiming::default() };
+        let stamp = LeaderStamp {
+            node_id: leader,
+            boot_id: term,
+            now_ms: real_ms + offset,
+            timing: LeaseTiming::default(),
+            wall_ms: 0,
+        };
         let applied =
             m.apply(LogPosition { index: i as u64 + 1, term, leader_node_id: leader }, &Command { stamp, op });
         let timing = LeaseTiming::default();
@@ -256,10 +262,11 @@ fn groups_are_applied_validated_and_reported_on() {
     let spec = GroupSpec {
         name: "cache".into(),
         members: vec![
-            MemberSpec { id: "c1".into(), heartbeat: "redis://h:1".into(), priority: 1 },
-            MemberSpec { id: "c2".into(), heartbeat: "redis://h:2".into(), priority: 1 },
+            MemberSpec { id: "c1".into(), heartbeat: "redis://h:1".into(), priority: 1, data: None },
+            MemberSpec { id: "c2".into(), heartbeat: "redis://h:2".into(), priority: 1, data: None },
         ],
         policy: Policy::default(),
+        failover: None,
     };
     let mut m = Machine::new();
     assert_eq!(
@@ -280,6 +287,7 @@ fn groups_are_applied_validated_and_reported_on() {
     let report = |observer: Observer, inc| Op::Report {
         observer,
         observer_incarnation: 9,
+        status: None,
         views: vec![GroupView { group: "cache".into(), cells: vec![("c2".into(), cell(inc))] }],
     };
     assert_eq!(
@@ -298,13 +306,19 @@ fn groups_are_applied_validated_and_reported_on() {
         Outcome::Rejected(Rejection::UnknownObserver { .. })
     ));
     let view = |group: &str| GroupView { group: group.into(), cells: vec![] };
-    let unknown = Op::Report { observer: Observer::Coordinator(1), observer_incarnation: 1, views: vec![view("nope")] };
+    let unknown = Op::Report {
+        observer: Observer::Coordinator(1),
+        observer_incarnation: 1,
+        views: vec![view("nope")],
+        status: None,
+    };
     assert!(matches!(run(&mut m, 6, 20, unknown), Outcome::Rejected(Rejection::UnknownGroup { .. })));
     // In a batch, an unknown group does not stop the others.
     let batch = Op::Report {
         observer: Observer::Coordinator(1),
         observer_incarnation: 1,
         views: vec![view("nope"), view("cache")],
+        status: None,
     };
     match run(&mut m, 6, 20, batch) {
         Outcome::Reported { rejected, .. } => assert!(matches!(&rejected[..], [Rejection::UnknownGroup { .. }])),

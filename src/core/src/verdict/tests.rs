@@ -14,9 +14,15 @@ fn group(k: usize) -> GroupState {
     let spec = GroupSpec {
         name: "g".into(),
         members: (0..k)
-            .map(|i| MemberSpec { id: format!("m{i}"), heartbeat: format!("redis://h:{}", 7000 + i), priority: 1 })
+            .map(|i| MemberSpec {
+                id: format!("m{i}"),
+                heartbeat: format!("redis://h:{}", 7000 + i),
+                priority: 1,
+                data: None,
+            })
             .collect(),
         policy: Policy::default(),
+        failover: None,
     };
     GroupState::new(spec, 1)
 }

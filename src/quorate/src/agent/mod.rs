@@ -9,7 +9,9 @@
 //!
 //! Every task is owned by [`run`] and stops when its shutdown future fires.
 
+pub mod driver;
 pub mod observer;
+pub mod role;
 pub mod store;
 
 use std::sync::Arc;
@@ -42,6 +44,11 @@ pub struct AgentConfig {
     pub member: String,
     /// Coordinator endpoints, HOST:PORT separated by commas.
     pub endpoints: String,
+    /// Role driver for a managed group: "auto" (redis when the member has a
+    /// data URL, else none), "redis", "exec" or "none".
+    pub driver: String,
+    /// Commands of the exec driver.
+    pub hooks: driver::ExecHooks,
 }
 
 /// Why an agent could not run.
@@ -59,6 +66,14 @@ impl AgentConfig {
         names::validate(NameKind::Member, &self.member).map_err(|e| AgentError::Config(format!("member: {e}")))?;
         if self.endpoints.trim().is_empty() {
             return Err(AgentError::Config("endpoints: missing: give --endpoints HOST:PORT,...".into()));
+        }
+        if !matches!(self.driver.as_str(), "" | "auto" | "redis" | "exec" | "none") {
+            return Err(AgentError::Config(format!("driver: {:?} is not one of auto, redis, exec, none", self.driver)));
+        }
+        if self.driver == "exec" && self.hooks == driver::ExecHooks::default() {
+            return Err(AgentError::Config(
+                "hooks: the exec driver needs at least one of promote, demote, fence".into(),
+            ));
         }
         Ok(())
     }
@@ -94,6 +109,25 @@ async fn fetch_spec(client: &Client, config: &AgentConfig) -> Result<GroupSpec, 
     }
 }
 
+/// The driver for this member, from the config and the group spec.
+fn make_driver(config: &AgentConfig, spec: &GroupSpec) -> Result<driver::AnyDriver, AgentError> {
+    let data = spec.member(&config.member).and_then(|m| m.data.clone());
+    Ok(match (config.driver.as_str(), data) {
+        ("exec", _) => {
+            driver::AnyDriver::Exec(driver::ExecDriver::new(&config.group, &config.member, config.hooks.clone()))
+        }
+        ("none", _) => driver::AnyDriver::None(driver::NoDriver),
+        ("redis", None) => {
+            return Err(AgentError::Config(format!(
+                "driver redis: member {} has no data URL in group {}",
+                config.member, config.group
+            )));
+        }
+        (_, Some(url)) => driver::AnyDriver::Redis(driver::RedisDriver::new(&config.group, &url)),
+        (_, None) => driver::AnyDriver::None(driver::NoDriver),
+    })
+}
+
 /// A new incarnation: random, so two starts never share one.
 pub fn new_incarnation() -> u64 {
     rand::random()
@@ -122,20 +156,37 @@ pub async fn run_with<S: Stores>(
     let incarnation = new_incarnation();
     let (stop_tx, _) = watch::channel(false);
     info!(group = %config.group, member = %config.member, incarnation = format!("{incarnation:016x}"), "agent starting");
+    let managed = spec.is_managed();
+    let driver = Arc::new(make_driver(&config, &spec)?);
     let (spec_tx, spec_rx) = watch::channel(spec);
+    let (healthy_tx, healthy_rx) = watch::channel(true);
+    let (status_tx, status_rx) = watch::channel(pb::MemberStatus::default());
     // The observation loop takes a list of groups; an agent has one.
     let (specs_tx, specs_rx) = watch::channel(vec![spec_rx.borrow().clone()]);
     let mut tasks = JoinSet::new();
     let span = info_span!("agent", group = %config.group, member = %config.member);
     tasks.spawn(
-        publish(config.clone(), incarnation, spec_rx.clone(), stores.clone(), stop_tx.subscribe())
+        publish(config.clone(), incarnation, spec_rx.clone(), healthy_rx, stores.clone(), stop_tx.subscribe())
             .instrument(span.clone()),
     );
+    if managed {
+        let role = role::RoleLoop {
+            group: config.group.clone(),
+            member: config.member.clone(),
+            spec: spec_rx.clone(),
+            client: client.clone(),
+            driver,
+            status: status_tx,
+            healthy: healthy_tx,
+        };
+        tasks.spawn(role.run(stop_tx.subscribe()).instrument(span.clone()));
+    }
     tasks.spawn(
         observer::observe(
             Observer::Member(config.member.clone()),
             incarnation,
             specs_rx,
+            managed.then_some(status_rx),
             stores,
             client.clone(),
             stop_tx.subscribe(),
@@ -150,11 +201,13 @@ pub async fn run_with<S: Stores>(
     Ok(())
 }
 
-/// Publishes this member's heartbeat every interval.
+/// Publishes this member's heartbeat every interval. Heartbeats stop while `healthy` is false (the member's data service is
+/// unreachable), so observers judge the member down.
 async fn publish<S: Stores>(
     config: AgentConfig,
     incarnation: u64,
     mut spec: watch::Receiver<GroupSpec>,
+    healthy: watch::Receiver<bool>,
     stores: Arc<S>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -166,7 +219,7 @@ async fn publish<S: Stores>(
             let s = spec.borrow_and_update();
             (s.member(&config.member).map(|m| m.heartbeat.clone()), s.policy)
         };
-        if let Some(url) = url {
+        if let Some(url) = url.filter(|_| *healthy.borrow()) {
             seq += 1;
             let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let value = Beat { incarnation, seq, unix_ms }.encode();

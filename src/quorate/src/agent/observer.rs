@@ -86,11 +86,14 @@ impl Pending {
 }
 
 /// Runs the observation loop until `stop` flips to true. `specs` carries
-/// the groups to observe and their changes.
+/// the groups to observe and their changes; `status` (agents only) the
+/// state of the member's own data service, sent with every report and
+/// reported at once when it changes.
 pub async fn observe<S: Stores, R: ReportSink>(
     observer: Observer,
     incarnation: u64,
     mut specs: watch::Receiver<Vec<GroupSpec>>,
+    status: Option<watch::Receiver<pb::MemberStatus>>,
     stores: Arc<S>,
     sink: Arc<R>,
     mut stop: watch::Receiver<bool>,
@@ -98,8 +101,11 @@ pub async fn observe<S: Stores, R: ReportSink>(
     let start = Instant::now();
     let now_ms = || start.elapsed().as_millis() as u64;
     let pending = Arc::new(Pending::default());
-    let reporter =
-        tokio::spawn(report_loop(observer.clone(), incarnation, sink, pending.clone(), stop.clone()).in_current_span());
+    let reporter = tokio::spawn(
+        report_loop(observer.clone(), incarnation, sink, pending.clone(), status.clone(), stop.clone())
+            .in_current_span(),
+    );
+    let mut last_status: Option<pb::MemberStatus> = None;
 
     let mut current = specs.borrow_and_update().clone();
     let mut trackers: BTreeMap<(String, String), Tracker> = BTreeMap::new();
@@ -159,7 +165,13 @@ pub async fn observe<S: Stores, R: ReportSink>(
             }
         }
         let refresh_every = current.iter().map(|s| s.policy.report_interval_ms).min().unwrap_or(1_000);
-        let refresh = last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_millis(refresh_every));
+        let status_now = status.as_ref().map(|s| s.borrow().clone());
+        let status_changed = status_now.is_some() && status_now != last_status;
+        if status_changed {
+            last_status = status_now;
+        }
+        let refresh =
+            status_changed || last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_millis(refresh_every));
         if refresh {
             last_refresh = Some(Instant::now());
         }
@@ -226,6 +238,7 @@ async fn report_loop<R: ReportSink>(
     incarnation: u64,
     sink: Arc<R>,
     pending: Arc<Pending>,
+    status: Option<watch::Receiver<pb::MemberStatus>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut failures = 0u32;
@@ -238,7 +251,12 @@ async fn report_loop<R: ReportSink>(
         if views.is_empty() {
             continue;
         }
-        let req = pb::ReportRequest { observer: observer.to_string(), observer_incarnation: incarnation, views };
+        let req = pb::ReportRequest {
+            observer: observer.to_string(),
+            observer_incarnation: incarnation,
+            views,
+            status: status.as_ref().map(|s| s.borrow().clone()),
+        };
         match sink.report(req.clone()).await {
             Ok(()) => {
                 if failures > 0 {
@@ -287,9 +305,10 @@ mod tests {
             name: name.into(),
             members: members
                 .iter()
-                .map(|(id, url)| MemberSpec { id: (*id).into(), heartbeat: (*url).into(), priority: 1 })
+                .map(|(id, url)| MemberSpec { id: (*id).into(), heartbeat: (*url).into(), priority: 1, data: None })
                 .collect(),
             policy: Policy::default(),
+            failover: None,
         }
     }
 
@@ -333,6 +352,7 @@ mod tests {
             Observer::Coordinator(1),
             1,
             specs_rx,
+            None,
             Arc::new(stores.clone()),
             sink.clone(),
             stop_rx,

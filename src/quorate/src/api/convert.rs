@@ -1,6 +1,7 @@
 //! Conversions between protobuf messages and core types, in one place.
 
-use quorate_core::group::{GroupSpec, MemberSpec, Policy};
+use quorate_core::election::{Candidate, HistoryEntry, MemberStatus, Role};
+use quorate_core::group::{FailoverPolicy, GroupSpec, MemberSpec, Policy};
 use quorate_core::machine::LeaseState as CoreLeaseState;
 use quorate_core::matrix::{GroupState, Observer, RestartEvent};
 use quorate_core::observe::{ObsState, Observation, Reason};
@@ -43,7 +44,12 @@ pub fn spec_from_pb(s: pb::GroupSpec) -> GroupSpec {
         members: s
             .members
             .into_iter()
-            .map(|m| MemberSpec { id: m.id, heartbeat: m.heartbeat, priority: m.priority })
+            .map(|m| MemberSpec {
+                id: m.id,
+                heartbeat: m.heartbeat,
+                priority: m.priority,
+                data: (!m.data.is_empty()).then_some(m.data),
+            })
             .collect(),
         policy: Policy {
             heartbeat_interval_ms: or(p.heartbeat_interval_ms, d.heartbeat_interval_ms),
@@ -51,6 +57,15 @@ pub fn spec_from_pb(s: pb::GroupSpec) -> GroupSpec {
             report_interval_ms: or(p.report_interval_ms, d.report_interval_ms),
             freshness_ms: or(p.freshness_ms, d.freshness_ms),
         },
+        failover: s.failover.map(|f| {
+            let d = FailoverPolicy::default();
+            FailoverPolicy {
+                lease_ttl_ms: or(f.lease_ttl_ms, d.lease_ttl_ms),
+                max_lag_bytes: or(f.max_lag_bytes, d.max_lag_bytes),
+                min_failover_interval_ms: or(f.min_failover_interval_ms, d.min_failover_interval_ms),
+                initial_primary: (!f.initial_primary.is_empty()).then_some(f.initial_primary),
+            }
+        }),
     }
 }
 
@@ -69,9 +84,72 @@ pub fn spec_pb(s: &GroupSpec) -> pb::GroupSpec {
         members: s
             .members
             .iter()
-            .map(|m| pb::MemberSpec { id: m.id.clone(), heartbeat: m.heartbeat.clone(), priority: m.priority })
+            .map(|m| pb::MemberSpec {
+                id: m.id.clone(),
+                heartbeat: m.heartbeat.clone(),
+                priority: m.priority,
+                data: m.data.clone().unwrap_or_default(),
+            })
             .collect(),
         policy: Some(policy_pb(&s.policy)),
+        failover: s.failover.as_ref().map(|f| pb::FailoverPolicy {
+            lease_ttl_ms: f.lease_ttl_ms,
+            max_lag_bytes: f.max_lag_bytes,
+            min_failover_interval_ms: f.min_failover_interval_ms,
+            initial_primary: f.initial_primary.clone().unwrap_or_default(),
+        }),
+    }
+}
+
+pub fn status_pb(s: &MemberStatus) -> pb::MemberStatus {
+    pb::MemberStatus {
+        role: s.role.as_str().to_owned(),
+        offset: s.offset,
+        link_up: s.link_up,
+        synced_epoch: s.synced_epoch,
+        healthy: s.healthy,
+        error: s.error.clone().unwrap_or_default(),
+    }
+}
+
+pub fn status_from_pb(s: &pb::MemberStatus) -> MemberStatus {
+    let role = match s.role.as_str() {
+        "primary" => Role::Primary,
+        "replica" => Role::Replica,
+        _ => Role::Unknown,
+    };
+    MemberStatus {
+        role,
+        offset: s.offset,
+        link_up: s.link_up,
+        synced_epoch: s.synced_epoch,
+        healthy: s.healthy,
+        error: (!s.error.is_empty()).then(|| s.error.clone()),
+    }
+}
+
+pub fn history_pb(h: &HistoryEntry) -> pb::HistoryEntry {
+    pb::HistoryEntry {
+        revision: h.revision,
+        kind: h.kind.as_str().to_owned(),
+        from: h.from.clone().unwrap_or_default(),
+        to: h.to.clone(),
+        epoch: h.epoch,
+        reason: h.reason.clone(),
+        evidence: h.evidence.clone(),
+        wall_ms: h.wall_ms,
+    }
+}
+
+pub fn candidate_pb(c: &Candidate) -> pb::Candidate {
+    pb::Candidate {
+        member: c.member.clone(),
+        priority: c.priority,
+        verdict: verdict_state_pb(c.verdict) as i32,
+        offset: c.offset,
+        lag_bytes: c.lag_bytes,
+        eligible: c.eligible(),
+        why_not: c.why_not.clone().unwrap_or_default(),
     }
 }
 

@@ -31,6 +31,10 @@ pub enum ApiError {
     /// The named group (or member) does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The request is well formed but the state does not allow it (group
+    /// not managed, in maintenance, failover blocked, stale decision).
+    #[error("{0}")]
+    Precondition(String),
     /// This node is not the leader. Nothing was written.
     #[error("node {node_id} is not the leader{}", hint_text(.leader))]
     NotLeader { node_id: u64, leader: Option<LeaderHint> },
@@ -75,7 +79,9 @@ impl ApiError {
             ApiError::NotLeader { .. } | ApiError::NoQuorum { .. } | ApiError::Stopped { .. } => {
                 Status::unavailable(message)
             }
-            ApiError::NotHolder { .. } | ApiError::Expired { .. } => Status::failed_precondition(message),
+            ApiError::NotHolder { .. } | ApiError::Expired { .. } | ApiError::Precondition(_) => {
+                Status::failed_precondition(message)
+            }
             ApiError::OutcomeUnknown { .. } => Status::deadline_exceeded(message),
             ApiError::Internal(_) => Status::internal(message),
         };

@@ -68,8 +68,12 @@ impl CoordinatorService {
             let cells = v.cells.iter().map(observation_from_pb).collect::<Result<Vec<_>, _>>()?;
             views.push(GroupView { group: v.group.clone(), cells });
         }
-        let op =
-            Op::Report { observer: Observer::parse(&r.observer), observer_incarnation: r.observer_incarnation, views };
+        let op = Op::Report {
+            observer: Observer::parse(&r.observer),
+            observer_incarnation: r.observer_incarnation,
+            views,
+            status: r.status.as_ref().map(super::convert::status_from_pb),
+        };
         match self.reports.propose(op, self.node.id).await? {
             Outcome::Reported { restarts, rejected } => Ok(pb::ReportResponse {
                 restarts: restarts.iter().map(restart_pb).collect(),

@@ -5,6 +5,7 @@
 
 mod batch;
 pub(crate) mod convert;
+mod election;
 pub mod error;
 mod groups;
 mod watch;
@@ -291,6 +292,14 @@ fn rejection(r: Rejection) -> ApiError {
         | Rejection::InvalidSpec(_)
         | Rejection::UnknownObserver { .. } => ApiError::InvalidArgument(message),
         Rejection::UnknownGroup { .. } => ApiError::NotFound(message),
+        Rejection::InvalidTarget(_) => ApiError::InvalidArgument(message),
+        // A holder that is not (or no longer) designated must stop acting:
+        // FAILED_PRECONDITION, like a stale epoch.
+        Rejection::NotDesignated { .. } => ApiError::NotHolder { message, current_epoch: 0 },
+        Rejection::NotManaged { .. }
+        | Rejection::StaleDecision { .. }
+        | Rejection::FailoverBlocked { .. }
+        | Rejection::InMaintenance { .. } => ApiError::Precondition(message),
         Rejection::EpochExhausted { .. } | Rejection::ForeignStamp { .. } | Rejection::NestedBatch => {
             ApiError::Internal(message)
         }
@@ -374,5 +383,49 @@ impl Coordinator for CoordinatorService {
 
     async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {
         Ok(Response::new(self.do_explain(req.into_inner()).await?))
+    }
+
+    async fn get_election(&self, req: Request<pb::GetElectionRequest>) -> Result<Response<pb::ElectionStatus>, Status> {
+        Ok(Response::new(self.do_get_election(req.into_inner()).await?))
+    }
+
+    async fn set_maintenance(
+        &self,
+        req: Request<pb::SetMaintenanceRequest>,
+    ) -> Result<Response<pb::ElectionStatus>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("set_maintenance", group = %r.group, on = r.on);
+        Ok(Response::new(self.do_set_maintenance(r).instrument(span).await?))
+    }
+
+    async fn unblock_failover(
+        &self,
+        req: Request<pb::UnblockFailoverRequest>,
+    ) -> Result<Response<pb::ElectionStatus>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("unblock_failover", group = %r.group);
+        Ok(Response::new(self.do_unblock(r).instrument(span).await?))
+    }
+
+    async fn switchover(
+        &self,
+        req: Request<pb::SwitchoverRequest>,
+    ) -> Result<Response<pb::SwitchoverResponse>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("switchover", group = %r.group, to = %r.to);
+        Ok(Response::new(self.do_switchover(r).instrument(span).await?))
+    }
+
+    async fn cancel_switchover(
+        &self,
+        req: Request<pb::CancelSwitchoverRequest>,
+    ) -> Result<Response<pb::ElectionStatus>, Status> {
+        let r = req.into_inner();
+        let span = info_span!("cancel_switchover", group = %r.group, reason = %r.reason);
+        Ok(Response::new(self.do_cancel_switchover(r).instrument(span).await?))
+    }
+
+    async fn what_if(&self, req: Request<pb::WhatIfRequest>) -> Result<Response<pb::WhatIfResponse>, Status> {
+        Ok(Response::new(self.do_whatif(req.into_inner()).await?))
     }
 }

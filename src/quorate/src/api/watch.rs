@@ -103,7 +103,7 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
                         ChangeKind::Acquired => Some(pb::EventKind::Acquired),
                         ChangeKind::Renewed => Some(pb::EventKind::Renewed),
                         ChangeKind::Released => Some(pb::EventKind::Released),
-                        ChangeKind::GroupApplied | ChangeKind::ViewReported => None,
+                        ChangeKind::GroupApplied | ChangeKind::ViewReported | ChangeKind::ElectionChanged => None,
                     };
                     match (kind, ev.change.lease) {
                         (Some(kind), Some(lease)) => {

@@ -207,9 +207,10 @@ pub async fn run(client: &Client, opts: &IngestOptions) -> Result<IngestReport, 
         .map(|g| GroupSpec {
             name: format!("ingest-{g}"),
             members: (0..k)
-                .map(|i| MemberSpec { id: format!("m{g}-{i}"), heartbeat: url.clone(), priority: 1 })
+                .map(|i| MemberSpec { id: format!("m{g}-{i}"), heartbeat: url.clone(), priority: 1, data: None })
                 .collect(),
             policy,
+            failover: None,
         })
         .collect();
     for s in &specs {
@@ -275,6 +276,7 @@ pub async fn run(client: &Client, opts: &IngestOptions) -> Result<IngestReport, 
                     observer: member.clone(),
                     observer_incarnation: incarnation,
                     views: vec![pb::GroupView { group: group.clone(), cells }],
+                    status: None,
                 };
                 let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
                 let c = conns[i % conns.len()].clone();

@@ -3,6 +3,7 @@
 //! module and prints what comes back, for people or (`--json`) as one JSON
 //! object per line.
 
+mod election;
 mod groups;
 mod lease;
 mod status;
@@ -65,8 +66,37 @@ pub enum Command {
     },
     /// Explain one member's verdict: a sentence and the evidence under it.
     Explain { group: String, member: String },
-    /// Run beside a member: publish its heartbeat, observe its peers, report.
+    /// Run beside a member: publish its heartbeat, observe its peers, report,
+    /// and (in a managed group) drive its role.
     Agent(AgentArgs),
+    /// The primary changes of a managed group, with their reasons.
+    History { group: String },
+    /// A planned switchover: no acknowledged write lost.
+    Switchover {
+        group: String,
+        /// The new primary (default: the best candidate).
+        #[arg(long)]
+        to: Option<String>,
+        /// How long to wait for it to complete.
+        #[arg(long, default_value_t = 30)]
+        wait_s: u64,
+    },
+    /// Maintenance on or off: no automatic failover while on.
+    Maintenance {
+        group: String,
+        #[arg(value_enum)]
+        state: OnOff,
+    },
+    /// Who would be promoted now if these members were down, and why.
+    Whatif {
+        group: String,
+        /// A member to treat as down (repeatable).
+        #[arg(long, required = true)]
+        down: Vec<String>,
+    },
+    /// Election status and operator actions of a managed group.
+    #[command(subcommand)]
+    Failover(FailoverCommand),
     /// Start or stop a local cluster of background processes.
     #[command(subcommand)]
     Local(LocalCommand),
@@ -137,6 +167,20 @@ impl ServerArgs {
     }
 }
 
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum OnOff {
+    On,
+    Off,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FailoverCommand {
+    /// Designated primary, lease, maintenance, blocks, candidates, members.
+    Status { group: String },
+    /// Lift the min_failover_interval_ms block after a failover.
+    Unblock { group: String },
+}
+
 #[derive(Debug, Subcommand)]
 pub enum GroupCommand {
     /// Create or change a group from a TOML file (see README: group spec).
@@ -158,6 +202,18 @@ pub struct AgentArgs {
     /// This member's id in the group.
     #[arg(long)]
     pub member: Option<String>,
+    /// Role driver: auto (redis if the member has a data URL), redis, exec, none.
+    #[arg(long)]
+    pub driver: Option<String>,
+    /// exec driver: command run on promotion (env: QUORATE_GROUP, QUORATE_MEMBER, QUORATE_EPOCH, QUORATE_ROLE).
+    #[arg(long)]
+    pub on_promote: Option<String>,
+    /// exec driver: command run on demotion.
+    #[arg(long)]
+    pub on_demote: Option<String>,
+    /// exec driver: command run to fence (stop acting as primary at once).
+    #[arg(long)]
+    pub on_fence: Option<String>,
 }
 
 impl AgentArgs {
@@ -174,6 +230,18 @@ impl AgentArgs {
         }
         if let Some(m) = &self.member {
             c.member = m.clone();
+        }
+        if let Some(d) = &self.driver {
+            c.driver = d.clone();
+        }
+        if let Some(h) = &self.on_promote {
+            c.hooks.promote = h.clone();
+        }
+        if let Some(h) = &self.on_demote {
+            c.hooks.demote = h.clone();
+        }
+        if let Some(h) = &self.on_fence {
+            c.hooks.fence = h.clone();
         }
         if c.endpoints.is_empty() || std::env::var_os("QUORATE_ENDPOINTS").is_some() || endpoints != DEFAULT_ENDPOINTS {
             c.endpoints = endpoints.to_owned();
@@ -252,6 +320,12 @@ pub enum LocalCommand {
         /// Number of members of --group.
         #[arg(long, default_value_t = 2, requires = "group")]
         members: u64,
+        /// A managed Redis primary/replica pair named GROUP: members
+        /// GROUP-1 (primary at start) and GROUP-2, each with a data
+        /// redis-server (port base-port + 200 + K - 1), a heartbeat store
+        /// and an agent.
+        #[arg(long, conflicts_with = "group")]
+        redis_pair: Option<String>,
     },
     /// Stop everything `local up` started in DIR (data is kept).
     Down {
@@ -318,14 +392,36 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Explain { group, member } => {
             groups::explain(&client(&cli.endpoints)?, &group, &member, json_mode).await
         }
+        Command::History { group } => election::history(&client(&cli.endpoints)?, &group, json_mode).await,
+        Command::Switchover { group, to, wait_s } => {
+            election::switchover(
+                &client(&cli.endpoints)?,
+                &group,
+                to.as_deref(),
+                Duration::from_secs(wait_s),
+                json_mode,
+            )
+            .await
+        }
+        Command::Maintenance { group, state } => {
+            election::maintenance(&client(&cli.endpoints)?, &group, matches!(state, OnOff::On), json_mode).await
+        }
+        Command::Whatif { group, down } => election::whatif(&client(&cli.endpoints)?, &group, &down, json_mode).await,
+        Command::Failover(FailoverCommand::Status { group }) => {
+            election::status(&client(&cli.endpoints)?, &group, json_mode).await
+        }
+        Command::Failover(FailoverCommand::Unblock { group }) => {
+            election::unblock(&client(&cli.endpoints)?, &group, json_mode).await
+        }
         Command::Agent(args) => {
             let config = args.to_config(&cli.endpoints)?;
             crate::agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Local(LocalCommand::Up { nodes, dir, base_port, group, members }) => {
-            let group = group.map(|g| (g, members));
-            let file = crate::local::up(&crate::local::UpOptions { nodes, dir, base_port, group }).await?;
+        Command::Local(LocalCommand::Up { nodes, dir, base_port, group, members, redis_pair }) => {
+            let data = redis_pair.is_some();
+            let group = redis_pair.map(|g| (g, 2)).or(group.map(|g| (g, members)));
+            let file = crate::local::up(&crate::local::UpOptions { nodes, dir, base_port, group, data }).await?;
             let value = serde_json::to_value(&file)?;
             emit(json_mode, &value, || {
                 let mut out = format!("local cluster up: {} nodes", file.nodes.len());
@@ -337,6 +433,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         "\n  member {}: agent pid {}, heartbeat redis pid {} at {}",
                         m.id, m.agent_pid, m.heartbeat_redis_pid, m.heartbeat_redis_addr
                     ));
+                    if let (Some(pid), Some(addr)) = (m.data_redis_pid, &m.data_redis_addr) {
+                        out.push_str(&format!(", data redis pid {pid} at {addr}"));
+                    }
                 }
                 out.push_str(&format!("\nexport QUORATE_ENDPOINTS={}", file.endpoints));
                 out

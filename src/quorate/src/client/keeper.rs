@@ -302,7 +302,7 @@ mod tests {
             let (m, index) = &mut *guard;
             *index += 1;
             let now_ms = self.start.elapsed().as_millis() as u64;
-            let stamp = LeaderStamp { node_id: 1, boot_id: 1, now_ms, timing: LeaseTiming::default() };
+            let stamp = LeaderStamp { node_id: 1, boot_id: 1, now_ms, timing: LeaseTiming::default(), wall_ms: 0 };
             m.apply(LogPosition { index: *index, term: 1, leader_node_id: 1 }, &Command { stamp, op }).outcome
         }
 

@@ -339,4 +339,62 @@ impl Client {
         })
         .await
     }
+
+    /// One call with the default timeout, `req` cloned for every attempt.
+    async fn unary<Req, Resp, F, Fut>(&self, req: Req, f: F) -> Result<Resp, ClientError>
+    where
+        Req: Clone,
+        F: Fn(CoordinatorClient<Channel>, Req) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, Status>>,
+    {
+        self.call(self.call_timeout, |c| f(c, req.clone())).await
+    }
+
+    pub async fn get_election(
+        &self,
+        group: &str,
+        consistency: pb::Consistency,
+    ) -> Result<pb::ElectionStatus, ClientError> {
+        let req = pb::GetElectionRequest { group: group.into(), consistency: consistency as i32 };
+        self.unary(req, |mut c, r| async move { c.get_election(r).await }).await
+    }
+
+    pub async fn set_maintenance(&self, group: &str, on: bool) -> Result<pb::ElectionStatus, ClientError> {
+        let req = pb::SetMaintenanceRequest { group: group.into(), on };
+        self.unary(req, |mut c, r| async move { c.set_maintenance(r).await }).await
+    }
+
+    pub async fn unblock_failover(&self, group: &str) -> Result<pb::ElectionStatus, ClientError> {
+        let req = pb::UnblockFailoverRequest { group: group.into() };
+        self.unary(req, |mut c, r| async move { c.unblock_failover(r).await }).await
+    }
+
+    pub async fn cancel_switchover(&self, group: &str, reason: &str) -> Result<pb::ElectionStatus, ClientError> {
+        let req = pb::CancelSwitchoverRequest { group: group.into(), reason: reason.into() };
+        self.unary(req, |mut c, r| async move { c.cancel_switchover(r).await }).await
+    }
+
+    /// A planned switchover; waits up to `wait` for the target to hold the lease.
+    pub async fn switchover(
+        &self,
+        group: &str,
+        to: Option<&str>,
+        wait: Duration,
+    ) -> Result<pb::SwitchoverResponse, ClientError> {
+        let req = pb::SwitchoverRequest {
+            group: group.into(),
+            to: to.unwrap_or_default().into(),
+            wait_timeout_ms: wait.as_millis() as u64,
+        };
+        self.call(self.call_timeout + wait, |mut c| {
+            let req = req.clone();
+            async move { c.switchover(req).await }
+        })
+        .await
+    }
+
+    pub async fn whatif(&self, group: &str, down: &[String]) -> Result<pb::WhatIfResponse, ClientError> {
+        let req = pb::WhatIfRequest { group: group.into(), down: down.to_vec() };
+        self.unary(req, |mut c, r| async move { c.what_if(r).await }).await
+    }
 }

@@ -48,6 +48,11 @@ pub struct MemberEntry {
     /// The heartbeat redis-server's process id; 0 when stopped.
     pub heartbeat_redis_pid: u32,
     pub heartbeat_redis_addr: String,
+    /// With `--redis-pair`: the member's data redis-server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_redis_pid: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_redis_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +72,9 @@ pub struct UpOptions {
     pub base_port: u16,
     /// A failover group and its number of members.
     pub group: Option<(String, u64)>,
+    /// Give every member a data redis-server too, and manage the group
+    /// (`--redis-pair`).
+    pub data: bool,
 }
 
 /// Why the launcher failed.
@@ -164,14 +172,17 @@ fn log_file(dir: &Path, name: &str) -> Result<(File, File), LocalError> {
     Ok((log, err))
 }
 
-fn spawn_redis(dir: &Path, member: &MemberEntry) -> Result<u32, LocalError> {
+/// Starts a redis-server on `addr` (`127.0.0.1:PORT`), named `name` for its
+/// directory and log. No persistence: the local topology is for trying things.
+pub fn spawn_redis(dir: &Path, name: &str, addr: &str) -> Result<u32, LocalError> {
     let redis = find_redis_server()?;
-    let port = member.heartbeat_redis_addr.rsplit_once(':').map_or("", |(_, p)| p);
-    let data = dir.join(format!("{}-redis", member.id));
+    let port = addr.rsplit_once(':').map_or("", |(_, p)| p);
+    let data = dir.join(name);
     std::fs::create_dir_all(&data).map_err(io("cannot create", &data))?;
-    let (log, err) = log_file(dir, &format!("{}-redis.log", member.id))?;
+    let (log, err) = log_file(dir, &format!("{name}.log"))?;
     let child = std::process::Command::new(redis)
         .args(["--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
+        .args(["--repl-diskless-sync-delay", "0"])
         .arg("--dir")
         .arg(&data)
         .stdin(Stdio::null())
@@ -209,9 +220,16 @@ pub fn local_group_spec(group: &str, members: &[MemberEntry]) -> quorate_core::g
                 id: m.id.clone(),
                 heartbeat: format!("redis://{}", m.heartbeat_redis_addr),
                 priority: 100,
+                data: m.data_redis_addr.as_ref().map(|a| format!("redis://{a}")),
             })
             .collect(),
         policy: quorate_core::group::Policy::default(),
+        // With data services, the group is managed; the first member starts
+        // as primary.
+        failover: members.iter().all(|m| m.data_redis_addr.is_some()).then(|| quorate_core::group::FailoverPolicy {
+            initial_primary: members.first().map(|m| m.id.clone()),
+            ..Default::default()
+        }),
     }
 }
 
@@ -246,6 +264,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         Some(f) => {
             if f.group.as_deref() != opts.group.as_ref().map(|(g, _)| g.as_str())
                 || f.members.len() as u64 != opts.group.as_ref().map_or(0, |(_, k)| *k)
+                || f.members.iter().any(|m| m.data_redis_addr.is_some() != opts.data)
             {
                 return Err(LocalError::Invalid(format!(
                     "the cluster in {} was started with a different --group/--members; use another --dir",
@@ -274,7 +293,12 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
     }
     for m in &mut file.members {
         if !is_redis(m.heartbeat_redis_pid) {
-            m.heartbeat_redis_pid = spawn_redis(&dir, m)?;
+            m.heartbeat_redis_pid = spawn_redis(&dir, &format!("{}-heartbeat-redis", m.id), &m.heartbeat_redis_addr)?;
+        }
+        if let Some(addr) = &m.data_redis_addr
+            && !m.data_redis_pid.is_some_and(is_redis)
+        {
+            m.data_redis_pid = Some(spawn_redis(&dir, &format!("{}-data-redis", m.id), addr)?);
         }
     }
     write_cluster_file(&dir, &file)?;
@@ -334,11 +358,27 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
                     "port {port} (heartbeat redis of {group}-{i}) is in use; pick other ports with --base-port"
                 )));
             }
+            let data_redis_addr = if opts.data {
+                let port = u64::from(opts.base_port) + 200 + i - 1;
+                let port =
+                    u16::try_from(port).map_err(|_| LocalError::Invalid(format!("port {port} is out of range")))?;
+                let data = format!("127.0.0.1:{port}");
+                if TcpListener::bind(&data).is_err() {
+                    return Err(LocalError::Invalid(format!(
+                        "port {port} (data redis of {group}-{i}) is in use; pick other ports with --base-port"
+                    )));
+                }
+                Some(data)
+            } else {
+                None
+            };
             members.push(MemberEntry {
                 id: format!("{group}-{i}"),
                 agent_pid: 0,
                 heartbeat_redis_pid: 0,
                 heartbeat_redis_addr: addr,
+                data_redis_pid: data_redis_addr.as_ref().map(|_| 0),
+                data_redis_addr,
             });
         }
     }
@@ -376,7 +416,13 @@ pub async fn down(dir: &Path) -> Result<Vec<u32>, LocalError> {
     // heartbeat stores, then the coordinators.
     let agents: Vec<u32> = file.members.iter().map(|m| m.agent_pid).filter(|p| is_our_agent(*p)).collect();
     stop_pids(&agents, is_our_agent).await;
-    let redis: Vec<u32> = file.members.iter().map(|m| m.heartbeat_redis_pid).filter(|p| is_redis(*p)).collect();
+    let redis: Vec<u32> = file
+        .members
+        .iter()
+        .flat_map(|m| [Some(m.heartbeat_redis_pid), m.data_redis_pid])
+        .flatten()
+        .filter(|p| is_redis(*p))
+        .collect();
     stop_pids(&redis, is_redis).await;
     let servers: Vec<u32> = file.nodes.iter().map(|n| n.pid).filter(|p| is_our_server(*p)).collect();
     stop_pids(&servers, is_our_server).await;
@@ -386,6 +432,7 @@ pub async fn down(dir: &Path) -> Result<Vec<u32>, LocalError> {
     for m in &mut file.members {
         m.agent_pid = 0;
         m.heartbeat_redis_pid = 0;
+        m.data_redis_pid = m.data_redis_pid.map(|_| 0);
     }
     let running = [agents, redis, servers].concat();
     write_cluster_file(dir, &file)?;

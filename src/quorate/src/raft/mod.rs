@@ -77,6 +77,8 @@ impl NodeClock {
 
     /// A stamp for a command proposed now.
     pub fn stamp(&self, timing: LeaseTiming) -> LeaderStamp {
-        LeaderStamp { node_id: self.node_id, boot_id: self.boot_id, now_ms: self.now_ms(), timing }
+        let wall_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        LeaderStamp { node_id: self.node_id, boot_id: self.boot_id, now_ms: self.now_ms(), timing, wall_ms }
     }
 }

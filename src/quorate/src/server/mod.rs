@@ -4,6 +4,7 @@
 //! task and the leader-duties task. On shutdown it stops accepting calls, ends
 //! long-lived streams, waits (bounded) for its tasks, then shuts Raft down.
 
+mod elections;
 pub mod node;
 mod observers;
 
@@ -112,6 +113,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     tasks.spawn(form_cluster(node.clone()).instrument(info_span!("form_cluster", node_id = id)));
     tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
     tasks.spawn(observers::observe_groups(node.clone()).instrument(info_span!("observers", node_id = id)));
+    tasks.spawn(elections::run_elections(node.clone()).instrument(info_span!("elections", node_id = id)));
 
     let (coordinator, batcher) = CoordinatorService::new(node.clone());
     let mut server_stop = node.stopping.clone();

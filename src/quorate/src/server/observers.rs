@@ -42,7 +42,7 @@ pub async fn observe_groups(node: Node) {
     // Dropping the set (when this task ends or is aborted) aborts the loop.
     let mut task = JoinSet::new();
     task.spawn(
-        observe(observer.clone(), node.clock.boot_id(), specs_rx, Arc::new(RedisStores::new()), client, stop_rx)
+        observe(observer.clone(), node.clock.boot_id(), specs_rx, None, Arc::new(RedisStores::new()), client, stop_rx)
             .instrument(info_span!("observe", observer = %observer)),
     );
     let mut changes = node.reader.subscribe();

@@ -301,9 +301,15 @@ impl GroupFixture {
             members: redis
                 .iter()
                 .enumerate()
-                .map(|(i, r)| pb::MemberSpec { id: format!("cache-{}", i + 1), heartbeat: r.url(), priority: 100 })
+                .map(|(i, r)| pb::MemberSpec {
+                    id: format!("cache-{}", i + 1),
+                    heartbeat: r.url(),
+                    priority: 100,
+                    data: String::new(),
+                })
                 .collect(),
             policy: None,
+            failover: None,
         };
         cluster.client().apply_group(spec).await.unwrap();
         let mut f = GroupFixture { cluster, group, redis, agents: (0..k).map(|_| None).collect() };

@@ -1,0 +1,311 @@
+//! Primary election for managed groups: the replicated election state, and
+//! the pure decision the Raft leader takes from the verdicts.
+//!
+//! The primary is whoever holds the group's lease; its epoch is the fencing
+//! token. The election state names the *designated* member: only it may
+//! acquire or renew the group's lease. Moving the primary therefore takes two
+//! steps, and only the second one makes a new primary:
+//!
+//! 1. the leader designates a candidate (committed with its evidence): the
+//!    old primary's renewals are refused from then on, so it fences itself;
+//! 2. the candidate acquires the lease, which the state machine grants only
+//!    once the old lease has expired with the drift margin on the leader's
+//!    clock, with epoch + 1.
+//!
+//! [`decide`] designates only when every condition holds: the primary's
+//! verdict is down; the candidate's is up; its priority is above 0; it has
+//! replicated from a primary and lags by at most `max_lag_bytes`; the group
+//! is not in maintenance; the minimum interval since the last failover has
+//! passed; and the leader has been in office long enough to have fresh views
+//! of its own. Among eligible candidates: highest priority, then most data.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::group::GroupSpec;
+use crate::verdict::{GroupVerdict, Verdict, explain};
+
+/// History entries kept per group.
+pub const MAX_HISTORY: usize = 64;
+
+/// The data role a member's agent reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Replica,
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// What a member's agent reports about its own data service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub role: Role,
+    /// Replication offset (bytes of the replication stream applied).
+    pub offset: u64,
+    /// For a replica: its link to the primary is up.
+    pub link_up: bool,
+    /// The lease epoch of the primary this member last fully synced from
+    /// (or acted as primary under); `None` for a member that never did,
+    /// such as one that restarted empty.
+    pub synced_epoch: Option<u64>,
+    /// Whether the agent's role driver is healthy (last action succeeded).
+    pub healthy: bool,
+    /// The last driver error, if any.
+    pub error: Option<String>,
+}
+
+/// How the designation moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveKind {
+    /// The group was created (or lost its designated member).
+    Initial,
+    /// Automatic: the primary was judged down.
+    Failover,
+    /// Planned by an operator.
+    Switchover,
+}
+
+impl MoveKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveKind::Initial => "initial",
+            MoveKind::Failover => "failover",
+            MoveKind::Switchover => "switchover",
+        }
+    }
+}
+
+/// One change of designated primary, as committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Raft log index of the decision.
+    pub revision: u64,
+    pub kind: MoveKind,
+    pub from: Option<String>,
+    pub to: String,
+    /// The epoch `to` acquired the lease at (filled in when it does).
+    pub epoch: Option<u64>,
+    pub reason: String,
+    /// The evidence the decision used (verdict explanations, candidates).
+    pub evidence: Vec<String>,
+    /// The deciding leader's wall clock, for people (never compared).
+    pub wall_ms: u64,
+}
+
+/// A planned switchover in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switchover {
+    pub to: String,
+    pub requested_revision: u64,
+}
+
+/// The replicated election state of a managed group.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Election {
+    /// The only member allowed to hold (acquire, renew) the group's lease.
+    pub designated: Option<String>,
+    /// No automatic failover while on.
+    pub maintenance: bool,
+    /// When the last automatic failover was decided, on the machine's clock.
+    pub last_failover_ms: Option<i64>,
+    pub switchover: Option<Switchover>,
+    pub history: VecDeque<HistoryEntry>,
+}
+
+impl Election {
+    pub fn record(&mut self, entry: HistoryEntry) {
+        if self.history.len() == MAX_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(entry);
+    }
+
+    /// When automatic failovers are allowed again (machine clock).
+    pub fn blocked_until_ms(&self, min_interval_ms: u64) -> Option<i64> {
+        self.last_failover_ms.map(|t| t.saturating_add(i64::try_from(min_interval_ms).unwrap_or(i64::MAX)))
+    }
+}
+
+/// One member assessed as a candidate for the primary role.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Candidate {
+    pub member: String,
+    pub priority: u32,
+    pub verdict: Verdict,
+    pub offset: Option<u64>,
+    pub lag_bytes: Option<u64>,
+    /// `None` when eligible, else why not.
+    pub why_not: Option<String>,
+}
+
+impl Candidate {
+    pub fn eligible(&self) -> bool {
+        self.why_not.is_none()
+    }
+}
+
+/// Every member but `exclude`, assessed and sorted best first: eligible
+/// before ineligible, then highest priority, then most data, then name.
+pub fn candidates(
+    spec: &GroupSpec,
+    statuses: &BTreeMap<String, MemberStatus>,
+    verdict: &GroupVerdict,
+    exclude: Option<&str>,
+    max_lag_bytes: u64,
+) -> Vec<Candidate> {
+    let reference = statuses.values().map(|s| s.offset).max().unwrap_or(0);
+    let anyone_synced = statuses.values().any(|s| s.synced_epoch.is_some());
+    let mut out: Vec<Candidate> = spec
+        .members
+        .iter()
+        .filter(|m| Some(m.id.as_str()) != exclude)
+        .map(|m| {
+            let v = verdict.member(&m.id).map_or(Verdict::Unknown, |mv| mv.state);
+            let status = statuses.get(&m.id);
+            let offset = status.map(|s| s.offset);
+            let lag_bytes = offset.map(|o| reference.saturating_sub(o));
+            let why_not = if m.priority == 0 {
+                Some("priority 0 (never primary)".to_owned())
+            } else if v != Verdict::Up {
+                Some(format!("its verdict is {}", v.as_str()))
+            } else if status.is_none() {
+                Some("its agent has not reported its data state".to_owned())
+            } else if anyone_synced && status.is_some_and(|s| s.synced_epoch.is_none()) {
+                Some("it has never synced from a primary (restarted empty?)".to_owned())
+            } else if lag_bytes.is_some_and(|l| l > max_lag_bytes) {
+                Some(format!("it lags by {} bytes (max_lag_bytes {max_lag_bytes})", lag_bytes.unwrap_or(0)))
+            } else {
+                None
+            };
+            Candidate { member: m.id.clone(), priority: m.priority, verdict: v, offset, lag_bytes, why_not }
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        b.eligible()
+            .cmp(&a.eligible())
+            .then(b.priority.cmp(&a.priority))
+            .then(b.offset.unwrap_or(0).cmp(&a.offset.unwrap_or(0)))
+            .then(a.member.cmp(&b.member))
+    });
+    out
+}
+
+/// What the leader should do about a managed group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Decision {
+    /// Nothing: the designated primary is not down (or the group is not
+    /// managed).
+    Keep,
+    /// Designate `to` (commit it with the reason and evidence).
+    Designate { kind: MoveKind, from: Option<String>, to: String, reason: String, evidence: Vec<String> },
+    /// The primary is down but something prevents a failover.
+    Blocked { reason: String, candidates: Vec<Candidate> },
+}
+
+/// Everything [`decide`] looks at.
+#[derive(Debug, Clone, Copy)]
+pub struct DecisionInput<'a> {
+    pub spec: &'a GroupSpec,
+    pub election: &'a Election,
+    pub statuses: &'a BTreeMap<String, MemberStatus>,
+    /// The verdict over views reported in the current leader's term only.
+    pub verdict: &'a GroupVerdict,
+    /// Now, on the machine's clock.
+    pub now_ms: u64,
+    /// How long this leader's clock has been the machine's clock.
+    pub term_age_ms: u64,
+}
+
+/// The leader's decision for one managed group. Pure.
+pub fn decide(input: DecisionInput<'_>) -> Decision {
+    let DecisionInput { spec, election, statuses, verdict, now_ms, term_age_ms } = input;
+    let Some(policy) = &spec.failover else { return Decision::Keep };
+    let grace_ms = spec.policy.report_interval_ms + spec.policy.down_after_ms;
+    let ranked = |exclude: Option<&str>| candidates(spec, statuses, verdict, exclude, policy.max_lag_bytes);
+
+    let Some(primary) = &election.designated else {
+        // A new group (or one whose designated member was removed).
+        let c = ranked(None);
+        return match c.iter().find(|c| c.eligible()) {
+            Some(best) => Decision::Designate {
+                kind: MoveKind::Initial,
+                from: None,
+                to: best.member.clone(),
+                reason: format!("no primary designated; {} is the best eligible member", best.member),
+                evidence: evidence_of(verdict, &c),
+            },
+            None => Decision::Blocked { reason: "no primary designated and no eligible member".into(), candidates: c },
+        };
+    };
+    let Some(pv) = verdict.member(primary) else { return Decision::Keep };
+    if pv.state != Verdict::Down {
+        return Decision::Keep;
+    }
+    let c = ranked(Some(primary));
+    let blocked = |reason: String| Decision::Blocked { reason, candidates: c.clone() };
+    if election.maintenance {
+        return blocked(format!("{primary} is down but the group is in maintenance"));
+    }
+    if term_age_ms < grace_ms {
+        return blocked(format!(
+            "{primary} looks down, but this Raft leader has been in office {term_age_ms} ms; it acts only on views of its own term, after {grace_ms} ms"
+        ));
+    }
+    if let Some(until) = election.blocked_until_ms(policy.min_failover_interval_ms)
+        && i128::from(now_ms) < i128::from(until)
+    {
+        return blocked(format!(
+            "{primary} is down but the last failover was less than min_failover_interval_ms ({} ms) ago; clear the block with `quorate failover unblock {}`",
+            policy.min_failover_interval_ms, spec.name
+        ));
+    }
+    match c.iter().find(|c| c.eligible()) {
+        Some(best) => Decision::Designate {
+            kind: MoveKind::Failover,
+            from: Some(primary.clone()),
+            to: best.member.clone(),
+            reason: format!(
+                "{}; {} is up, priority {}, lag {} bytes",
+                explain(pv),
+                best.member,
+                best.priority,
+                best.lag_bytes.unwrap_or(0)
+            ),
+            evidence: evidence_of(verdict, &c),
+        },
+        None => blocked(format!("{primary} is down and no member is eligible to replace it")),
+    }
+}
+
+/// The evidence committed with a decision: every verdict and every
+/// candidate assessment, in words.
+fn evidence_of(verdict: &GroupVerdict, candidates: &[Candidate]) -> Vec<String> {
+    let mut out: Vec<String> = verdict.members.iter().map(explain).collect();
+    for c in candidates {
+        out.push(match &c.why_not {
+            None => format!(
+                "candidate {}: eligible (priority {}, offset {}, lag {} bytes)",
+                c.member,
+                c.priority,
+                c.offset.unwrap_or(0),
+                c.lag_bytes.unwrap_or(0)
+            ),
+            Some(w) => format!("candidate {}: not eligible: {w}", c.member),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

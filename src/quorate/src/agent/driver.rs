@@ -1,0 +1,427 @@
+//! Role drivers: how an agent makes its member's data service follow the
+//! primary role. The I/O boundary between the role loop and the service.
+//!
+//! - [`RedisDriver`]: promote with `REPLICAOF NO ONE`, follow the primary with
+//!   `REPLICAOF host port`, fence with `CLIENT PAUSE ... WRITE`; keeps the
+//!   lease key `quorate:lease:{G}` (the epoch, expiring at the holder's
+//!   deadline) that `deploy/redis/fenced_set.lua` checks, so a frozen agent's
+//!   primary stops accepting fenced writes when its lease runs out.
+//! - [`ExecDriver`]: runs configured commands with `QUORATE_GROUP`,
+//!   `QUORATE_MEMBER`, `QUORATE_EPOCH`, `QUORATE_ROLE` in the environment.
+//! - [`NoDriver`]: the lease only (for services that read it themselves).
+
+use std::future::Future;
+use std::time::Duration;
+
+use quorate_core::election::Role;
+use quorate_core::group::parse_redis_url;
+use redis::AsyncConnectionConfig;
+use redis::aio::MultiplexedConnection;
+use tokio::sync::Mutex;
+
+/// How long one command to the data service may take.
+pub const DRIVER_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// Why a driver action failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct DriverError(pub String);
+
+/// What the driver sees of its data service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceState {
+    pub reachable: bool,
+    pub role: Option<Role>,
+    pub offset: u64,
+    pub link_up: bool,
+    /// `host:port` of the primary a replica follows.
+    pub following: Option<String>,
+    /// Changes when the service restarts (Redis `run_id`).
+    pub run_id: String,
+}
+
+/// Acting on the data service.
+pub trait RoleDriver: Send + Sync + 'static {
+    /// The service's state now.
+    fn state(&self) -> impl Future<Output = ServiceState> + Send;
+    /// Become primary under `epoch`; the lease is valid for `valid_for`.
+    fn promote(&self, epoch: u64, valid_for: Duration) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// The lease was renewed: valid for `valid_for` more.
+    fn renewed(&self, epoch: u64, valid_for: Duration) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Stop accepting writes at once (the lease is lost or about to be).
+    fn fence(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Follow `primary_data` (a `redis://HOST:PORT` URL) as a replica.
+    fn follow(&self, primary_data: &str, epoch: u64) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Pause writes for a switchover; returns the replication offset to
+    /// wait for.
+    fn pause_writes(&self) -> impl Future<Output = Result<u64, DriverError>> + Send;
+    /// Accept writes again (a switchover was given up).
+    fn unpause(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// The replication offset of another member's service (switchover).
+    fn offset_of(&self, other_data: &str) -> impl Future<Output = Result<u64, DriverError>> + Send;
+}
+
+/// The key holding the primary's epoch until its lease deadline.
+pub fn lease_key(group: &str) -> String {
+    format!("quorate:lease:{{{group}}}")
+}
+
+/// Drives a Redis data service.
+#[derive(Debug)]
+pub struct RedisDriver {
+    group: String,
+    url: String,
+    conn: Mutex<Option<MultiplexedConnection>>,
+}
+
+impl RedisDriver {
+    pub fn new(group: &str, url: &str) -> Self {
+        Self { group: group.to_owned(), url: url.to_owned(), conn: Mutex::new(None) }
+    }
+
+    async fn connect(url: &str) -> Result<MultiplexedConnection, DriverError> {
+        let client = redis::Client::open(url).map_err(|e| DriverError(format!("{url}: {e}")))?;
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(DRIVER_TIMEOUT))
+            .set_response_timeout(Some(DRIVER_TIMEOUT));
+        tokio::time::timeout(DRIVER_TIMEOUT, client.get_multiplexed_async_connection_with_config(&config))
+            .await
+            .map_err(|_| DriverError(format!("{url}: connect timed out")))?
+            .map_err(|e| DriverError(format!("{url}: {e}")))
+    }
+
+    /// Runs commands on the own service; a failure drops the connection.
+    async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, DriverError> {
+        let mut guard = self.conn.lock().await;
+        if guard.is_none() {
+            *guard = Some(Self::connect(&self.url).await?);
+        }
+        let conn = guard.as_mut().expect("connected above");
+        let res = match tokio::time::timeout(DRIVER_TIMEOUT, cmd.query_async::<T>(conn)).await {
+            Err(_) => Err(DriverError(format!("{}: timed out", self.url))),
+            Ok(r) => r.map_err(|e| DriverError(format!("{}: {e}", self.url))),
+        };
+        if res.is_err() {
+            *guard = None;
+        }
+        res
+    }
+
+    async fn info(&self) -> Result<String, DriverError> {
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("replication").arg("server");
+        self.run(cmd).await
+    }
+}
+
+fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
+    info.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim)
+}
+
+/// Parses `INFO replication` + `INFO server`.
+pub fn parse_info(info: &str) -> ServiceState {
+    let role = match field(info, "role") {
+        Some("master") => Some(Role::Primary),
+        Some("slave") => Some(Role::Replica),
+        _ => None,
+    };
+    let offset_field = if role == Some(Role::Replica) { "slave_repl_offset" } else { "master_repl_offset" };
+    let offset = field(info, offset_field).and_then(|v| v.parse().ok()).unwrap_or(0);
+    let following = match (field(info, "master_host"), field(info, "master_port")) {
+        (Some(h), Some(p)) if role == Some(Role::Replica) => Some(format!("{h}:{p}")),
+        _ => None,
+    };
+    ServiceState {
+        reachable: true,
+        role,
+        offset,
+        link_up: field(info, "master_link_status") == Some("up"),
+        following,
+        run_id: field(info, "run_id").unwrap_or_default().to_owned(),
+    }
+}
+
+fn host_port(url: &str) -> Result<(String, u16), DriverError> {
+    parse_redis_url(url).map(|a| (a.host, a.port)).map_err(|e| DriverError(format!("{url}: {e}")))
+}
+
+impl RoleDriver for RedisDriver {
+    async fn state(&self) -> ServiceState {
+        match self.info().await {
+            Ok(info) => parse_info(&info),
+            Err(_) => ServiceState::default(),
+        }
+    }
+
+    async fn promote(&self, epoch: u64, valid_for: Duration) -> Result<(), DriverError> {
+        let mut noone = redis::cmd("REPLICAOF");
+        noone.arg("NO").arg("ONE");
+        self.run::<()>(noone).await?;
+        self.run::<()>(redis::cmd("CLIENT").arg("UNPAUSE").clone()).await?;
+        self.renewed(epoch, valid_for).await
+    }
+
+    async fn renewed(&self, epoch: u64, valid_for: Duration) -> Result<(), DriverError> {
+        let ms = valid_for.as_millis().max(1) as u64;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(lease_key(&self.group)).arg(epoch).arg("PX").arg(ms);
+        self.run::<()>(cmd).await
+    }
+
+    async fn fence(&self) -> Result<(), DriverError> {
+        // The lease key first: the pause would block our own write.
+        let _ = self.run::<()>(redis::cmd("DEL").arg(lease_key(&self.group)).clone()).await;
+        let mut pause = redis::cmd("CLIENT");
+        pause.arg("PAUSE").arg(24 * 3600 * 1000u64).arg("WRITE");
+        self.run::<()>(pause).await
+    }
+
+    async fn follow(&self, primary_data: &str, _epoch: u64) -> Result<(), DriverError> {
+        let (host, port) = host_port(primary_data)?;
+        let state = self.state().await;
+        if state.role != Some(Role::Replica) || state.following.as_deref() != Some(&format!("{host}:{port}")) {
+            let mut cmd = redis::cmd("REPLICAOF");
+            cmd.arg(&host).arg(port);
+            self.run::<()>(cmd).await?;
+        }
+        // A replica refuses writes by itself; the pause would only hold
+        // clients' reads of stale data.
+        self.run::<()>(redis::cmd("CLIENT").arg("UNPAUSE").clone()).await
+    }
+
+    async fn pause_writes(&self) -> Result<u64, DriverError> {
+        let _ = self.run::<()>(redis::cmd("DEL").arg(lease_key(&self.group)).clone()).await;
+        let mut pause = redis::cmd("CLIENT");
+        pause.arg("PAUSE").arg(60_000u64).arg("WRITE");
+        self.run::<()>(pause).await?;
+        let state = self.state().await;
+        if !state.reachable {
+            return Err(DriverError(format!("{}: unreachable after pausing writes", self.url)));
+        }
+        Ok(state.offset)
+    }
+
+    async fn unpause(&self) -> Result<(), DriverError> {
+        self.run::<()>(redis::cmd("CLIENT").arg("UNPAUSE").clone()).await
+    }
+
+    async fn offset_of(&self, other_data: &str) -> Result<u64, DriverError> {
+        let mut conn = Self::connect(other_data).await?;
+        let mut cmd = redis::cmd("INFO");
+        cmd.arg("replication");
+        let info: String = tokio::time::timeout(DRIVER_TIMEOUT, cmd.query_async(&mut conn))
+            .await
+            .map_err(|_| DriverError(format!("{other_data}: timed out")))?
+            .map_err(|e| DriverError(format!("{other_data}: {e}")))?;
+        Ok(parse_info(&info).offset)
+    }
+}
+
+/// Hooks run by [`ExecDriver`]; each may be empty.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecHooks {
+    pub promote: String,
+    pub demote: String,
+    pub fence: String,
+}
+
+/// Runs commands on role changes. A failed hook is an error (reported by
+/// the agent and retried on its next cycle), never ignored.
+#[derive(Debug)]
+pub struct ExecDriver {
+    group: String,
+    member: String,
+    hooks: ExecHooks,
+    role: std::sync::Mutex<Option<Role>>,
+}
+
+impl ExecDriver {
+    pub fn new(group: &str, member: &str, hooks: ExecHooks) -> Self {
+        Self { group: group.into(), member: member.into(), hooks, role: std::sync::Mutex::new(None) }
+    }
+
+    async fn hook(&self, which: &str, command: &str, epoch: u64, role: &str) -> Result<(), DriverError> {
+        if command.is_empty() {
+            return Ok(());
+        }
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            tokio::process::Command::new("/bin/sh")
+                .arg("-c")
+                .arg(command)
+                .env("QUORATE_GROUP", &self.group)
+                .env("QUORATE_MEMBER", &self.member)
+                .env("QUORATE_EPOCH", epoch.to_string())
+                .env("QUORATE_ROLE", role)
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .map_err(|_| DriverError(format!("{which} hook timed out after 30 s")))?
+        .map_err(|e| DriverError(format!("{which} hook could not run: {e}")))?;
+        if out.status.success() {
+            Ok(())
+        } else {
+            Err(DriverError(format!(
+                "{which} hook failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            )))
+        }
+    }
+
+    fn set_role(&self, role: Role) {
+        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = Some(role);
+    }
+}
+
+impl RoleDriver for ExecDriver {
+    async fn state(&self) -> ServiceState {
+        let role = *self.role.lock().unwrap_or_else(|p| p.into_inner());
+        ServiceState { reachable: true, role, link_up: role == Some(Role::Replica), ..Default::default() }
+    }
+    async fn promote(&self, epoch: u64, _valid_for: Duration) -> Result<(), DriverError> {
+        self.hook("promote", &self.hooks.promote, epoch, "primary").await?;
+        self.set_role(Role::Primary);
+        Ok(())
+    }
+    async fn renewed(&self, _epoch: u64, _valid_for: Duration) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn fence(&self) -> Result<(), DriverError> {
+        self.hook("fence", &self.hooks.fence, 0, "fenced").await?;
+        self.set_role(Role::Unknown);
+        Ok(())
+    }
+    async fn follow(&self, _primary_data: &str, epoch: u64) -> Result<(), DriverError> {
+        if *self.role.lock().unwrap_or_else(|p| p.into_inner()) == Some(Role::Replica) {
+            return Ok(());
+        }
+        self.hook("demote", &self.hooks.demote, epoch, "replica").await?;
+        self.set_role(Role::Replica);
+        Ok(())
+    }
+    async fn pause_writes(&self) -> Result<u64, DriverError> {
+        self.fence().await.map(|()| 0)
+    }
+    async fn unpause(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn offset_of(&self, _other_data: &str) -> Result<u64, DriverError> {
+        Ok(0)
+    }
+}
+
+/// No data service: the lease is all there is.
+#[derive(Debug, Default)]
+pub struct NoDriver;
+
+impl RoleDriver for NoDriver {
+    async fn state(&self) -> ServiceState {
+        ServiceState { reachable: true, ..Default::default() }
+    }
+    async fn promote(&self, _: u64, _: Duration) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn renewed(&self, _: u64, _: Duration) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn fence(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn follow(&self, _: &str, _: u64) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn pause_writes(&self) -> Result<u64, DriverError> {
+        Ok(0)
+    }
+    async fn unpause(&self) -> Result<(), DriverError> {
+        Ok(())
+    }
+    async fn offset_of(&self, _: &str) -> Result<u64, DriverError> {
+        Ok(0)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_replica_and_primary_info() {
+        let replica = "# Replication\r\nrole:slave\r\nmaster_host:127.0.0.1\r\nmaster_port:7301\r\nmaster_link_status:up\r\nslave_repl_offset:4242\r\nmaster_repl_offset:4242\r\n# Server\r\nrun_id:abc\r\n";
+        let s = parse_info(replica);
+        assert_eq!(s.role, Some(Role::Replica));
+        assert_eq!(
+            (s.offset, s.link_up, s.following.as_deref(), s.run_id.as_str()),
+            (4242, true, Some("127.0.0.1:7301"), "abc")
+        );
+        let primary = "role:master\r\nconnected_slaves:1\r\nmaster_repl_offset:99\r\nrun_id:def\r\n";
+        let s = parse_info(primary);
+        assert_eq!((s.role, s.offset, s.link_up, s.following), (Some(Role::Primary), 99, false, None));
+    }
+
+    #[tokio::test]
+    async fn a_failing_exec_hook_is_an_error_with_its_output() {
+        let d = ExecDriver::new(
+            "g",
+            "m",
+            ExecHooks {
+                promote: "echo \"$QUORATE_GROUP/$QUORATE_MEMBER/$QUORATE_EPOCH/$QUORATE_ROLE\" >&2; exit 3".into(),
+                ..Default::default()
+            },
+        );
+        let err = d.promote(7, Duration::from_secs(1)).await.unwrap_err();
+        assert!(err.0.contains("promote hook failed") && err.0.contains("g/m/7/primary"), "{err}");
+        assert_eq!(d.state().await.role, None, "a failed promotion does not change the role");
+        let ok = ExecDriver::new("g", "m", ExecHooks { promote: "true".into(), ..Default::default() });
+        ok.promote(1, Duration::from_secs(1)).await.unwrap();
+        assert_eq!(ok.state().await.role, Some(Role::Primary));
+    }
+}
+
+/// The driver an agent runs, chosen at start.
+#[derive(Debug)]
+pub enum AnyDriver {
+    Redis(RedisDriver),
+    Exec(ExecDriver),
+    None(NoDriver),
+}
+
+macro_rules! dispatch {
+    ($self:ident, $d:ident => $e:expr) => {
+        match $self {
+            AnyDriver::Redis($d) => $e,
+            AnyDriver::Exec($d) => $e,
+            AnyDriver::None($d) => $e,
+        }
+    };
+}
+
+impl RoleDriver for AnyDriver {
+    async fn state(&self) -> ServiceState {
+        dispatch!(self, d => d.state().await)
+    }
+    async fn promote(&self, epoch: u64, valid_for: Duration) -> Result<(), DriverError> {
+        dispatch!(self, d => d.promote(epoch, valid_for).await)
+    }
+    async fn renewed(&self, epoch: u64, valid_for: Duration) -> Result<(), DriverError> {
+        dispatch!(self, d => d.renewed(epoch, valid_for).await)
+    }
+    async fn fence(&self) -> Result<(), DriverError> {
+        dispatch!(self, d => d.fence().await)
+    }
+    async fn follow(&self, primary_data: &str, epoch: u64) -> Result<(), DriverError> {
+        dispatch!(self, d => d.follow(primary_data, epoch).await)
+    }
+    async fn pause_writes(&self) -> Result<u64, DriverError> {
+        dispatch!(self, d => d.pause_writes().await)
+    }
+    async fn unpause(&self) -> Result<(), DriverError> {
+        dispatch!(self, d => d.unpause().await)
+    }
+    async fn offset_of(&self, other_data: &str) -> Result<u64, DriverError> {
+        dispatch!(self, d => d.offset_of(other_data).await)
+    }
+}

@@ -1,0 +1,93 @@
+//! The leader's election duty: for every managed group, decide (with the
+//! pure [`decide`]) whether to move the designated primary, and commit the
+//! decision with its evidence.
+//!
+//! Runs on every node but acts only on the leader, and only once the state
+//! machine runs on this leader's clock; the verdict it acts on counts only
+//! views reported since this leader's first entry.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use openraft::ServerState;
+use openraft::type_config::async_runtime::watch::WatchReceiver as _;
+use quorate_core::Op;
+use quorate_core::election::{Decision, DecisionInput, decide};
+use quorate_core::machine::Outcome;
+use quorate_core::verdict::verdict_since;
+use tracing::{info, warn};
+
+use super::Node;
+
+/// The shortest heartbeat interval of any managed group, default 100 ms.
+fn tick_of(node: &Node) -> Duration {
+    let ms = node.reader.with_machine(|m, _| {
+        m.groups().filter(|g| g.spec.is_managed()).map(|g| g.spec.policy.heartbeat_interval_ms).min()
+    });
+    Duration::from_millis(ms.unwrap_or(100).max(10))
+}
+
+/// Every managed group's decision now; empty unless the machine runs on
+/// this node's clock.
+fn decisions(node: &Node) -> Vec<(String, Decision)> {
+    let voters = node.reader.voters();
+    node.reader.with_machine(|m, _| {
+        let Some(now) = node.reader.own_clock_now(m) else { return Vec::new() };
+        let started = m.clock_started_ms();
+        m.groups()
+            .filter(|g| g.spec.is_managed())
+            .map(|g| {
+                let v = verdict_since(g, &voters, now, Some(started));
+                let d = decide(DecisionInput {
+                    spec: &g.spec,
+                    election: &g.election,
+                    statuses: &g.statuses,
+                    verdict: &v,
+                    now_ms: now,
+                    term_age_ms: now.saturating_sub(started),
+                });
+                (g.spec.name.clone(), d)
+            })
+            .collect()
+    })
+}
+
+/// Runs until the node stops.
+pub async fn run_elections(node: Node) {
+    let mut stopping = node.stopping.clone();
+    let mut blocked: BTreeMap<String, String> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep(tick_of(&node)) => {}
+            () = crate::shutdown::stopped(&mut stopping) => return,
+        }
+        if node.raft.metrics().borrow_watched().state != ServerState::Leader {
+            blocked.clear();
+            continue;
+        }
+        for (group, decision) in decisions(&node) {
+            match decision {
+                Decision::Keep => {
+                    blocked.remove(&group);
+                }
+                Decision::Blocked { reason, .. } => {
+                    if blocked.get(&group) != Some(&reason) {
+                        warn!(%group, "{reason}");
+                        blocked.insert(group, reason);
+                    }
+                }
+                Decision::Designate { kind, from, to, reason, evidence } => {
+                    blocked.remove(&group);
+                    info!(%group, kind = kind.as_str(), from = from.as_deref().unwrap_or("-"), %to, %reason, "designating a new primary");
+                    let op = Op::Designate { group: group.clone(), kind, from, to, reason, evidence };
+                    match node.propose(op).await {
+                        Ok(Outcome::ElectionChanged { .. }) => {}
+                        Ok(Outcome::Rejected(r)) => warn!(%group, "designation refused: {r}"),
+                        Ok(other) => warn!(%group, "designation: unexpected outcome {other:?}"),
+                        Err(e) => warn!(%group, "designation not committed: {e}"),
+                    }
+                }
+            }
+        }
+    }
+}
