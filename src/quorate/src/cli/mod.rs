@@ -5,6 +5,7 @@
 
 mod election;
 mod groups;
+pub use groups::render_matrix;
 mod lease;
 mod status;
 
@@ -100,6 +101,19 @@ pub enum Command {
     /// Start or stop a local cluster of background processes.
     #[command(subcommand)]
     Local(LocalCommand),
+    /// The main job: a live local cluster doing real Redis failovers.
+    Demo {
+        /// Directory for data and logs.
+        #[arg(long, default_value = ".quorate-demo")]
+        dir: PathBuf,
+        /// Ports: coordinators base..base+2, heartbeat stores base+100..,
+        /// data Redis base+200..
+        #[arg(long, default_value_t = 7101)]
+        base_port: u16,
+        /// Leave the cluster running afterwards.
+        #[arg(long)]
+        keep_running: bool,
+    },
     /// Measure throughput and latency against a running cluster.
     Bench(BenchArgs),
 }
@@ -440,6 +454,17 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 out.push_str(&format!("\nexport QUORATE_ENDPOINTS={}", file.endpoints));
                 out
             });
+            Ok(())
+        }
+        Command::Demo { dir, base_port, keep_running } => {
+            let opts = crate::local::demo::DemoOptions { dir, base_port, keep_running, narrate: !json_mode };
+            let summary = crate::local::demo::run(&opts).await?;
+            if json_mode {
+                println!("{}", serde_json::to_string(&summary)?);
+            }
+            if summary.acked_writes_lost > 0 || summary.scenarios.iter().any(|s| !s.ok) {
+                anyhow::bail!("the demo did not go as expected (see the summary)");
+            }
             Ok(())
         }
         Command::Local(LocalCommand::Down { dir }) => {

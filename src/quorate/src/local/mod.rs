@@ -18,6 +18,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 
+pub mod demo;
+
 use crate::client::Client;
 
 /// How long `up` waits for a leader.
