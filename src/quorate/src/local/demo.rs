@@ -84,7 +84,11 @@ pub enum DemoError {
 #[derive(Debug, Clone)]
 enum WriteOutcome {
     /// Accepted by the primary and acknowledged by `n` replicas.
-    Accepted { member: String, epoch: u64, replicas: i64 },
+    Accepted {
+        member: String,
+        epoch: u64,
+        replicas: i64,
+    },
     Failed(String),
 }
 
@@ -246,7 +250,13 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoSummary, DemoError> {
         super::down(&opts.dir).await.ok();
         std::fs::remove_dir_all(&opts.dir).ok();
     }
-    let up = UpOptions { nodes: 3, dir: opts.dir.clone(), base_port: opts.base_port, group: Some((GROUP.into(), 2)), data: true };
+    let up = UpOptions {
+        nodes: 3,
+        dir: opts.dir.clone(),
+        base_port: opts.base_port,
+        group: Some((GROUP.into(), 2)),
+        data: true,
+    };
     let mut file: ClusterFile = super::up(&up).await?;
     let result = scenarios(&story, &up, &mut file).await;
     if !opts.keep_running {
@@ -268,7 +278,10 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
     })
     .await;
     if ready.is_none() {
-        return Err(DemoError::Step(format!("{first} never became primary with {second} in sync; see the logs in {}", up.dir.display())));
+        return Err(DemoError::Step(format!(
+            "{first} never became primary with {second} in sync; see the logs in {}",
+            up.dir.display()
+        )));
     }
     story.at(&format!("{first} is primary at epoch 1, {second} replicates from it"));
     story.show(&matrix_text(&client).await);
@@ -301,7 +314,12 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
 
     // 1. Failover.
     story.step(&format!("scenario 1: kill -9 of {first} (data Redis, heartbeat store and agent)"));
-    let victim = file.members.iter().find(|m| m.id == first).cloned().ok_or_else(|| DemoError::Step("no first member".into()))?;
+    let victim = file
+        .members
+        .iter()
+        .find(|m| m.id == first)
+        .cloned()
+        .ok_or_else(|| DemoError::Step("no first member".into()))?;
     let killed_at = Instant::now();
     for pid in [Some(victim.agent_pid), Some(victim.heartbeat_redis_pid), victim.data_redis_pid].into_iter().flatten() {
         signal(pid, Signal::SIGKILL);
@@ -331,9 +349,11 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
     if let Some(ms) = failover_ms {
         story.at(&format!("the writer's first write on {second} succeeded {ms} ms after the kill"));
     }
-    let refused = log.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|r| r.at > killed_at).find_map(|r| match &r.outcome {
-        WriteOutcome::Failed(why) => Some(why.clone()),
-        WriteOutcome::Accepted { .. } => None,
+    let refused = log.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|r| r.at > killed_at).find_map(|r| {
+        match &r.outcome {
+            WriteOutcome::Failed(why) => Some(why.clone()),
+            WriteOutcome::Accepted { .. } => None,
+        }
     });
     if let Some(why) = refused {
         story.at(&format!("meanwhile the writer's attempts failed, e.g.: {why}"));
@@ -353,7 +373,14 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
     story.step(&format!("scenario 2: {first} comes back (empty: no persistence)"));
     *file = super::up(up).await?;
     let rejoined = wait_for(&client, Duration::from_secs(20), |e| member_synced(e, &first, 2)).await;
-    story.at(&format!("{first} {}", if rejoined.is_some() { "rejoined as a replica of the new primary and resynced" } else { "did not rejoin in time" }));
+    story.at(&format!(
+        "{first} {}",
+        if rejoined.is_some() {
+            "rejoined as a replica of the new primary and resynced"
+        } else {
+            "did not rejoin in time"
+        }
+    ));
     tokio::time::sleep(Duration::from_secs(2)).await;
     let still = holder(&client).await;
     story.show(&matrix_text(&client).await);
@@ -456,7 +483,8 @@ async fn count_missing(data: &BTreeMap<String, String>, client: &Client, acked: 
         let keys: Vec<String> = chunk.iter().map(|s| format!("demo:w:{s}")).collect();
         let mut mget = redis::cmd("MGET");
         mget.arg(&keys);
-        let values: Vec<Option<String>> = mget.query_async(&mut conn).await.map_err(|e| DemoError::Step(e.to_string()))?;
+        let values: Vec<Option<String>> =
+            mget.query_async(&mut conn).await.map_err(|e| DemoError::Step(e.to_string()))?;
         missing += values.iter().zip(chunk).filter(|(v, s)| v.as_deref() != Some(&s.to_string())).count() as u64;
     }
     Ok(missing)

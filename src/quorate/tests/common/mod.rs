@@ -397,3 +397,183 @@ impl Drop for GroupFixture {
         }
     }
 }
+
+/// One member of a managed pair: heartbeat store, data Redis, agent.
+pub struct PairMember {
+    pub id: String,
+    pub heartbeat: Redis,
+    pub data: Redis,
+    pub agent: Option<Proc>,
+}
+
+/// A 3-node cluster and a managed Redis pair `db` (db-1 primary at start).
+pub struct PairFixture {
+    pub cluster: Cluster,
+    pub members: Vec<PairMember>,
+}
+
+/// The group name of [`PairFixture`].
+pub const PAIR: &str = "db";
+
+impl PairFixture {
+    pub async fn start() -> Self {
+        let cluster = Cluster::start(3);
+        cluster.wait_for_leader(Duration::from_secs(20)).await;
+        let dir = cluster.dir.path().to_owned();
+        let members: Vec<PairMember> = (1..=2)
+            .map(|i| PairMember {
+                id: format!("db-{i}"),
+                heartbeat: Redis::start(&dir, &format!("hb-{i}")),
+                data: Redis::start(&dir, &format!("data-{i}")),
+                agent: None,
+            })
+            .collect();
+        let spec = pb::GroupSpec {
+            name: PAIR.into(),
+            members: members
+                .iter()
+                .map(|m| pb::MemberSpec {
+                    id: m.id.clone(),
+                    heartbeat: m.heartbeat.url(),
+                    priority: 100,
+                    data: m.data.url(),
+                })
+                .collect(),
+            policy: None,
+            failover: Some(pb::FailoverPolicy { initial_primary: "db-1".into(), ..Default::default() }),
+        };
+        cluster.client().apply_group(spec).await.unwrap();
+        let mut f = PairFixture { cluster, members };
+        for i in 0..2 {
+            f.start_agent(i);
+        }
+        f
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let log = self.cluster.dir.path().join(format!("agent-{}.log", i + 1));
+        let log = std::fs::File::options().create(true).append(true).open(log).unwrap();
+        let child = Command::new(QUORATE)
+            .args(["agent", "--group", PAIR, "--member", &self.members[i].id, "--endpoints", &self.cluster.endpoints()])
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        self.members[i].agent = Some(Proc { child, name: format!("agent-{}", i + 1) });
+    }
+
+    pub fn agent_pid(&self, i: usize) -> u32 {
+        self.members[i].agent.as_ref().unwrap().pid()
+    }
+
+    /// kill -9 of a member's data Redis, heartbeat store and agent together.
+    pub fn crash(&mut self, i: usize) {
+        let m = &mut self.members[i];
+        if let Some(mut a) = m.agent.take() {
+            a.kill();
+        }
+        m.heartbeat.kill();
+        m.data.kill();
+    }
+
+    /// Restarts a crashed member (its data Redis comes back empty).
+    pub fn restart(&mut self, i: usize) {
+        self.members[i].heartbeat.restart();
+        self.members[i].data.restart();
+        self.start_agent(i);
+    }
+
+    pub async fn election(&self) -> Option<pb::ElectionStatus> {
+        self.cluster.client().get_election(PAIR, pb::Consistency::Linearizable).await.ok()
+    }
+
+    /// The lease holder and epoch.
+    pub async fn primary(&self) -> Option<(String, u64)> {
+        let l = self.cluster.client().get_lease(PAIR, pb::Consistency::Linearizable).await.ok()?.lease?;
+        (!l.holder.is_empty()).then_some((l.holder, l.epoch))
+    }
+
+    /// Waits until db-1 is primary at epoch 1 and db-2 has synced from it.
+    pub async fn wait_ready(&self) {
+        let start = Instant::now();
+        loop {
+            if let Some(e) = self.election().await {
+                let primary = e.lease.as_ref().is_some_and(|l| l.holder == "db-1" && l.epoch == 1);
+                let synced = e.members.iter().any(|m| {
+                    m.member == "db-2" && m.status.as_ref().is_some_and(|s| s.link_up && s.synced_epoch == Some(1))
+                });
+                if primary && synced {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < Duration::from_secs(30), "pair never got ready: {:?}", self.election().await);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn data_port(&self, member: &str) -> u16 {
+        self.members.iter().find(|m| m.id == member).unwrap().data.port
+    }
+}
+
+impl Drop for PairFixture {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for i in 0..self.members.len() {
+                let text = std::fs::read_to_string(self.cluster.dir.path().join(format!("agent-{}.log", i + 1)))
+                    .unwrap_or_default();
+                eprintln!("----- agent-{} (last 40 lines) -----", i + 1);
+                for l in text.lines().rev().take(40).collect::<Vec<_>>().iter().rev() {
+                    eprintln!("{l}");
+                }
+            }
+        }
+        for m in &mut self.members {
+            if let Some(mut a) = m.agent.take() {
+                a.kill();
+            }
+            m.heartbeat.kill();
+            m.data.kill();
+        }
+    }
+}
+
+/// A connection to a data Redis.
+pub async fn redis_conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
+    let c = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_millis(300)))
+        .set_response_timeout(Some(Duration::from_millis(500)));
+    c.get_multiplexed_async_connection_with_config(&config).await.ok()
+}
+
+/// The fenced write of deploy/redis/fenced_set.lua.
+pub async fn fenced_set(
+    conn: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    value: &str,
+    epoch: u64,
+) -> Result<(), String> {
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(quorate::local::demo::FENCED_SET_LUA)
+        .arg(2)
+        .arg(key)
+        .arg(quorate::agent::driver::lease_key(PAIR))
+        .arg(value)
+        .arg(epoch);
+    cmd.query_async::<()>(conn).await.map_err(|e| e.to_string())
+}
+
+/// `WAIT 1 timeout`: replicas that acknowledged.
+pub async fn wait_one(conn: &mut redis::aio::MultiplexedConnection, timeout_ms: u64) -> i64 {
+    redis::cmd("WAIT").arg(1).arg(timeout_ms).query_async(conn).await.unwrap_or(0)
+}
+
+/// `role:` of a data Redis, if it answers.
+pub async fn role_of(port: u16) -> Option<String> {
+    let mut c = redis_conn(port).await?;
+    let info: String = redis::cmd("INFO").arg("replication").query_async(&mut c).await.ok()?;
+    info.lines().find_map(|l| l.strip_prefix("role:")).map(|r| r.trim().to_owned())
+}

@@ -1,0 +1,250 @@
+//! Failover of a managed Redis primary/replica pair, with real redis-server
+//! processes, agents and a 3-node cluster.
+
+// Each test holds the process-wide `serial()` guard for its whole run, on
+// purpose: it serializes tests that each run on their own runtime.
+#![allow(clippy::await_holding_lock)]
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::{PairFixture, fenced_set, redis_conn, role_of, serial, signal, wait_one};
+use nix::sys::signal::Signal;
+
+const DOWN_AFTER: Duration = Duration::from_millis(500);
+const LEASE_TTL: Duration = Duration::from_millis(1000);
+
+/// Writes `n` keys to `port` under `epoch`; returns those acknowledged by a
+/// replica (`WAIT 1` >= 1).
+async fn write_acked(port: u16, prefix: &str, n: usize, epoch: u64) -> Vec<String> {
+    let mut conn = redis_conn(port).await.expect("primary answers");
+    let mut acked = Vec::new();
+    for i in 0..n {
+        let key = format!("{prefix}:{i}");
+        fenced_set(&mut conn, &key, &key, epoch).await.expect("fenced write on the primary");
+        if wait_one(&mut conn, 1000).await >= 1 {
+            acked.push(key);
+        }
+    }
+    acked
+}
+
+async fn missing_on(port: u16, keys: &[String]) -> Vec<String> {
+    let mut conn = redis_conn(port).await.expect("answers");
+    let mut missing = Vec::new();
+    for k in keys {
+        let v: Option<String> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
+        if v.as_deref() != Some(k.as_str()) {
+            missing.push(k.clone());
+        }
+    }
+    missing
+}
+
+async fn wait_for<F, Fut>(within: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while start.elapsed() < within {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_is_replaced_without_losing_acked_writes_and_rejoins_as_a_replica() {
+    let _serial = serial();
+    let mut f = PairFixture::start().await;
+    f.wait_ready().await;
+    let acked = write_acked(f.data_port("db-1"), "before", 200, 1).await;
+    assert!(acked.len() > 150, "only {} of 200 writes acknowledged", acked.len());
+
+    f.crash(0);
+    let crashed_at = Instant::now();
+    let bound = DOWN_AFTER + LEASE_TTL + Duration::from_secs(1);
+    let took =
+        wait_for(Duration::from_secs(20), || async { f.primary().await.is_some_and(|(h, e)| h == "db-2" && e > 1) })
+            .await
+            .expect("db-2 never got the lease");
+    eprintln!("db-2 holds the lease {took:?} after the crash (bound {bound:?})");
+    assert!(took <= bound, "failover took {took:?}, bound {bound:?}");
+    let promoted =
+        wait_for(Duration::from_secs(5), || async { role_of(f.data_port("db-2")).await.as_deref() == Some("master") })
+            .await;
+    assert!(promoted.is_some(), "db-2's Redis was not promoted");
+    eprintln!("db-2's Redis is master {:?} after the crash", crashed_at.elapsed());
+    let missing = missing_on(f.data_port("db-2"), &acked).await;
+    assert!(missing.is_empty(), "acknowledged writes lost: {missing:?}");
+
+    // The old primary comes back, empty: it rejoins as a replica of db-2,
+    // its data replaced by db-2's, and nothing fails back.
+    f.restart(0);
+    let rejoined = wait_for(Duration::from_secs(30), || async {
+        f.election().await.is_some_and(|e| {
+            e.members.iter().any(|m| {
+                m.member == "db-1"
+                    && m.status.as_ref().is_some_and(|s| s.role == "replica" && s.link_up && s.synced_epoch == Some(2))
+            })
+        })
+    })
+    .await;
+    assert!(rejoined.is_some(), "db-1 did not rejoin: {:?}", f.election().await);
+    let after = write_acked(f.data_port("db-2"), "after", 20, 2).await;
+    assert_eq!(after.len(), 20, "db-1 does not acknowledge writes as a replica");
+    let missing = missing_on(f.data_port("db-1"), &[acked.clone(), after].concat()).await;
+    assert!(missing.is_empty(), "db-1's data was not replaced by db-2's: missing {missing:?}");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(f.primary().await, Some(("db-2".to_owned(), 2)), "failed back");
+    let history = f.election().await.unwrap().history;
+    assert_eq!(history.iter().map(|h| h.kind.as_str()).collect::<Vec<_>>(), ["initial", "failover"]);
+    assert_eq!(history[1].epoch, Some(2));
+    assert!(history[1].reason.starts_with("db-1 is DOWN"), "{}", history[1].reason);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_primary_agent_stops_writes_before_the_replica_is_promoted() {
+    let _serial = serial();
+    let f = PairFixture::start().await;
+    f.wait_ready().await;
+    // A writer hammering db-1 under epoch 1, recording its last success.
+    let last_ok: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
+    let first_refusal: Arc<Mutex<Option<(Instant, String)>>> = Arc::new(Mutex::new(None));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let port = f.data_port("db-1");
+    let writer = {
+        let (last_ok, first_refusal, stop) = (last_ok.clone(), first_refusal.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut conn = redis_conn(port).await.unwrap();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                i += 1;
+                match fenced_set(&mut conn, &format!("w:{i}"), "x", 1).await {
+                    Ok(()) => *last_ok.lock().unwrap() = Some(Instant::now()),
+                    Err(e) => {
+                        first_refusal.lock().unwrap().get_or_insert((Instant::now(), e));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    signal(f.agent_pid(0), Signal::SIGSTOP);
+    let stopped_at = Instant::now();
+    let promoted =
+        wait_for(Duration::from_secs(20), || async { role_of(f.data_port("db-2")).await.as_deref() == Some("master") })
+            .await
+            .expect("db-2 was never promoted");
+    let promoted_at = stopped_at + promoted;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let last = last_ok.lock().unwrap().expect("db-1 accepted writes at first");
+    let (refused_at, why) = first_refusal.lock().unwrap().clone().expect("db-1 never refused a write");
+    eprintln!(
+        "agent frozen at 0; db-1's last fenced write {:?}, first refusal {:?} ({why}); db-2 master {:?}",
+        last.saturating_duration_since(stopped_at),
+        refused_at.saturating_duration_since(stopped_at),
+        promoted
+    );
+    assert!(why.contains("QUORATE_NO_LEASE"), "{why}");
+    assert!(last < promoted_at, "db-1 accepted a write after db-2 was promoted");
+    assert!(refused_at < promoted_at, "db-1 refused writes only after db-2 was promoted");
+
+    // Thawed, the old primary fences and follows the new one.
+    signal(f.agent_pid(0), Signal::SIGCONT);
+    let follows =
+        wait_for(Duration::from_secs(20), || async { role_of(f.data_port("db-1")).await.as_deref() == Some("slave") })
+            .await;
+    assert!(follows.is_some(), "db-1 did not become a replica after it thawed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_shorter_than_down_after_causes_no_failover() {
+    let _serial = serial();
+    let f = PairFixture::start().await;
+    f.wait_ready().await;
+    let before = f.election().await.unwrap().history.len();
+    signal(f.agent_pid(0), Signal::SIGSTOP);
+    tokio::time::sleep(DOWN_AFTER * 3 / 5).await;
+    signal(f.agent_pid(0), Signal::SIGCONT);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(f.primary().await, Some(("db-1".to_owned(), 1)));
+    assert_eq!(f.election().await.unwrap().history.len(), before);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_loses_no_acknowledged_write() {
+    let _serial = serial();
+    let f = PairFixture::start().await;
+    f.wait_ready().await;
+    // A writer that follows the primary through quorate.
+    let acked: Arc<Mutex<BTreeSet<String>>> = Arc::new(Mutex::new(BTreeSet::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ports = [(String::from("db-1"), f.data_port("db-1")), (String::from("db-2"), f.data_port("db-2"))];
+    let endpoints = f.cluster.endpoints();
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        tokio::spawn(async move {
+            let client = quorate::client::Client::from_list(&endpoints).unwrap();
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let Ok(r) = client.get_lease("db", quorate::pb::v1::Consistency::Linearizable).await else { continue };
+                let l = r.lease.unwrap_or_default();
+                let Some((_, port)) = ports.iter().find(|(m, _)| *m == l.holder) else { continue };
+                let Some(mut conn) = redis_conn(*port).await else { continue };
+                for _ in 0..20 {
+                    i += 1;
+                    let key = format!("sw:{i}");
+                    if fenced_set(&mut conn, &key, &key, l.epoch).await.is_err() {
+                        break;
+                    }
+                    if wait_one(&mut conn, 500).await >= 1 {
+                        acked.lock().unwrap().insert(key);
+                    }
+                }
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let r = f.cluster.client().switchover("db", Some("db-2"), Duration::from_secs(30)).await.expect("switchover");
+    eprintln!("switchover to {} at epoch {} took {} ms", r.to, r.epoch, r.took_ms);
+    assert_eq!((r.to.as_str(), r.epoch), ("db-2", 2));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    writer.await.unwrap();
+    let acked: Vec<String> = acked.lock().unwrap().iter().cloned().collect();
+    assert!(acked.len() > 100, "only {} writes acknowledged", acked.len());
+    let missing = missing_on(f.data_port("db-2"), &acked).await;
+    assert!(missing.is_empty(), "{} acknowledged writes lost: {:?}", missing.len(), &missing[..missing.len().min(5)]);
+    assert_eq!(f.election().await.unwrap().history.last().unwrap().kind, "switchover");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maintenance_holds_back_a_failover_until_it_is_turned_off() {
+    let _serial = serial();
+    let mut f = PairFixture::start().await;
+    f.wait_ready().await;
+    let client = f.cluster.client();
+    assert!(client.set_maintenance("db", true).await.unwrap().maintenance);
+    f.crash(0);
+    tokio::time::sleep(DOWN_AFTER + LEASE_TTL + Duration::from_secs(2)).await;
+    let e = f.election().await.unwrap();
+    assert_eq!(e.designated, "db-1", "designation moved in maintenance");
+    assert_ne!(e.lease.as_ref().map(|l| l.holder.as_str()), Some("db-2"));
+    assert!(e.decision.contains("maintenance"), "{}", e.decision);
+    let off_at = Instant::now();
+    client.set_maintenance("db", false).await.unwrap();
+    let took =
+        wait_for(Duration::from_secs(20), || async { f.primary().await.is_some_and(|(h, e)| h == "db-2" && e == 2) })
+            .await
+            .expect("no failover after maintenance off");
+    eprintln!("failover {took:?} after maintenance off ({:?})", off_at.elapsed());
+}
