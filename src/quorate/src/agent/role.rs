@@ -37,6 +37,8 @@ const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
 
 struct Holding {
     epoch: u64,
+    /// The holder's deadline, as the keeper last computed it.
+    valid_until: Instant,
 }
 
 struct Keeper {
@@ -90,7 +92,11 @@ impl<D: RoleDriver> RoleLoop<D> {
         let (events_tx, mut events) = mpsc::channel::<KeeperEvent>(64);
         let mut keeper: Option<Keeper> = None;
         let mut holding: Option<Holding> = None;
-        let mut fenced = false;
+        // Driver actions still owed: a promotion under the held epoch, a
+        // fence after losing the lease. Failed actions are retried every
+        // cycle (and reported) until they succeed or are superseded.
+        let mut promote_pending = false;
+        let mut fence_pending = false;
         let mut synced_epoch: Option<u64> = None;
         let mut last_run_id = String::new();
         let interval_ms = self.spec.borrow().policy.heartbeat_interval_ms;
@@ -107,22 +113,24 @@ impl<D: RoleDriver> RoleLoop<D> {
                 match ev {
                     KeeperEvent::Acquired { epoch, valid_until } => {
                         info!(epoch, "acquired the lease: promoting");
-                        holding = Some(Holding { epoch });
-                        result =
-                            self.driver.promote(epoch, valid_until.saturating_duration_since(Instant::now())).await;
-                        if result.is_ok() {
-                            fenced = false;
-                        }
+                        holding = Some(Holding { epoch, valid_until });
+                        fence_pending = false;
+                        promote_pending = true;
                     }
                     KeeperEvent::Renewed { epoch, valid_until } => {
-                        result =
-                            self.driver.renewed(epoch, valid_until.saturating_duration_since(Instant::now())).await;
+                        if let Some(h) = holding.as_mut() {
+                            h.valid_until = valid_until;
+                        }
+                        if !promote_pending {
+                            result =
+                                self.driver.renewed(epoch, valid_until.saturating_duration_since(Instant::now())).await;
+                        }
                     }
                     KeeperEvent::Lost { epoch, reason } => {
                         warn!(epoch, %reason, "lease lost: fencing");
                         holding = None;
-                        fenced = true;
-                        result = self.driver.fence().await;
+                        promote_pending = false;
+                        fence_pending = true;
                     }
                     KeeperEvent::Released { epoch } => {
                         info!(epoch, "lease released");
@@ -134,9 +142,20 @@ impl<D: RoleDriver> RoleLoop<D> {
             if keeper.as_ref().is_some_and(|k| k.task.is_finished()) {
                 keeper = None;
                 if holding.take().is_some() {
-                    fenced = true;
-                    result = self.driver.fence().await;
+                    promote_pending = false;
+                    fence_pending = true;
                 }
+            }
+            // Owed actions first: fencing is the most urgent.
+            if fence_pending {
+                result = self.driver.fence().await;
+                fence_pending = result.is_err();
+            }
+            if let Some(h) = &holding
+                && promote_pending
+            {
+                result = self.driver.promote(h.epoch, h.valid_until.saturating_duration_since(Instant::now())).await;
+                promote_pending = result.is_err();
             }
 
             let svc = self.driver.state().await;
@@ -160,27 +179,27 @@ impl<D: RoleDriver> RoleLoop<D> {
                 match &holding {
                     Some(h) => {
                         synced_epoch = Some(h.epoch);
-                        if !el.switchover_to.is_empty() && el.switchover_to != me {
+                        if !el.switchover_to.is_empty() && el.switchover_to != me && !promote_pending {
                             result = self.switchover(&el.switchover_to, &mut keeper).await;
-                        } else if fenced {
-                            // A failed fence or promotion is retried.
-                            result = self.driver.promote(h.epoch, Duration::from_millis(self.lease_ttl_ms() / 2)).await;
-                            fenced = result.is_err();
                         }
                     }
+                    // Somebody else is primary: follow them (this also ends
+                    // a fence: a replica refuses writes by itself).
                     None if !lease.holder.is_empty() && lease.holder != me => {
                         if let Some(url) = self.data_url(&lease.holder) {
-                            result = result.and(self.driver.follow(&url, lease.epoch).await);
-                            fenced = false;
+                            let followed = self.driver.follow(&url, lease.epoch).await;
+                            if followed.is_ok() {
+                                fence_pending = false;
+                            }
+                            result = result.and(followed);
                             let state = self.driver.state().await;
                             if state.role == Some(Role::Replica) && state.link_up {
                                 synced_epoch = Some(lease.epoch);
                             }
                         }
                     }
-                    None if fenced => {
-                        // Still fenced, nobody to follow yet.
-                    }
+                    // Nobody holds the lease: stay as we are (fenced if we
+                    // lost it).
                     None => {}
                 }
             }
