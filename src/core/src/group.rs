@@ -178,10 +178,14 @@ impl GroupSpec {
         if !self.members.iter().any(|m| m.priority > 0) {
             return bad("members", "a managed group needs a member with priority above 0".into());
         }
-        if let Some(index) = self.members.iter().position(|m| m.data.is_none()) {
+        // Data URLs are all or nothing: the redis driver needs the
+        // primary's, and a mix is almost certainly a typo.
+        let with_data = self.members.iter().filter(|m| m.data.is_some()).count();
+        if with_data != 0 && with_data != self.members.len() {
+            let index = self.members.iter().position(|m| m.data.is_none()).unwrap_or(0);
             return Err(SpecError::Failover {
                 field: format!("members[{index}].data"),
-                reason: "missing: every member of a managed group needs its data URL (redis://HOST:PORT)".into(),
+                reason: "missing: give every member of the group its data URL, or none (exec and none drivers)".into(),
             });
         }
         if let Some(initial) = &f.initial_primary {
@@ -357,9 +361,11 @@ mod tests {
         let err = |s: GroupSpec| s.validate().unwrap_err().to_string();
         let mut s = spec(&["a", "b"]);
         s.failover = Some(FailoverPolicy::default());
+        s.validate().unwrap();
+        s.members[1].data = Some("redis://127.0.0.1:6501".into());
         assert_eq!(
             err(s.clone()),
-            "failover.members[0].data: missing: every member of a managed group needs its data URL (redis://HOST:PORT)"
+            "failover.members[0].data: missing: give every member of the group its data URL, or none (exec and none drivers)"
         );
         for (i, m) in s.members.iter_mut().enumerate() {
             m.data = Some(format!("redis://127.0.0.1:{}", 6500 + i));

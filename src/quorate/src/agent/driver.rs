@@ -177,6 +177,9 @@ impl RoleDriver for RedisDriver {
     }
 
     async fn follow(&self, primary_data: &str, _epoch: u64) -> Result<(), DriverError> {
+        if primary_data.is_empty() {
+            return Err(DriverError("the primary has no data URL in the group spec".into()));
+        }
         let (host, port) = host_port(primary_data)?;
         let state = self.state().await;
         if state.role != Some(Role::Replica) || state.following.as_deref() != Some(&format!("{host}:{port}")) {
@@ -206,6 +209,9 @@ impl RoleDriver for RedisDriver {
     }
 
     async fn offset_of(&self, other_data: &str) -> Result<u64, DriverError> {
+        if other_data.is_empty() {
+            return Err(DriverError("the switchover target has no data URL".into()));
+        }
         let mut conn = Self::connect(other_data).await?;
         let mut cmd = redis::cmd("INFO");
         cmd.arg("replication");

@@ -186,16 +186,17 @@ impl<D: RoleDriver> RoleLoop<D> {
                     // Somebody else is primary: follow them (this also ends
                     // a fence: a replica refuses writes by itself).
                     None if !lease.holder.is_empty() && lease.holder != me => {
-                        if let Some(url) = self.data_url(&lease.holder) {
-                            let followed = self.driver.follow(&url, lease.epoch).await;
-                            if followed.is_ok() {
-                                fence_pending = false;
-                            }
-                            result = result.and(followed);
-                            let state = self.driver.state().await;
-                            if state.role == Some(Role::Replica) && state.link_up {
-                                synced_epoch = Some(lease.epoch);
-                            }
+                        // Drivers that need the primary's address refuse an
+                        // empty one; exec and none do not use it.
+                        let url = self.data_url(&lease.holder).unwrap_or_default();
+                        let followed = self.driver.follow(&url, lease.epoch).await;
+                        if followed.is_ok() {
+                            fence_pending = false;
+                        }
+                        result = result.and(followed);
+                        let state = self.driver.state().await;
+                        if state.role == Some(Role::Replica) && state.link_up {
+                            synced_epoch = Some(lease.epoch);
                         }
                     }
                     // Nobody holds the lease: stay as we are (fenced if we
@@ -234,9 +235,8 @@ impl<D: RoleDriver> RoleLoop<D> {
     /// target in the same step). Gives up (and resumes writes) when the
     /// target does not catch up in time.
     async fn switchover(&self, target: &str, keeper: &mut Option<Keeper>) -> Result<(), DriverError> {
-        let Some(url) = self.data_url(target) else {
-            return Err(DriverError(format!("switchover target {target} has no data URL")));
-        };
+        // Without data URLs (exec, none) there is no offset to wait for.
+        let url = self.data_url(target).unwrap_or_default();
         info!(%target, "switchover: pausing writes");
         let offset = self.driver.pause_writes().await?;
         let started = Instant::now();
