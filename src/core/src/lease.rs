@@ -35,11 +35,17 @@ pub struct LeaseTiming {
     /// grantor side, in milliseconds. Covers scheduling jitter between the
     /// holder checking its deadline and acting on it.
     pub lease_margin_ms: u64,
+    /// UNSAFE, for the fault suite's negative control only: the grantor does
+    /// not wait for a lease to expire before granting it to someone else.
+    /// The suite must flag overlapping holders when this is on. Off unless a
+    /// server is started with `--test-only-skip-lease-wait`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub test_only_skip_wait: bool,
 }
 
 impl Default for LeaseTiming {
     fn default() -> Self {
-        Self { max_clock_drift_ppm: 10_000, lease_margin_ms: 50 }
+        Self { max_clock_drift_ppm: 10_000, lease_margin_ms: 50, test_only_skip_wait: false }
     }
 }
 
@@ -86,6 +92,9 @@ impl LeaseTiming {
     /// How long the grantor waits after the last renewal before it may grant
     /// the lease to a different holder: `ttl * (1 + drift) + margin`, rounded up.
     pub fn grant_delay_ms(&self, ttl_ms: u64) -> u64 {
+        if self.test_only_skip_wait {
+            return 0;
+        }
         mul_ppm_ceil(ttl_ms, PPM + self.max_clock_drift_ppm).saturating_add(self.lease_margin_ms)
     }
 
@@ -139,11 +148,23 @@ mod tests {
     }
 
     #[test]
+    fn the_test_only_switch_removes_the_wait() {
+        let t = LeaseTiming { test_only_skip_wait: true, ..LeaseTiming::default() };
+        assert_eq!(t.grant_delay_ms(1000), 0);
+        assert_eq!(t.grantable_at_ms(5_000, 1000), 5_000);
+        assert_eq!(t.holder_valid_for_ms(1000), 940, "the holder side is unchanged");
+    }
+
+    #[test]
     fn too_short_ttl_is_refused() {
         let t = LeaseTiming::default();
         assert_eq!(t.check_ttl(50), Err(TimingError::TtlTooShort { ttl_ms: 50 }));
         assert!(t.check_ttl(60).is_ok());
-        assert!(LeaseTiming { max_clock_drift_ppm: 500_000, lease_margin_ms: 0 }.validate().is_err());
+        assert!(
+            LeaseTiming { max_clock_drift_ppm: 500_000, lease_margin_ms: 0, test_only_skip_wait: false }
+                .validate()
+                .is_err()
+        );
     }
 
     proptest! {
@@ -157,7 +178,7 @@ mod tests {
             drift in 0u64..499_999,
             margin in 0u64..10_000,
         ) {
-            let t = LeaseTiming { max_clock_drift_ppm: drift, lease_margin_ms: margin };
+            let t = LeaseTiming { max_clock_drift_ppm: drift, lease_margin_ms: margin, test_only_skip_wait: false };
             let valid = u128::from(t.holder_valid_for_ms(ttl));
             let delay = u128::from(t.grant_delay_ms(ttl));
             let ppm = u128::from(PPM);
@@ -171,7 +192,7 @@ mod tests {
         /// before the signal for any TTL that passes `check_ttl` with room.
         #[test]
         fn loss_signal_precedes_deadline(ttl in 1u64..10_000_000, margin in 0u64..1_000) {
-            let t = LeaseTiming { max_clock_drift_ppm: 10_000, lease_margin_ms: margin };
+            let t = LeaseTiming { max_clock_drift_ppm: 10_000, lease_margin_ms: margin, test_only_skip_wait: false };
             let valid = t.holder_valid_for_ms(ttl);
             let lead = t.loss_signal_lead_ms(ttl);
             prop_assert!(lead <= valid);

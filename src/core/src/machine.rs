@@ -760,6 +760,8 @@ fn grant_timing(rec: &LeaseRecord, leader: LeaseTiming) -> LeaseTiming {
         Some(told) => LeaseTiming {
             max_clock_drift_ppm: told.max_clock_drift_ppm.max(leader.max_clock_drift_ppm),
             lease_margin_ms: told.lease_margin_ms.max(leader.lease_margin_ms),
+            // Only the current leader's (test-only) setting counts.
+            test_only_skip_wait: leader.test_only_skip_wait,
         },
     }
 }

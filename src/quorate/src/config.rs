@@ -46,6 +46,9 @@ pub struct ServerConfig {
     pub lease_margin_ms: u64,
     /// Build a snapshot (and compact the log) after this many entries.
     pub snapshot_every_entries: u64,
+    /// UNSAFE, for the fault suite's negative control only: grant leases
+    /// without waiting for the previous holder's to expire.
+    pub test_only_skip_lease_wait: bool,
 }
 
 impl Default for ServerConfig {
@@ -64,6 +67,7 @@ impl Default for ServerConfig {
             max_clock_drift_ppm: timing.max_clock_drift_ppm,
             lease_margin_ms: timing.lease_margin_ms,
             snapshot_every_entries: 5_000,
+            test_only_skip_lease_wait: false,
         }
     }
 }
@@ -134,7 +138,11 @@ impl ServerConfig {
 
     /// The lease timing this node stamps on its commands.
     pub fn lease_timing(&self) -> LeaseTiming {
-        LeaseTiming { max_clock_drift_ppm: self.max_clock_drift_ppm, lease_margin_ms: self.lease_margin_ms }
+        LeaseTiming {
+            max_clock_drift_ppm: self.max_clock_drift_ppm,
+            lease_margin_ms: self.lease_margin_ms,
+            test_only_skip_wait: self.test_only_skip_lease_wait,
+        }
     }
 
     /// Checks every field and the timing relationships.

@@ -149,6 +149,10 @@ pub struct ServerArgs {
     pub max_clock_drift_ppm: Option<u64>,
     #[arg(long)]
     pub lease_margin_ms: Option<u64>,
+    /// UNSAFE: grant leases without waiting for expiry. Only for the fault
+    /// suite's negative control, which must detect the overlap.
+    #[arg(long, hide = true)]
+    pub test_only_skip_lease_wait: bool,
 }
 
 impl ServerArgs {
@@ -174,6 +178,9 @@ impl ServerArgs {
             max_clock_drift_ppm,
             lease_margin_ms
         );
+        if self.test_only_skip_lease_wait {
+            c.test_only_skip_lease_wait = true;
+        }
         if self.node_id.is_none() && self.config.is_none() {
             anyhow::bail!("node_id: missing: give --node-id N (one of the ids in --peers)");
         }

@@ -69,6 +69,7 @@ fn timing_of(t: Option<pb::LeaseTiming>) -> LeaseTiming {
     t.map_or_else(LeaseTiming::default, |t| LeaseTiming {
         max_clock_drift_ppm: t.max_clock_drift_ppm,
         lease_margin_ms: t.lease_margin_ms,
+        test_only_skip_wait: false,
     })
 }
 

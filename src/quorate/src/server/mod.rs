@@ -108,6 +108,9 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     let (stop_tx, stopping) = watch::channel(false);
     let node = Node { id, raft: raft.clone(), reader, clock, config: config.clone(), peers, stopping };
     info!(node_id = id, listen = %config.listen, data_dir = %config.data_dir.display(), "quorate server starting");
+    if config.test_only_skip_lease_wait {
+        warn!("UNSAFE test-only setting: leases are granted without waiting for expiry");
+    }
 
     let mut tasks = JoinSet::new();
     tasks.spawn(form_cluster(node.clone()).instrument(info_span!("form_cluster", node_id = id)));

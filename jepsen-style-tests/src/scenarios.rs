@@ -1,0 +1,475 @@
+//! Scenarios: a fault schedule, the checks that apply, and the runner.
+//!
+//! Each scenario gets a fresh system in fresh namespaces: warm-up, the
+//! fault, healing, a settling period, then the final state (who is primary,
+//! what every coordinator says, which acknowledged writes are on the
+//! primary) is recorded and every checker runs over the merged history.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use quorate::client::Client;
+use quorate::pb::v1 as pb;
+use rand::seq::{IndexedRandom, SliceRandom};
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::checkers::{self, CheckResult};
+use crate::history::{self, Op, OpType, Recorder};
+use crate::net::{Grudge, grudges};
+use crate::system::{COORDINATORS, MEMBERS, PAIR, System, SystemOptions};
+
+/// What a scenario must show besides safety.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Expect {
+    /// Only the safety checks.
+    Safety,
+    /// A crash: a new primary within the bound.
+    Failover,
+    /// A quorum still sees the primary: it must not move.
+    NoFailover,
+}
+
+/// The fault.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Fault {
+    None,
+    /// kill -9 of the primary host's processes; restarted after the window.
+    KillPrimaryHost,
+    /// kill -9 of the Raft leader; restarted after the window.
+    KillRaftLeader,
+    /// SIGSTOP of the primary's agent for the window.
+    PausePrimaryAgent,
+    /// SIGSTOP of one coordinator for `ms`.
+    PauseObserver {
+        ms: u64,
+    },
+    IsolatePrimary,
+    IsolateCoordinator,
+    RandomHalves,
+    MajoritiesRing,
+    Bridge,
+    /// The replica stops hearing the primary host (one way).
+    OneWayReplicaBlind,
+    /// Only the primary-replica link is cut, both ways.
+    PrimaryReplicaLink,
+    /// Random loss on every host, in percent.
+    Loss {
+        percent: u32,
+    },
+}
+
+/// A negative control: a run the checkers must flag.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Control {
+    SkipLeaseWait,
+    DriftBeyondBound,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Scenario {
+    pub name: String,
+    pub fault: Fault,
+    pub expect: Expect,
+    /// Lease clients' clock skew (ppm slow).
+    pub skew_ppm: u64,
+    pub control: Option<Control>,
+}
+
+/// Timing of one scenario.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub warmup: Duration,
+    pub fault: Duration,
+    pub settle: Duration,
+}
+
+impl Timing {
+    pub fn quick() -> Self {
+        Self { warmup: Duration::from_secs(5), fault: Duration::from_secs(15), settle: Duration::from_secs(10) }
+    }
+    pub fn full() -> Self {
+        Self { warmup: Duration::from_secs(10), fault: Duration::from_secs(60), settle: Duration::from_secs(20) }
+    }
+}
+
+fn s(name: &str, fault: Fault, expect: Expect) -> Scenario {
+    Scenario { name: name.into(), fault, expect, skew_ppm: 0, control: None }
+}
+
+/// The scenarios of a profile; `seed` picks the random parts.
+pub fn profile(name: &str, seed: u64) -> anyhow::Result<Vec<Scenario>> {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let loss = rng.random_range(10..=20);
+    let mut list = vec![
+        s("kill-primary", Fault::KillPrimaryHost, Expect::Failover),
+        s("kill-raft-leader", Fault::KillRaftLeader, Expect::Safety),
+        s("pause-primary-agent", Fault::PausePrimaryAgent, Expect::Failover),
+        s("isolate-primary", Fault::IsolatePrimary, Expect::Failover),
+        s("isolate-coordinator", Fault::IsolateCoordinator, Expect::NoFailover),
+        s("random-halves", Fault::RandomHalves, Expect::Safety),
+        s("majorities-ring", Fault::MajoritiesRing, Expect::Safety),
+        s("bridge", Fault::Bridge, Expect::Safety),
+        s("one-way-replica-blind", Fault::OneWayReplicaBlind, Expect::NoFailover),
+        s("primary-replica-link-cut", Fault::PrimaryReplicaLink, Expect::NoFailover),
+        s(&format!("packet-loss-{loss}"), Fault::Loss { percent: loss }, Expect::NoFailover),
+        s("pause-observer", Fault::PauseObserver { ms: 4_000 }, Expect::NoFailover),
+        Scenario { skew_ppm: 5_000, ..s("clock-drift-within-bound", Fault::None, Expect::Safety) },
+        Scenario {
+            control: Some(Control::DriftBeyondBound),
+            skew_ppm: 400_000,
+            ..s("control-drift-beyond-bound", Fault::None, Expect::Safety)
+        },
+        Scenario { control: Some(Control::SkipLeaseWait), ..s("control-skip-lease-wait", Fault::None, Expect::Safety) },
+    ];
+    match name {
+        "quick" => {}
+        "full" => {
+            // Everything, plus heavier loss for the safety checks.
+            list.push(s("packet-loss-30", Fault::Loss { percent: 30 }, Expect::Safety));
+        }
+        other => anyhow::bail!("unknown profile {other:?} (quick or full)"),
+    }
+    Ok(list)
+}
+
+/// One scenario's results, as `summary.json` holds them.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScenarioReport {
+    pub name: String,
+    pub nemesis: Fault,
+    pub expect: Expect,
+    pub checks: BTreeMap<String, String>,
+    pub failovers: usize,
+    pub failover_ms: Vec<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub control: Option<Control>,
+    /// For a control: whether a checker flagged it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub flagged: Option<bool>,
+    pub error: Option<String>,
+}
+
+impl ScenarioReport {
+    /// A regular scenario passes when no check failed; a control "passes"
+    /// when it was flagged.
+    pub fn ok(&self) -> bool {
+        match self.control {
+            Some(_) => self.flagged == Some(true),
+            None => self.error.is_none() && self.checks.values().all(|v| !v.starts_with("fail")),
+        }
+    }
+}
+
+/// Everything a run needs.
+#[derive(Debug, Clone)]
+pub struct RunContext {
+    pub net: std::sync::Arc<crate::net::Net>,
+    pub out: PathBuf,
+    pub quorate: PathBuf,
+    pub me: PathBuf,
+    pub seed: u64,
+    pub timing: Timing,
+}
+
+/// Runs one scenario end to end.
+pub async fn run_one(ctx: &RunContext, sc: &Scenario, index: usize) -> ScenarioReport {
+    let dir = ctx.out.join(&sc.name);
+    let mut report = ScenarioReport {
+        name: sc.name.clone(),
+        nemesis: sc.fault.clone(),
+        expect: sc.expect,
+        checks: BTreeMap::new(),
+        failovers: 0,
+        failover_ms: Vec::new(),
+        control: sc.control,
+        flagged: None,
+        error: None,
+    };
+    match run_inner(ctx, sc, index, &dir).await {
+        Ok((checks, times)) => {
+            report.failovers = times.len();
+            report.failover_ms = times;
+            if sc.control.is_some() {
+                report.flagged = Some(checks.values().any(CheckResult::is_fail));
+            }
+            report.checks = checks.into_iter().map(|(k, v)| (k, v.label())).collect();
+        }
+        Err(e) => report.error = Some(format!("{e:#}")),
+    }
+    let _ = std::fs::write(dir.join("report.json"), serde_json::to_vec_pretty(&report).unwrap_or_default());
+    report
+}
+
+async fn run_inner(
+    ctx: &RunContext,
+    sc: &Scenario,
+    index: usize,
+    dir: &Path,
+) -> anyhow::Result<(BTreeMap<String, CheckResult>, Vec<u64>)> {
+    std::fs::create_dir_all(dir)?;
+    let seed = ctx.seed.wrapping_add(index as u64 * 7919);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let opts = SystemOptions { skip_lease_wait: sc.control == Some(Control::SkipLeaseWait) };
+    let mut sys = System::start(ctx.net.clone(), dir, &ctx.quorate, &opts).await.context("starting the system")?;
+    let nem = Recorder::create(&dir.join("nemesis.jsonl"))?;
+    let client = Client::from_list(&sys.endpoints())?;
+    wait_pair_ready(&client).await?;
+
+    let t = ctx.timing;
+    let total = t.warmup + t.fault + t.settle;
+    let data: Vec<String> = MEMBERS.iter().map(|m| format!("{m}={}", sys.data_addr(m))).collect();
+    let mut worker = sys.spawn_worker(
+        &ctx.me,
+        &[
+            "worker".into(),
+            "--endpoints".into(),
+            sys.endpoints(),
+            "--out".into(),
+            dir.join("worker.jsonl").display().to_string(),
+            "--duration-ms".into(),
+            total.as_millis().to_string(),
+            "--seed".into(),
+            seed.to_string(),
+            "--skew-ppm".into(),
+            sc.skew_ppm.to_string(),
+            "--register".into(),
+            sys.register_addr(),
+            "--data".into(),
+            data.join(","),
+        ],
+    )?;
+    tokio::time::sleep(t.warmup).await;
+
+    // The fault.
+    let all: Vec<String> = COORDINATORS.iter().chain(MEMBERS.iter()).map(|s| (*s).to_owned()).collect();
+    let info = |f: &str, v: serde_json::Value| {
+        nem.op("nemesis", OpType::Info, f, v);
+    };
+    let primary = current_primary(&client).await.unwrap_or_else(|| "m1".into());
+    let replica = MEMBERS.iter().find(|m| **m != primary).map(|s| (*s).to_owned()).unwrap_or_default();
+    let grudge: Option<Grudge> = match &sc.fault {
+        Fault::IsolatePrimary => Some(grudges::isolate(&all, &primary)),
+        Fault::IsolateCoordinator => Some(grudges::isolate(&all, "c3")),
+        Fault::RandomHalves => {
+            let mut shuffled = all.clone();
+            shuffled.shuffle(&mut rng);
+            let (a, b) = shuffled.split_at(shuffled.len() / 2);
+            Some(grudges::complete(&[a.to_vec(), b.to_vec()]))
+        }
+        Fault::MajoritiesRing => {
+            let mut shuffled = all.clone();
+            shuffled.shuffle(&mut rng);
+            Some(grudges::majorities_ring(&shuffled))
+        }
+        Fault::Bridge => {
+            let b = all.choose(&mut rng).cloned().unwrap_or_default();
+            Some(grudges::bridge(&all, &b))
+        }
+        Fault::OneWayReplicaBlind => Some(grudges::one_way(&primary, &replica)),
+        Fault::PrimaryReplicaLink => Some(grudges::complete(&[vec![primary.clone()], vec![replica.clone()]])),
+        _ => None,
+    };
+    let mut restart: Vec<String> = Vec::new();
+    let mut paused: Vec<String> = Vec::new();
+    match &sc.fault {
+        Fault::None => info("none", json!({})),
+        Fault::KillPrimaryHost => {
+            for p in sys.procs_of(&primary) {
+                sys.kill(&p);
+                restart.push(p);
+            }
+            info("kill", json!({"target": primary, "primary": true, "member": primary}));
+        }
+        Fault::KillRaftLeader => {
+            let leader = sys.leader().await.unwrap_or_else(|| "c1".into());
+            sys.kill(&leader);
+            restart.push(leader.clone());
+            info("kill", json!({"target": leader, "primary": false}));
+        }
+        Fault::PausePrimaryAgent => {
+            let a = format!("{primary}-agent");
+            sys.pause(&a);
+            paused.push(a.clone());
+            info("pause", json!({"target": a}));
+        }
+        Fault::PauseObserver { ms } => {
+            sys.pause("c2");
+            info("pause", json!({"target": "c2", "ms": ms}));
+            tokio::time::sleep(Duration::from_millis(*ms)).await;
+            sys.resume("c2");
+            info("resume", json!({"target": "c2"}));
+        }
+        Fault::Loss { percent } => {
+            sys.net.loss(f64::from(*percent) / 100.0)?;
+            info("loss", json!({"percent": percent}));
+        }
+        _ => {}
+    }
+    if let Some(g) = &grudge {
+        sys.net.partition(g)?;
+        let shown: BTreeMap<&String, Vec<&String>> = g.iter().map(|(k, v)| (k, v.iter().collect())).collect();
+        info("partition", json!({"grudge": shown}));
+    }
+    tokio::time::sleep(t.fault).await;
+
+    // Heal.
+    sys.net.heal()?;
+    for p in &paused {
+        sys.resume(p);
+    }
+    for p in &restart {
+        sys.start_proc(p)?;
+    }
+    info("heal", json!({"restarted": restart, "resumed": paused}));
+    tokio::time::sleep(t.settle).await;
+    let _ = tokio::task::spawn_blocking(move || worker.wait()).await;
+
+    // Final state.
+    let fin = Recorder::create(&dir.join("final.jsonl"))?;
+    let worker_ops = history::read(&[&dir.join("worker.jsonl")])?;
+    final_state(&sys, &client, &fin, &worker_ops).await;
+    fin.flush();
+    nem.flush();
+    sys.stop_all();
+
+    let ops = history::read(&[&dir.join("worker.jsonl"), &dir.join("nemesis.jsonl"), &dir.join("final.jsonl")])?;
+    let merged = ops.iter().map(|o| serde_json::to_string(o).unwrap_or_default()).collect::<Vec<_>>().join("\n");
+    std::fs::write(dir.join("history.jsonl"), merged + "\n")?;
+    Ok(check(&ops, sc.expect))
+}
+
+/// Every checker that applies.
+pub fn check(ops: &[Op], expect: Expect) -> (BTreeMap<String, CheckResult>, Vec<u64>) {
+    let mut c = BTreeMap::new();
+    c.insert("no_overlapping_leases".into(), checkers::no_overlapping_leases(ops));
+    c.insert("epochs_unique_and_increasing".into(), checkers::epochs_unique_and_increasing(ops));
+    c.insert("fenced_register_accepts_only_newest".into(), checkers::fenced_register_accepts_only_newest(ops));
+    c.insert("client_epochs_monotonic".into(), checkers::client_epochs_monotonic(ops));
+    c.insert("no_acked_write_lost".into(), checkers::no_acked_write_lost(ops));
+    c.insert("single_primary_after_heal".into(), checkers::single_primary_after_heal(ops));
+    let (fo, times) = checkers::failover_times(ops, FAILOVER_BOUND_MS);
+    match expect {
+        Expect::Failover => {
+            let fo = if fo == CheckResult::NotApplicable { failover_by_primary_change(ops) } else { fo };
+            c.insert("failover_within_bound".into(), fo);
+        }
+        Expect::NoFailover => {
+            c.insert("no_failover".into(), checkers::no_failover(ops));
+        }
+        Expect::Safety => {}
+    }
+    (c, times)
+}
+
+/// A failover that was not a kill (pause, isolation): the primary moved.
+fn failover_by_primary_change(ops: &[Op]) -> CheckResult {
+    match checkers::no_failover(ops) {
+        CheckResult::Fail(_) => CheckResult::Pass,
+        CheckResult::Pass => CheckResult::Fail("the primary never moved".into()),
+        CheckResult::NotApplicable => CheckResult::NotApplicable,
+    }
+}
+
+/// A new primary must accept writes within `down_after_ms + lease_ttl_ms +
+/// 1 s` of a crash, plus the writer's own rediscovery (up to 0.5 s).
+pub const FAILOVER_BOUND_MS: u64 = 3_000;
+
+async fn current_primary(client: &Client) -> Option<String> {
+    let l = client.get_lease(PAIR, pb::Consistency::Linearizable).await.ok()?.lease?;
+    (!l.holder.is_empty()).then_some(l.holder)
+}
+
+async fn wait_pair_ready(client: &Client) -> anyhow::Result<()> {
+    let start = std::time::Instant::now();
+    while start.elapsed() < Duration::from_secs(40) {
+        if let Ok(e) = client.get_election(PAIR, pb::Consistency::Linearizable).await {
+            let primary = e.lease.as_ref().is_some_and(|l| l.holder == "m1");
+            let synced = e
+                .members
+                .iter()
+                .any(|m| m.member == "m2" && m.status.as_ref().is_some_and(|s| s.link_up && s.synced_epoch.is_some()));
+            if primary && synced {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    anyhow::bail!("the Redis pair never got ready (see the logs next to this report)")
+}
+
+/// Records what every node says, which Redis are masters, and which
+/// acknowledged writes the primary has. Waits (bounded) for agreement.
+async fn final_state(sys: &System, client: &Client, fin: &Recorder, worker_ops: &[Op]) {
+    let start = std::time::Instant::now();
+    let mut last = json!({});
+    while start.elapsed() < Duration::from_secs(20) {
+        let mut nodes = Vec::new();
+        for (i, c) in COORDINATORS.iter().enumerate() {
+            let addr = format!("{}:{}", sys.net.host(c).ip, crate::system::API_PORT);
+            let Ok(one) = Client::from_list(&addr) else { continue };
+            let one = one.with_call_timeout(Duration::from_secs(1));
+            if let Ok(r) = one.get_lease(PAIR, pb::Consistency::Stale).await {
+                let l = r.lease.unwrap_or_default();
+                nodes.push(json!({"node": i + 1, "holder": l.holder, "epoch": l.epoch}));
+            }
+        }
+        let mut masters = Vec::new();
+        for m in MEMBERS {
+            if role(&sys.data_addr(m)).await.as_deref() == Some("master") {
+                masters.push(m);
+            }
+        }
+        let (holder, epoch) = match client.get_lease(PAIR, pb::Consistency::Linearizable).await {
+            Ok(r) => r.lease.map(|l| (l.holder, l.epoch)).unwrap_or_default(),
+            Err(_) => (String::new(), 0),
+        };
+        last = json!({"holder": holder, "epoch": epoch, "nodes": nodes, "masters": masters});
+        let agreed = masters == [holder.as_str()]
+            && nodes.len() == COORDINATORS.len()
+            && nodes.iter().all(|n| n["holder"] == holder.as_str() && n["epoch"] == epoch);
+        if agreed {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    fin.op("harness", OpType::Ok, "final-state", last.clone());
+    // Which acknowledged writes the final primary has.
+    let holder = last["holder"].as_str().unwrap_or_default().to_owned();
+    let acked: BTreeSet<String> = worker_ops
+        .iter()
+        .filter(|o| o.f == "pair-write" && o.kind == OpType::Ok && o.value["acked"] == true)
+        .filter_map(|o| o.str("key").map(str::to_owned))
+        .collect();
+    let mut present = Vec::new();
+    if MEMBERS.contains(&holder.as_str())
+        && let Ok(c) = redis::Client::open(format!("redis://{}", sys.data_addr(&holder)))
+        && let Ok(mut conn) = c.get_multiplexed_async_connection().await
+    {
+        let keys: Vec<String> = acked.into_iter().collect();
+        for chunk in keys.chunks(500) {
+            let mut mget = redis::cmd("MGET");
+            mget.arg(chunk);
+            if let Ok(values) = mget.query_async::<Vec<Option<String>>>(&mut conn).await {
+                present.extend(
+                    chunk.iter().zip(values).filter(|(k, v)| v.as_deref() == Some(k.as_str())).map(|(k, _)| k.clone()),
+                );
+            }
+        }
+    }
+    fin.op("harness", OpType::Ok, "final-read", json!({"member": holder, "present": present}));
+}
+
+async fn role(addr: &str) -> Option<String> {
+    let c = redis::Client::open(format!("redis://{addr}")).ok()?;
+    let mut conn =
+        tokio::time::timeout(Duration::from_secs(1), c.get_multiplexed_async_connection()).await.ok()?.ok()?;
+    let info: String = redis::cmd("INFO").arg("replication").query_async(&mut conn).await.ok()?;
+    info.lines().find_map(|l| l.strip_prefix("role:")).map(|r| r.trim().to_owned())
+}
