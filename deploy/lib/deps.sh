@@ -20,3 +20,16 @@ need_redis_server() {
     return 1
   fi
 }
+
+need_netns_tools() {
+  local missing=()
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  command -v iptables >/dev/null 2>&1 || missing+=(iptables)
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if command -v apt-get >/dev/null 2>&1; then
+    apt_install "${missing[@]}"
+  else
+    echo "the fault suite needs: ${missing[*]}" >&2
+    return 1
+  fi
+}

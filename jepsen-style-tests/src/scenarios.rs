@@ -192,7 +192,9 @@ pub async fn run_one(ctx: &RunContext, sc: &Scenario, index: usize) -> ScenarioR
         flagged: None,
         error: None,
     };
-    match run_inner(ctx, sc, index, &dir).await {
+    let result = run_inner(ctx, sc, index, &dir).await;
+    let _ = std::fs::create_dir_all(&dir);
+    match result {
         Ok((checks, times)) => {
             report.failovers = times.len();
             report.failover_ms = times;
@@ -213,6 +215,10 @@ async fn run_inner(
     index: usize,
     dir: &Path,
 ) -> anyhow::Result<(BTreeMap<String, CheckResult>, Vec<u64>)> {
+    // A fresh directory: an earlier run's data must not leak in.
+    if dir.exists() {
+        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
     std::fs::create_dir_all(dir)?;
     let seed = ctx.seed.wrapping_add(index as u64 * 7919);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
@@ -225,7 +231,7 @@ async fn run_inner(
     let t = ctx.timing;
     let total = t.warmup + t.fault + t.settle;
     let data: Vec<String> = MEMBERS.iter().map(|m| format!("{m}={}", sys.data_addr(m))).collect();
-    let mut worker = sys.spawn_worker(
+    let mut worker = KillOnDrop(sys.spawn_worker(
         &ctx.me,
         &[
             "worker".into(),
@@ -244,7 +250,7 @@ async fn run_inner(
             "--data".into(),
             data.join(","),
         ],
-    )?;
+    )?);
     tokio::time::sleep(t.warmup).await;
 
     // The fault.
@@ -278,14 +284,34 @@ async fn run_inner(
     };
     let mut restart: Vec<String> = Vec::new();
     let mut paused: Vec<String> = Vec::new();
+    let fault_started = std::time::Instant::now();
     match &sc.fault {
         Fault::None => info("none", json!({})),
         Fault::KillPrimaryHost => {
-            for p in sys.procs_of(&primary) {
-                sys.kill(&p);
-                restart.push(p);
+            // Cycles: kill the current primary's host, bring it back after a
+            // third of the window, then kill whoever is primary next. The
+            // last victim comes back at healing.
+            let cycles = (t.fault.as_secs() / 15).max(1) * 2;
+            let step = t.fault / (cycles as u32 * 2);
+            for cycle in 0..cycles {
+                let victim = current_primary(&client).await.unwrap_or_else(|| primary.clone());
+                let procs = sys.procs_of(&victim);
+                for p in &procs {
+                    sys.kill(p);
+                }
+                info("kill", json!({"target": victim, "primary": true, "member": victim, "cycle": cycle}));
+                tokio::time::sleep(step).await;
+                if cycle + 1 < cycles {
+                    for p in &procs {
+                        sys.start_proc(p)?;
+                    }
+                    info("restart", json!({"target": victim}));
+                    // Let it resync before the next victim is chosen.
+                    tokio::time::sleep(step).await;
+                } else {
+                    restart.extend(procs);
+                }
             }
-            info("kill", json!({"target": primary, "primary": true, "member": primary}));
         }
         Fault::KillRaftLeader => {
             let leader = sys.leader().await.unwrap_or_else(|| "c1".into());
@@ -317,7 +343,7 @@ async fn run_inner(
         let shown: BTreeMap<&String, Vec<&String>> = g.iter().map(|(k, v)| (k, v.iter().collect())).collect();
         info("partition", json!({"grudge": shown}));
     }
-    tokio::time::sleep(t.fault).await;
+    tokio::time::sleep(t.fault.saturating_sub(fault_started.elapsed())).await;
 
     // Heal.
     sys.net.heal()?;
@@ -329,7 +355,7 @@ async fn run_inner(
     }
     info("heal", json!({"restarted": restart, "resumed": paused}));
     tokio::time::sleep(t.settle).await;
-    let _ = tokio::task::spawn_blocking(move || worker.wait()).await;
+    let _ = tokio::task::spawn_blocking(move || worker.0.wait()).await;
 
     // Final state.
     let fin = Recorder::create(&dir.join("final.jsonl"))?;
@@ -343,6 +369,16 @@ async fn run_inner(
     let merged = ops.iter().map(|o| serde_json::to_string(o).unwrap_or_default()).collect::<Vec<_>>().join("\n");
     std::fs::write(dir.join("history.jsonl"), merged + "\n")?;
     Ok(check(&ops, sc.expect))
+}
+
+/// A child process killed when dropped (an interrupted run leaves no worker).
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 /// Every checker that applies.
