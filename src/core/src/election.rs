@@ -227,6 +227,23 @@ pub struct DecisionInput<'a> {
     pub term_age_ms: u64,
 }
 
+/// [`decide`] for a group as stored in the state machine.
+pub fn decide_for(
+    group: &crate::matrix::GroupState,
+    verdict: &GroupVerdict,
+    now_ms: u64,
+    term_age_ms: u64,
+) -> Decision {
+    decide(DecisionInput {
+        spec: &group.spec,
+        election: &group.election,
+        statuses: &group.statuses,
+        verdict,
+        now_ms,
+        term_age_ms,
+    })
+}
+
 /// The leader's decision for one managed group. Pure.
 pub fn decide(input: DecisionInput<'_>) -> Decision {
     let DecisionInput { spec, election, statuses, verdict, now_ms, term_age_ms } = input;

@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use quorate_core::Op;
-use quorate_core::election::{Decision, DecisionInput, candidates, decide};
+use quorate_core::election::{Decision, candidates, decide_for};
 use quorate_core::machine::Outcome;
 use quorate_core::matrix::GroupState;
 use quorate_core::names::NameKind;
@@ -58,14 +58,7 @@ impl CoordinatorService {
                 .election
                 .blocked_until_ms(policy.min_failover_interval_ms)
                 .map_or(0, |until| u64::try_from(i128::from(until) - i128::from(now)).unwrap_or(0));
-            let decision = decide(DecisionInput {
-                spec: &g.spec,
-                election: &g.election,
-                statuses: &g.statuses,
-                verdict: &v,
-                now_ms: now,
-                term_age_ms: now.saturating_sub(m.clock_started_ms()),
-            });
+            let decision = decide_for(g, &v, now, now.saturating_sub(m.clock_started_ms()));
             let lease = m.lease(&r.group, clock);
             Ok(pb::ElectionStatus {
                 group: r.group.clone(),
@@ -211,14 +204,7 @@ impl CoordinatorService {
                 mv.up_votes = 0;
             }
             // As if this leader had been in office long enough.
-            let d = decide(DecisionInput {
-                spec: &g.spec,
-                election: &g.election,
-                statuses: &g.statuses,
-                verdict: &v,
-                now_ms: now,
-                term_age_ms: u64::MAX / 2,
-            });
+            let d = decide_for(g, &v, now, u64::MAX / 2);
             let policy = g.spec.failover.clone().unwrap_or_default();
             let c = candidates(&g.spec, &g.statuses, &v, g.election.designated.as_deref(), policy.max_lag_bytes);
             let to = match &d {

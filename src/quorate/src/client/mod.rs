@@ -256,11 +256,7 @@ impl Client {
 
     pub async fn release(&self, group: &str, holder: &str, epoch: u64) -> Result<pb::ReleaseResponse, ClientError> {
         let req = pb::ReleaseRequest { group: group.into(), holder: holder.into(), epoch };
-        self.call(self.call_timeout, |mut c| {
-            let req = req.clone();
-            async move { c.release(req).await }
-        })
-        .await
+        self.unary(req, |mut c, r| async move { c.release(r).await }).await
     }
 
     pub async fn get_lease(
@@ -269,31 +265,19 @@ impl Client {
         consistency: pb::Consistency,
     ) -> Result<pb::GetLeaseResponse, ClientError> {
         let req = pb::GetLeaseRequest { group: group.into(), consistency: consistency as i32 };
-        self.call(self.call_timeout, |mut c| {
-            let req = req.clone();
-            async move { c.get_lease(req).await }
-        })
-        .await
+        self.unary(req, |mut c, r| async move { c.get_lease(r).await }).await
     }
 
     /// Opens a watch stream on whichever node answers first.
     pub async fn watch(&self, group: &str) -> Result<tonic::Streaming<pb::WatchEvent>, ClientError> {
         let req = pb::WatchRequest { group: group.into() };
-        self.call(self.call_timeout, |mut c| {
-            let req = req.clone();
-            async move { c.watch(req).await }
-        })
-        .await
+        self.unary(req, |mut c, r| async move { c.watch(r).await }).await
     }
 
     /// Creates or changes a failover group.
     pub async fn apply_group(&self, spec: pb::GroupSpec) -> Result<pb::ApplyGroupResponse, ClientError> {
         let req = pb::ApplyGroupRequest { spec: Some(spec) };
-        self.call(self.call_timeout, |mut c| {
-            let req = req.clone();
-            async move { c.apply_group(req).await }
-        })
-        .await
+        self.unary(req, |mut c, r| async move { c.apply_group(r).await }).await
     }
 
     pub async fn get_group(
@@ -302,11 +286,7 @@ impl Client {
         consistency: pb::Consistency,
     ) -> Result<pb::GetGroupResponse, ClientError> {
         let req = pb::GetGroupRequest { name: name.into(), consistency: consistency as i32 };
-        self.call(self.call_timeout, |mut c| {
-            let req = req.clone();
-            async move { c.get_group(req).await }
-        })
-        .await
+        self.unary(req, |mut c, r| async move { c.get_group(r).await }).await
     }
 
     pub async fn list_groups(&self) -> Result<pb::ListGroupsResponse, ClientError> {
@@ -315,29 +295,17 @@ impl Client {
 
     /// Sends one observer's view.
     pub async fn report_view(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, ClientError> {
-        self.call(self.call_timeout, |mut c| {
-            let req = req.clone();
-            async move { c.report(req).await }
-        })
-        .await
+        self.unary(req, |mut c, r| async move { c.report(r).await }).await
     }
 
     pub async fn get_matrix(&self, group: &str, consistency: pb::Consistency) -> Result<pb::Matrix, ClientError> {
         let req = pb::GetMatrixRequest { group: group.into(), consistency: consistency as i32 };
-        self.call(self.call_timeout, |mut c| {
-            let req = req.clone();
-            async move { c.get_matrix(req).await }
-        })
-        .await
+        self.unary(req, |mut c, r| async move { c.get_matrix(r).await }).await
     }
 
     pub async fn explain(&self, group: &str, member: &str) -> Result<pb::ExplainResponse, ClientError> {
         let req = pb::ExplainRequest { group: group.into(), member: member.into() };
-        self.call(self.call_timeout, |mut c| {
-            let req = req.clone();
-            async move { c.explain(req).await }
-        })
-        .await
+        self.unary(req, |mut c, r| async move { c.explain(r).await }).await
     }
 
     /// One call with the default timeout, `req` cloned for every attempt.

@@ -12,7 +12,7 @@ use std::time::Duration;
 use openraft::ServerState;
 use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use quorate_core::Op;
-use quorate_core::election::{Decision, DecisionInput, decide};
+use quorate_core::election::{Decision, decide_for};
 use quorate_core::machine::Outcome;
 use quorate_core::verdict::verdict_since;
 use tracing::{info, warn};
@@ -38,15 +38,7 @@ fn decisions(node: &Node) -> Vec<(String, Decision)> {
             .filter(|g| g.spec.is_managed())
             .map(|g| {
                 let v = verdict_since(g, &voters, now, Some(started));
-                let d = decide(DecisionInput {
-                    spec: &g.spec,
-                    election: &g.election,
-                    statuses: &g.statuses,
-                    verdict: &v,
-                    now_ms: now,
-                    term_age_ms: now.saturating_sub(started),
-                });
-                (g.spec.name.clone(), d)
+                (g.spec.name.clone(), decide_for(g, &v, now, now.saturating_sub(started)))
             })
             .collect()
     })

@@ -162,12 +162,7 @@ impl Cluster {
 
     pub fn print_logs(&self) {
         for n in &self.nodes {
-            let text = std::fs::read_to_string(&n.log).unwrap_or_default();
-            let tail: Vec<&str> = text.lines().rev().take(40).collect();
-            eprintln!("----- {} (last 40 lines) -----", n.log.display());
-            for l in tail.iter().rev() {
-                eprintln!("{l}");
-            }
+            print_tail(&n.log, 40);
         }
     }
 }
@@ -230,6 +225,15 @@ pub fn run_cli(args: &[&str], endpoints: &str) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// Prints the last `n` lines of a log file (for failing tests).
+pub fn print_tail(path: &Path, n: usize) {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    eprintln!("----- {} (last {n} lines) -----", path.display());
+    for l in text.lines().rev().take(n).collect::<Vec<_>>().iter().rev() {
+        eprintln!("{l}");
+    }
 }
 
 /// A redis-server on a free port, killed on drop.
@@ -378,12 +382,7 @@ impl Drop for GroupFixture {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for i in 0..self.agents.len() {
-                let log = std::fs::read_to_string(self.cluster.dir.path().join(format!("agent-{}.log", i + 1)));
-                let text = log.unwrap_or_default();
-                eprintln!("----- agent-{} (last 30 lines) -----", i + 1);
-                for l in text.lines().rev().take(30).collect::<Vec<_>>().iter().rev() {
-                    eprintln!("{l}");
-                }
+                print_tail(&self.cluster.dir.path().join(format!("agent-{}.log", i + 1)), 30);
             }
         }
         // Agents first, then stores; the cluster drops last.
@@ -522,12 +521,7 @@ impl Drop for PairFixture {
     fn drop(&mut self) {
         if std::thread::panicking() {
             for i in 0..self.members.len() {
-                let text = std::fs::read_to_string(self.cluster.dir.path().join(format!("agent-{}.log", i + 1)))
-                    .unwrap_or_default();
-                eprintln!("----- agent-{} (last 40 lines) -----", i + 1);
-                for l in text.lines().rev().take(40).collect::<Vec<_>>().iter().rev() {
-                    eprintln!("{l}");
-                }
+                print_tail(&self.cluster.dir.path().join(format!("agent-{}.log", i + 1)), 40);
             }
         }
         for m in &mut self.members {
