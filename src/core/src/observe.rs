@@ -171,10 +171,13 @@ impl Tracker {
                 if progress {
                     self.last_progress_ms = Some(now_ms);
                     self.last_reason = Reason::Advancing;
+                    self.last_beat = Some(beat);
                 } else {
+                    // An older beat (a late write that landed after a newer
+                    // one) is not progress, and the newest seen stays the
+                    // mark to beat.
                     self.last_reason = Reason::Frozen;
                 }
-                self.last_beat = Some(beat);
             }
             Reading::Missing => self.last_reason = Reason::Missing,
             Reading::Garbled => self.last_reason = Reason::Garbled,
@@ -270,6 +273,21 @@ mod tests {
         assert_eq!(tr.to, ObsState::Up);
         assert_eq!(t.observation(100).restarts, 1);
         assert_eq!(t.observation(100).incarnation, Some(2));
+    }
+
+    #[test]
+    fn a_late_older_beat_is_not_progress_and_does_not_lower_the_mark() {
+        // Writes travel on several connections, so an older beat can land
+        // after a newer one.
+        let mut t = Tracker::new(500, 0);
+        t.observe(0, beat(1, 7));
+        t.observe(100, beat(1, 5));
+        assert_eq!(t.observation(100).seq, Some(7));
+        // Seq 6 is older than the newest seen: still no progress, down on time.
+        t.observe(300, beat(1, 6));
+        assert_eq!(t.observe(500, beat(1, 6)).map(|x| x.to), Some(ObsState::Down));
+        assert_eq!(t.observation(500).reason, Reason::Frozen);
+        assert_eq!(t.observe(600, beat(1, 8)).map(|x| x.to), Some(ObsState::Up));
     }
 
     #[test]

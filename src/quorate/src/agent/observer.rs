@@ -160,7 +160,8 @@ pub async fn observe<S: Stores, R: ReportSink>(
                     info!(%group, %target, from = format!("{from:016x}"), to = format!("{to:016x}"), "target restarted");
                 }
                 if tr.from != tr.to {
-                    info!(%group, %target, from = tr.from.as_str(), to = tr.to.as_str(), "observation changed");
+                    let reason = t.observation(now).reason.as_str();
+                    info!(%group, %target, from = tr.from.as_str(), to = tr.to.as_str(), reason, "observation changed");
                 }
             }
         }
