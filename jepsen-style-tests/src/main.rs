@@ -311,7 +311,15 @@ fn main() {
             }
             Cmd::Run { profile, scenario, .. } => {
                 let (seed, out, quorate, net) = prepared.expect("prepared above");
-                // Ctrl-C drops the run: every System and the Net clean up.
+                // Ctrl-C or SIGTERM (`timeout`, a CI runner giving up) drops
+                // the run: every System and the Net clean up.
+                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        eprintln!("error: cannot listen for SIGTERM: {e}");
+                        return 2;
+                    }
+                };
                 tokio::select! {
                     res = run(profile, seed, scenario, out, quorate, net) => match res {
                         Ok(true) => 0,
@@ -324,6 +332,10 @@ fn main() {
                     _ = tokio::signal::ctrl_c() => {
                         eprintln!("interrupted: cleaning up");
                         130
+                    }
+                    _ = term.recv() => {
+                        eprintln!("terminated: cleaning up");
+                        143
                     }
                 }
             }
