@@ -160,14 +160,31 @@ impl Net {
         Ok(())
     }
 
-    /// Random packet loss on every host's input (replacing any fault).
+    /// Random packet loss on every host's input from the network (replacing
+    /// any fault). Loopback is spared: a process talking to its own host (an
+    /// agent to its heartbeat store and data Redis) crosses no link, and Jepsen's
+    /// netem loss likewise sits on the node's network interface only.
     pub fn loss(&self, probability: f64) -> anyhow::Result<()> {
         self.heal()?;
         let p = format!("{probability:.3}");
         for h in &self.hosts {
             self.iptables(
                 &h.name,
-                &["-A", "INPUT", "-m", "statistic", "--mode", "random", "--probability", &p, "-j", "DROP"],
+                &[
+                    "-A",
+                    "INPUT",
+                    "!",
+                    "-i",
+                    "lo",
+                    "-m",
+                    "statistic",
+                    "--mode",
+                    "random",
+                    "--probability",
+                    &p,
+                    "-j",
+                    "DROP",
+                ],
             )?;
         }
         Ok(())
