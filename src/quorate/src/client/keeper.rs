@@ -7,10 +7,15 @@
 //! [`KeeperEvent::Lost`] a little *before* the deadline (by
 //! `LeaseTiming::loss_signal_lead_ms`), never after it. Every event carries
 //! the deadline, so a user can also check it right before acting.
+//!
+//! Renewals are hedged: one that has not been answered within a third of
+//! the renew interval is sent again on another connection (see
+//! [`renew_hedged`]), so a lossy link does not cost the lease.
 
 use std::future::Future;
 use std::time::Duration;
 
+use futures::stream::{FuturesUnordered, StreamExt};
 use quorate_core::LeaseTiming;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -25,6 +30,9 @@ const ACQUIRE_WAIT_SLICE: Duration = Duration::from_secs(30);
 
 /// How long releasing on stop may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Attempts of one renewal in flight at most, each on its own connection.
+pub const RENEW_LANES: usize = 3;
 
 /// What to hold.
 #[derive(Debug, Clone)]
@@ -83,12 +91,16 @@ pub trait LeaseService {
         ttl_ms: u64,
         wait: Option<Duration>,
     ) -> impl Future<Output = Result<pb::AcquireResponse, ClientError>> + Send;
+    /// One renewal attempt bounded by `budget`, over the connections of
+    /// `lane` (`0..RENEW_LANES`; attempts on different lanes must not share
+    /// a connection).
     fn renew_within(
         &self,
         group: &str,
         holder: &str,
         epoch: u64,
         budget: Duration,
+        lane: usize,
     ) -> impl Future<Output = Result<pb::RenewResponse, ClientError>> + Send;
     fn release(
         &self,
@@ -114,8 +126,9 @@ impl LeaseService for Client {
         holder: &str,
         epoch: u64,
         budget: Duration,
+        lane: usize,
     ) -> impl Future<Output = Result<pb::RenewResponse, ClientError>> + Send {
-        Client::renew_within(self, group, holder, epoch, budget)
+        Client::renew_within(self, group, holder, epoch, budget, lane)
     }
     fn release(
         &self,
@@ -146,6 +159,67 @@ impl Deadline {
     }
     fn retry_delay(&self) -> Duration {
         (self.renew_interval() / 4).clamp(Duration::from_millis(10), Duration::from_millis(100))
+    }
+    /// How long a renewal may go unanswered before it is also sent on
+    /// another connection: below TCP's 200 ms minimum retransmission
+    /// timeout, far above a healthy cluster's few milliseconds.
+    fn hedge_after(&self) -> Duration {
+        (self.renew_interval() / 3).clamp(Duration::from_millis(20), Duration::from_millis(150))
+    }
+}
+
+/// One renewal, hedged over connections; returns the send time of the
+/// attempt that succeeded.
+///
+/// A lost TCP segment holds up its whole connection until it is
+/// retransmitted (200 ms or more, doubling on repeats), which on a lossy link
+/// can eat most of a one-second lease. So when no attempt has answered within
+/// `hedge_after`, the same renewal also goes out on the next lane (its own
+/// connection), up to [`RENEW_LANES`] at once. Any success will do, and the
+/// lease counts from *that* attempt's send time, exactly as for a single
+/// attempt: every renewal extends the lease from its own commit, which comes
+/// after its send. Extra attempts are dropped once one succeeds; one that
+/// still lands only extends the same epoch again, which the holder can only
+/// under-use. A refusal (FAILED_PRECONDITION) ends the round at once; other
+/// errors only when no attempt is left in flight. Every attempt is bounded by
+/// `until`.
+async fn renew_hedged<S: LeaseService>(
+    client: &S,
+    spec: &KeeperSpec,
+    epoch: u64,
+    hedge_after: Duration,
+    until: Instant,
+) -> Result<Instant, ClientError> {
+    let mut in_flight = FuturesUnordered::new();
+    let mut lane = 0;
+    let mut next_hedge = Instant::now();
+    let mut last_err = None;
+    loop {
+        let now = Instant::now();
+        if lane < RENEW_LANES && now >= next_hedge && now < until {
+            if lane > 0 {
+                debug!(group = %spec.group, epoch, lane, "renewal unanswered; sending it on another connection too");
+            }
+            let attempt = client.renew_within(&spec.group, &spec.holder, epoch, until - now, lane);
+            in_flight.push(async move { (now, attempt.await) });
+            lane += 1;
+            next_hedge = now + hedge_after;
+            continue;
+        }
+        let hedge_pending = lane < RENEW_LANES && next_hedge < until;
+        tokio::select! {
+            done = in_flight.next() => match done {
+                Some((t_send, Ok(_))) => return Ok(t_send),
+                Some((_, Err(e @ ClientError::Status { code: Code::FailedPrecondition, .. }))) => return Err(e),
+                Some((_, Err(e))) => last_err = Some(e),
+                None => {
+                    // Nothing in flight: every attempt so far failed.
+                    let budget = until.saturating_duration_since(now);
+                    return Err(last_err.unwrap_or(ClientError::Timeout(budget)));
+                }
+            },
+            () = tokio::time::sleep_until(next_hedge), if hedge_pending => {}
+        }
     }
 }
 
@@ -190,17 +264,19 @@ pub async fn keep<S: LeaseService>(
         // A long server-side wait: the deadline computed from the Acquire's
         // send time is (nearly) gone, though the grant itself is recent.
         // Confirm with a renewal sent now before acting as holder.
-        let t_send = Instant::now();
-        let budget = Duration::from_millis(deadline.timing.holder_valid_for_ms(spec.ttl_ms)) / 2;
+        let until = Instant::now() + Duration::from_millis(deadline.timing.holder_valid_for_ms(spec.ttl_ms)) / 2;
         let res = tokio::select! {
-            r = client.renew_within(&spec.group, &spec.holder, epoch, budget) => r,
+            r = renew_hedged(client, spec, epoch, deadline.hedge_after(), until) => r,
             () = &mut stop => return release(client, spec, epoch, &emit).await,
         };
-        if let Err(e) = res {
-            let reason = format!("acquired after a long wait, but the confirming renewal failed: {e}");
-            emit(KeeperEvent::Lost { epoch, reason }).await;
-            return Ok(());
-        }
+        let t_send = match res {
+            Ok(t_send) => t_send,
+            Err(e) => {
+                let reason = format!("acquired after a long wait, but the confirming renewal failed: {e}");
+                emit(KeeperEvent::Lost { epoch, reason }).await;
+                return Ok(());
+            }
+        };
         valid_until = deadline.valid_until(t_send);
         next_renew = t_send + deadline.renew_interval();
     }
@@ -217,17 +293,16 @@ pub async fn keep<S: LeaseService>(
             () = tokio::time::sleep_until(next_renew.min(loss_at)) => {}
             () = &mut stop => return release(client, spec, epoch, &emit).await,
         }
-        let t_send = Instant::now();
-        if t_send >= loss_at || t_send < next_renew {
+        let now = Instant::now();
+        if now >= loss_at || now < next_renew {
             continue;
         }
-        let budget = loss_at - t_send;
         let res = tokio::select! {
-            r = client.renew_within(&spec.group, &spec.holder, epoch, budget) => r,
+            r = renew_hedged(client, spec, epoch, deadline.hedge_after(), loss_at) => r,
             () = &mut stop => return release(client, spec, epoch, &emit).await,
         };
         match res {
-            Ok(_) => {
+            Ok(t_send) => {
                 valid_until = deadline.valid_until(t_send);
                 next_renew = t_send + deadline.renew_interval();
                 emit(KeeperEvent::Renewed { epoch, valid_until }).await;
@@ -280,12 +355,16 @@ mod tests {
     use crate::api::lease_pb;
 
     /// The core machine behind the keeper's three calls, with a switch that
-    /// makes renewals fail as if the cluster were unreachable.
+    /// makes renewals fail as if the cluster were unreachable, and one that
+    /// stalls the connections of some lanes as a lost segment would.
     struct MemService {
         machine: Mutex<(Machine, u64)>,
         start: Instant,
         latency: Duration,
         unreachable_from: Mutex<Option<Instant>>,
+        stalled_lanes: Mutex<Vec<usize>>,
+        /// Renewal attempts per lane.
+        attempts: Mutex<[usize; RENEW_LANES]>,
     }
 
     impl MemService {
@@ -295,6 +374,8 @@ mod tests {
                 start: Instant::now(),
                 latency: Duration::from_millis(2),
                 unreachable_from: Mutex::new(None),
+                stalled_lanes: Mutex::new(Vec::new()),
+                attempts: Mutex::new([0; RENEW_LANES]),
             }
         }
 
@@ -355,7 +436,13 @@ mod tests {
             holder: &str,
             epoch: u64,
             budget: Duration,
+            lane: usize,
         ) -> Result<pb::RenewResponse, ClientError> {
+            self.attempts.lock().unwrap()[lane] += 1;
+            if self.stalled_lanes.lock().unwrap().contains(&lane) {
+                tokio::time::sleep(budget).await;
+                return Err(ClientError::Timeout(budget));
+            }
             if self.unreachable() {
                 tokio::time::sleep(budget.min(Duration::from_millis(50))).await;
                 return Err(unavailable());
@@ -446,6 +533,62 @@ mod tests {
         let (acquired_at, ev) = &events_b[0];
         assert!(matches!(ev, KeeperEvent::Acquired { epoch: 2, .. }), "{events_b:?}");
         assert!(*acquired_at > last_valid, "b acquired at {acquired_at:?} while a was valid until {last_valid:?}");
+    }
+
+    /// A connection that stops answering (a lost segment waiting for its
+    /// retransmission) does not cost the lease: the renewal goes out on
+    /// another lane and the lease counts from that attempt's send time.
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_connection_is_hedged_on_another() {
+        let svc = MemService::new();
+        *svc.stalled_lanes.lock().unwrap() = vec![0];
+        let events = run_keeper(&svc, spec("a", false), Duration::from_secs(5)).await;
+        assert!(matches!(events[0].1, KeeperEvent::Acquired { epoch: 1, .. }), "{events:?}");
+        assert!(matches!(events.last().unwrap().1, KeeperEvent::Released { epoch: 1 }), "{events:?}");
+        assert!(!events.iter().any(|(_, e)| matches!(e, KeeperEvent::Lost { .. })), "{events:?}");
+        let renewals: Vec<(Instant, Instant)> = events
+            .iter()
+            .filter_map(|(t, e)| match e {
+                KeeperEvent::Renewed { valid_until, .. } => Some((*t, *valid_until)),
+                _ => None,
+            })
+            .collect();
+        assert!(renewals.len() >= 10, "{events:?}");
+        // Each renewal counts from the hedge's send time (one hedge delay
+        // after the stalled attempt went out), not from the stalled send.
+        let d = Deadline { timing: LeaseTiming::default(), ttl_ms: 1000 };
+        let valid_for = Duration::from_millis(d.timing.holder_valid_for_ms(1000));
+        for (received, valid_until) in &renewals {
+            let sent = *valid_until - valid_for;
+            assert!(sent <= *received && *received - sent <= svc.latency, "sent {sent:?}, answered {received:?}");
+        }
+        let attempts = *svc.attempts.lock().unwrap();
+        assert!(attempts[0] >= renewals.len() && attempts[1] >= renewals.len(), "{attempts:?}");
+        assert_eq!(attempts[2], 0, "a third lane is only for when two stall: {attempts:?}");
+
+        // With every lane stalled the keeper still announces the loss in
+        // time, having tried each lane once per round.
+        let svc = MemService::new();
+        let events = {
+            let stall_all = async {
+                tokio::time::sleep(Duration::from_millis(1_200)).await;
+                *svc.stalled_lanes.lock().unwrap() = (0..RENEW_LANES).collect();
+            };
+            let (events, ()) = tokio::join!(run_keeper(&svc, spec("a", false), Duration::from_secs(10)), stall_all);
+            events
+        };
+        let last_valid = events
+            .iter()
+            .filter_map(|(_, e)| match e {
+                KeeperEvent::Renewed { valid_until, .. } => Some(*valid_until),
+                _ => None,
+            })
+            .max()
+            .expect("renewed before the stall");
+        let (lost_at, lost) = events.last().unwrap();
+        assert!(matches!(lost, KeeperEvent::Lost { epoch: 1, .. }), "{events:?}");
+        assert!(*lost_at < last_valid, "{events:?}");
+        assert!(svc.attempts.lock().unwrap().iter().all(|&n| n >= 1));
     }
 
     #[tokio::test(start_paused = true)]

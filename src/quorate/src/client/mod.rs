@@ -74,7 +74,10 @@ impl ClientError {
 #[derive(Debug)]
 pub struct Client {
     endpoints: Vec<String>,
-    channels: Mutex<HashMap<String, Channel>>,
+    /// One connection per (address, lane). Lane 0 carries every call; the
+    /// lease keeper hedges renewals on further lanes, since a second TCP
+    /// connection is not held up by the first one's lost segment.
+    channels: Mutex<HashMap<(String, usize), Channel>>,
     /// The address that answered last; tried first.
     preferred: Mutex<Option<String>>,
     call_timeout: Duration,
@@ -94,7 +97,7 @@ impl Client {
             call_timeout: DEFAULT_CALL_TIMEOUT,
         };
         for e in client.endpoints.clone() {
-            client.channel(&e)?;
+            client.channel(&e, 0)?;
         }
         Ok(client)
     }
@@ -115,20 +118,21 @@ impl Client {
         &self.endpoints
     }
 
-    fn channel(&self, addr: &str) -> Result<Channel, ClientError> {
+    fn channel(&self, addr: &str, lane: usize) -> Result<Channel, ClientError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = channels.get(addr) {
+        let key = (addr.to_owned(), lane);
+        if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
         let c =
             lazy_channel(addr).map_err(|e| ClientError::BadEndpoint { addr: addr.into(), message: e.to_string() })?;
-        channels.insert(addr.to_owned(), c.clone());
+        channels.insert(key, c.clone());
         Ok(c)
     }
 
     /// A raw gRPC client for one address (status queries of each node).
     pub fn raw(&self, addr: &str) -> Result<CoordinatorClient<Channel>, ClientError> {
-        Ok(CoordinatorClient::new(self.channel(addr)?))
+        Ok(CoordinatorClient::new(self.channel(addr, 0)?))
     }
 
     /// The order to try addresses in: the preferred one first.
@@ -151,7 +155,16 @@ impl Client {
     /// to answer, else on the next endpoint, pausing after each full round
     /// without success (an election may be running). Any other status is
     /// final. Bounded by `budget` and by [`MAX_ATTEMPTS`].
-    async fn call<T, F, Fut>(&self, budget: Duration, mut f: F) -> Result<T, ClientError>
+    async fn call<T, F, Fut>(&self, budget: Duration, f: F) -> Result<T, ClientError>
+    where
+        F: FnMut(CoordinatorClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        self.call_on(0, budget, f).await
+    }
+
+    /// [`Client::call`] over the connections of `lane`.
+    async fn call_on<T, F, Fut>(&self, lane: usize, budget: Duration, mut f: F) -> Result<T, ClientError>
     where
         F: FnMut(CoordinatorClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
@@ -169,7 +182,7 @@ impl Client {
                 next_in_queue += 1;
                 queue[(next_in_queue - 1) % queue.len()].clone()
             });
-            let client = CoordinatorClient::new(self.channel(&addr)?);
+            let client = CoordinatorClient::new(self.channel(&addr, lane)?);
             let status = match tokio::time::timeout_at(deadline, f(client)).await {
                 Err(_) => return Err(ClientError::Timeout(budget)),
                 Ok(Ok(resp)) => {
@@ -234,20 +247,22 @@ impl Client {
     }
 
     pub async fn renew(&self, group: &str, holder: &str, epoch: u64) -> Result<pb::RenewResponse, ClientError> {
-        self.renew_within(group, holder, epoch, self.call_timeout).await
+        self.renew_within(group, holder, epoch, self.call_timeout, 0).await
     }
 
     /// Renews with an explicit bound (the lease keeper passes the time left
-    /// before its deadline).
+    /// before its deadline) over the connections of `lane` (0 is the one
+    /// every other call uses).
     pub async fn renew_within(
         &self,
         group: &str,
         holder: &str,
         epoch: u64,
         timeout: Duration,
+        lane: usize,
     ) -> Result<pb::RenewResponse, ClientError> {
         let req = pb::RenewRequest { group: group.into(), holder: holder.into(), epoch };
-        self.call(timeout, |mut c| {
+        self.call_on(lane, timeout, |mut c| {
             let req = req.clone();
             async move { c.renew(req).await }
         })
