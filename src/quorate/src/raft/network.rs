@@ -1,8 +1,9 @@
 //! The client side of Raft RPCs, over tonic.
 //!
-//! - One cached, lazily connecting `Channel` per peer (openraft calls
-//!   `new_client` for every replication stream and vote broadcast; a new
-//!   channel each time would defeat connection reuse).
+//! - A few cached, lazily connecting `Channel`s ("lanes") per peer (openraft
+//!   calls `new_client` for every replication stream and vote broadcast; a
+//!   new channel each time would defeat connection reuse). Calls use one lane
+//!   until a call times out, then the next: see [`LANES`].
 //! - Every RPC is bounded by the deadline openraft passes (`soft_ttl`), both
 //!   as a gRPC timeout header and as a local timeout.
 //! - Every request names its target node in metadata; the receiver refuses
@@ -12,6 +13,8 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use openraft::error::{NetworkError, RPCError, ReplicationClosed, StreamingError, Timeout, Unreachable};
@@ -35,6 +38,14 @@ const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
 /// How long a TCP connect may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
+/// Connections per peer. After a call to a peer times out, later calls go
+/// over the next connection: the timed-out call most likely waits for a TCP
+/// retransmission (200 ms or more, doubling on repeats), and on one HTTP/2
+/// connection every later request waits behind it, far longer than the
+/// heartbeat-sized deadlines openraft gives replication. Under 20% packet
+/// loss this is what keeps commits (and so lease renewals) flowing.
+pub const LANES: usize = 3;
+
 /// Builds one lazily connecting channel for a peer address.
 pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))?
@@ -45,16 +56,43 @@ pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
         .connect_lazy())
 }
 
+/// The connections to one peer and the one in use, shared by every
+/// [`PeerClient`] of that peer.
+#[derive(Debug, Clone)]
+struct Lanes {
+    channels: Arc<[Channel]>,
+    current: Arc<AtomicUsize>,
+}
+
+impl Lanes {
+    fn new(addr: &str) -> Result<Self, tonic::transport::Error> {
+        let channels = (0..LANES).map(|_| lazy_channel(addr)).collect::<Result<Vec<_>, _>>()?;
+        Ok(Self { channels: channels.into(), current: Arc::new(AtomicUsize::new(0)) })
+    }
+
+    /// The lane to use now and its channel.
+    fn pick(&self) -> (usize, Channel) {
+        let lane = self.current.load(Ordering::Relaxed) % self.channels.len();
+        (lane, self.channels[lane].clone())
+    }
+
+    /// A call on `lane` timed out: move on, unless another call already did.
+    fn timed_out(&self, lane: usize) {
+        let next = (lane + 1) % self.channels.len();
+        let _ = self.current.compare_exchange(lane, next, Ordering::Relaxed, Ordering::Relaxed);
+    }
+}
+
 /// Creates per-peer clients; owns the channel cache.
 #[derive(Debug)]
 pub struct NetworkFactory {
     self_id: u64,
-    channels: HashMap<(u64, String), Channel>,
+    lanes: HashMap<(u64, String), Lanes>,
 }
 
 impl NetworkFactory {
     pub fn new(self_id: u64) -> Self {
-        Self { self_id, channels: HashMap::new() }
+        Self { self_id, lanes: HashMap::new() }
     }
 }
 
@@ -64,18 +102,13 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     async fn new_client(&mut self, target: u64, node: &BasicNode) -> PeerClient {
         assert_ne!(target, self.self_id, "openraft asked for a client to this node itself");
         let key = (target, node.addr.clone());
-        let channel = match self.channels.get(&key) {
-            Some(c) => Ok(c.clone()),
-            None => lazy_channel(&node.addr).inspect(|c| {
-                self.channels.insert(key, c.clone());
+        let lanes = match self.lanes.get(&key) {
+            Some(l) => Ok(l.clone()),
+            None => Lanes::new(&node.addr).inspect(|l| {
+                self.lanes.insert(key, l.clone());
             }),
         };
-        PeerClient {
-            self_id: self.self_id,
-            target,
-            addr: node.addr.clone(),
-            channel: channel.map_err(|e| e.to_string()),
-        }
+        PeerClient { self_id: self.self_id, target, addr: node.addr.clone(), lanes: lanes.map_err(|e| e.to_string()) }
     }
 }
 
@@ -86,7 +119,7 @@ pub struct PeerClient {
     target: u64,
     addr: String,
     /// An unparsable address is kept as an error and reported on each call.
-    channel: Result<Channel, String>,
+    lanes: Result<Lanes, String>,
 }
 
 /// Why one RPC failed, before it is mapped to openraft's error kinds.
@@ -106,11 +139,24 @@ impl PeerClient {
         req
     }
 
-    fn client(&self) -> Result<RaftClient<Channel>, CallError> {
-        match &self.channel {
-            Ok(c) => Ok(RaftClient::new(c.clone()).max_decoding_message_size(64 << 20)),
+    /// A client on the current lane, and that lane.
+    fn client(&self) -> Result<(usize, RaftClient<Channel>), CallError> {
+        match &self.lanes {
+            Ok(l) => {
+                let (lane, c) = l.pick();
+                Ok((lane, RaftClient::new(c).max_decoding_message_size(64 << 20)))
+            }
             Err(e) => Err(CallError::Unreachable(format!("bad address {:?}: {e}", self.addr))),
         }
+    }
+
+    /// Bookkeeping after a call on `lane`: a timeout moves later calls to
+    /// the next lane.
+    fn after_call<T>(&self, lane: usize, res: Result<T, CallError>) -> Result<T, CallError> {
+        if let (Err(CallError::Timeout(_)), Ok(l)) = (&res, &self.lanes) {
+            l.timed_out(lane);
+        }
+        res
     }
 
     /// One unary call: encode, send with the deadline, decode.
@@ -122,13 +168,13 @@ impl PeerClient {
         Fut: Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
     {
         let data = serde_json::to_vec(req).map_err(|e| CallError::Other(e.to_string()))?;
-        let client = self.client()?;
+        let (lane, client) = self.client()?;
         let fut = call(client, self.request(RaftPayload { data }, deadline));
-        let resp = match tokio::time::timeout(deadline, fut).await {
-            Err(_) => return Err(CallError::Timeout(deadline)),
-            Ok(r) => r.map_err(status_to_call_error)?,
+        let res = match tokio::time::timeout(deadline, fut).await {
+            Err(_) => Err(CallError::Timeout(deadline)),
+            Ok(r) => r.map_err(|s| status_to_call_error(s, deadline)),
         };
-        decode_reply(&resp.into_inner().data)
+        self.after_call(lane, res.and_then(|resp| decode_reply(&resp.into_inner().data)))
     }
 
     fn map_err<E: std::error::Error>(&self, action: RPCTypes, e: CallError) -> RPCError<TypeConfig, E> {
@@ -142,12 +188,12 @@ impl PeerClient {
     }
 }
 
-fn status_to_call_error(s: tonic::Status) -> CallError {
+fn status_to_call_error(s: tonic::Status, deadline: Duration) -> CallError {
     use tonic::Code;
     match s.code() {
         // Connect failures, refused targets and a peer shutting down: back off.
         Code::Unavailable | Code::FailedPrecondition => CallError::Unreachable(s.message().to_owned()),
-        Code::DeadlineExceeded | Code::Cancelled => CallError::Timeout(Duration::ZERO),
+        Code::DeadlineExceeded | Code::Cancelled => CallError::Timeout(deadline),
         _ => CallError::Other(format!("{}: {}", s.code(), s.message())),
     }
 }
@@ -228,17 +274,80 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
                 .chunks(SNAPSHOT_CHUNK_BYTES)
                 .map(|c| SnapshotChunk { meta: Vec::new(), data: c.to_vec() }),
         );
-        let mut client = self.client().map_err(&to_streaming)?;
+        let (lane, mut client) = self.client().map_err(&to_streaming)?;
         let req = self.request(tokio_stream::iter(chunks), deadline);
         let call = async {
-            match tokio::time::timeout(deadline, client.install_snapshot(req)).await {
+            let res = match tokio::time::timeout(deadline, client.install_snapshot(req)).await {
                 Err(_) => Err(CallError::Timeout(deadline)),
-                Ok(r) => decode_reply(&r.map_err(status_to_call_error)?.into_inner().data),
-            }
+                Ok(r) => {
+                    r.map_err(|s| status_to_call_error(s, deadline)).and_then(|r| decode_reply(&r.into_inner().data))
+                }
+            };
+            self.after_call(lane, res)
         };
         tokio::select! {
             closed = cancel => Err(StreamingError::Closed(closed)),
             res = call => res.map_err(to_streaming),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Lane switching against a peer that accepts connections and never
+    //! answers, as a connection waiting for a retransmission looks: each
+    //! timed-out call moves the next one to a new connection, and the
+    //! connections are reused round-robin rather than multiplied.
+
+    use std::sync::atomic::AtomicUsize;
+
+    use openraft::raft::VoteRequest;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_timed_out_call_moves_later_calls_to_the_next_connection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let counter = accepted.clone();
+        let silent = tokio::spawn(async move {
+            let mut held = Vec::new();
+            while let Ok((conn, _)) = listener.accept().await {
+                counter.fetch_add(1, Ordering::SeqCst);
+                held.push(conn);
+            }
+        });
+
+        // The accepting task may lag on a busy machine: wait for the count
+        // to reach `n` (bounded), then it must be exactly `n`.
+        let connections = |n: usize| {
+            let accepted = accepted.clone();
+            async move {
+                for _ in 0..500 {
+                    if accepted.load(Ordering::SeqCst) >= n {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                accepted.load(Ordering::SeqCst)
+            }
+        };
+
+        let mut factory = NetworkFactory::new(1);
+        let mut peer = factory.new_client(2, &BasicNode { addr: addr.clone() }).await;
+        let option = RPCOption::new(Duration::from_millis(200));
+        let req = || VoteRequest::<TypeConfig>::new(Vote::new(1, 1), None);
+        for call in 1..=LANES + 2 {
+            let res = peer.vote(req(), option.clone()).await;
+            assert!(matches!(res, Err(RPCError::Timeout(_))), "call {call}: {res:?}");
+            // A new connection per lane, then the lanes come round again.
+            assert_eq!(connections(call.min(LANES)).await, call.min(LANES), "after call {call}");
+        }
+        // Another client of the same peer shares the lanes and where they are.
+        let mut other = factory.new_client(2, &BasicNode { addr }).await;
+        let _ = other.vote(req(), option).await;
+        assert_eq!(connections(LANES).await, LANES);
+        silent.abort();
     }
 }

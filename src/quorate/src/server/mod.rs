@@ -78,6 +78,13 @@ pub fn openraft_config(c: &ServerConfig) -> Result<openraft::Config, ServerError
         // The state machine is rebuilt from snapshot + committed log at
         // start; a restarted node must not resume as leader with it.
         enable_leader_restore: Some(false),
+        // Replication backs off after an append that timed out unanswered.
+        // openraft's default starts at 200 ms and doubles to 1 s: under
+        // packet loss every lost segment then stalls that follower's
+        // commits for longer than a lease renewal can wait. Retry soon (on
+        // the peer's next connection, see `raft::network::LANES`), and only
+        // back off far for a follower that keeps failing.
+        backoff: "25ms 50ms ...1s".into(),
         ..Default::default()
     };
     config.validate().map_err(|e| ServerError::RaftConfig(e.to_string()))
