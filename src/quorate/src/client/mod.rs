@@ -262,6 +262,8 @@ impl Client {
         lane: usize,
     ) -> Result<pb::RenewResponse, ClientError> {
         let req = pb::RenewRequest { group: group.into(), holder: holder.into(), epoch };
+        // Lanes beyond the keeper's share connections: the cache stays bounded.
+        let lane = lane % keeper::RENEW_LANES;
         self.call_on(lane, timeout, |mut c| {
             let req = req.clone();
             async move { c.renew(req).await }
