@@ -165,6 +165,14 @@ impl Cluster {
             print_tail(&n.log, 40);
         }
     }
+
+    /// Prints the tails of the first `agents` agent logs in this cluster's
+    /// directory (`agent-1.log`, ...), for failing tests.
+    pub fn print_agent_logs(&self, agents: usize, lines: usize) {
+        for i in 1..=agents {
+            print_tail(&self.dir.path().join(format!("agent-{i}.log")), lines);
+        }
+    }
 }
 
 impl Drop for Cluster {
@@ -381,9 +389,7 @@ impl GroupFixture {
 impl Drop for GroupFixture {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for i in 0..self.agents.len() {
-                print_tail(&self.cluster.dir.path().join(format!("agent-{}.log", i + 1)), 30);
-            }
+            self.cluster.print_agent_logs(self.agents.len(), 30);
         }
         // Agents first, then stores; the cluster drops last.
         for a in &mut self.agents {
@@ -520,9 +526,7 @@ impl PairFixture {
 impl Drop for PairFixture {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            for i in 0..self.members.len() {
-                print_tail(&self.cluster.dir.path().join(format!("agent-{}.log", i + 1)), 40);
-            }
+            self.cluster.print_agent_logs(self.members.len(), 40);
         }
         for m in &mut self.members {
             if let Some(mut a) = m.agent.take() {
