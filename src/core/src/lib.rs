@@ -31,6 +31,7 @@ pub mod matrix;
 pub mod names;
 pub mod observe;
 pub mod quorum;
+pub mod role;
 pub mod verdict;
 
 pub use lease::LeaseTiming;

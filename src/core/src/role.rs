@@ -1,0 +1,326 @@
+//! The role decisions of one member's agent in a managed group, as a pure
+//! state machine.
+//!
+//! The agent's runtime (`quorate::agent::role`) feeds [`RoleMachine::step`]
+//! everything that happens — lease keeper events, election views pushed by
+//! the coordinators, its own data service's state, the results of actions,
+//! and a tick — each with `now` on the agent's monotonic clock in
+//! milliseconds. `step` returns [`Action`]s as data; the runtime executes
+//! them and reports their results back as [`Event::Done`]. This is the split
+//! of openraft's engine and runtime: every rule about when to promote,
+//! fence, follow or take the lease lives here and is tested without sockets
+//! or sleeps.
+//!
+//! The rules:
+//!
+//! - **Fence by the deadline.** Every lease deadline the keeper reports is
+//!   handed at once to the fencer ([`Action::ArmFence`]), before any
+//!   promotion, so the fencer (a task of its own that only talks to the
+//!   local data service) stops writes at the deadline whatever else the
+//!   agent is doing. A loss, a release or a deadline that passes without a
+//!   renewal also fences at once ([`Action::FenceNow`]), retried until done.
+//! - **Promote only under a valid lease**: [`Action::Promote`] carries the
+//!   deadline, is only emitted before it, and is retried (on ticks) until it
+//!   succeeds or the lease is gone.
+//! - **Never act on a stale designation**: election views carry the Raft
+//!   log index they were read at; a view older than one already seen is
+//!   ignored. The keeper starts only when the newest view designates this
+//!   member, and the agent follows only the newest view's holder, and only
+//!   while it holds no lease itself.
+//! - A member takes the lease only when its data is fit to serve: it synced
+//!   from a primary (or served as one) since its data service last started,
+//!   or the group never had a holder, or its service is a primary already.
+
+use crate::election::Role;
+
+/// The election state of the group as one coordinator read it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ElectionView {
+    /// The Raft log index the serving node had applied when it read this:
+    /// views from different nodes are ordered by it.
+    pub revision: u64,
+    /// The only member allowed to hold the lease.
+    pub designated: Option<String>,
+    /// The lease holder (the primary), if any.
+    pub holder: Option<String>,
+    /// The lease epoch (the fencing token).
+    pub epoch: u64,
+    /// The target of a pending switchover.
+    pub switchover_to: Option<String>,
+}
+
+/// What the agent sees of its own data service.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ServiceView {
+    pub reachable: bool,
+    pub role: Option<Role>,
+    /// For a replica: its link to the primary is up.
+    pub link_up: bool,
+    /// Changes when the service restarts (Redis `run_id`); empty if unknown.
+    pub run_id: String,
+}
+
+/// Actions that can fail and are retried until they succeed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ActionKind {
+    Promote,
+    Fence,
+    Follow,
+    Switchover,
+}
+
+/// Something that happened, fed to [`RoleMachine::step`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// Time passed (the runtime ticks every heartbeat interval).
+    Tick,
+    /// The keeper acquired the lease; it is valid until `valid_until_ms`.
+    Acquired { epoch: u64, valid_until_ms: u64 },
+    /// The keeper renewed the lease.
+    Renewed { epoch: u64, valid_until_ms: u64 },
+    /// The keeper lost the lease (refused, or its deadline is near).
+    Lost { epoch: u64 },
+    /// The keeper released the lease (switchover).
+    Released { epoch: u64 },
+    /// The keeper task ended (after a loss or release, or it failed).
+    KeeperEnded,
+    /// A view of the group's election.
+    Election(ElectionView),
+    /// The data service's state.
+    Service(ServiceView),
+    /// An action finished.
+    Done { action: ActionKind, ok: bool },
+}
+
+/// What the runtime must do, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a lease keeper (acquire, waiting for the old lease to expire).
+    StartKeeper,
+    /// Tell the fencer the lease's deadline: it stops writes then unless a
+    /// later deadline arrives first (and keeps the lease key until then).
+    ArmFence { epoch: u64, deadline_ms: u64 },
+    /// Stop writes now (the lease is lost, released or past its deadline).
+    FenceNow,
+    /// Make the data service primary under `epoch`; writes may be opened
+    /// only before `deadline_ms`.
+    Promote { epoch: u64, deadline_ms: u64 },
+    /// Replicate from `holder` (this ends a fence: a replica refuses
+    /// writes by itself). The fencer is disarmed first.
+    Follow { holder: String, epoch: u64 },
+    /// Hand the primary role to `target` (pause, wait for it to catch up,
+    /// release the lease, follow it).
+    Switchover { target: String },
+}
+
+/// The lease as this agent holds it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Held {
+    pub epoch: u64,
+    /// The keeper's deadline, on the agent's clock.
+    pub valid_until_ms: u64,
+    /// The data service was promoted under this lease.
+    pub promoted: bool,
+}
+
+/// The role state machine of one member's agent.
+#[derive(Debug, Clone)]
+pub struct RoleMachine {
+    me: String,
+    held: Option<Held>,
+    keeper_running: bool,
+    fence_owed: bool,
+    election: Option<ElectionView>,
+    service: ServiceView,
+    /// The epoch of the primary this member last synced from (or served
+    /// under) since its data service started.
+    synced_epoch: Option<u64>,
+    /// The epoch of the holder the last successful follow targeted.
+    following_epoch: Option<u64>,
+    /// The view revision of the last switchover attempt (one per view).
+    switchover_tried_at: Option<u64>,
+}
+
+impl RoleMachine {
+    pub fn new(me: &str) -> Self {
+        Self {
+            me: me.to_owned(),
+            held: None,
+            keeper_running: false,
+            fence_owed: false,
+            election: None,
+            service: ServiceView::default(),
+            synced_epoch: None,
+            following_epoch: None,
+            switchover_tried_at: None,
+        }
+    }
+
+    /// The lease this agent holds, if any.
+    pub fn held(&self) -> Option<Held> {
+        self.held
+    }
+
+    /// The epoch this member last synced under (reported to the
+    /// coordinators; a member that never synced is not a candidate).
+    pub fn synced_epoch(&self) -> Option<u64> {
+        self.synced_epoch
+    }
+
+    pub fn keeper_running(&self) -> bool {
+        self.keeper_running
+    }
+
+    pub fn fence_owed(&self) -> bool {
+        self.fence_owed
+    }
+
+    /// The newest election view seen.
+    pub fn election(&self) -> Option<&ElectionView> {
+        self.election.as_ref()
+    }
+
+    /// Feeds one event at `now_ms`; returns the actions to perform, in order.
+    pub fn step(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
+        let mut out = Vec::new();
+        let decide = match event {
+            Event::Tick => true,
+            Event::Acquired { epoch, valid_until_ms } => {
+                // The fencer learns the deadline before the service becomes
+                // primary, so there is never a writable primary without one.
+                self.held = Some(Held { epoch, valid_until_ms, promoted: false });
+                self.fence_owed = false;
+                self.synced_epoch = Some(epoch);
+                out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
+                true
+            }
+            Event::Renewed { epoch, valid_until_ms } => {
+                if let Some(h) = self.held.as_mut()
+                    && h.epoch == epoch
+                    && valid_until_ms >= h.valid_until_ms
+                {
+                    h.valid_until_ms = valid_until_ms;
+                    out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
+                }
+                false
+            }
+            Event::Lost { epoch } | Event::Released { epoch } => {
+                if self.held.is_some_and(|h| h.epoch == epoch) {
+                    self.lose();
+                }
+                true
+            }
+            Event::KeeperEnded => {
+                self.keeper_running = false;
+                if self.held.is_some() {
+                    self.lose();
+                }
+                true
+            }
+            Event::Election(view) => {
+                if self.election.as_ref().is_some_and(|e| view.revision < e.revision) {
+                    return out;
+                }
+                self.election = Some(view);
+                true
+            }
+            Event::Service(svc) => {
+                if !svc.run_id.is_empty() && !self.service.run_id.is_empty() && svc.run_id != self.service.run_id {
+                    // Restarted (perhaps empty): it must resync first.
+                    self.synced_epoch = None;
+                    self.following_epoch = None;
+                }
+                if svc.run_id.is_empty() && !self.service.run_id.is_empty() {
+                    // Unreachable: keep the last known run id.
+                    self.service = ServiceView { run_id: self.service.run_id.clone(), ..svc };
+                } else {
+                    self.service = svc;
+                }
+                if self.held.is_none()
+                    && self.service.role == Some(Role::Replica)
+                    && self.service.link_up
+                    && let Some(e) = self.following_epoch
+                {
+                    self.synced_epoch = Some(e);
+                }
+                false
+            }
+            Event::Done { action, ok } => {
+                match (action, ok) {
+                    (ActionKind::Promote, true) => {
+                        if let Some(h) = self.held.as_mut() {
+                            h.promoted = true;
+                        }
+                    }
+                    (ActionKind::Fence, true) => self.fence_owed = false,
+                    (ActionKind::Follow, true) => {
+                        self.fence_owed = false;
+                        self.following_epoch = self.election.as_ref().map(|e| e.epoch);
+                    }
+                    _ => {}
+                }
+                false
+            }
+        };
+        if decide {
+            self.decide(now_ms, &mut out);
+        }
+        out
+    }
+
+    fn lose(&mut self) {
+        self.held = None;
+        self.fence_owed = true;
+    }
+
+    /// The level-triggered part: owed actions and what the newest view asks.
+    fn decide(&mut self, now_ms: u64, out: &mut Vec<Action>) {
+        if self.held.is_some_and(|h| now_ms >= h.valid_until_ms) {
+            // The deadline passed without a renewal (the fencer has already
+            // acted on it; this keeps the machine's view in line).
+            self.lose();
+        }
+        if self.fence_owed {
+            out.push(Action::FenceNow);
+        }
+        if let Some(h) = self.held
+            && !h.promoted
+        {
+            out.push(Action::Promote { epoch: h.epoch, deadline_ms: h.valid_until_ms });
+        }
+        let Some(view) = self.election.clone() else { return };
+        let me = self.me.as_str();
+        if view.designated.as_deref() == Some(me)
+            && !self.keeper_running
+            && self.service.reachable
+            && self.may_take(&view)
+        {
+            self.keeper_running = true;
+            out.push(Action::StartKeeper);
+        }
+        match (self.held, view.holder.as_deref()) {
+            (Some(h), _) => {
+                if h.promoted
+                    && let Some(target) = view.switchover_to.as_deref().filter(|t| *t != me)
+                    && self.switchover_tried_at.is_none_or(|r| view.revision > r)
+                {
+                    self.switchover_tried_at = Some(view.revision);
+                    out.push(Action::Switchover { target: target.to_owned() });
+                }
+            }
+            (None, Some(holder)) if holder != me => {
+                out.push(Action::Follow { holder: holder.to_owned(), epoch: view.epoch });
+            }
+            // Nobody else holds the lease: stay as we are (fenced if we
+            // lost it).
+            (None, _) => {}
+        }
+    }
+
+    fn may_take(&self, view: &ElectionView) -> bool {
+        view.epoch == 0 || self.synced_epoch.is_some() || self.service.role == Some(Role::Primary)
+    }
+}
+
+#[cfg(test)]
+mod tests;
