@@ -2,13 +2,16 @@
 //! primary role. The I/O boundary between the role loop and the service.
 //!
 //! - [`RedisDriver`]: promote with `REPLICAOF NO ONE`, follow the primary with
-//!   `REPLICAOF host port`, fence with `CLIENT PAUSE ... WRITE`; keeps the
-//!   lease key `quorate:lease:{G}` (the epoch, expiring at the holder's
-//!   deadline) that `deploy/redis/fenced_set.lua` checks, so a frozen agent's
-//!   primary stops accepting fenced writes when its lease runs out.
+//!   `REPLICAOF host port`.
 //! - [`ExecDriver`]: runs configured commands with `QUORATE_GROUP`,
 //!   `QUORATE_MEMBER`, `QUORATE_EPOCH`, `QUORATE_ROLE` in the environment.
 //! - [`NoDriver`]: the lease only (for services that read it themselves).
+//!
+//! Stopping and opening writes is not done here but by the fencer
+//! ([`super::fence`]), on its own thread and connection, so that a fence is
+//! never queued behind a driver command: each driver hands the fencer its
+//! [`FenceOps`]. A promotion therefore leaves writes as they were (a fenced
+//! service stays paused) until the fencer opens them under a valid lease.
 
 use std::future::Future;
 use std::time::Duration;
@@ -18,6 +21,8 @@ use quorate_core::group::parse_redis_url;
 use redis::AsyncConnectionConfig;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
+
+use super::fence::FenceOps;
 
 /// How long one command to the data service may take.
 pub const DRIVER_TIMEOUT: Duration = Duration::from_millis(500);
@@ -44,19 +49,16 @@ pub struct ServiceState {
 pub trait RoleDriver: Send + Sync + 'static {
     /// The service's state now.
     fn state(&self) -> impl Future<Output = ServiceState> + Send;
-    /// Become primary under `epoch`; the lease is valid for `valid_for`.
-    fn promote(&self, epoch: u64, valid_for: Duration) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// The lease was renewed: valid for `valid_for` more.
-    fn renewed(&self, epoch: u64, valid_for: Duration) -> impl Future<Output = Result<(), DriverError>> + Send;
-    /// Stop accepting writes at once (the lease is lost or about to be).
-    fn fence(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// Become primary under `epoch`. Writes stay as they were (paused if
+    /// fenced); the fencer opens them.
+    fn promote(&self, epoch: u64) -> impl Future<Output = Result<(), DriverError>> + Send;
+    /// How the fencer fences this service (its own connection).
+    fn fence_ops(&self) -> FenceOps;
     /// Follow `primary_data` (a `redis://HOST:PORT` URL) as a replica.
     fn follow(&self, primary_data: &str, epoch: u64) -> impl Future<Output = Result<(), DriverError>> + Send;
     /// Pause writes for a switchover; returns the replication offset to
-    /// wait for.
+    /// wait for. (Given up, the fencer opens writes again.)
     fn pause_writes(&self) -> impl Future<Output = Result<u64, DriverError>> + Send;
-    /// Accept writes again (a switchover was given up).
-    fn unpause(&self) -> impl Future<Output = Result<(), DriverError>> + Send;
     /// The replication offset of another member's service (switchover).
     fn offset_of(&self, other_data: &str) -> impl Future<Output = Result<u64, DriverError>> + Send;
 }
@@ -79,22 +81,11 @@ impl RedisDriver {
         Self { group: group.to_owned(), url: url.to_owned(), conn: Mutex::new(None) }
     }
 
-    async fn connect(url: &str) -> Result<MultiplexedConnection, DriverError> {
-        let client = redis::Client::open(url).map_err(|e| DriverError(format!("{url}: {e}")))?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(DRIVER_TIMEOUT))
-            .set_response_timeout(Some(DRIVER_TIMEOUT));
-        tokio::time::timeout(DRIVER_TIMEOUT, client.get_multiplexed_async_connection_with_config(&config))
-            .await
-            .map_err(|_| DriverError(format!("{url}: connect timed out")))?
-            .map_err(|e| DriverError(format!("{url}: {e}")))
-    }
-
     /// Runs commands on the own service; a failure drops the connection.
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, DriverError> {
         let mut guard = self.conn.lock().await;
         if guard.is_none() {
-            *guard = Some(Self::connect(&self.url).await?);
+            *guard = Some(connect_redis(&self.url).await?);
         }
         let conn = guard.as_mut().expect("connected above");
         let res = match tokio::time::timeout(DRIVER_TIMEOUT, cmd.query_async::<T>(conn)).await {
@@ -112,6 +103,18 @@ impl RedisDriver {
         cmd.arg("replication").arg("server");
         self.run(cmd).await
     }
+}
+
+/// A connection to a Redis, bounded by [`DRIVER_TIMEOUT`].
+pub(crate) async fn connect_redis(url: &str) -> Result<MultiplexedConnection, DriverError> {
+    let client = redis::Client::open(url).map_err(|e| DriverError(format!("{url}: {e}")))?;
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(DRIVER_TIMEOUT))
+        .set_response_timeout(Some(DRIVER_TIMEOUT));
+    tokio::time::timeout(DRIVER_TIMEOUT, client.get_multiplexed_async_connection_with_config(&config))
+        .await
+        .map_err(|_| DriverError(format!("{url}: connect timed out")))?
+        .map_err(|e| DriverError(format!("{url}: {e}")))
 }
 
 fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
@@ -153,27 +156,14 @@ impl RoleDriver for RedisDriver {
         }
     }
 
-    async fn promote(&self, epoch: u64, valid_for: Duration) -> Result<(), DriverError> {
+    async fn promote(&self, _epoch: u64) -> Result<(), DriverError> {
         let mut noone = redis::cmd("REPLICAOF");
         noone.arg("NO").arg("ONE");
-        self.run::<()>(noone).await?;
-        self.run::<()>(redis::cmd("CLIENT").arg("UNPAUSE").clone()).await?;
-        self.renewed(epoch, valid_for).await
+        self.run::<()>(noone).await
     }
 
-    async fn renewed(&self, epoch: u64, valid_for: Duration) -> Result<(), DriverError> {
-        let ms = valid_for.as_millis().max(1) as u64;
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(lease_key(&self.group)).arg(epoch).arg("PX").arg(ms);
-        self.run::<()>(cmd).await
-    }
-
-    async fn fence(&self) -> Result<(), DriverError> {
-        // The lease key first: the pause would block our own write.
-        let _ = self.run::<()>(redis::cmd("DEL").arg(lease_key(&self.group)).clone()).await;
-        let mut pause = redis::cmd("CLIENT");
-        pause.arg("PAUSE").arg(24 * 3600 * 1000u64).arg("WRITE");
-        self.run::<()>(pause).await
+    fn fence_ops(&self) -> FenceOps {
+        FenceOps::Redis { url: self.url.clone(), group: self.group.clone(), conn: None }
     }
 
     async fn follow(&self, primary_data: &str, _epoch: u64) -> Result<(), DriverError> {
@@ -204,15 +194,11 @@ impl RoleDriver for RedisDriver {
         Ok(state.offset)
     }
 
-    async fn unpause(&self) -> Result<(), DriverError> {
-        self.run::<()>(redis::cmd("CLIENT").arg("UNPAUSE").clone()).await
-    }
-
     async fn offset_of(&self, other_data: &str) -> Result<u64, DriverError> {
         if other_data.is_empty() {
             return Err(DriverError("the switchover target has no data URL".into()));
         }
-        let mut conn = Self::connect(other_data).await?;
+        let mut conn = connect_redis(other_data).await?;
         let mut cmd = redis::cmd("INFO");
         cmd.arg("replication");
         let info: String = tokio::time::timeout(DRIVER_TIMEOUT, cmd.query_async(&mut conn))
@@ -232,6 +218,59 @@ pub struct ExecHooks {
     pub fence: String,
 }
 
+/// The role an exec driver last put its service in, shared with its
+/// fencer (the fence hook runs on the fencer's thread).
+#[derive(Debug, Clone, Default)]
+pub struct SharedRole(std::sync::Arc<std::sync::Mutex<Option<Role>>>);
+
+impl SharedRole {
+    pub fn get(&self) -> Option<Role> {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+    pub fn set(&self, role: Role) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(role);
+    }
+}
+
+/// Runs one hook command of the exec driver (bounded to 30 s); a non-zero
+/// exit is an error carrying its stderr.
+pub(crate) async fn run_hook(
+    group: &str,
+    member: &str,
+    which: &str,
+    command: &str,
+    epoch: u64,
+    role: &str,
+) -> Result<(), DriverError> {
+    if command.is_empty() {
+        return Ok(());
+    }
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new("/bin/sh")
+            .arg("-c")
+            .arg(command)
+            .env("QUORATE_GROUP", group)
+            .env("QUORATE_MEMBER", member)
+            .env("QUORATE_EPOCH", epoch.to_string())
+            .env("QUORATE_ROLE", role)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .map_err(|_| DriverError(format!("{which} hook timed out after 30 s")))?
+    .map_err(|e| DriverError(format!("{which} hook could not run: {e}")))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(DriverError(format!(
+            "{which} hook failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+}
+
 /// Runs commands on role changes. A failed hook is an error (reported by
 /// the agent and retried on its next cycle), never ignored.
 #[derive(Debug)]
@@ -239,80 +278,49 @@ pub struct ExecDriver {
     group: String,
     member: String,
     hooks: ExecHooks,
-    role: std::sync::Mutex<Option<Role>>,
+    role: SharedRole,
 }
 
 impl ExecDriver {
     pub fn new(group: &str, member: &str, hooks: ExecHooks) -> Self {
-        Self { group: group.into(), member: member.into(), hooks, role: std::sync::Mutex::new(None) }
+        Self { group: group.into(), member: member.into(), hooks, role: SharedRole::default() }
     }
 
     async fn hook(&self, which: &str, command: &str, epoch: u64, role: &str) -> Result<(), DriverError> {
-        if command.is_empty() {
-            return Ok(());
-        }
-        let out = tokio::time::timeout(
-            Duration::from_secs(30),
-            tokio::process::Command::new("/bin/sh")
-                .arg("-c")
-                .arg(command)
-                .env("QUORATE_GROUP", &self.group)
-                .env("QUORATE_MEMBER", &self.member)
-                .env("QUORATE_EPOCH", epoch.to_string())
-                .env("QUORATE_ROLE", role)
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .map_err(|_| DriverError(format!("{which} hook timed out after 30 s")))?
-        .map_err(|e| DriverError(format!("{which} hook could not run: {e}")))?;
-        if out.status.success() {
-            Ok(())
-        } else {
-            Err(DriverError(format!(
-                "{which} hook failed ({}): {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            )))
-        }
-    }
-
-    fn set_role(&self, role: Role) {
-        *self.role.lock().unwrap_or_else(|p| p.into_inner()) = Some(role);
+        run_hook(&self.group, &self.member, which, command, epoch, role).await
     }
 }
 
 impl RoleDriver for ExecDriver {
     async fn state(&self) -> ServiceState {
-        let role = *self.role.lock().unwrap_or_else(|p| p.into_inner());
+        let role = self.role.get();
         ServiceState { reachable: true, role, link_up: role == Some(Role::Replica), ..Default::default() }
     }
-    async fn promote(&self, epoch: u64, _valid_for: Duration) -> Result<(), DriverError> {
+    async fn promote(&self, epoch: u64) -> Result<(), DriverError> {
         self.hook("promote", &self.hooks.promote, epoch, "primary").await?;
-        self.set_role(Role::Primary);
+        self.role.set(Role::Primary);
         Ok(())
     }
-    async fn renewed(&self, _epoch: u64, _valid_for: Duration) -> Result<(), DriverError> {
-        Ok(())
-    }
-    async fn fence(&self) -> Result<(), DriverError> {
-        self.hook("fence", &self.hooks.fence, 0, "fenced").await?;
-        self.set_role(Role::Unknown);
-        Ok(())
+    fn fence_ops(&self) -> FenceOps {
+        FenceOps::Exec {
+            group: self.group.clone(),
+            member: self.member.clone(),
+            command: self.hooks.fence.clone(),
+            role: self.role.clone(),
+        }
     }
     async fn follow(&self, _primary_data: &str, epoch: u64) -> Result<(), DriverError> {
-        if *self.role.lock().unwrap_or_else(|p| p.into_inner()) == Some(Role::Replica) {
+        if self.role.get() == Some(Role::Replica) {
             return Ok(());
         }
         self.hook("demote", &self.hooks.demote, epoch, "replica").await?;
-        self.set_role(Role::Replica);
+        self.role.set(Role::Replica);
         Ok(())
     }
     async fn pause_writes(&self) -> Result<u64, DriverError> {
-        self.fence().await.map(|()| 0)
-    }
-    async fn unpause(&self) -> Result<(), DriverError> {
-        Ok(())
+        self.hook("fence", &self.hooks.fence, 0, "fenced").await?;
+        self.role.set(Role::Unknown);
+        Ok(0)
     }
     async fn offset_of(&self, _other_data: &str) -> Result<u64, DriverError> {
         Ok(0)
@@ -327,23 +335,17 @@ impl RoleDriver for NoDriver {
     async fn state(&self) -> ServiceState {
         ServiceState { reachable: true, ..Default::default() }
     }
-    async fn promote(&self, _: u64, _: Duration) -> Result<(), DriverError> {
+    async fn promote(&self, _: u64) -> Result<(), DriverError> {
         Ok(())
     }
-    async fn renewed(&self, _: u64, _: Duration) -> Result<(), DriverError> {
-        Ok(())
-    }
-    async fn fence(&self) -> Result<(), DriverError> {
-        Ok(())
+    fn fence_ops(&self) -> FenceOps {
+        FenceOps::None
     }
     async fn follow(&self, _: &str, _: u64) -> Result<(), DriverError> {
         Ok(())
     }
     async fn pause_writes(&self) -> Result<u64, DriverError> {
         Ok(0)
-    }
-    async fn unpause(&self) -> Result<(), DriverError> {
-        Ok(())
     }
     async fn offset_of(&self, _: &str) -> Result<u64, DriverError> {
         Ok(0)
@@ -378,11 +380,11 @@ mod tests {
                 ..Default::default()
             },
         );
-        let err = d.promote(7, Duration::from_secs(1)).await.unwrap_err();
+        let err = d.promote(7).await.unwrap_err();
         assert!(err.0.contains("promote hook failed") && err.0.contains("g/m/7/primary"), "{err}");
         assert_eq!(d.state().await.role, None, "a failed promotion does not change the role");
         let ok = ExecDriver::new("g", "m", ExecHooks { promote: "true".into(), ..Default::default() });
-        ok.promote(1, Duration::from_secs(1)).await.unwrap();
+        ok.promote(1).await.unwrap();
         assert_eq!(ok.state().await.role, Some(Role::Primary));
     }
 }
@@ -409,23 +411,17 @@ impl RoleDriver for AnyDriver {
     async fn state(&self) -> ServiceState {
         dispatch!(self, d => d.state().await)
     }
-    async fn promote(&self, epoch: u64, valid_for: Duration) -> Result<(), DriverError> {
-        dispatch!(self, d => d.promote(epoch, valid_for).await)
+    async fn promote(&self, epoch: u64) -> Result<(), DriverError> {
+        dispatch!(self, d => d.promote(epoch).await)
     }
-    async fn renewed(&self, epoch: u64, valid_for: Duration) -> Result<(), DriverError> {
-        dispatch!(self, d => d.renewed(epoch, valid_for).await)
-    }
-    async fn fence(&self) -> Result<(), DriverError> {
-        dispatch!(self, d => d.fence().await)
+    fn fence_ops(&self) -> FenceOps {
+        dispatch!(self, d => d.fence_ops())
     }
     async fn follow(&self, primary_data: &str, epoch: u64) -> Result<(), DriverError> {
         dispatch!(self, d => d.follow(primary_data, epoch).await)
     }
     async fn pause_writes(&self) -> Result<u64, DriverError> {
         dispatch!(self, d => d.pause_writes().await)
-    }
-    async fn unpause(&self) -> Result<(), DriverError> {
-        dispatch!(self, d => d.unpause().await)
     }
     async fn offset_of(&self, other_data: &str) -> Result<u64, DriverError> {
         dispatch!(self, d => d.offset_of(other_data).await)

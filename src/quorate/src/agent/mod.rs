@@ -5,11 +5,15 @@
 //!   (a new random incarnation at every start);
 //! - reads every peer's heartbeat key and reports its view to the
 //!   coordinators ([`observer`], the same loop coordinator nodes run);
-//! - follows changes of the group spec.
+//! - follows changes of the group spec;
+//! - in a managed group, runs the role loop ([`role`]) and its fencer
+//!   ([`fence`]), which stops the data service's writes at the lease
+//!   deadline.
 //!
 //! Every task is owned by [`run`] and stops when its shutdown future fires.
 
 pub mod driver;
+pub mod fence;
 pub mod observer;
 pub mod role;
 pub mod store;
@@ -34,6 +38,16 @@ use crate::pb::v1 as pb;
 /// How often the agent re-reads its group's spec.
 const SPEC_REFRESH: Duration = Duration::from_secs(2);
 
+/// The bound on each coordinator call of the agent: three quarters of the
+/// lease's renewal interval (a quarter of its TTL; 250 ms for the default
+/// 1 s lease), so a call to an unreachable coordinator never holds up what
+/// comes after it for as long as one renewal. Renewals themselves are
+/// bounded by the keeper's deadline, acquires by their server-side wait.
+pub fn agent_call_timeout(spec: &GroupSpec) -> Duration {
+    let ttl_ms = spec.failover.as_ref().map_or(1_000, |f| f.lease_ttl_ms);
+    Duration::from_millis((ttl_ms / 4).clamp(50, 1_000))
+}
+
 /// The configuration of one agent process.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -49,6 +63,9 @@ pub struct AgentConfig {
     pub driver: String,
     /// Commands of the exec driver.
     pub hooks: driver::ExecHooks,
+    /// UNSAFE, for the fault suite's negative control only: never fence.
+    #[serde(skip)]
+    pub test_only_no_deadline_fence: bool,
 }
 
 /// Why an agent could not run.
@@ -136,12 +153,13 @@ pub fn new_incarnation() -> u64 {
 /// Runs the agent until `shutdown` completes.
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     config.validate()?;
-    let client = Arc::new(Client::from_list(&config.endpoints)?);
+    let first = Client::from_list(&config.endpoints)?.with_call_timeout(Duration::from_millis(250));
     tokio::pin!(shutdown);
     let spec = tokio::select! {
-        s = fetch_spec(&client, &config) => s?,
+        s = fetch_spec(&first, &config) => s?,
         () = &mut shutdown => return Ok(()),
     };
+    let client = Arc::new(Client::from_list(&config.endpoints)?.with_call_timeout(agent_call_timeout(&spec)));
     run_with(config, spec, client, Arc::new(RedisStores::new()), shutdown).await
 }
 
@@ -178,6 +196,11 @@ pub async fn run_with<S: Stores>(
             driver,
             status: status_tx,
             healthy: healthy_tx,
+            fence_mode: if config.test_only_no_deadline_fence {
+                fence::FenceMode::TestOnlyNever
+            } else {
+                fence::FenceMode::Normal
+            },
         };
         tasks.spawn(role.run(stop_tx.subscribe()).instrument(span.clone()));
     }

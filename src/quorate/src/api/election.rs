@@ -47,7 +47,7 @@ impl CoordinatorService {
         check_name(NameKind::Group, &r.group)?;
         self.confirm_read(r.consistency).await?;
         let voters = self.node.reader.voters();
-        self.node.reader.with_machine(|m, clock| {
+        self.node.reader.with_machine_at(|m, clock, revision| {
             let g = Self::managed(
                 m.group(&r.group).ok_or_else(|| ApiError::NotFound(format!("no group named {:?}", r.group)))?,
             )?;
@@ -84,6 +84,7 @@ impl CoordinatorService {
                     .map(|(member, s)| pb::MemberStatusEntry { member: member.clone(), status: Some(status_pb(s)) })
                     .collect(),
                 decision: decision_text(&decision),
+                revision,
             })
         })
     }

@@ -1,9 +1,11 @@
 //! One `Watch` stream: lease events from the log, expiries and verdict
 //! changes as the serving node sees them.
 //!
-//! The stream starts with the lease's current state and the current verdict
-//! of every member (if the name is a failover group), then follows the
-//! state machine's changes. Verdicts also change with the passage of time
+//! The stream starts with the lease's current state, the election state
+//! (for a managed group) and the current verdict of every member (if the
+//! name is a failover group), then follows the state machine's changes; an
+//! ELECTION event follows every change of designation or holder, so agents
+//! learn of them within one round trip of the commit. Verdicts also change with the passage of time
 //! (views go stale), so they are recomputed on every change of the group and
 //! on a short timer.
 
@@ -33,7 +35,33 @@ async fn send(tx: &Tx, ev: pb::WatchEvent) -> bool {
 }
 
 fn lease_event(kind: pb::EventKind, lease: &LeaseView) -> pb::WatchEvent {
-    pb::WatchEvent { kind: kind as i32, lease: Some(lease_pb(lease)), verdict: None }
+    pb::WatchEvent { kind: kind as i32, lease: Some(lease_pb(lease)), verdict: None, election: None }
+}
+
+/// The ELECTION event of a managed group as of `revision` (None for a
+/// group that is not managed or does not exist).
+fn election_event(node: &Node, group: &str, revision: Option<u64>) -> Option<pb::WatchEvent> {
+    node.reader.with_machine_at(|m, clock, applied| {
+        let g = m.group(group).filter(|g| g.spec.is_managed())?;
+        let change = pb::ElectionChange {
+            designated: g.election.designated.clone().unwrap_or_default(),
+            switchover_to: g.election.switchover.as_ref().map(|s| s.to.clone()).unwrap_or_default(),
+            revision: revision.unwrap_or(applied),
+        };
+        Some(pb::WatchEvent {
+            kind: pb::EventKind::Election as i32,
+            lease: Some(lease_pb(&m.lease(group, clock))),
+            verdict: None,
+            election: Some(change),
+        })
+    })
+}
+
+async fn send_election(tx: &Tx, node: &Node, group: &str, revision: Option<u64>) -> bool {
+    match election_event(node, group, revision) {
+        Some(ev) => send(tx, ev).await,
+        None => true,
+    }
 }
 
 /// The group's verdict now, if `group` is a failover group.
@@ -59,7 +87,8 @@ async fn send_verdict_changes(tx: &Tx, last: &mut BTreeMap<String, Verdict>, now
             from: before.map_or(pb::VerdictState::Unspecified, verdict_state_pb) as i32,
             to: Some(member_verdict_pb(mv)),
         };
-        let ev = pb::WatchEvent { kind: pb::EventKind::Verdict as i32, lease: None, verdict: Some(change) };
+        let ev =
+            pb::WatchEvent { kind: pb::EventKind::Verdict as i32, lease: None, verdict: Some(change), election: None };
         if !send(tx, ev).await {
             return false;
         }
@@ -74,7 +103,7 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
     let mut stopping = node.stopping.clone();
     let reader = node.reader.clone();
     let mut last = reader.lease(&group);
-    if !send(&tx, lease_event(pb::EventKind::Current, &last)).await {
+    if !send(&tx, lease_event(pb::EventKind::Current, &last)).await || !send_election(&tx, &node, &group, None).await {
         return;
     }
     let mut verdicts = BTreeMap::new();
@@ -105,14 +134,20 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
                         ChangeKind::Released => Some(pb::EventKind::Released),
                         ChangeKind::GroupApplied | ChangeKind::ViewReported | ChangeKind::ElectionChanged => None,
                     };
-                    match (kind, ev.change.lease) {
+                    // A new designation or a new holder: tell agents at once.
+                    let election_moved = matches!(
+                        ev.change.kind,
+                        ChangeKind::ElectionChanged | ChangeKind::Acquired | ChangeKind::Released
+                    );
+                    let sent = match (kind, ev.change.lease) {
                         (Some(kind), Some(lease)) => {
                             last = lease;
                             expiry = expiry_of(&last);
                             send(&tx, lease_event(kind, &last)).await
                         }
                         _ => send_verdict_changes(&tx, &mut verdicts, current_verdict(&node, &group)).await,
-                    }
+                    };
+                    sent && (!election_moved || send_election(&tx, &node, &group, Some(ev.index)).await)
                 }
                 Ok(_) => true,
                 Err(broadcast::error::RecvError::Lagged(n)) => {
@@ -120,6 +155,7 @@ pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
                     last = reader.lease(&group);
                     expiry = expiry_of(&last);
                     send(&tx, lease_event(pb::EventKind::Resync, &last)).await
+                        && send_election(&tx, &node, &group, None).await
                         && send_verdict_changes(&tx, &mut verdicts, current_verdict(&node, &group)).await
                 }
                 Err(broadcast::error::RecvError::Closed) => false,

@@ -230,6 +230,21 @@ fn print_watch_event(group: &str, ev: &pb::WatchEvent, json_mode: bool) {
         emit(json_mode, &value, || format!(" verdict  {}: {} -> {}  {}", v.member, from, state, to.explanation));
         return;
     }
+    if let Some(e) = ev.election.as_ref().filter(|_| ev.kind == pb::EventKind::Election as i32) {
+        let lease = ev.lease.clone().unwrap_or_default();
+        let mut value = lease_json(&lease);
+        value["event"] = json!("election");
+        value["designated"] = json!(e.designated);
+        value["switchover_to"] = json!(e.switchover_to);
+        value["revision"] = json!(e.revision);
+        value["at_unix_ms"] = json!(now_unix_ms());
+        emit(json_mode, &value, || {
+            let so =
+                if e.switchover_to.is_empty() { String::new() } else { format!(", switchover to {}", e.switchover_to) };
+            format!("election  designated {}{so}; {}", e.designated, lease_text(&lease))
+        });
+        return;
+    }
     let kind = match pb::EventKind::try_from(ev.kind) {
         Ok(pb::EventKind::Current) => "current",
         Ok(pb::EventKind::Acquired) => "acquired",

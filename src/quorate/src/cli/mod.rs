@@ -235,6 +235,10 @@ pub struct AgentArgs {
     /// exec driver: command run to fence (stop acting as primary at once).
     #[arg(long)]
     pub on_fence: Option<String>,
+    /// UNSAFE, for the fault suite's negative control only: never fence the
+    /// data service (at the lease deadline or on loss).
+    #[arg(long, hide = true)]
+    pub test_only_no_deadline_fence: bool,
 }
 
 impl AgentArgs {
@@ -263,6 +267,9 @@ impl AgentArgs {
         }
         if let Some(h) = &self.on_fence {
             c.hooks.fence = h.clone();
+        }
+        if self.test_only_no_deadline_fence {
+            c.test_only_no_deadline_fence = true;
         }
         if c.endpoints.is_empty() || std::env::var_os("QUORATE_ENDPOINTS").is_some() || endpoints != DEFAULT_ENDPOINTS {
             c.endpoints = endpoints.to_owned();

@@ -4,7 +4,13 @@
 //! node answers UNAVAILABLE with a leader hint, the client retries on the
 //! hinted leader; when a node cannot be reached, it tries the next endpoint.
 //! Attempts are bounded (a few rounds over the endpoints), and so is each
-//! attempt (a per-call timeout).
+//! attempt (a per-call timeout; renewals bound each attempt more tightly).
+//!
+//! A node that leaves an attempt unanswered (an isolated or paused leader:
+//! its packets are dropped, so nothing is refused) becomes a *suspect* for
+//! a while: later calls try the other nodes first, so one dead leader does
+//! not cost every call its whole timeout. Renewal lanes start at different
+//! nodes, so the keeper's hedged renewals also probe for a new leader.
 
 pub mod cluster;
 pub mod keeper;
@@ -30,6 +36,14 @@ const ROUND_BACKOFF: Duration = Duration::from_millis(50);
 
 /// Upper bound on attempts of one call, whatever its time budget.
 const MAX_ATTEMPTS: usize = 1_000;
+
+/// How long a node that left an attempt unanswered is tried last.
+const SUSPECT_FOR: Duration = Duration::from_secs(2);
+
+/// Bounds on one attempt of a renewal: long enough for a TCP
+/// retransmission on a lossy link, short enough that a silent leader leaves
+/// time to find the new one within a one-second lease.
+const RENEW_ATTEMPT_MIN: Duration = Duration::from_millis(200);
 
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +94,8 @@ pub struct Client {
     channels: Mutex<HashMap<(String, usize), Channel>>,
     /// The address that answered last; tried first.
     preferred: Mutex<Option<String>>,
+    /// Addresses that left an attempt unanswered, and when.
+    suspects: Mutex<HashMap<String, tokio::time::Instant>>,
     call_timeout: Duration,
 }
 
@@ -94,6 +110,7 @@ impl Client {
             endpoints,
             channels: Mutex::new(HashMap::new()),
             preferred: Mutex::new(None),
+            suspects: Mutex::new(HashMap::new()),
             call_timeout: DEFAULT_CALL_TIMEOUT,
         };
         for e in client.endpoints.clone() {
@@ -135,8 +152,10 @@ impl Client {
         Ok(CoordinatorClient::new(self.channel(addr, 0)?))
     }
 
-    /// The order to try addresses in: the preferred one first.
-    fn candidates(&self) -> Vec<String> {
+    /// The order to try addresses in: the preferred one first, suspects
+    /// last; lane `k` starts `k` places further along, so attempts on
+    /// different lanes ask different nodes first.
+    fn candidates(&self, lane: usize) -> Vec<String> {
         let preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let mut out: Vec<String> = preferred.into_iter().collect();
         for e in &self.endpoints {
@@ -144,7 +163,29 @@ impl Client {
                 out.push(e.clone());
             }
         }
+        let now = tokio::time::Instant::now();
+        let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        suspects.retain(|_, since| now.duration_since(*since) < SUSPECT_FOR);
+        // Stable: the order among trusted (and among suspect) nodes is kept.
+        out.sort_by_key(|a| suspects.contains_key(a));
+        drop(suspects);
+        let trusted = out.len();
+        out.rotate_left(lane % trusted.max(1));
         out
+    }
+
+    fn suspect(&self, addr: &str) {
+        let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        suspects.insert(addr.to_owned(), tokio::time::Instant::now());
+        let mut preferred = self.preferred.lock().unwrap_or_else(|p| p.into_inner());
+        if preferred.as_deref() == Some(addr) {
+            *preferred = None;
+        }
+    }
+
+    fn answered(&self, addr: String) {
+        self.suspects.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
     }
 
     /// Runs `f` against the cluster, following leader hints, until it
@@ -160,17 +201,26 @@ impl Client {
         F: FnMut(CoordinatorClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call_on(0, budget, f).await
+        self.call_on(0, budget, budget, f).await
     }
 
-    /// [`Client::call`] over the connections of `lane`.
-    async fn call_on<T, F, Fut>(&self, lane: usize, budget: Duration, mut f: F) -> Result<T, ClientError>
+    /// [`Client::call`] over the connections of `lane`, each attempt
+    /// bounded by `attempt` (an unanswered attempt moves on to the next
+    /// node; it may still take effect, so only idempotent calls may bound
+    /// attempts below their budget).
+    async fn call_on<T, F, Fut>(
+        &self,
+        lane: usize,
+        budget: Duration,
+        attempt: Duration,
+        mut f: F,
+    ) -> Result<T, ClientError>
     where
         F: FnMut(CoordinatorClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let deadline = tokio::time::Instant::now() + budget;
-        let queue = self.candidates();
+        let queue = self.candidates(lane);
         let mut next_in_queue = 0;
         let mut hinted: Option<String> = None;
         let mut unanswered: Vec<String> = Vec::new();
@@ -183,10 +233,21 @@ impl Client {
                 queue[(next_in_queue - 1) % queue.len()].clone()
             });
             let client = CoordinatorClient::new(self.channel(&addr, lane)?);
-            let status = match tokio::time::timeout_at(deadline, f(client)).await {
-                Err(_) => return Err(ClientError::Timeout(budget)),
+            let attempt_until = deadline.min(tokio::time::Instant::now() + attempt);
+            let status = match tokio::time::timeout_at(attempt_until, f(client)).await {
+                Err(_) => {
+                    self.suspect(&addr);
+                    if attempt_until >= deadline {
+                        return Err(ClientError::Timeout(budget));
+                    }
+                    last = format!("{addr}: no answer within {attempt:?}");
+                    if !unanswered.contains(&addr) {
+                        unanswered.push(addr);
+                    }
+                    continue;
+                }
                 Ok(Ok(resp)) => {
-                    *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
+                    self.answered(addr);
                     return Ok(resp.into_inner());
                 }
                 Ok(Err(status)) => status,
@@ -264,7 +325,9 @@ impl Client {
         let req = pb::RenewRequest { group: group.into(), holder: holder.into(), epoch };
         // Lanes beyond the keeper's share connections: the cache stays bounded.
         let lane = lane % keeper::RENEW_LANES;
-        self.call_on(lane, timeout, |mut c| {
+        // A renewal is idempotent: an unanswered attempt may move on.
+        let attempt = (timeout / 3).max(RENEW_ATTEMPT_MIN);
+        self.call_on(lane, timeout, attempt, |mut c| {
             let req = req.clone();
             async move { c.renew(req).await }
         })

@@ -113,6 +113,12 @@ impl SmReader {
         self.read(|s| f(&s.machine, self.reader_clock(&s.machine)))
     }
 
+    /// [`Self::with_machine`], also passing the last applied log index of
+    /// the same state (a revision that orders reads across nodes).
+    pub fn with_machine_at<T>(&self, f: impl FnOnce(&Machine, ReaderClock, u64) -> T) -> T {
+        self.read(|s| f(&s.machine, self.reader_clock(&s.machine), s.last_applied.as_ref().map_or(0, |l| l.index)))
+    }
+
     /// `now` on the machine's clock when that clock is this process's own
     /// (this node leads and its first entry of the term is applied).
     pub fn own_clock_now(&self, machine: &Machine) -> Option<u64> {
