@@ -248,3 +248,78 @@ async fn maintenance_holds_back_a_failover_until_it_is_turned_off() {
             .expect("no failover after maintenance off");
     eprintln!("failover {took:?} after maintenance off ({:?})", off_at.elapsed());
 }
+
+/// One plain `SET`, bounded: Ok, a refusal or broken connection (Err with
+/// the error), or None when it timed out (a paused node blocks writes).
+async fn plain_set(conn: &mut redis::aio::MultiplexedConnection, key: &str) -> Option<Result<(), String>> {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(key).arg("x");
+    match tokio::time::timeout(Duration::from_millis(200), cmd.query_async::<()>(conn)).await {
+        Ok(r) => Some(r.map_err(|e| e.to_string())),
+        Err(_) => None,
+    }
+}
+
+/// Every coordinator frozen at once: the primary's agent cannot renew and
+/// cannot ask anyone anything. Its fencer still stops plain writes at the
+/// lease deadline (not seconds later, behind a coordinator call), and
+/// disconnects the clients; once the coordinators are back the same member
+/// takes the lease again and writes resume.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_every_coordinator_frozen_the_primary_stops_plain_writes_at_its_deadline() {
+    let _serial = serial();
+    let f = PairFixture::start().await;
+    f.wait_ready().await;
+    let port = f.data_port("db-1");
+    let mut conn = redis_conn(port).await.expect("db-1 answers");
+    assert_eq!(plain_set(&mut conn, "before").await, Some(Ok(())));
+    let pids: Vec<u32> = f.cluster.nodes.iter().map(|n| n.proc.as_ref().unwrap().pid()).collect();
+    for &p in &pids {
+        signal(p, Signal::SIGSTOP);
+    }
+    let frozen_at = Instant::now();
+    let mut last_ok = None;
+    let mut stopped = None;
+    let mut i = 0;
+    while frozen_at.elapsed() < Duration::from_secs(5) {
+        i += 1;
+        match plain_set(&mut conn, &format!("p:{i}")).await {
+            Some(Ok(())) => last_ok = Some(frozen_at.elapsed()),
+            Some(Err(e)) => {
+                stopped = Some((frozen_at.elapsed(), e));
+                break;
+            }
+            None => {}
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let fresh = redis_conn(port).await.expect("db-1 still answers");
+    let mut fresh2 = fresh.clone();
+    let fresh_write = plain_set(&mut fresh2, "after-fence").await;
+    for &p in &pids {
+        signal(p, Signal::SIGCONT);
+    }
+    eprintln!("coordinators frozen at 0: last plain write accepted at {last_ok:?}, connection dropped at {stopped:?}");
+    let (dropped_at, why) = stopped.expect("the client was never disconnected");
+    let last_ok = last_ok.expect("db-1 accepted writes at first");
+    // Renewed at most one renewal interval before the freeze, the lease is
+    // valid for ttl * (1 - drift) - margin = 940 ms after that renewal was
+    // sent; the bound leaves room for a busy machine only.
+    assert!(last_ok < LEASE_TTL + Duration::from_millis(300), "db-1 took plain writes {last_ok:?} after the freeze");
+    assert!(dropped_at < LEASE_TTL + Duration::from_millis(600), "disconnected only at {dropped_at:?}");
+    assert!(fresh_write.is_none(), "a new client could write to the fenced primary: {fresh_write:?} ({why})");
+    let log = std::fs::read_to_string(f.cluster.dir.path().join("agent-1.log")).unwrap();
+    assert!(log.contains("deadline fence applied"), "no fence in the agent's log");
+
+    // The coordinators are back: db-1 is still the designated primary and
+    // takes the lease again; writes resume.
+    let resumed = wait_for(Duration::from_secs(20), || async {
+        match redis_conn(port).await {
+            Some(mut c) => plain_set(&mut c, "resumed").await == Some(Ok(())),
+            None => false,
+        }
+    })
+    .await;
+    assert!(resumed.is_some(), "writes never resumed on db-1: {:?}", f.election().await);
+    assert_eq!(f.primary().await.map(|(h, _)| h), Some("db-1".to_owned()));
+}
