@@ -59,9 +59,19 @@ impl Default for ServerConfig {
             listen: String::new(),
             data_dir: PathBuf::new(),
             peers: String::new(),
-            heartbeat_interval_ms: 50,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 300,
+            // A one-second lease must survive a leader change: its holder
+            // has about 640 ms after its last renewal before it must fence
+            // (README: "The budget of a leader change"). Followers grant a
+            // (pre-)vote only once their leader lease, which openraft sets to
+            // election_timeout_max_ms, has run out, while election timers
+            // fire within [min, max): the first pre-vote is usually refused
+            // and an election takes about two timeouts, 240-320 ms here
+            // (with 50/150-300 it took 300-600 ms). Shorter heartbeats
+            // would also shorten openraft's append deadline (3/4 of the
+            // heartbeat, 30 ms here), which a busy machine then misses.
+            heartbeat_interval_ms: 40,
+            election_timeout_min_ms: 120,
+            election_timeout_max_ms: 160,
             min_lease_ttl_ms: 500,
             max_lease_ttl_ms: 300_000,
             max_clock_drift_ppm: timing.max_clock_drift_ppm,
@@ -264,15 +274,15 @@ mod tests {
         assert!(err(&c).contains("node id 1 is listed twice"));
         let c = ServerConfig { peers: "1=127.0.0.1".into(), ..good() };
         assert!(err(&c).starts_with("peers:"));
-        let c = ServerConfig { election_timeout_min_ms: 100, election_timeout_max_ms: 300, ..good() };
+        let c = ServerConfig { election_timeout_min_ms: 100, election_timeout_max_ms: 200, ..good() };
         assert!(
             err(&c).starts_with("election_timeout_min_ms: 100 ms is less than 3 x heartbeat_interval_ms"),
             "{}",
             err(&c)
         );
-        let c = ServerConfig { election_timeout_max_ms: 150, ..good() };
+        let c = ServerConfig { election_timeout_max_ms: 120, ..good() };
         assert!(err(&c).starts_with("election_timeout_max_ms:"));
-        let c = ServerConfig { min_lease_ttl_ms: 300, ..good() };
+        let c = ServerConfig { min_lease_ttl_ms: 150, ..good() };
         assert!(err(&c).contains("lapse during every Raft leader change"));
         let c = ServerConfig { max_lease_ttl_ms: 10, ..good() };
         assert!(err(&c).starts_with("max_lease_ttl_ms:"));

@@ -230,3 +230,60 @@ async fn bad_inputs_are_refused_with_a_message_saying_what_is_wrong() {
     assert_eq!(v["code"], "InvalidArgument", "{v}");
     assert!(v["error"].as_str().unwrap().contains("ttl_ms must be positive"), "{v}");
 }
+
+/// A holder's one-second lease (the managed-group default) survives the
+/// Raft leader going silent — frozen with SIGSTOP, which to everyone else
+/// looks like its host being cut off: the keeper's renewals find the new
+/// leader within the lease's slack and no loss is announced. Three rounds,
+/// each freezing whichever node leads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_second_lease_survives_a_silent_raft_leader() {
+    use quorate::client::keeper::{self, KeeperEvent, KeeperSpec};
+    use std::sync::Arc;
+
+    let _serial = serial();
+    // RUST_LOG=quorate=debug shows the keeper's hedges and retries.
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+    let cluster = Cluster::start(3);
+    cluster.wait_for_leader(LEADER_WAIT).await;
+    let client = Arc::new(cluster.client().with_call_timeout(Duration::from_millis(250)));
+    let (tx, mut events) = tokio::sync::mpsc::channel(1024);
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let spec = KeeperSpec { group: "svc".into(), holder: "h".into(), ttl_ms: 1_000, wait: true };
+    let keeper = {
+        let client = client.clone();
+        tokio::spawn(async move {
+            let stop = async {
+                let _ = stop_rx.await;
+            };
+            keeper::keep(client.as_ref(), &spec, &tx, stop).await
+        })
+    };
+    let first = tokio::time::timeout(Duration::from_secs(10), events.recv()).await.expect("acquired in time");
+    assert!(matches!(first, Some(KeeperEvent::Acquired { .. })), "{first:?}");
+    for round in 0..3 {
+        let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+        let pid = cluster.node(leader).proc.as_ref().unwrap().pid();
+        common::signal(pid, nix::sys::signal::Signal::SIGSTOP);
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        common::signal(pid, nix::sys::signal::Signal::SIGCONT);
+        let mut renewals = 0;
+        while let Ok(ev) = events.try_recv() {
+            match ev {
+                KeeperEvent::Renewed { .. } => renewals += 1,
+                other => {
+                    cluster.print_logs();
+                    panic!("round {round}: leader {leader} frozen: {other:?} after {renewals} renewals")
+                }
+            }
+        }
+        eprintln!("round {round}: leader {leader} frozen 3 s; {renewals} renewals, no loss");
+        assert!(renewals >= 5, "round {round}: only {renewals} renewals in 3 s");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let _ = stop_tx.send(());
+    keeper.await.unwrap().unwrap();
+}

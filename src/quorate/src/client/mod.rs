@@ -45,6 +45,31 @@ const SUSPECT_FOR: Duration = Duration::from_secs(2);
 /// time to find the new one within a one-second lease.
 const RENEW_ATTEMPT_MIN: Duration = Duration::from_millis(200);
 
+/// A renewal unanswered for an eighth of its budget, at most this long,
+/// marks its node a suspect (the attempt goes on): before the keeper's
+/// first hedge (a twelfth of the TTL), so the prober that hedge starts
+/// already looks elsewhere.
+const RENEW_SLOW_AFTER_MAX: Duration = Duration::from_millis(90);
+
+/// How a call's attempts go.
+#[derive(Debug, Clone, Copy)]
+struct Attempts {
+    /// The bound on one attempt; an unanswered attempt moves on to the next
+    /// node, and may still take effect, so only idempotent calls may bound
+    /// attempts below their budget.
+    bound: Duration,
+    /// Mark a node suspect when an attempt is unanswered this long.
+    slow_after: Option<Duration>,
+    /// Look for a new leader: skip suspects and hints to them.
+    probe: bool,
+}
+
+impl Attempts {
+    fn whole(budget: Duration) -> Self {
+        Self { bound: budget, slow_after: None, probe: false }
+    }
+}
+
 /// Why a client call failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -174,6 +199,17 @@ impl Client {
         out
     }
 
+    fn is_suspect(&self, addr: &str) -> bool {
+        let suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        suspects.get(addr).is_some_and(|since| since.elapsed() < SUSPECT_FOR)
+    }
+
+    /// `queue` without suspects, unless that leaves nobody.
+    fn trusted(&self, queue: Vec<String>) -> Vec<String> {
+        let trusted: Vec<String> = queue.iter().filter(|a| !self.is_suspect(a)).cloned().collect();
+        if trusted.is_empty() { queue } else { trusted }
+    }
+
     fn suspect(&self, addr: &str) {
         let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
         suspects.insert(addr.to_owned(), tokio::time::Instant::now());
@@ -201,26 +237,22 @@ impl Client {
         F: FnMut(CoordinatorClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
-        self.call_on(0, budget, budget, f).await
+        self.call_on(0, budget, Attempts::whole(budget), f).await
     }
 
-    /// [`Client::call`] over the connections of `lane`, each attempt
-    /// bounded by `attempt` (an unanswered attempt moves on to the next
-    /// node; it may still take effect, so only idempotent calls may bound
-    /// attempts below their budget).
-    async fn call_on<T, F, Fut>(
-        &self,
-        lane: usize,
-        budget: Duration,
-        attempt: Duration,
-        mut f: F,
-    ) -> Result<T, ClientError>
+    /// [`Client::call`] over the connections of `lane`, attempts as `how`
+    /// says.
+    async fn call_on<T, F, Fut>(&self, lane: usize, budget: Duration, how: Attempts, mut f: F) -> Result<T, ClientError>
     where
         F: FnMut(CoordinatorClient<Channel>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let deadline = tokio::time::Instant::now() + budget;
-        let queue = self.candidates(lane);
+        let attempt = how.bound;
+        let mut queue = self.candidates(lane);
+        if how.probe {
+            queue = self.trusted(queue);
+        }
         let mut next_in_queue = 0;
         let mut hinted: Option<String> = None;
         let mut unanswered: Vec<String> = Vec::new();
@@ -234,7 +266,20 @@ impl Client {
             });
             let client = CoordinatorClient::new(self.channel(&addr, lane)?);
             let attempt_until = deadline.min(tokio::time::Instant::now() + attempt);
-            let status = match tokio::time::timeout_at(attempt_until, f(client)).await {
+            let fut = f(client);
+            tokio::pin!(fut);
+            let answer = match how.slow_after {
+                Some(slow) => tokio::select! {
+                    r = tokio::time::timeout_at(attempt_until, &mut fut) => r,
+                    () = tokio::time::sleep(slow) => {
+                        // Still unanswered: other lanes should look elsewhere.
+                        self.suspect(&addr);
+                        tokio::time::timeout_at(attempt_until, &mut fut).await
+                    }
+                },
+                None => tokio::time::timeout_at(attempt_until, &mut fut).await,
+            };
+            let status = match answer {
                 Err(_) => {
                     self.suspect(&addr);
                     if attempt_until >= deadline {
@@ -265,12 +310,20 @@ impl Client {
                 // hints to it until a full round has passed.
                 unanswered.push(addr.clone());
             }
+            // A prober does not follow hints to a node that leaves calls
+            // unanswered: the followers name their old leader until their
+            // election timeout, and the point of probing is to find the new one.
+            let hint = hint.filter(|h| !(how.probe && self.is_suspect(h)));
             match hint {
                 Some(leader) if leader != addr && !unanswered.contains(&leader) => hinted = Some(leader),
                 _ if next_in_queue % queue.len() == 0 => {
                     // A full round without success: an election is probably
                     // running. Pause, then start over with a clean slate.
                     unanswered.clear();
+                    if how.probe {
+                        queue = self.trusted(self.candidates(lane));
+                        next_in_queue = 0;
+                    }
                     let pause = tokio::time::Instant::now() + ROUND_BACKOFF;
                     if pause >= deadline {
                         break;
@@ -325,9 +378,15 @@ impl Client {
         let req = pb::RenewRequest { group: group.into(), holder: holder.into(), epoch };
         // Lanes beyond the keeper's share connections: the cache stays bounded.
         let lane = lane % keeper::RENEW_LANES;
-        // A renewal is idempotent: an unanswered attempt may move on.
-        let attempt = (timeout / 3).max(RENEW_ATTEMPT_MIN);
-        self.call_on(lane, timeout, attempt, |mut c| {
+        // A renewal is idempotent: an unanswered attempt may move on. Lane 1
+        // probes for a new leader; lanes 0 and 2 go where hints point (lane
+        // 2 over a connection of its own, for a lossy link).
+        let how = Attempts {
+            bound: (timeout / 3).max(RENEW_ATTEMPT_MIN),
+            slow_after: Some((timeout / 8).min(RENEW_SLOW_AFTER_MAX)),
+            probe: lane == 1,
+        };
+        self.call_on(lane, timeout, how, |mut c| {
             let req = req.clone();
             async move { c.renew(req).await }
         })

@@ -219,9 +219,13 @@ async fn leader_duties(node: Node) {
                     started_term = Some(term);
                 }
                 Err(e) => {
+                    // Right after an election openraft may still refuse
+                    // writes for a moment; holders are waiting for this
+                    // leader, so retry soon (bounded by the term: the state
+                    // is read again first).
                     warn!(term, "could not commit LeaderStart: {e}");
-                    // Retry on the next metrics change, but not in a hot loop.
-                    tokio::time::sleep(Duration::from_millis(node.config.heartbeat_interval_ms)).await;
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
                 }
             }
         }
