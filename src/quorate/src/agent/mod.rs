@@ -38,14 +38,15 @@ use crate::pb::v1 as pb;
 /// How often the agent re-reads its group's spec.
 const SPEC_REFRESH: Duration = Duration::from_secs(2);
 
-/// The bound on each coordinator call of the agent: three quarters of the
-/// lease's renewal interval (a quarter of its TTL; 250 ms for the default
-/// 1 s lease), so a call to an unreachable coordinator never holds up what
-/// comes after it for as long as one renewal. Renewals themselves are
-/// bounded by the keeper's deadline, acquires by their server-side wait.
+/// The bound on each coordinator call of the agent: a sixth of the lease
+/// TTL (166 ms for the default one-second lease), below its renewal
+/// interval (a quarter), so a call to an unreachable coordinator never holds
+/// up what comes after it for as long as one renewal. A waiting Acquire
+/// waits server-side a third of this, so it is bounded by 4/3 of it (222
+/// ms); renewals are bounded by the keeper's own deadline.
 pub fn agent_call_timeout(spec: &GroupSpec) -> Duration {
     let ttl_ms = spec.failover.as_ref().map_or(1_000, |f| f.lease_ttl_ms);
-    Duration::from_millis((ttl_ms / 4).clamp(50, 1_000))
+    Duration::from_millis((ttl_ms / 6).clamp(50, 1_000))
 }
 
 /// The configuration of one agent process.

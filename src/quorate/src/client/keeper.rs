@@ -25,7 +25,9 @@ use tracing::{debug, warn};
 use super::{Client, ClientError};
 use crate::pb::v1 as pb;
 
-/// How long one blocking Acquire waits server-side before it is re-issued.
+/// The longest a blocking Acquire waits server-side before it is re-issued
+/// (a client with a short call timeout waits less: see
+/// [`LeaseService::acquire_slice`]).
 const ACQUIRE_WAIT_SLICE: Duration = Duration::from_secs(30);
 
 /// How long releasing on stop may take.
@@ -108,6 +110,12 @@ pub trait LeaseService {
         holder: &str,
         epoch: u64,
     ) -> impl Future<Output = Result<pb::ReleaseResponse, ClientError>> + Send;
+    /// How long one blocking Acquire may wait server-side. The whole call
+    /// is bounded by this plus the client's call timeout: a waiting call
+    /// sent to a node that has just been cut off costs no more than that.
+    fn acquire_slice(&self) -> Duration {
+        ACQUIRE_WAIT_SLICE
+    }
 }
 
 impl LeaseService for Client {
@@ -137,6 +145,9 @@ impl LeaseService for Client {
         epoch: u64,
     ) -> impl Future<Output = Result<pb::ReleaseResponse, ClientError>> + Send {
         Client::release(self, group, holder, epoch)
+    }
+    fn acquire_slice(&self) -> Duration {
+        (self.call_timeout() / 3).clamp(Duration::from_millis(10), ACQUIRE_WAIT_SLICE)
     }
 }
 
@@ -242,7 +253,7 @@ pub async fn keep<S: LeaseService>(
     // Acquire.
     let (epoch, deadline, t_acquire) = loop {
         let t_send = Instant::now();
-        let wait = spec.wait.then_some(ACQUIRE_WAIT_SLICE);
+        let wait = spec.wait.then(|| client.acquire_slice());
         let resp = tokio::select! {
             r = client.acquire(&spec.group, &spec.holder, spec.ttl_ms, wait) => r?,
             () = &mut stop => return Ok(()),

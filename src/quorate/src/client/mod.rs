@@ -156,6 +156,11 @@ impl Client {
         self
     }
 
+    /// The bound on each call (renewals and waiting acquires excepted).
+    pub fn call_timeout(&self) -> Duration {
+        self.call_timeout
+    }
+
     pub fn endpoints(&self) -> &[String] {
         &self.endpoints
     }
