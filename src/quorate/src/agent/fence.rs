@@ -319,3 +319,69 @@ async fn apply_fence(ops: &mut FenceOps, armed: Option<Armed>, by: &'static str)
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    //! The fencer with an exec fence hook that appends a line to a file:
+    //! real time, real threads, generous bounds.
+
+    use super::*;
+
+    fn fencer(dir: &std::path::Path, mode: FenceMode) -> (Fencer, std::path::PathBuf) {
+        let log = dir.join("fenced");
+        let ops = FenceOps::Exec {
+            group: "g".into(),
+            member: "m".into(),
+            command: format!("echo fenced >> {}", log.display()),
+            role: SharedRole::default(),
+        };
+        (Fencer::spawn(ops, mode, tracing::Span::none()).unwrap(), log)
+    }
+
+    fn fences(log: &std::path::Path) -> usize {
+        std::fs::read_to_string(log).map_or(0, |s| s.lines().count())
+    }
+
+    #[tokio::test]
+    async fn a_deadline_without_a_newer_one_fences_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, log) = fencer(dir.path(), FenceMode::Normal);
+        let start = Instant::now();
+        f.arm(1, start + Duration::from_millis(300)).await;
+        // A newer deadline postpones the fence; an older one is ignored.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        f.arm(1, start + Duration::from_millis(600)).await;
+        f.arm(1, start + Duration::from_millis(200)).await;
+        f.open(1).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(fences(&log), 0, "fenced before the newest deadline");
+        tokio::time::sleep(Duration::from_millis(1_200)).await;
+        assert_eq!(fences(&log), 1, "no fence within 1.2 s of the deadline");
+        // Once fenced, writes are not opened again under that lease.
+        assert!(f.open(1).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn disarmed_or_disabled_fencers_do_not_fence_and_fence_now_does() {
+        let dir = tempfile::tempdir().unwrap();
+        let (f, log) = fencer(dir.path(), FenceMode::Normal);
+        f.arm(1, Instant::now() + Duration::from_millis(100)).await;
+        f.disarm().await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert_eq!(fences(&log), 0);
+        f.fence_now().await.unwrap();
+        assert_eq!(fences(&log), 1);
+        // A deadline that has already passed arms nothing.
+        f.arm(2, Instant::now() - Duration::from_millis(1)).await;
+        assert!(f.open(2).await.is_err());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(fences(&log), 1);
+
+        let dir = tempfile::tempdir().unwrap();
+        let (f, log) = fencer(dir.path(), FenceMode::TestOnlyNever);
+        f.arm(1, Instant::now() + Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        f.fence_now().await.unwrap();
+        assert_eq!(fences(&log), 0, "the test-only mode fenced");
+    }
+}
