@@ -27,6 +27,10 @@
 //!   ignored. The keeper starts only when the newest view designates this
 //!   member, and the agent follows only the newest view's holder, and only
 //!   while it holds no lease itself.
+//! - **A primary without a lease is fenced**: a data service that reports
+//!   itself primary while this agent holds no lease (restarted with a
+//!   master's config, an agent restarted beside it, a manual `REPLICAOF NO
+//!   ONE`) is fenced once, until it is promoted under a lease or follows.
 //! - A member takes the lease only when its data is fit to serve: it synced
 //!   from a primary (or served as one) since its data service last started,
 //!   or the group never had a holder, or its service is a primary already.
@@ -139,6 +143,9 @@ pub struct RoleMachine {
     following_epoch: Option<u64>,
     /// The view revision of the last switchover attempt (one per view).
     switchover_tried_at: Option<u64>,
+    /// The service was fenced while primary without a lease held; reset by
+    /// a promotion, a follow or a restart of the service.
+    unheld_primary_fenced: bool,
 }
 
 impl RoleMachine {
@@ -153,6 +160,7 @@ impl RoleMachine {
             synced_epoch: None,
             following_epoch: None,
             switchover_tried_at: None,
+            unheld_primary_fenced: false,
         }
     }
 
@@ -229,6 +237,7 @@ impl RoleMachine {
                     // Restarted (perhaps empty): it must resync first.
                     self.synced_epoch = None;
                     self.following_epoch = None;
+                    self.unheld_primary_fenced = false;
                 }
                 if svc.run_id.is_empty() && !self.service.run_id.is_empty() {
                     // Unreachable: keep the last known run id.
@@ -243,6 +252,14 @@ impl RoleMachine {
                 {
                     self.synced_epoch = Some(e);
                 }
+                if self.held.is_none()
+                    && self.service.reachable
+                    && self.service.role == Some(Role::Primary)
+                    && !self.unheld_primary_fenced
+                {
+                    // Writable, perhaps, with nobody's lease behind it.
+                    self.fence_owed = true;
+                }
                 false
             }
             Event::Done { action, ok } => {
@@ -251,10 +268,15 @@ impl RoleMachine {
                         if let Some(h) = self.held.as_mut() {
                             h.promoted = true;
                         }
+                        self.unheld_primary_fenced = false;
                     }
-                    (ActionKind::Fence, true) => self.fence_owed = false,
+                    (ActionKind::Fence, true) => {
+                        self.fence_owed = false;
+                        self.unheld_primary_fenced = self.held.is_none();
+                    }
                     (ActionKind::Follow, true) => {
                         self.fence_owed = false;
+                        self.unheld_primary_fenced = false;
                         self.following_epoch = self.election.as_ref().map(|e| e.epoch);
                     }
                     _ => {}

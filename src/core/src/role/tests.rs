@@ -86,6 +86,34 @@ fn a_lost_lease_fences_at_once_and_the_new_holder_is_followed() {
 }
 
 #[test]
+fn a_primary_nobody_holds_a_lease_for_is_fenced_once() {
+    let mut m = RoleMachine::new("m1");
+    // The agent starts beside a Redis that is a master (restarted with a
+    // master's config); another member is designated.
+    m.step(0, up(Role::Primary));
+    assert_eq!(m.step(1, Event::Tick), vec![Action::FenceNow]);
+    m.step(2, Event::Done { action: ActionKind::Fence, ok: true });
+    m.step(3, up(Role::Primary));
+    assert!(m.step(4, Event::Tick).is_empty(), "fenced again");
+    // It restarts as a master again: fenced again.
+    m.step(
+        5,
+        Event::Service(ServiceView { reachable: true, role: Some(Role::Primary), link_up: false, run_id: "r2".into() }),
+    );
+    assert_eq!(m.step(6, Event::Tick), vec![Action::FenceNow]);
+    m.step(7, Event::Done { action: ActionKind::Fence, ok: true });
+    // Designated, it takes the lease and is promoted: no fence while held.
+    assert_eq!(m.step(8, view(5, "m1", "", 0)), vec![Action::StartKeeper]);
+    m.step(9, Event::Acquired { epoch: 1, valid_until_ms: 900 });
+    m.step(10, Event::Done { action: ActionKind::Promote, ok: true });
+    m.step(
+        11,
+        Event::Service(ServiceView { reachable: true, role: Some(Role::Primary), link_up: false, run_id: "r2".into() }),
+    );
+    assert!(m.step(12, Event::Tick).is_empty());
+}
+
+#[test]
 fn stale_views_are_ignored() {
     let mut m = RoleMachine::new("m1");
     m.step(0, up(Role::Replica));

@@ -177,6 +177,13 @@ fn log_file(dir: &Path, name: &str) -> Result<(File, File), LocalError> {
 /// Starts a redis-server on `addr` (`127.0.0.1:PORT`), named `name` for its
 /// directory and log. No persistence: the local topology is for trying things.
 pub fn spawn_redis(dir: &Path, name: &str, addr: &str) -> Result<u32, LocalError> {
+    spawn_redis_as(dir, name, addr, None)
+}
+
+/// [`spawn_redis`], started as a replica of `replica_of` (`HOST:PORT`) when
+/// given: a data Redis always starts so (README: managed groups), so that
+/// one that restarts refuses writes until its agent has decided.
+pub fn spawn_redis_as(dir: &Path, name: &str, addr: &str, replica_of: Option<&str>) -> Result<u32, LocalError> {
     let redis = find_redis_server()?;
     let port = addr.rsplit_once(':').map_or("", |(_, p)| p);
     let data = dir.join(name);
@@ -185,6 +192,7 @@ pub fn spawn_redis(dir: &Path, name: &str, addr: &str) -> Result<u32, LocalError
     let child = std::process::Command::new(redis)
         .args(["--port", port, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--daemonize", "no"])
         .args(["--repl-diskless-sync-delay", "0"])
+        .args(replica_of.and_then(|a| a.rsplit_once(':')).map(|(h, p)| ["--replicaof", h, p]).into_iter().flatten())
         .arg("--dir")
         .arg(&data)
         .stdin(Stdio::null())
@@ -293,6 +301,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         std::fs::create_dir_all(&node.data_dir).map_err(io("cannot create", Path::new(&node.data_dir)))?;
         node.pid = spawn_node(&dir, node, &peers)?;
     }
+    let data_addrs: Vec<String> = file.members.iter().filter_map(|m| m.data_redis_addr.clone()).collect();
     for m in &mut file.members {
         if !is_redis(m.heartbeat_redis_pid) {
             m.heartbeat_redis_pid = spawn_redis(&dir, &format!("{}-heartbeat-redis", m.id), &m.heartbeat_redis_addr)?;
@@ -300,7 +309,10 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         if let Some(addr) = &m.data_redis_addr
             && !m.data_redis_pid.is_some_and(is_redis)
         {
-            m.data_redis_pid = Some(spawn_redis(&dir, &format!("{}-data-redis", m.id), addr)?);
+            // A replica of the next member's data Redis.
+            let peer = data_addrs.iter().position(|a| a == addr).map(|i| &data_addrs[(i + 1) % data_addrs.len()]);
+            let peer = peer.filter(|p| *p != addr).map(String::as_str);
+            m.data_redis_pid = Some(spawn_redis_as(&dir, &format!("{}-data-redis", m.id), addr, peer)?);
         }
     }
     write_cluster_file(&dir, &file)?;
