@@ -8,8 +8,13 @@
 //! controls that the checkers must flag.
 //!
 //! ```text
-//! cargo run --release -p jepsen-style-tests -- run --profile quick [--seed N] [--scenario NAME] --out DIR
+//! cargo run --release -p jepsen-style-tests -- run --profile quick [--seed N] [--scenario NAME] [--repeat N] --out DIR
 //! ```
+//!
+//! `--repeat N` runs the selected scenarios N times, run *r* (from 0) with
+//! seed `seed + r` under `DIR/run-<r+1>/`, and aggregates the measurements
+//! in `DIR/summary.json`; the scenario list itself (names, loss rates) comes
+//! from the base seed, so every run measures the same scenarios.
 //!
 //! Needs root, `ip`, `iptables` and `redis-server`. Everything a run creates
 //! is removed on exit, on failure and on Ctrl-C; leftovers of a killed run
@@ -49,6 +54,10 @@ enum Cmd {
         /// Run only this scenario.
         #[arg(long)]
         scenario: Option<String>,
+        /// Run the selected scenarios this many times, each time with the
+        /// next seed, each run in its own subdirectory (run-1, run-2, ...).
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+        repeat: u32,
         /// Where histories, logs and summary.json go.
         #[arg(long)]
         out: PathBuf,
@@ -131,44 +140,82 @@ async fn run(
     profile: String,
     seed: u64,
     only: Option<String>,
+    repeat: u32,
     out: PathBuf,
     quorate: PathBuf,
     net: std::sync::Arc<net::Net>,
 ) -> anyhow::Result<bool> {
-    let mut list = scenarios::profile(&profile, seed)?;
+    // Each scenario keeps its place in the profile: its seed depends on it.
+    let mut list: Vec<(usize, scenarios::Scenario)> =
+        scenarios::profile(&profile, seed)?.into_iter().enumerate().collect();
     if let Some(name) = &only {
-        list.retain(|s| &s.name == name);
+        list.retain(|(_, s)| &s.name == name);
         anyhow::ensure!(!list.is_empty(), "no scenario {name:?} in profile {profile}");
     }
-    let ctx = scenarios::RunContext {
-        net,
-        out: out.clone(),
-        quorate,
-        me: std::env::current_exe()?,
-        seed,
-        timing: if profile == "full" { scenarios::Timing::full() } else { scenarios::Timing::quick() },
-    };
-    println!("seed {seed}, profile {profile}, {} scenarios, output in {}", list.len(), out.display());
+    let timing = if profile == "full" { scenarios::Timing::full() } else { scenarios::Timing::quick() };
+    println!(
+        "seed {seed}, profile {profile}, {} scenarios{}, output in {}",
+        list.len(),
+        if repeat > 1 { format!(" x {repeat} runs") } else { String::new() },
+        out.display()
+    );
     let started = Instant::now();
-    let mut reports = Vec::new();
-    for (i, sc) in list.iter().enumerate() {
-        let t0 = Instant::now();
-        println!("[{:>4}s] {} ...", started.elapsed().as_secs(), sc.name);
-        let r = scenarios::run_one(&ctx, sc, i).await;
-        let status = if r.ok() { "ok" } else { "FAILED" };
-        println!("[{:>4}s] {} {status} ({} s)", started.elapsed().as_secs(), sc.name, t0.elapsed().as_secs());
-        reports.push(r);
+    let mut runs = Vec::new();
+    for r in 0..repeat {
+        let (run_seed, run_out) = if repeat == 1 {
+            (seed, out.clone())
+        } else {
+            (seed.wrapping_add(u64::from(r)), out.join(format!("run-{}", r + 1)))
+        };
+        std::fs::create_dir_all(&run_out)?;
+        if repeat > 1 {
+            println!("\n== run {} of {repeat}: seed {run_seed}, output in {}", r + 1, run_out.display());
+        }
+        let ctx = scenarios::RunContext {
+            net: net.clone(),
+            out: run_out.clone(),
+            quorate: quorate.clone(),
+            me: std::env::current_exe()?,
+            seed: run_seed,
+            timing,
+        };
+        let run_started = Instant::now();
+        let mut reports = Vec::new();
+        for (i, sc) in &list {
+            let t0 = Instant::now();
+            println!("[{:>4}s] {} ...", started.elapsed().as_secs(), sc.name);
+            let rep = scenarios::run_one(&ctx, sc, *i).await;
+            let status = if rep.ok() { "ok" } else { "FAILED" };
+            println!("[{:>4}s] {} {status} ({} s)", started.elapsed().as_secs(), sc.name, t0.elapsed().as_secs());
+            reports.push(rep);
+        }
+        let summary = run_summary(run_seed, &profile, &reports, run_started.elapsed().as_secs());
+        std::fs::write(run_out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+        print_table(&reports);
+        runs.push((run_seed, run_out, reports));
     }
-    let (controls, regular): (Vec<_>, Vec<_>) = reports.iter().partition(|r| r.control.is_some());
-    let summary = json!({
-        "seed": seed,
-        "profile": profile,
-        "scenarios": regular,
-        "negative_controls": controls.iter().map(|r| json!({"name": r.name, "flagged": r.flagged == Some(true), "checks": r.checks, "error": r.error})).collect::<Vec<_>>(),
-        "took_s": started.elapsed().as_secs(),
-    });
-    std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
-    print_table(&reports);
+    if repeat > 1 {
+        let summary = repeat_summary(seed, &profile, &runs, started.elapsed().as_secs());
+        std::fs::write(out.join("summary.json"), serde_json::to_vec_pretty(&summary)?)?;
+        print_aggregate(&runs);
+    }
+    let mut all_ok = true;
+    for (run_seed, run_out, reports) in &runs {
+        all_ok &= report_failures(&profile, seed, *run_seed, repeat, run_out, reports);
+    }
+    println!("\nsummary: {}", out.join("summary.json").display());
+    Ok(all_ok)
+}
+
+/// Prints what failed in one run and how to reproduce it; true if nothing did.
+fn report_failures(
+    profile: &str,
+    base_seed: u64,
+    run_seed: u64,
+    repeat: u32,
+    out: &std::path::Path,
+    reports: &[scenarios::ScenarioReport],
+) -> bool {
     let all_ok = reports.iter().all(scenarios::ScenarioReport::ok);
     for r in reports.iter().filter(|r| !r.ok()) {
         let why = match (&r.control, &r.error) {
@@ -183,15 +230,155 @@ async fn run(
                 .join("; "),
         };
         println!("\nFAILED {}: {why}", r.name);
-        println!(
-            "  reproduce: cargo run --release -p jepsen-style-tests -- run --profile {profile} --seed {seed} --scenario {} --out {}",
-            r.name,
-            out.display()
-        );
+        // A repeated run's scenarios come from the base seed; one run alone
+        // reproduces with its own seed if that profile has the same scenario
+        // (the loss rate in packet-loss-N is drawn from the seed).
+        let alone =
+            repeat == 1 || scenarios::profile(profile, run_seed).is_ok_and(|l| l.iter().any(|s| s.name == r.name));
+        if alone {
+            println!(
+                "  reproduce: cargo run --release -p jepsen-style-tests -- run --profile {profile} --seed {run_seed} --scenario {} --out {}",
+                r.name,
+                out.display()
+            );
+        } else {
+            println!(
+                "  reproduce (this was the run with seed {run_seed}): cargo run --release -p jepsen-style-tests -- run --profile {profile} --seed {base_seed} --repeat {repeat} --scenario {} --out {}",
+                r.name,
+                out.parent().unwrap_or(out).display()
+            );
+        }
         println!("  history, logs and report: {}", out.join(&r.name).display());
     }
-    println!("\nsummary: {}", out.join("summary.json").display());
-    Ok(all_ok)
+    all_ok
+}
+
+/// One run's `summary.json`.
+fn run_summary(seed: u64, profile: &str, reports: &[scenarios::ScenarioReport], took_s: u64) -> serde_json::Value {
+    let (controls, regular): (Vec<_>, Vec<_>) = reports.iter().partition(|r| r.control.is_some());
+    json!({
+        "seed": seed,
+        "profile": profile,
+        "scenarios": regular,
+        "negative_controls": controls.iter().map(|r| json!({
+            "name": r.name,
+            "flagged": r.flagged == Some(true),
+            "flagged_by": r.control.and_then(scenarios::Control::flagged_by),
+            "checks": r.checks,
+            "dual_primary_ms": r.measured.dual_primary_ms,
+            "error": r.error,
+        })).collect::<Vec<_>>(),
+        "fence_lateness_ms": fence_stats(reports.iter()),
+        "took_s": took_s,
+    })
+}
+
+/// Count, p50, p99 and max of how late deadline fences were (ms), over
+/// every scenario given; nearest-rank percentiles. Fences a frozen agent
+/// delayed are only counted (they measure the pause, not the fencer).
+fn fence_stats<'a>(reports: impl Iterator<Item = &'a scenarios::ScenarioReport>) -> serde_json::Value {
+    let mut late = Vec::new();
+    let mut frozen = 0;
+    for r in reports {
+        late.extend(r.measured.fence_late_ms.iter().copied());
+        frozen += r.measured.fence_late_frozen_ms.len();
+    }
+    late.sort_by(f64::total_cmp);
+    let pct = |p: f64| -> Option<f64> {
+        let rank = ((p * late.len() as f64).ceil() as usize).clamp(1, late.len().max(1));
+        late.get(rank - 1).copied()
+    };
+    json!({"count": late.len(), "p50": pct(0.50), "p99": pct(0.99), "max": late.last(), "frozen_agent_excluded": frozen})
+}
+
+/// `summary.json` of a repeated run: every run, and per scenario the
+/// measurements of all runs side by side.
+fn repeat_summary(
+    seed: u64,
+    profile: &str,
+    runs: &[(u64, PathBuf, Vec<scenarios::ScenarioReport>)],
+    took_s: u64,
+) -> serde_json::Value {
+    let names: Vec<&str> =
+        runs.first().map(|(_, _, rs)| rs.iter().map(|r| r.name.as_str()).collect()).unwrap_or_default();
+    let per_scenario: Vec<serde_json::Value> = names
+        .iter()
+        .map(|name| {
+            let all: Vec<&scenarios::ScenarioReport> =
+                runs.iter().flat_map(|(_, _, rs)| rs.iter().filter(|r| r.name == *name)).collect();
+            json!({
+                "name": name,
+                "runs": all.len(),
+                "ok": all.iter().filter(|r| r.ok()).count(),
+                "failover_ms": all.iter().flat_map(|r| r.measured.failover_ms.iter().copied()).collect::<Vec<_>>(),
+                "dual_primary_ms": all.iter().map(|r| r.measured.dual_primary_ms).collect::<Vec<_>>(),
+                "write_gap_ms": all.iter().map(|r| r.measured.write_gap_ms).collect::<Vec<_>>(),
+                "write_gap_bound_ms": all.first().and_then(|r| r.measured.write_gap_bound_ms),
+                "plain_writes_lost": all.iter().map(|r| r.measured.plain_writes_lost).collect::<Vec<_>>(),
+                "fence_lateness_ms": fence_stats(all.iter().copied()),
+                "checks": all.iter().map(|r| &r.checks).collect::<Vec<_>>(),
+                "errors": all.iter().filter_map(|r| r.error.as_deref()).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    json!({
+        "seed": seed,
+        "profile": profile,
+        "repeat": runs.len(),
+        "runs": runs.iter().enumerate().map(|(i, (s, dir, rs))| json!({
+            "run": i + 1,
+            "seed": s,
+            "dir": dir,
+            "ok": rs.iter().all(scenarios::ScenarioReport::ok),
+        })).collect::<Vec<_>>(),
+        "scenarios": per_scenario,
+        "fence_lateness_ms": fence_stats(runs.iter().flat_map(|(_, _, rs)| rs.iter())),
+        "took_s": took_s,
+    })
+}
+
+/// Per scenario over all runs: passes, and each run's measurements.
+fn print_aggregate(runs: &[(u64, PathBuf, Vec<scenarios::ScenarioReport>)]) {
+    let Some((_, _, first)) = runs.first() else { return };
+    println!("\n== {} runs", runs.len());
+    println!(
+        "{:<30} {:<6} {:<22} {:<22} {:<16} LOST PLAIN",
+        "SCENARIO", "OK", "FAILOVER MS (max)", "DUAL MS", "GAP MS"
+    );
+    let list = |v: Vec<String>| v.join(",");
+    for name in first.iter().map(|r| &r.name) {
+        let all: Vec<&scenarios::ScenarioReport> =
+            runs.iter().flat_map(|(_, _, rs)| rs.iter().filter(|r| &r.name == name)).collect();
+        let fo = all.iter().flat_map(|r| r.measured.failover_ms.iter().copied()).max();
+        println!(
+            "{:<30} {:<6} {:<22} {:<22} {:<16} {}",
+            name,
+            format!("{}/{}", all.iter().filter(|r| r.ok()).count(), all.len()),
+            fo.map_or("-".into(), |m| m.to_string()),
+            list(all.iter().map(|r| opt_ms(r.measured.dual_primary_ms)).collect()),
+            list(all.iter().map(|r| opt_ms(r.measured.write_gap_ms)).collect()),
+            list(all.iter().map(|r| r.measured.plain_writes_lost.map_or("-".into(), |n| n.to_string())).collect()),
+        );
+    }
+    let stats = fence_stats(runs.iter().flat_map(|(_, _, rs)| rs.iter()));
+    println!("\ndeadline fences, all runs: {}", fence_line(&stats));
+}
+
+fn opt_ms(v: Option<f64>) -> String {
+    v.map_or("-".into(), |m| format!("{m:.0}"))
+}
+
+fn fence_line(stats: &serde_json::Value) -> String {
+    let f = |k: &str| stats[k].as_f64().map_or("-".into(), |v| format!("{v:.1} ms"));
+    let frozen = stats["frozen_agent_excluded"].as_u64().unwrap_or(0);
+    format!(
+        "count {}, p50 {}, p99 {}, max {}{}",
+        stats["count"],
+        f("p50"),
+        f("p99"),
+        f("max"),
+        if frozen > 0 { format!(" ({frozen} delayed by a frozen agent, not counted)") } else { String::new() }
+    )
 }
 
 fn print_table(reports: &[scenarios::ScenarioReport]) {
@@ -201,7 +388,10 @@ fn print_table(reports: &[scenarios::ScenarioReport]) {
         .collect::<std::collections::BTreeSet<_>>()
         .into_iter()
         .collect();
-    println!("\n{:<28} {:<8} {:<16} CHECKS", "SCENARIO", "RESULT", "FAILOVER MS");
+    println!(
+        "\n{:<30} {:<8} {:<14} {:>8} {:>8} {:>6}  CHECKS",
+        "SCENARIO", "RESULT", "FAILOVER MS", "DUAL MS", "GAP MS", "LOST"
+    );
     for r in reports {
         let result = match (r.control, r.ok()) {
             (Some(_), true) => "flagged",
@@ -209,7 +399,13 @@ fn print_table(reports: &[scenarios::ScenarioReport]) {
             (None, true) => "pass",
             (None, false) => "FAIL",
         };
-        let fo = if r.failover_ms.is_empty() { "-".into() } else { format!("{:?}", r.failover_ms) };
+        let m = &r.measured;
+        let fo = if m.failover_ms.is_empty() { "-".into() } else { format!("{:?}", m.failover_ms) };
+        let gap = match (m.write_gap_ms, m.write_gap_bound_ms) {
+            (Some(g), Some(b)) => format!("{g:.0}/{b}"),
+            (g, _) => opt_ms(g),
+        };
+        let lost = m.plain_writes_lost.map_or("-".into(), |n| n.to_string());
         let marks: Vec<String> = checks
             .iter()
             .filter_map(|c| {
@@ -221,6 +417,8 @@ fn print_table(reports: &[scenarios::ScenarioReport]) {
                             "ok"
                         } else if v == "n/a" {
                             "-"
+                        } else if v.starts_with("documented") {
+                            "doc"
                         } else {
                             "FAIL"
                         }
@@ -228,15 +426,37 @@ fn print_table(reports: &[scenarios::ScenarioReport]) {
                 })
             })
             .collect();
-        println!("{:<28} {:<8} {:<16} {}", r.name, result, fo, marks.join(" "));
+        println!(
+            "{:<30} {:<8} {:<14} {:>8} {:>8} {:>6}  {}",
+            r.name,
+            result,
+            fo,
+            opt_ms(m.dual_primary_ms),
+            gap,
+            lost,
+            marks.join(" ")
+        );
         if let Some(e) = &r.error {
-            println!("{:<28} error: {e}", "");
+            println!("{:<30} error: {e}", "");
         }
     }
     println!(
         "\nchecks: overlap=no_overlapping_leases epochs=epochs_unique_and_increasing register=fenced_register_accepts_only_newest \
-         reads=client_epochs_monotonic acked=no_acked_write_lost heal=single_primary_after_heal bound=failover_within_bound stay=no_failover"
+         reads=client_epochs_monotonic acked=no_acked_write_lost heal=single_primary_after_heal bound=failover_within_bound stay=no_failover \
+         dual=no_dual_primary_plain plost=no_acked_plain_write_lost avail=write_availability fence=deadline_fence_on_time; \
+         doc = a documented limit, measured and not failed (listed below)"
     );
+    println!(
+        "DUAL MS: longest moment two nodes accepted plain writes; GAP MS: longest stretch with no accepted plain write \
+         (/bound where checked); LOST: acknowledged plain writes missing on the final primary"
+    );
+    // Documented limits, spelled out: they are measurements, not passes.
+    for r in reports {
+        for (check, v) in r.checks.iter().filter(|(_, v)| v.starts_with("documented")) {
+            println!("  {} {}: {v}", r.name, short(check));
+        }
+    }
+    println!("deadline fences: {}", fence_line(&fence_stats(reports.iter())));
 }
 
 fn short(check: &str) -> &'static str {
@@ -249,6 +469,10 @@ fn short(check: &str) -> &'static str {
         "single_primary_after_heal" => "heal",
         "failover_within_bound" => "bound",
         "no_failover" => "stay",
+        "no_dual_primary_plain" => "dual",
+        "no_acked_plain_write_lost" => "plost",
+        "write_availability" => "avail",
+        "deadline_fence_on_time" => "fence",
         _ => "?",
     }
 }
@@ -309,7 +533,7 @@ fn main() {
                     }
                 }
             }
-            Cmd::Run { profile, scenario, .. } => {
+            Cmd::Run { profile, scenario, repeat, .. } => {
                 let (seed, out, quorate, net) = prepared.expect("prepared above");
                 // Ctrl-C or SIGTERM (`timeout`, a CI runner giving up) drops
                 // the run: every System and the Net clean up.
@@ -321,7 +545,7 @@ fn main() {
                     }
                 };
                 tokio::select! {
-                    res = run(profile, seed, scenario, out, quorate, net) => match res {
+                    res = run(profile, seed, scenario, repeat, out, quorate, net) => match res {
                         Ok(true) => 0,
                         Ok(false) => 1,
                         Err(e) => {

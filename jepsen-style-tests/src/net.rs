@@ -7,7 +7,13 @@
 //! namespaces are deleted first).
 //!
 //! A *grudge* is Jepsen's directed partition: for each host, the hosts it
-//! drops traffic from. A one-way cut is an asymmetric grudge.
+//! drops traffic from. A one-way cut is an asymmetric grudge. It is installed
+//! as `iptables -A INPUT -s <sender> -j DROP` in the receiving host's
+//! namespace, so "A drops packets from B" means B's packets never arrive at
+//! A while A's still arrive at B. TCP needs both directions (SYN and SYN-ACK,
+//! data and ACKs), so a one-way grudge still breaks every TCP connection
+//! between the two, whoever opened it; what stays one-way is which host
+//! still hears the other's first packets (and any UDP or ICMP).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
@@ -209,7 +215,8 @@ impl Drop for Net {
 pub mod grudges {
     use super::*;
 
-    /// Complete grudge: every component drops everything from the others.
+    /// Complete grudge: every component drops everything from the others
+    /// (cut both ways between components, nothing cut inside one).
     pub fn complete(components: &[Vec<String>]) -> Grudge {
         let mut g = Grudge::new();
         for (i, comp) in components.iter().enumerate() {
@@ -232,13 +239,29 @@ pub mod grudges {
         complete(&[vec![host.to_owned()], rest])
     }
 
-    /// `to` stops hearing `from` (one-way).
+    /// `to` stops hearing `from` (one-way): an INPUT drop of `from`'s
+    /// packets on `to`; `to`'s packets still reach `from`.
     pub fn one_way(from: &str, to: &str) -> Grudge {
-        Grudge::from([(to.to_owned(), BTreeSet::from([from.to_owned()]))])
+        drops_from(&[to.to_owned()], &[from.to_owned()])
+    }
+
+    /// Every host of `receivers` drops every packet from every host of
+    /// `senders` (one way): INPUT drops on the receivers only, so the
+    /// receivers' packets still reach the senders. "Every coordinator drops
+    /// packets from the primary" is `drops_from(coordinators, [primary])`;
+    /// "the primary drops packets from every coordinator" is
+    /// `drops_from([primary], coordinators)`. Hosts in neither list are
+    /// untouched (they reach everyone both ways).
+    pub fn drops_from(receivers: &[String], senders: &[String]) -> Grudge {
+        receivers
+            .iter()
+            .map(|r| (r.clone(), senders.iter().filter(|s| *s != r).cloned().collect::<BTreeSet<_>>()))
+            .collect()
     }
 
     /// Every host sees a majority, no two the same majority (a ring: each
-    /// host hears its neighbours within distance n/2).
+    /// host hears its neighbours within distance n/2; symmetric, so each cut
+    /// is both ways).
     pub fn majorities_ring(all: &[String]) -> Grudge {
         let n = all.len();
         let reach = n / 2;
@@ -259,7 +282,7 @@ pub mod grudges {
         g
     }
 
-    /// Two halves, with one host (`bridge`) in touch with both.
+    /// Two halves cut both ways, with one host (`bridge`) in touch with both.
     pub fn bridge(all: &[String], bridge: &str) -> Grudge {
         let rest: Vec<String> = all.iter().filter(|h| *h != bridge).cloned().collect();
         let (a, b) = rest.split_at(rest.len() / 2);
@@ -284,6 +307,23 @@ pub mod grudges {
             let g = isolate(&hosts(3), "h1");
             assert_eq!(g["h1"], BTreeSet::from(["h2".into(), "h3".into()]));
             assert_eq!(g["h2"], BTreeSet::from(["h1".into()]));
+        }
+
+        #[test]
+        fn one_way_grudges_drop_only_on_the_receivers() {
+            let g = one_way("h1", "h2");
+            assert_eq!(g, Grudge::from([("h2".into(), BTreeSet::from(["h1".into()]))]));
+            // Coordinators drop the primary: only the coordinators get rules.
+            let coords = vec!["c1".to_owned(), "c2".into(), "c3".into()];
+            let g = drops_from(&coords, &["m1".into()]);
+            assert_eq!(g.len(), 3);
+            assert!(coords.iter().all(|c| g[c] == BTreeSet::from(["m1".into()])));
+            assert!(!g.contains_key("m1"), "the primary itself still hears the coordinators");
+            // The other direction: one rule set, on the primary.
+            let g = drops_from(&["m1".into()], &coords);
+            assert_eq!(g, Grudge::from([("m1".into(), coords.iter().cloned().collect())]));
+            // A host never drops itself.
+            assert!(drops_from(&hosts(2), &hosts(2)).values().all(|v| v.len() == 1));
         }
 
         #[test]

@@ -2,10 +2,14 @@
 //!
 //! Each scenario gets a fresh system in fresh namespaces: warm-up, the
 //! fault, healing, a settling period, then the final state (who is primary,
-//! what every coordinator says, which acknowledged writes are on the
-//! primary) is recorded and every checker runs over the merged history.
+//! what every coordinator says, which acknowledged writes, fenced and plain,
+//! are on the primary) is recorded and every checker runs over the merged
+//! history; the deadline-fence check runs over the agents' logs. Besides
+//! the verdicts, each report carries what was measured: failover times,
+//! dual-primary windows, the longest write gap, lost plain writes and how
+//! late each deadline fence was.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -17,7 +21,7 @@ use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use serde_json::json;
 
-use crate::checkers::{self, CheckResult};
+use crate::checkers::{self, CheckResult, DeadlineFence};
 use crate::history::{self, Op, OpType, Recorder};
 use crate::net::{Grudge, grudges};
 use crate::system::{COORDINATORS, MEMBERS, PAIR, System, SystemOptions};
@@ -49,8 +53,21 @@ pub enum Fault {
     PauseObserver {
         ms: u64,
     },
+    /// The primary's host cut off from the coordinators and the other
+    /// member, both ways (the client host still reaches it).
     IsolatePrimary,
-    IsolateCoordinator,
+    /// The Raft leader's host (whoever leads when the fault starts) cut off
+    /// from every other host, the client host included, both ways.
+    IsolateRaftLeader,
+    /// A coordinator that does not lead when the fault starts, cut off
+    /// from every other host, both ways.
+    IsolateFollowerCoordinator,
+    /// Every coordinator drops packets from the primary's host (one way;
+    /// the replica and the client host still reach it both ways).
+    CoordinatorsDropPrimary,
+    /// The primary's host drops packets from every coordinator (one way,
+    /// the other direction).
+    PrimaryDropsCoordinators,
     RandomHalves,
     MajoritiesRing,
     Bridge,
@@ -70,6 +87,20 @@ pub enum Fault {
 pub enum Control {
     SkipLeaseWait,
     DriftBeyondBound,
+    /// Agents started with `--test-only-no-deadline-fence`: they do not
+    /// fence at their lease deadline, so a primary cut off from the
+    /// coordinators keeps accepting plain writes after the failover.
+    NoDeadlineFence,
+}
+
+impl Control {
+    /// The check that must flag this control; None: any check.
+    pub fn flagged_by(self) -> Option<&'static str> {
+        match self {
+            Control::NoDeadlineFence => Some("no_dual_primary_plain"),
+            Control::SkipLeaseWait | Control::DriftBeyondBound => None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -80,6 +111,9 @@ pub struct Scenario {
     /// Lease clients' clock skew (ppm slow).
     pub skew_ppm: u64,
     pub control: Option<Control>,
+    /// The longest stretch without an accepted plain write the scenario
+    /// allows (`write_availability`); None: measured, not checked.
+    pub write_gap_bound_ms: Option<u64>,
 }
 
 /// Timing of one scenario.
@@ -100,26 +134,63 @@ impl Timing {
 }
 
 fn s(name: &str, fault: Fault, expect: Expect) -> Scenario {
-    Scenario { name: name.into(), fault, expect, skew_ppm: 0, control: None }
+    Scenario { name: name.into(), fault, expect, skew_ppm: 0, control: None, write_gap_bound_ms: None }
+}
+
+/// A scenario whose writes must stay available within `bound_ms`.
+fn available(sc: Scenario, bound_ms: u64) -> Scenario {
+    Scenario { write_gap_bound_ms: Some(bound_ms), ..sc }
+}
+
+/// Write-gap bounds of the faults a quorum sees through (`NoFailover`).
+/// Nothing there should stop the primary accepting writes, except:
+pub mod gap_bounds {
+    /// A fault the primary's lease never notices (one-way or primary-replica
+    /// cut, an isolated follower coordinator): a few write intervals, plus
+    /// one client timeout (300 ms) should a write be caught in flight.
+    pub const UNDISTURBED_MS: u64 = 500;
+    /// A Raft leader lost (isolated, or paused when it is the leader): an
+    /// election (up to ~0.8 s with Pre-Vote) during which renewals fail; the
+    /// primary's one-second lease may lapse (it fences) and be retaken from
+    /// the new leader.
+    pub const LEADER_LOST_MS: u64 = 1_500;
+    /// Random loss on every link: the primary's one-second lease may lapse
+    /// and be retaken (this happens about twice in 15 s at 20%). A lapse
+    /// fences ~0.95 s after the last renewal; the grant may come no earlier
+    /// than ~1.06 s after it, and then the acquire goes through Raft and the
+    /// promotion and the writer's next write cross lossy links, where each
+    /// lost segment costs a 200 ms retransmission (a lost SYN 1 s). About
+    /// 2.5 s covers one lapse and its retake, not two in a row.
+    pub const LOSSY_MS: u64 = 2_500;
 }
 
 /// The scenarios of a profile; `seed` picks the random parts.
 pub fn profile(name: &str, seed: u64) -> anyhow::Result<Vec<Scenario>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let loss = rng.random_range(10..=20);
+    use gap_bounds::*;
     let mut list = vec![
         s("kill-primary", Fault::KillPrimaryHost, Expect::Failover),
         s("kill-raft-leader", Fault::KillRaftLeader, Expect::Safety),
+        // The documented limit: a frozen agent cannot fence, so its Redis
+        // accepts plain writes after the failover (measured and reported).
         s("pause-primary-agent", Fault::PausePrimaryAgent, Expect::Failover),
         s("isolate-primary", Fault::IsolatePrimary, Expect::Failover),
-        s("isolate-coordinator", Fault::IsolateCoordinator, Expect::NoFailover),
+        available(s("isolate-raft-leader", Fault::IsolateRaftLeader, Expect::NoFailover), LEADER_LOST_MS),
+        available(
+            s("isolate-follower-coordinator", Fault::IsolateFollowerCoordinator, Expect::NoFailover),
+            UNDISTURBED_MS,
+        ),
+        s("coordinators-drop-primary", Fault::CoordinatorsDropPrimary, Expect::Failover),
+        s("primary-drops-coordinators", Fault::PrimaryDropsCoordinators, Expect::Failover),
         s("random-halves", Fault::RandomHalves, Expect::Safety),
         s("majorities-ring", Fault::MajoritiesRing, Expect::Safety),
         s("bridge", Fault::Bridge, Expect::Safety),
-        s("one-way-replica-blind", Fault::OneWayReplicaBlind, Expect::NoFailover),
-        s("primary-replica-link-cut", Fault::PrimaryReplicaLink, Expect::NoFailover),
-        s(&format!("packet-loss-{loss}"), Fault::Loss { percent: loss }, Expect::NoFailover),
-        s("pause-observer", Fault::PauseObserver { ms: 4_000 }, Expect::NoFailover),
+        available(s("one-way-replica-blind", Fault::OneWayReplicaBlind, Expect::NoFailover), UNDISTURBED_MS),
+        available(s("primary-replica-link-cut", Fault::PrimaryReplicaLink, Expect::NoFailover), UNDISTURBED_MS),
+        available(s(&format!("packet-loss-{loss}"), Fault::Loss { percent: loss }, Expect::NoFailover), LOSSY_MS),
+        // c2 may be the Raft leader.
+        available(s("pause-observer", Fault::PauseObserver { ms: 4_000 }, Expect::NoFailover), LEADER_LOST_MS),
         Scenario { skew_ppm: 5_000, ..s("clock-drift-within-bound", Fault::None, Expect::Safety) },
         Scenario {
             control: Some(Control::DriftBeyondBound),
@@ -127,6 +198,10 @@ pub fn profile(name: &str, seed: u64) -> anyhow::Result<Vec<Scenario>> {
             ..s("control-drift-beyond-bound", Fault::None, Expect::Safety)
         },
         Scenario { control: Some(Control::SkipLeaseWait), ..s("control-skip-lease-wait", Fault::None, Expect::Safety) },
+        Scenario {
+            control: Some(Control::NoDeadlineFence),
+            ..s("control-no-deadline-fence", Fault::CoordinatorsDropPrimary, Expect::Failover)
+        },
     ];
     match name {
         "quick" => {}
@@ -139,15 +214,50 @@ pub fn profile(name: &str, seed: u64) -> anyhow::Result<Vec<Scenario>> {
     Ok(list)
 }
 
+/// What a scenario measured, whatever the verdicts.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Measured {
+    pub failovers: usize,
+    pub failover_ms: Vec<u64>,
+    /// The longest moment two nodes both accepted plain writes (0 when
+    /// never; None when there were no plain writes).
+    pub dual_primary_ms: Option<f64>,
+    /// Every such moment, merged, in order.
+    pub dual_primary_windows_ms: Vec<f64>,
+    /// The longest stretch without an accepted plain write, from the fault's
+    /// start to the end of the workload.
+    pub write_gap_ms: Option<f64>,
+    pub write_gap_bound_ms: Option<u64>,
+    pub plain_writes_acked: usize,
+    /// Acknowledged plain writes missing on the final primary (None: no
+    /// final read), and how many of them a documented limit explains.
+    pub plain_writes_lost: Option<usize>,
+    pub plain_writes_lost_explained: BTreeMap<String, usize>,
+    /// How late after its lease deadline each deadline fence was applied
+    /// (negative: before), from the agents' logs; fences a frozen agent
+    /// delayed (the documented limit) are kept apart, as they measure the
+    /// pause, not the fencer.
+    pub fence_late_ms: Vec<f64>,
+    pub fence_late_frozen_ms: Vec<f64>,
+    pub deadline_fences: Vec<DeadlineFence>,
+}
+
+/// Milliseconds to one decimal, for reports.
+fn round_ms(ms: f64) -> f64 {
+    (ms * 10.0).round() / 10.0
+}
+
 /// One scenario's results, as `summary.json` holds them.
 #[derive(Debug, Clone, Serialize)]
 pub struct ScenarioReport {
     pub name: String,
     pub nemesis: Fault,
     pub expect: Expect,
+    /// The seed of this scenario's random choices.
+    pub seed: u64,
     pub checks: BTreeMap<String, String>,
-    pub failovers: usize,
-    pub failover_ms: Vec<u64>,
+    #[serde(flatten)]
+    pub measured: Measured,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub control: Option<Control>,
     /// For a control: whether a checker flagged it.
@@ -178,28 +288,38 @@ pub struct RunContext {
     pub timing: Timing,
 }
 
-/// Runs one scenario end to end.
+/// The seed of the scenario at `index` in its profile: the same whether
+/// the whole profile runs or only this scenario, so a failure reproduces
+/// with `--scenario`.
+pub fn scenario_seed(run_seed: u64, index: usize) -> u64 {
+    run_seed.wrapping_add(index as u64 * 7919)
+}
+
+/// Runs one scenario end to end; `index` is its place in the profile.
 pub async fn run_one(ctx: &RunContext, sc: &Scenario, index: usize) -> ScenarioReport {
     let dir = ctx.out.join(&sc.name);
     let mut report = ScenarioReport {
         name: sc.name.clone(),
         nemesis: sc.fault.clone(),
         expect: sc.expect,
+        seed: scenario_seed(ctx.seed, index),
         checks: BTreeMap::new(),
-        failovers: 0,
-        failover_ms: Vec::new(),
+        measured: Measured { write_gap_bound_ms: sc.write_gap_bound_ms, ..Measured::default() },
         control: sc.control,
         flagged: None,
         error: None,
     };
-    let result = run_inner(ctx, sc, index, &dir).await;
+    let result = run_inner(ctx, sc, report.seed, &dir).await;
     let _ = std::fs::create_dir_all(&dir);
     match result {
-        Ok((checks, times)) => {
-            report.failovers = times.len();
-            report.failover_ms = times;
-            if sc.control.is_some() {
-                report.flagged = Some(checks.values().any(CheckResult::is_fail));
+        Ok((checks, measured)) => {
+            report.measured = measured;
+            if let Some(control) = sc.control {
+                let flagged = match control.flagged_by() {
+                    Some(check) => checks.get(check).is_some_and(CheckResult::is_fail),
+                    None => checks.values().any(CheckResult::is_fail),
+                };
+                report.flagged = Some(flagged);
             }
             report.checks = checks.into_iter().map(|(k, v)| (k, v.label())).collect();
         }
@@ -212,17 +332,19 @@ pub async fn run_one(ctx: &RunContext, sc: &Scenario, index: usize) -> ScenarioR
 async fn run_inner(
     ctx: &RunContext,
     sc: &Scenario,
-    index: usize,
+    seed: u64,
     dir: &Path,
-) -> anyhow::Result<(BTreeMap<String, CheckResult>, Vec<u64>)> {
+) -> anyhow::Result<(BTreeMap<String, CheckResult>, Measured)> {
     // A fresh directory: an earlier run's data must not leak in.
     if dir.exists() {
         std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
     }
     std::fs::create_dir_all(dir)?;
-    let seed = ctx.seed.wrapping_add(index as u64 * 7919);
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let opts = SystemOptions { skip_lease_wait: sc.control == Some(Control::SkipLeaseWait) };
+    let opts = SystemOptions {
+        skip_lease_wait: sc.control == Some(Control::SkipLeaseWait),
+        no_deadline_fence: sc.control == Some(Control::NoDeadlineFence),
+    };
     let mut sys = System::start(ctx.net.clone(), dir, &ctx.quorate, &opts).await.context("starting the system")?;
     let nem = Recorder::create(&dir.join("nemesis.jsonl"))?;
     let client = Client::from_list(&sys.endpoints())?;
@@ -255,14 +377,39 @@ async fn run_inner(
 
     // The fault.
     let all: Vec<String> = COORDINATORS.iter().chain(MEMBERS.iter()).map(|s| (*s).to_owned()).collect();
+    let everyone: Vec<String> = System::host_names().iter().map(|s| (*s).to_owned()).collect();
+    let coordinators: Vec<String> = COORDINATORS.iter().map(|s| (*s).to_owned()).collect();
     let info = |f: &str, v: serde_json::Value| {
         nem.op("nemesis", OpType::Info, f, v);
     };
     let primary = current_primary(&client).await.unwrap_or_else(|| "m1".into());
     let replica = MEMBERS.iter().find(|m| **m != primary).map(|s| (*s).to_owned()).unwrap_or_default();
+    // Who a partition targets, for the nemesis record.
+    let mut about = json!({});
     let grudge: Option<Grudge> = match &sc.fault {
         Fault::IsolatePrimary => Some(grudges::isolate(&all, &primary)),
-        Fault::IsolateCoordinator => Some(grudges::isolate(&all, "c3")),
+        Fault::IsolateRaftLeader => {
+            let leader = leader_now(&sys).await;
+            about = json!({"isolated": leader, "role": "raft-leader"});
+            Some(grudges::isolate(&everyone, &leader))
+        }
+        Fault::IsolateFollowerCoordinator => {
+            let leader = leader_now(&sys).await;
+            let followers: Vec<&String> = coordinators.iter().filter(|c| **c != leader).collect();
+            let victim = followers.choose(&mut rng).map(|c| (*c).clone()).unwrap_or_else(|| "c3".into());
+            about = json!({"isolated": victim, "role": "follower", "leader": leader});
+            Some(grudges::isolate(&everyone, &victim))
+        }
+        // INPUT drops on c1..c3 of the primary's packets.
+        Fault::CoordinatorsDropPrimary => {
+            about = json!({"primary": primary});
+            Some(grudges::drops_from(&coordinators, std::slice::from_ref(&primary)))
+        }
+        // INPUT drops on the primary of every coordinator's packets.
+        Fault::PrimaryDropsCoordinators => {
+            about = json!({"primary": primary});
+            Some(grudges::drops_from(std::slice::from_ref(&primary), &coordinators))
+        }
         Fault::RandomHalves => {
             let mut shuffled = all.clone();
             shuffled.shuffle(&mut rng);
@@ -339,9 +486,16 @@ async fn run_inner(
         _ => {}
     }
     if let Some(g) = &grudge {
-        sys.net.partition(g)?;
         let shown: BTreeMap<&String, Vec<&String>> = g.iter().map(|(k, v)| (k, v.iter().collect())).collect();
-        info("partition", json!({"grudge": shown}));
+        let mut value = json!({"grudge": shown});
+        if let (Some(v), Some(a)) = (value.as_object_mut(), about.as_object()) {
+            v.extend(a.clone());
+        }
+        // Stamped before the rules go in: the cut may begin with the first
+        // rule, and the checkers treat it as in force from this moment.
+        let op = Op::new("nemesis", OpType::Info, "partition", value);
+        sys.net.partition(g)?;
+        nem.record(&op);
     }
     tokio::time::sleep(t.fault.saturating_sub(fault_started.elapsed())).await;
 
@@ -368,7 +522,28 @@ async fn run_inner(
     let ops = history::read(&[&dir.join("worker.jsonl"), &dir.join("nemesis.jsonl"), &dir.join("final.jsonl")])?;
     let merged = ops.iter().map(|o| serde_json::to_string(o).unwrap_or_default()).collect::<Vec<_>>().join("\n");
     std::fs::write(dir.join("history.jsonl"), merged + "\n")?;
-    Ok(check(&ops, sc.expect))
+    // The agents' own account of their deadline fences (their logs append
+    // across restarts, so every incarnation is there).
+    let mut fences = Vec::new();
+    for m in MEMBERS {
+        if let Some(path) = sys.log_path(&format!("{m}-agent"))
+            && let Ok(bytes) = std::fs::read(&path)
+        {
+            fences.extend(checkers::parse_deadline_fences(m, &String::from_utf8_lossy(&bytes)));
+        }
+    }
+    Ok(check(&ops, sc, &fences))
+}
+
+/// The Raft leader now; asks for a few seconds if an election is under way.
+async fn leader_now(sys: &System) -> String {
+    for _ in 0..20 {
+        if let Some(l) = sys.leader().await {
+            return l;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    "c1".into()
 }
 
 /// A child process killed when dropped (an interrupted run leaves no worker).
@@ -381,8 +556,8 @@ impl Drop for KillOnDrop {
     }
 }
 
-/// Every checker that applies.
-pub fn check(ops: &[Op], expect: Expect) -> (BTreeMap<String, CheckResult>, Vec<u64>) {
+/// Every checker that applies, and what they measured.
+pub fn check(ops: &[Op], sc: &Scenario, fences: &[DeadlineFence]) -> (BTreeMap<String, CheckResult>, Measured) {
     let mut c = BTreeMap::new();
     c.insert("no_overlapping_leases".into(), checkers::no_overlapping_leases(ops));
     c.insert("epochs_unique_and_increasing".into(), checkers::epochs_unique_and_increasing(ops));
@@ -390,8 +565,35 @@ pub fn check(ops: &[Op], expect: Expect) -> (BTreeMap<String, CheckResult>, Vec<
     c.insert("client_epochs_monotonic".into(), checkers::client_epochs_monotonic(ops));
     c.insert("no_acked_write_lost".into(), checkers::no_acked_write_lost(ops));
     c.insert("single_primary_after_heal".into(), checkers::single_primary_after_heal(ops));
+    let (dual, windows) = checkers::no_dual_primary_plain(ops);
+    c.insert("no_dual_primary_plain".into(), dual.clone());
+    let (lost, loss) = checkers::no_acked_plain_write_lost(ops);
+    c.insert("no_acked_plain_write_lost".into(), lost);
+    let limit = checkers::FENCE_LATE_LIMIT_MS;
+    c.insert("deadline_fence_on_time".into(), checkers::deadline_fence_on_time(ops, fences, limit));
+    let (running, frozen) = checkers::fences_by_agent_state(ops, fences, limit);
+    let late_ms = |fs: Vec<&DeadlineFence>| fs.iter().map(|f| round_ms(f.late_us as f64 / 1e3)).collect();
+    let gap = checkers::longest_write_gap(ops);
+    if let Some(bound) = sc.write_gap_bound_ms {
+        c.insert("write_availability".into(), checkers::write_availability(ops, bound).0);
+    }
     let (fo, times) = checkers::failover_times(ops, FAILOVER_BOUND_MS);
-    match expect {
+    let measured = Measured {
+        failovers: times.len(),
+        failover_ms: times,
+        dual_primary_ms: (dual != CheckResult::NotApplicable)
+            .then(|| round_ms(windows.iter().map(checkers::DualPrimaryWindow::ms).fold(0.0, f64::max))),
+        dual_primary_windows_ms: windows.iter().map(|w| round_ms(w.ms())).collect(),
+        write_gap_ms: gap.map(|g| round_ms(g.ms())),
+        write_gap_bound_ms: sc.write_gap_bound_ms,
+        plain_writes_acked: ops.iter().filter(|o| o.f == "plain-write" && o.kind == OpType::Ok).count(),
+        plain_writes_lost: loss.as_ref().map(|l| l.lost),
+        plain_writes_lost_explained: loss.map(|l| l.explained).unwrap_or_default(),
+        fence_late_ms: late_ms(running),
+        fence_late_frozen_ms: late_ms(frozen),
+        deadline_fences: fences.to_vec(),
+    };
+    match sc.expect {
         Expect::Failover => {
             let fo = if fo == CheckResult::NotApplicable { failover_by_primary_change(ops) } else { fo };
             c.insert("failover_within_bound".into(), fo);
@@ -401,7 +603,7 @@ pub fn check(ops: &[Op], expect: Expect) -> (BTreeMap<String, CheckResult>, Vec<
         }
         Expect::Safety => {}
     }
-    (c, times)
+    (c, measured)
 }
 
 /// A failover that was not a kill (pause, isolation): the primary moved.
@@ -409,7 +611,7 @@ fn failover_by_primary_change(ops: &[Op]) -> CheckResult {
     match checkers::no_failover(ops) {
         CheckResult::Fail(_) => CheckResult::Pass,
         CheckResult::Pass => CheckResult::Fail("the primary never moved".into()),
-        CheckResult::NotApplicable => CheckResult::NotApplicable,
+        other @ (CheckResult::Documented(_) | CheckResult::NotApplicable) => other,
     }
 }
 
@@ -441,7 +643,8 @@ async fn wait_pair_ready(client: &Client) -> anyhow::Result<()> {
 }
 
 /// Records what every node says, which Redis are masters, and which
-/// acknowledged writes the primary has. Waits (bounded) for agreement.
+/// acknowledged writes (fenced and plain) the primary has. Waits (bounded)
+/// for agreement.
 async fn final_state(sys: &System, client: &Client, fin: &Recorder, worker_ops: &[Op]) {
     let start = std::time::Instant::now();
     let mut last = json!({});
@@ -476,30 +679,56 @@ async fn final_state(sys: &System, client: &Client, fin: &Recorder, worker_ops: 
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     fin.op("harness", OpType::Ok, "final-state", last.clone());
-    // Which acknowledged writes the final primary has.
+    // Which acknowledged writes the final primary has: fenced writes
+    // acknowledged by a replica (value = key), and plain writes its node
+    // answered OK to (value = seq).
     let holder = last["holder"].as_str().unwrap_or_default().to_owned();
-    let acked: BTreeSet<String> = worker_ops
+    let acked: BTreeMap<String, String> = worker_ops
         .iter()
         .filter(|o| o.f == "pair-write" && o.kind == OpType::Ok && o.value["acked"] == true)
-        .filter_map(|o| o.str("key").map(str::to_owned))
+        .filter_map(|o| o.str("key").map(|k| (k.to_owned(), k.to_owned())))
         .collect();
-    let mut present = Vec::new();
+    let plain: BTreeMap<String, String> = worker_ops
+        .iter()
+        .filter(|o| o.f == "plain-write" && o.kind == OpType::Ok)
+        .filter_map(|o| Some((o.str("key")?.to_owned(), o.u64("seq")?.to_string())))
+        .collect();
+    let (mut present, mut present_plain) = (Vec::new(), Vec::new());
     if MEMBERS.contains(&holder.as_str())
         && let Ok(c) = redis::Client::open(format!("redis://{}", sys.data_addr(&holder)))
         && let Ok(mut conn) = c.get_multiplexed_async_connection().await
     {
-        let keys: Vec<String> = acked.into_iter().collect();
-        for chunk in keys.chunks(500) {
-            let mut mget = redis::cmd("MGET");
-            mget.arg(chunk);
-            if let Ok(values) = mget.query_async::<Vec<Option<String>>>(&mut conn).await {
-                present.extend(
-                    chunk.iter().zip(values).filter(|(k, v)| v.as_deref() == Some(k.as_str())).map(|(k, _)| k.clone()),
-                );
-            }
-        }
+        present = present_keys(&mut conn, &acked).await;
+        present_plain = present_keys(&mut conn, &plain).await;
     }
     fin.op("harness", OpType::Ok, "final-read", json!({"member": holder, "present": present}));
+    fin.op("harness", OpType::Ok, "final-read-plain", json!({"member": holder, "present": present_plain}));
+}
+
+/// The keys of `expected` (key -> value) that hold their value, read with
+/// MGET in chunks.
+async fn present_keys(
+    conn: &mut redis::aio::MultiplexedConnection,
+    expected: &BTreeMap<String, String>,
+) -> Vec<String> {
+    let keys: Vec<(&String, &String)> = expected.iter().collect();
+    let mut present = Vec::new();
+    for chunk in keys.chunks(500) {
+        let mut mget = redis::cmd("MGET");
+        for (k, _) in chunk {
+            mget.arg(k.as_str());
+        }
+        if let Ok(values) = mget.query_async::<Vec<Option<String>>>(conn).await {
+            present.extend(
+                chunk
+                    .iter()
+                    .zip(values)
+                    .filter(|((_, want), got)| got.as_deref() == Some(want.as_str()))
+                    .map(|((k, _), _)| (*k).clone()),
+            );
+        }
+    }
+    present
 }
 
 async fn role(addr: &str) -> Option<String> {

@@ -7,6 +7,8 @@
 //!
 //! Every process is recorded with its command, so a nemesis can kill,
 //! pause, resume or restart it; all are killed when the system is dropped.
+//! Each writes its stdout and stderr to `<name>.log` in the scenario's
+//! directory (`m1-agent.log`, `c2.log`, ...), appending across restarts.
 
 use std::collections::BTreeMap;
 use std::os::unix::process::CommandExt;
@@ -39,6 +41,11 @@ pub struct SystemOptions {
     /// Start the coordinators with `--test-only-skip-lease-wait` (negative
     /// control).
     pub skip_lease_wait: bool,
+    /// Start the agents with `--test-only-no-deadline-fence`: they do not
+    /// fence their data Redis at their lease deadline, so a primary cut off
+    /// from the coordinators keeps taking writes after the failover
+    /// (negative control).
+    pub no_deadline_fence: bool,
 }
 
 struct Managed {
@@ -122,12 +129,15 @@ impl System {
             sys.add(c, c, quorate, args)?;
         }
         for m in MEMBERS {
-            sys.add(
-                &format!("{m}-data"),
-                m,
-                Path::new("redis-server"),
-                redis_args(DATA_PORT, &dir.join(format!("{m}-data-dir"))),
-            )?;
+            // Every data Redis starts as a replica of its peer, as the README
+            // asks of a deployment: a restarted node then refuses writes
+            // (READONLY) until its agent has decided, instead of taking
+            // them as an empty master next to the real primary. The agent
+            // promotes the primary at run time only.
+            let peer = MEMBERS.iter().find(|p| **p != m).expect("two members");
+            let mut args = redis_args(DATA_PORT, &dir.join(format!("{m}-data-dir")));
+            args.extend(["--replicaof".into(), sys.net.host(peer).ip.clone(), DATA_PORT.to_string()]);
+            sys.add(&format!("{m}-data"), m, Path::new("redis-server"), args)?;
             sys.add(
                 &format!("{m}-heartbeat"),
                 m,
@@ -158,10 +168,13 @@ impl System {
         };
         client.apply_group(pair).await.context("applying the pair's spec")?;
         for m in MEMBERS {
-            let args: Vec<String> = ["agent", "--group", PAIR, "--member", m, "--endpoints", &sys.endpoints()]
+            let mut args: Vec<String> = ["agent", "--group", PAIR, "--member", m, "--endpoints", &sys.endpoints()]
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect();
+            if opts.no_deadline_fence {
+                args.push("--test-only-no-deadline-fence".into());
+            }
             sys.add(&format!("{m}-agent"), m, quorate, args)?;
         }
         Ok(sys)
@@ -220,6 +233,11 @@ impl System {
         if let Some(pid) = self.pid(name) {
             let _ = kill(pid, Signal::SIGCONT);
         }
+    }
+
+    /// Where a process's output goes (see the module header).
+    pub fn log_path(&self, name: &str) -> Option<PathBuf> {
+        self.procs.get(name).map(|p| p.log.clone())
     }
 
     /// Processes of a host.

@@ -13,6 +13,13 @@
 //!   monotonicity.
 //! - Redis pair workload: a writer that finds the primary through quorate,
 //!   writes with its epoch (deploy/redis/fenced_set.lua), then `WAIT 1`.
+//! - Plain writers, one per member: every 10 ms a plain `SET p:{member}:{seq}
+//!   {seq}` straight to that member's data Redis, the way most Redis
+//!   applications write (no quorate, no epoch, no `WAIT`). They show when a
+//!   node accepts writes, which only the agents' fencing can stop: a replica
+//!   answers `READONLY`, a fenced primary holds writes (`CLIENT PAUSE
+//!   WRITE`) until the client times out, and the agent kills the node's
+//!   client connections when it fences.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -25,7 +32,7 @@ use rand::{Rng, SeedableRng};
 use redis::aio::MultiplexedConnection;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
-use tokio::time::Instant;
+use tokio::time::{Instant, MissedTickBehavior};
 
 use crate::history::{OpType, Recorder, now_ns};
 use crate::system::{LEASE_GROUP, PAIR};
@@ -55,11 +62,22 @@ pub struct WorkerOptions {
     pub data: Vec<(String, String)>,
 }
 
+/// How often each plain writer writes.
+const PLAIN_INTERVAL: Duration = Duration::from_millis(10);
+/// A plain write unanswered for this long is indeterminate. Short, so a
+/// fenced node (whose writes block) costs a writer little; long enough for
+/// one TCP retransmission (200 ms) under packet loss.
+const PLAIN_TIMEOUT: Duration = Duration::from_millis(300);
+
 async fn connect(addr: &str) -> Option<MultiplexedConnection> {
+    connect_with(addr, Duration::from_millis(500)).await
+}
+
+async fn connect_with(addr: &str, response_timeout: Duration) -> Option<MultiplexedConnection> {
     let c = redis::Client::open(format!("redis://{addr}")).ok()?;
     let config = redis::AsyncConnectionConfig::new()
         .set_connection_timeout(Some(Duration::from_millis(300)))
-        .set_response_timeout(Some(Duration::from_millis(500)));
+        .set_response_timeout(Some(response_timeout));
     tokio::time::timeout(Duration::from_secs(1), c.get_multiplexed_async_connection_with_config(&config))
         .await
         .ok()?
@@ -81,6 +99,10 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     }
     let (o, r) = (opts.clone(), rec.clone());
     tasks.spawn(async move { pair_writer(o, r, until).await });
+    for (member, addr) in opts.data.clone() {
+        let r = rec.clone();
+        tasks.spawn(async move { plain_writer(member, addr, r, until).await });
+    }
     while let Some(res) = tasks.join_next().await {
         if let Err(e) = res {
             eprintln!("worker task failed: {e}");
@@ -326,6 +348,73 @@ async fn pair_writer(opts: WorkerOptions, rec: Arc<Recorder>, until: Instant) {
                 );
                 primary = None;
                 tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// Plain writes to one member's data Redis, independently of the other
+/// member and of quorate. Each attempt is one op `plain-write` with value
+/// `{member, key, seq, invoked}`: `ok` when Redis answered OK, `fail` when it
+/// answered an error (`READONLY` on a replica) or the write was never sent
+/// (no connection), `info` when the outcome is unknown (timeout, connection
+/// lost). After anything but an answer the connection is dropped: Redis runs
+/// a client's commands in order, so the next write would wait behind one
+/// that a paused node holds.
+async fn plain_writer(member: String, addr: String, rec: Arc<Recorder>, until: Instant) {
+    let process = format!("plain-{member}");
+    let mut conn: Option<MultiplexedConnection> = None;
+    let mut seq = 0u64;
+    let mut tick = tokio::time::interval(PLAIN_INTERVAL);
+    // After a blocked write, carry on at the normal rate, not in a burst.
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        if Instant::now() >= until {
+            break;
+        }
+        seq += 1;
+        let key = format!("p:{member}:{seq}");
+        if conn.is_none() {
+            conn = connect_with(&addr, PLAIN_TIMEOUT).await;
+        }
+        let Some(c) = conn.as_mut() else {
+            let error = "not sent: cannot connect";
+            let value = json!({"member": member, "key": key, "seq": seq, "invoked": now_ns(), "error": error});
+            rec.op(&process, OpType::Fail, "plain-write", value);
+            continue;
+        };
+        let invoked = now_ns();
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(seq);
+        // The connection's response timeout ends a blocked write; the outer
+        // timeout is only a backstop should that timer not fire.
+        let reply = tokio::time::timeout(PLAIN_TIMEOUT + Duration::from_millis(50), set.query_async::<String>(c)).await;
+        let base = json!({"member": member, "key": key, "seq": seq, "invoked": invoked});
+        let with_error = |e: String| {
+            let mut v = base.clone();
+            v["error"] = json!(e);
+            v
+        };
+        match reply {
+            Ok(Ok(ok)) if ok == "OK" => {
+                rec.op(&process, OpType::Ok, "plain-write", base);
+            }
+            // An error reply: Redis refused the write, definitely.
+            Ok(Err(e)) if e.code().is_some() => {
+                rec.op(&process, OpType::Fail, "plain-write", with_error(e.to_string()));
+            }
+            Ok(Ok(other)) => {
+                rec.op(&process, OpType::Info, "plain-write", with_error(format!("unexpected reply {other:?}")));
+                conn = None;
+            }
+            Ok(Err(e)) => {
+                rec.op(&process, OpType::Info, "plain-write", with_error(e.to_string()));
+                conn = None;
+            }
+            Err(_) => {
+                rec.op(&process, OpType::Info, "plain-write", with_error("timed out".into()));
+                conn = None;
             }
         }
     }
