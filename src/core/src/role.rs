@@ -127,12 +127,19 @@ pub struct Held {
     pub promoted: bool,
 }
 
+/// The shortest time between two keeper starts: a keeper that ends at once
+/// (refused, say, by a coordinator that knows a newer designation) is
+/// restarted on a later tick, not in a loop.
+pub const KEEPER_RESTART_MS: u64 = 100;
+
 /// The role state machine of one member's agent.
 #[derive(Debug, Clone)]
 pub struct RoleMachine {
     me: String,
     held: Option<Held>,
     keeper_running: bool,
+    /// When the last keeper was started.
+    keeper_started_ms: Option<u64>,
     fence_owed: bool,
     election: Option<ElectionView>,
     service: ServiceView,
@@ -154,6 +161,7 @@ impl RoleMachine {
             me: me.to_owned(),
             held: None,
             keeper_running: false,
+            keeper_started_ms: None,
             fence_owed: false,
             election: None,
             service: ServiceView::default(),
@@ -314,10 +322,12 @@ impl RoleMachine {
         let me = self.me.as_str();
         if view.designated.as_deref() == Some(me)
             && !self.keeper_running
+            && self.keeper_started_ms.is_none_or(|t| now_ms >= t.saturating_add(KEEPER_RESTART_MS))
             && self.service.reachable
             && self.may_take(&view)
         {
             self.keeper_running = true;
+            self.keeper_started_ms = Some(now_ms);
             out.push(Action::StartKeeper);
         }
         match (self.held, view.holder.as_deref()) {

@@ -77,6 +77,9 @@ fn a_lost_lease_fences_at_once_and_the_new_holder_is_followed() {
     // Still designated (as far as it knows): it tries to take the lease
     // again, which the coordinators grant only after the old one expired.
     assert_eq!(m.step(402, Event::KeeperEnded), vec![Action::StartKeeper]);
+    // A keeper that ends at once is restarted only on a later tick.
+    assert!(m.step(410, Event::KeeperEnded).is_empty());
+    assert_eq!(m.step(502, Event::Tick), vec![Action::StartKeeper]);
     // The coordinators moved the primary (the keeper's acquire is refused).
     m.step(1_400, Event::KeeperEnded);
     assert_eq!(m.step(1_500, view(9, "m2", "m2", 5)), vec![Action::Follow { holder: "m2".into(), epoch: 5 }]);

@@ -48,14 +48,16 @@ const ELECTION_POLL: Duration = Duration::from_secs(1);
 /// Pause before reopening a watch stream that failed.
 const WATCH_RETRY: Duration = Duration::from_millis(200);
 
-/// What the keeper task sends the role loop: its events, in order, then
-/// the end.
+/// What a keeper task sends the role loop: its events, in order, then its
+/// end, naming the keeper (a stopped keeper's end must not be taken for
+/// that of one started after it).
 enum KeeperMsg {
     Event(KeeperEvent),
-    Ended,
+    Ended(u64),
 }
 
 struct Keeper {
+    id: u64,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -126,7 +128,7 @@ impl<D: RoleDriver> RoleLoop<D> {
 
     /// A keeper task that arms the fencer with each deadline before it
     /// passes the event on.
-    fn start_keeper(&self, tx: mpsc::Sender<KeeperMsg>, fencer: Arc<Fencer>) -> Keeper {
+    fn start_keeper(&self, id: u64, tx: mpsc::Sender<KeeperMsg>, fencer: Arc<Fencer>) -> Keeper {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let client = self.client.clone();
         let spec = KeeperSpec {
@@ -158,11 +160,11 @@ impl<D: RoleDriver> RoleLoop<D> {
                 };
                 // `keep` drops its sender when it returns, which ends `forward`.
                 tokio::join!(keep, forward);
-                let _ = tx.send(KeeperMsg::Ended).await;
+                let _ = tx.send(KeeperMsg::Ended(id)).await;
             }
             .in_current_span(),
         );
-        Keeper { stop: Some(stop_tx), task }
+        Keeper { id, stop: Some(stop_tx), task }
     }
 
     /// Runs until `stop` turns true.
@@ -186,6 +188,8 @@ impl<D: RoleDriver> RoleLoop<D> {
         );
         let mut machine = RoleMachine::new(&self.member);
         let mut keeper: Option<Keeper> = None;
+        let mut keepers_started = 0u64;
+        let mut views_open = true;
         let mut last_error: Option<String> = None;
         let mut svc = ServiceState::default();
         let interval_ms = self.spec.borrow().policy.heartbeat_interval_ms;
@@ -195,27 +199,47 @@ impl<D: RoleDriver> RoleLoop<D> {
             let event = tokio::select! {
                 msg = events.recv() => match msg {
                     Some(KeeperMsg::Event(ev)) => keeper_event(&clock, ev),
-                    Some(KeeperMsg::Ended) => {
+                    // Ours, or one stopped on purpose (a switchover) with
+                    // no other started since.
+                    Some(KeeperMsg::Ended(id)) if keeper.as_ref().is_none_or(|k| k.id == id) => {
                         keeper = None;
                         Event::KeeperEnded
                     }
-                    None => continue,
+                    // The end of an older keeper than the running one.
+                    Some(KeeperMsg::Ended(_)) | None => continue,
                 },
-                changed = views.changed() => match (changed, views.borrow_and_update().clone()) {
-                    (Ok(()), Some(v)) => Event::Election(v),
-                    _ => continue,
+                changed = views.changed(), if views_open => match changed {
+                    Ok(()) => match views.borrow_and_update().clone() {
+                        Some(v) => Event::Election(v),
+                        None => continue,
+                    },
+                    Err(_) => {
+                        // The feed ended (it only does at shutdown).
+                        views_open = false;
+                        continue;
+                    }
                 },
                 _ = tick.tick() => {
                     svc = self.driver.state().await;
                     let _ = self.healthy.send(svc.reachable);
                     let actions = machine.step(clock.now_ms(), Event::Service(service_view(&svc)));
-                    self.perform(&mut machine, &clock, actions, &fencer, &events_tx, &mut keeper, &mut last_error).await;
+                    self.perform(&mut machine, &clock, actions, &fencer, &events_tx, &mut keeper, &mut keepers_started, &mut last_error).await;
                     Event::Tick
                 }
                 () = crate::shutdown::stopped(&mut stop) => break,
             };
             let actions = machine.step(clock.now_ms(), event);
-            self.perform(&mut machine, &clock, actions, &fencer, &events_tx, &mut keeper, &mut last_error).await;
+            self.perform(
+                &mut machine,
+                &clock,
+                actions,
+                &fencer,
+                &events_tx,
+                &mut keeper,
+                &mut keepers_started,
+                &mut last_error,
+            )
+            .await;
             self.report(&machine, &svc, &last_error);
         }
         if let Some(k) = keeper.take() {
@@ -233,6 +257,7 @@ impl<D: RoleDriver> RoleLoop<D> {
         fencer: &Arc<Fencer>,
         events_tx: &mpsc::Sender<KeeperMsg>,
         keeper: &mut Option<Keeper>,
+        keepers_started: &mut u64,
         last_error: &mut Option<String>,
     ) {
         for action in actions {
@@ -240,7 +265,8 @@ impl<D: RoleDriver> RoleLoop<D> {
             let (kind, result) = match action {
                 Action::StartKeeper => {
                     info!("designated primary: acquiring the lease");
-                    *keeper = Some(self.start_keeper(events_tx.clone(), fencer.clone()));
+                    *keepers_started += 1;
+                    *keeper = Some(self.start_keeper(*keepers_started, events_tx.clone(), fencer.clone()));
                     continue;
                 }
                 Action::ArmFence { epoch, deadline_ms } => {

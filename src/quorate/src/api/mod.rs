@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use openraft::ServerState;
 use openraft::type_config::async_runtime::watch::WatchReceiver as _;
-use quorate_core::machine::{Outcome, Rejection};
+use quorate_core::machine::{ChangeKind, Outcome, Rejection};
 use quorate_core::names::{self, NameKind};
 use quorate_core::{LeaseTiming, LeaseView, Op};
 use tokio::sync::{broadcast, mpsc};
@@ -154,7 +154,12 @@ impl CoordinatorService {
                 tokio::select! {
                     () = &mut sleep => break,
                     ev = changes.recv() => match ev {
-                        Ok(ev) if ev.change.group != r.group => continue,
+                        // Only a change that can make the lease grantable
+                        // sooner is worth another proposal: reports and the
+                        // holder's renewals are not (each proposal is a Raft
+                        // write, slow on a lossy link).
+                        Ok(ev) if ev.change.group != r.group
+                            || matches!(ev.change.kind, ChangeKind::ViewReported | ChangeKind::Renewed) => continue,
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => {
                             return Err(ApiError::Stopped { node_id: self.node.id, detail: "state machine closed".into() });

@@ -30,6 +30,9 @@ use crate::pb::v1 as pb;
 /// [`LeaseService::acquire_slice`]).
 const ACQUIRE_WAIT_SLICE: Duration = Duration::from_secs(30);
 
+/// The shortest server-side wait of a blocking Acquire.
+const ACQUIRE_WAIT_SLICE_MIN: Duration = Duration::from_secs(1);
+
 /// How long releasing on stop may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -147,7 +150,9 @@ impl LeaseService for Client {
         Client::release(self, group, holder, epoch)
     }
     fn acquire_slice(&self) -> Duration {
-        (self.call_timeout() / 3).clamp(Duration::from_millis(10), ACQUIRE_WAIT_SLICE)
+        // At least a second: a waiting Acquire may make a Raft write or two
+        // server-side, which on a lossy link can take a few hundred ms.
+        (self.call_timeout() / 3).clamp(ACQUIRE_WAIT_SLICE_MIN, ACQUIRE_WAIT_SLICE)
     }
 }
 
