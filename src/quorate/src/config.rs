@@ -65,13 +65,14 @@ impl Default for ServerConfig {
             // (pre-)vote only once their leader lease, which openraft sets to
             // election_timeout_max_ms, has run out, while election timers
             // fire within [min, max): the first pre-vote is usually refused
-            // and an election takes about two timeouts, 240-320 ms here
-            // (with 50/150-300 it took 300-600 ms). Shorter heartbeats
-            // would also shorten openraft's append deadline (3/4 of the
-            // heartbeat, 30 ms here), which a busy machine then misses.
-            heartbeat_interval_ms: 40,
-            election_timeout_min_ms: 120,
-            election_timeout_max_ms: 160,
+            // and an election takes about two timeouts, 300-400 ms here
+            // (with 150-300 it took 300-600 ms). Shorter heartbeats would
+            // also shorten openraft's append deadline (3/4 of the
+            // heartbeat), and 40 ms heartbeats made replication under 20%
+            // packet loss stall far more often.
+            heartbeat_interval_ms: 50,
+            election_timeout_min_ms: 150,
+            election_timeout_max_ms: 200,
             min_lease_ttl_ms: 500,
             max_lease_ttl_ms: 300_000,
             max_clock_drift_ppm: timing.max_clock_drift_ppm,
@@ -280,9 +281,9 @@ mod tests {
             "{}",
             err(&c)
         );
-        let c = ServerConfig { election_timeout_max_ms: 120, ..good() };
+        let c = ServerConfig { election_timeout_max_ms: 150, ..good() };
         assert!(err(&c).starts_with("election_timeout_max_ms:"));
-        let c = ServerConfig { min_lease_ttl_ms: 150, ..good() };
+        let c = ServerConfig { min_lease_ttl_ms: 200, ..good() };
         assert!(err(&c).contains("lapse during every Raft leader change"));
         let c = ServerConfig { max_lease_ttl_ms: 10, ..good() };
         assert!(err(&c).starts_with("max_lease_ttl_ms:"));

@@ -44,8 +44,9 @@ const SPEC_REFRESH: Duration = Duration::from_secs(2);
 /// up what comes after it for as long as one renewal. Renewals are bounded
 /// by the keeper's own deadline. The one call that waits by design is the
 /// designated member's Acquire (for the old lease to expire): it waits
-/// server-side at most a second and is then asked again; nothing
-/// time-critical waits on it (the fencer and the role loop run apart).
+/// server-side 250 ms at a time, with a second more for its commit, and is
+/// then asked again; nothing time-critical waits on it (the fencer and the
+/// role loop run apart).
 pub fn agent_call_timeout(spec: &GroupSpec) -> Duration {
     let ttl_ms = spec.failover.as_ref().map_or(1_000, |f| f.lease_ttl_ms);
     Duration::from_millis((ttl_ms / 6).clamp(50, 1_000))

@@ -30,8 +30,11 @@ use crate::pb::v1 as pb;
 /// [`LeaseService::acquire_slice`]).
 const ACQUIRE_WAIT_SLICE: Duration = Duration::from_secs(30);
 
-/// The shortest server-side wait of a blocking Acquire.
-const ACQUIRE_WAIT_SLICE_MIN: Duration = Duration::from_secs(1);
+/// The shortest server-side wait of a blocking Acquire. Short, because the
+/// holder's deadline counts from the Acquire's send time: a grant that comes
+/// late in a long wait leaves the new holder little slack for its first
+/// renewal (on a lossy link, too little).
+const ACQUIRE_WAIT_SLICE_MIN: Duration = Duration::from_millis(250);
 
 /// How long releasing on stop may take.
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(2);
@@ -150,8 +153,6 @@ impl LeaseService for Client {
         Client::release(self, group, holder, epoch)
     }
     fn acquire_slice(&self) -> Duration {
-        // At least a second: a waiting Acquire may make a Raft write or two
-        // server-side, which on a lossy link can take a few hundred ms.
         (self.call_timeout() / 3).clamp(ACQUIRE_WAIT_SLICE_MIN, ACQUIRE_WAIT_SLICE)
     }
 }

@@ -10,7 +10,8 @@
 //! its packets are dropped, so nothing is refused) becomes a *suspect* for
 //! a while: later calls try the other nodes first, so one dead leader does
 //! not cost every call its whole timeout. Renewal lanes start at different
-//! nodes, so the keeper's hedged renewals also probe for a new leader.
+//! nodes, and the third looks past suspects and slow nodes, so the keeper's
+//! hedged renewals also probe for a new leader.
 
 pub mod cluster;
 pub mod keeper;
@@ -40,15 +41,18 @@ const MAX_ATTEMPTS: usize = 1_000;
 /// How long a node that left an attempt unanswered is tried last.
 const SUSPECT_FOR: Duration = Duration::from_secs(2);
 
-/// Bounds on one attempt of a renewal: long enough for a TCP
-/// retransmission on a lossy link, short enough that a silent leader leaves
-/// time to find the new one within a one-second lease.
-const RENEW_ATTEMPT_MIN: Duration = Duration::from_millis(200);
+/// Bounds on one attempt of a renewal: well above TCP's 200 ms minimum
+/// retransmission timeout, so that on a lossy link an attempt is not given
+/// up just before its retransmitted segment arrives. A silent leader is
+/// looked past by the probing lane meanwhile.
+const RENEW_ATTEMPT_MIN: Duration = Duration::from_millis(400);
+
+/// What an Acquire may take beyond its server-side wait.
+const ACQUIRE_COMMIT_ALLOWANCE: Duration = Duration::from_secs(1);
 
 /// A renewal unanswered for an eighth of its budget, at most this long,
-/// marks its node a suspect (the attempt goes on): before the keeper's
-/// first hedge (a twelfth of the TTL), so the prober that hedge starts
-/// already looks elsewhere.
+/// marks its node slow (the attempt goes on): before the keeper's hedges,
+/// so the prober (the third attempt) already looks elsewhere.
 const RENEW_SLOW_AFTER_MAX: Duration = Duration::from_millis(90);
 
 /// How a call's attempts go.
@@ -119,8 +123,12 @@ pub struct Client {
     channels: Mutex<HashMap<(String, usize), Channel>>,
     /// The address that answered last; tried first.
     preferred: Mutex<Option<String>>,
-    /// Addresses that left an attempt unanswered, and when.
+    /// Addresses that left an attempt unanswered, and when: tried last.
     suspects: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Addresses with an attempt slow to answer, and when: the probing lane
+    /// looks past them (a lossy link makes the leader slow, not silent, so
+    /// the other lanes keep going to it first).
+    slow: Mutex<HashMap<String, tokio::time::Instant>>,
     call_timeout: Duration,
 }
 
@@ -136,6 +144,7 @@ impl Client {
             channels: Mutex::new(HashMap::new()),
             preferred: Mutex::new(None),
             suspects: Mutex::new(HashMap::new()),
+            slow: Mutex::new(HashMap::new()),
             call_timeout: DEFAULT_CALL_TIMEOUT,
         };
         for e in client.endpoints.clone() {
@@ -204,9 +213,18 @@ impl Client {
         out
     }
 
+    /// Whether a prober should look past `addr`: it left an attempt
+    /// unanswered or slow to answer lately.
     fn is_suspect(&self, addr: &str) -> bool {
-        let suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-        suspects.get(addr).is_some_and(|since| since.elapsed() < SUSPECT_FOR)
+        let recent = |m: &Mutex<HashMap<String, tokio::time::Instant>>| {
+            let m = m.lock().unwrap_or_else(|p| p.into_inner());
+            m.get(addr).is_some_and(|since| since.elapsed() < SUSPECT_FOR)
+        };
+        recent(&self.suspects) || recent(&self.slow)
+    }
+
+    fn slow(&self, addr: &str) {
+        self.slow.lock().unwrap_or_else(|p| p.into_inner()).insert(addr.to_owned(), tokio::time::Instant::now());
     }
 
     /// `queue` without suspects, unless that leaves nobody.
@@ -226,6 +244,7 @@ impl Client {
 
     fn answered(&self, addr: String) {
         self.suspects.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
+        self.slow.lock().unwrap_or_else(|p| p.into_inner()).remove(&addr);
         *self.preferred.lock().unwrap_or_else(|p| p.into_inner()) = Some(addr);
     }
 
@@ -277,8 +296,8 @@ impl Client {
                 Some(slow) => tokio::select! {
                     r = tokio::time::timeout_at(attempt_until, &mut fut) => r,
                     () = tokio::time::sleep(slow) => {
-                        // Still unanswered: other lanes should look elsewhere.
-                        self.suspect(&addr);
+                        // Still unanswered: the prober should look elsewhere.
+                        self.slow(&addr);
                         tokio::time::timeout_at(attempt_until, &mut fut).await
                     }
                 },
@@ -357,7 +376,9 @@ impl Client {
             wait: wait.is_some(),
             wait_timeout_ms: wait.map_or(0, |w| w.as_millis().max(1) as u64),
         };
-        let timeout = self.call_timeout + wait.unwrap_or_default();
+        // The commit at the end of a wait may cross a lossy link: allow it
+        // a second even when the client's calls are bounded tighter.
+        let timeout = self.call_timeout.max(ACQUIRE_COMMIT_ALLOWANCE) + wait.unwrap_or_default();
         self.call(timeout, |mut c| {
             let req = req.clone();
             async move { c.acquire(req).await }
@@ -383,13 +404,13 @@ impl Client {
         let req = pb::RenewRequest { group: group.into(), holder: holder.into(), epoch };
         // Lanes beyond the keeper's share connections: the cache stays bounded.
         let lane = lane % keeper::RENEW_LANES;
-        // A renewal is idempotent: an unanswered attempt may move on. Lane 1
-        // probes for a new leader; lanes 0 and 2 go where hints point (lane
-        // 2 over a connection of its own, for a lossy link).
+        // A renewal is idempotent: an unanswered attempt may move on. Lanes
+        // 0 and 1 go where hints point (lane 1 over a connection of its own,
+        // for a lossy link); lane 2 probes for a new leader.
         let how = Attempts {
             bound: (timeout / 3).max(RENEW_ATTEMPT_MIN),
             slow_after: Some((timeout / 8).min(RENEW_SLOW_AFTER_MAX)),
-            probe: lane == 1,
+            probe: lane == 2,
         };
         self.call_on(lane, timeout, how, |mut c| {
             let req = req.clone();

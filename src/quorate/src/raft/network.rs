@@ -5,8 +5,7 @@
 //!   new channel each time would defeat connection reuse). Calls use one lane
 //!   until a call times out, then the next: see [`LANES`].
 //! - Every RPC is bounded by the deadline openraft passes (`soft_ttl`), both
-//!   as a gRPC timeout header and as a local timeout; appends by at least
-//!   [`APPEND_DEADLINE_MIN`].
+//!   as a gRPC timeout header and as a local timeout.
 //! - Every request names its target node in metadata; the receiver refuses
 //!   requests meant for another node.
 //! - Connection failures map to `Unreachable` (openraft backs off), deadline
@@ -215,12 +214,6 @@ fn decode_reply<T: DeserializeOwned>(data: &[u8]) -> Result<T, CallError> {
     }
 }
 
-/// The shortest deadline of an AppendEntries. openraft passes 3/4 of the
-/// heartbeat interval (30 ms with the defaults); on a busy two-core machine
-/// a healthy follower misses that now and then, and every miss stalls its
-/// commits for a backoff. Not a hard limit for openraft's streamed appends.
-pub const APPEND_DEADLINE_MIN: Duration = Duration::from_millis(50);
-
 impl RaftNetworkV2<TypeConfig> for PeerClient {
     type SnapshotData = Vec<u8>;
 
@@ -229,8 +222,7 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        let deadline = option.soft_ttl().max(APPEND_DEADLINE_MIN);
-        self.unary(&rpc, deadline, |mut c, r| async move { c.append_entries(r).await })
+        self.unary(&rpc, option.soft_ttl(), |mut c, r| async move { c.append_entries(r).await })
             .await
             .map_err(|e| self.map_err(RPCTypes::AppendEntries, e))
     }
