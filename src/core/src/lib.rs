@@ -12,6 +12,9 @@
 //!   before a new holder (`renewed + ttl * (1 + drift) + margin`).
 //! - [`names`]: validation of group and holder names (shared by the API layer
 //!   and the state machine, so both refuse the same inputs).
+//! - [`role`]: the role decisions of a member's agent (when to take the
+//!   lease, arm and apply the fence, promote, follow), as a state machine
+//!   whose actions the agent's runtime performs.
 //! - [`machine`]: the replicated state machine. Commands carry the proposing
 //!   leader's clock reading; `apply` is deterministic and returns its decision
 //!   as data ([`machine::Outcome`]) together with the change to publish.
