@@ -105,11 +105,13 @@ impl FenceOps {
     }
 
     /// Sets the lease key to expire at the deadline, without waiting for
-    /// the reply.
+    /// the reply, and only over a connection already open: connecting can
+    /// take up to DRIVER_TIMEOUT, and the deadline timer must not wait for
+    /// it (the next fence or opening reconnects; the key expires by itself).
     async fn keep_key(&mut self, epoch: u64, valid_for: Duration) {
-        let FenceOps::Redis { group, .. } = self else { return };
+        let FenceOps::Redis { group, conn: Some(c), .. } = self else { return };
         let key = lease_key(group);
-        let Ok(Some(mut c)) = self.conn().await else { return };
+        let mut c = c.clone();
         let ms = valid_for.as_millis().max(1) as u64;
         tokio::spawn(async move {
             let mut set = redis::cmd("SET");
