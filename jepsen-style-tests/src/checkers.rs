@@ -259,6 +259,32 @@ pub fn no_failover(ops: &[Op]) -> CheckResult {
     }
 }
 
+/// A coordinator whose data was wiped while it was down is caught up
+/// within `bound_ms` of its restart, and none of the stale reads it
+/// answered before showed the pair's lease at an older epoch than the
+/// cluster had when it restarted (the nemesis records `restart-wiped`,
+/// then `caught-up` or `not-caught-up`, with what it read).
+pub fn wiped_node_catches_up(ops: &[Op], bound_ms: u64) -> CheckResult {
+    if !ops.iter().any(|o| o.f == "restart-wiped") {
+        return CheckResult::NotApplicable;
+    }
+    let Some(done) = ops.iter().find(|o| o.f == "caught-up" || o.f == "not-caught-up") else {
+        return CheckResult::Fail("no outcome recorded for the wiped node".into());
+    };
+    let older = done.u64("older_reads").unwrap_or(0);
+    if older > 0 {
+        return CheckResult::Fail(format!(
+            "the wiped node answered {older} stale reads older than the cluster's state at its restart"
+        ));
+    }
+    let ms = done.u64("ms").unwrap_or(u64::MAX);
+    match (done.f.as_str(), ms <= bound_ms) {
+        ("caught-up", true) => CheckResult::Pass,
+        ("caught-up", false) => CheckResult::Fail(format!("caught up in {ms} ms, over the {bound_ms} ms bound")),
+        _ => CheckResult::Fail(format!("not caught up within {ms} ms")),
+    }
+}
+
 /// After healing: one Redis master, the lease holder, and every
 /// coordinator agrees on holder and epoch.
 pub fn single_primary_after_heal(ops: &[Op]) -> CheckResult {

@@ -79,6 +79,12 @@ pub enum Fault {
     Loss {
         percent: u32,
     },
+    /// A follower coordinator killed and its data directory deleted; under
+    /// `percent` loss on every host, restarted after a few seconds of
+    /// writes, and watched until it is caught up.
+    WipeFollowerUnderLoss {
+        percent: u32,
+    },
 }
 
 /// A negative control: a run the checkers must flag.
@@ -190,6 +196,10 @@ pub fn profile(name: &str, seed: u64) -> anyhow::Result<Vec<Scenario>> {
         available(s("one-way-replica-blind", Fault::OneWayReplicaBlind, Expect::NoFailover), UNDISTURBED_MS),
         available(s("primary-replica-link-cut", Fault::PrimaryReplicaLink, Expect::NoFailover), UNDISTURBED_MS),
         available(s(&format!("packet-loss-{loss}"), Fault::Loss { percent: loss }, Expect::NoFailover), LOSSY_MS),
+        available(
+            s("wipe-follower-under-loss-20", Fault::WipeFollowerUnderLoss { percent: 20 }, Expect::Safety),
+            LOSSY_MS,
+        ),
         // c2 may be the Raft leader.
         available(s("pause-observer", Fault::PauseObserver { ms: 4_000 }, Expect::NoFailover), LEADER_LOST_MS),
         Scenario { skew_ppm: 5_000, ..s("clock-drift-within-bound", Fault::None, Expect::Safety) },
@@ -241,6 +251,9 @@ pub struct Measured {
     pub fence_late_ms: Vec<f64>,
     pub fence_late_frozen_ms: Vec<f64>,
     pub deadline_fences: Vec<DeadlineFence>,
+    /// How long a wiped coordinator took to catch up after its restart.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub catch_up_ms: Option<u64>,
 }
 
 /// Milliseconds to one decimal, for reports.
@@ -484,6 +497,12 @@ async fn run_inner(
             sys.net.loss(f64::from(*percent) / 100.0)?;
             info("loss", json!({"percent": percent}));
         }
+        Fault::WipeFollowerUnderLoss { percent } => {
+            let leader = leader_now(&sys).await;
+            let followers: Vec<&String> = coordinators.iter().filter(|c| **c != leader).collect();
+            let victim = followers.choose(&mut rng).map(|c| (*c).clone()).unwrap_or_else(|| "c3".into());
+            wipe_and_catch_up(&mut sys, &client, &victim, *percent, t.fault, &info).await?;
+        }
         _ => {}
     }
     if let Some(g) = &grudge {
@@ -536,6 +555,69 @@ async fn run_inner(
     Ok(check(&ops, sc, &fences))
 }
 
+/// How long a wiped coordinator may take to catch up under loss.
+pub const CATCH_UP_BOUND_MS: u64 = 20_000;
+
+/// Kills `victim`, deletes its data directory, turns on loss, restarts it
+/// after a few seconds of writes, and polls it (stale reads and status)
+/// until it has caught up or the window ends; records what it saw.
+async fn wipe_and_catch_up(
+    sys: &mut System,
+    client: &Client,
+    victim: &str,
+    percent: u32,
+    window: Duration,
+    info: &impl Fn(&str, serde_json::Value),
+) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    sys.kill(victim);
+    let data = sys.dir.join(format!("{victim}-data"));
+    std::fs::remove_dir_all(&data).with_context(|| format!("cannot wipe {}", data.display()))?;
+    info("wipe", json!({"target": victim}));
+    sys.net.loss(f64::from(percent) / 100.0)?;
+    info("loss", json!({"percent": percent}));
+    // Entries accumulate meanwhile (agents' reports, renewals).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    // What the cluster holds now: reads from the wiped node must not show
+    // less.
+    let epoch_then =
+        client.get_lease(PAIR, pb::Consistency::Linearizable).await.ok().and_then(|r| r.lease).map(|l| l.epoch);
+    let addr = format!("{}:{}", sys.net.host(victim).ip, crate::system::API_PORT);
+    sys.start_proc(victim)?;
+    let restarted = std::time::Instant::now();
+    info("restart-wiped", json!({"target": victim, "epoch": epoch_then}));
+    let one = Client::from_list(&addr)?.with_call_timeout(Duration::from_secs(1));
+    let mut older_reads = 0u64;
+    let mut served = 0u64;
+    let deadline = window.saturating_sub(started.elapsed()).max(Duration::from_secs(5));
+    while restarted.elapsed() < deadline {
+        if let Ok(r) = one.get_lease(PAIR, pb::Consistency::Stale).await {
+            served += 1;
+            let epoch = r.lease.map_or(0, |l| l.epoch);
+            if epoch_then.is_some_and(|then| epoch < then) {
+                older_reads += 1;
+            }
+        }
+        let caught_up = match one.raw(&addr) {
+            Ok(mut raw) => tokio::time::timeout(Duration::from_secs(1), raw.status(pb::StatusRequest {}))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .is_some_and(|s| s.into_inner().caught_up),
+            Err(_) => false,
+        };
+        if caught_up {
+            let ms = restarted.elapsed().as_millis() as u64;
+            info("caught-up", json!({"target": victim, "ms": ms, "older_reads": older_reads, "served": served}));
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let ms = restarted.elapsed().as_millis() as u64;
+    info("not-caught-up", json!({"target": victim, "ms": ms, "older_reads": older_reads, "served": served}));
+    Ok(())
+}
+
 /// The Raft leader now; asks for a few seconds if an election is under way.
 async fn leader_now(sys: &System) -> String {
     for _ in 0..20 {
@@ -579,6 +661,11 @@ pub fn check(ops: &[Op], sc: &Scenario, fences: &[DeadlineFence]) -> (BTreeMap<S
         c.insert("write_availability".into(), checkers::write_availability(ops, bound).0);
     }
     let (fo, times) = checkers::failover_times(ops, FAILOVER_BOUND_MS);
+    let catch_up = checkers::wiped_node_catches_up(ops, CATCH_UP_BOUND_MS);
+    let catch_up_ms = ops.iter().find(|o| o.f == "caught-up").and_then(|o| o.u64("ms"));
+    if catch_up != CheckResult::NotApplicable {
+        c.insert("wiped_node_catches_up".into(), catch_up);
+    }
     let measured = Measured {
         failovers: times.len(),
         failover_ms: times,
@@ -593,6 +680,7 @@ pub fn check(ops: &[Op], sc: &Scenario, fences: &[DeadlineFence]) -> (BTreeMap<S
         fence_late_ms: late_ms(running),
         fence_late_frozen_ms: late_ms(frozen),
         deadline_fences: fences.to_vec(),
+        catch_up_ms,
     };
     match sc.expect {
         Expect::Failover => {

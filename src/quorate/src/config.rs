@@ -44,8 +44,14 @@ pub struct ServerConfig {
     /// Safety margin added to every lease wait and subtracted from every
     /// holder's validity.
     pub lease_margin_ms: u64,
-    /// Build a snapshot (and compact the log) after this many entries.
+    /// Build a snapshot (and compact the log) after this many entries...
     pub snapshot_every_entries: u64,
+    /// ... or once the entries since the last snapshot hold this many bytes...
+    pub snapshot_max_log_bytes: u64,
+    /// ... or when this long has passed since the last one and anything was
+    /// applied since. The three bound the log on disk and what a restart
+    /// or a follower that fell behind must replay.
+    pub snapshot_every_ms: u64,
     /// UNSAFE, for the fault suite's negative control only: grant leases
     /// without waiting for the previous holder's to expire.
     pub test_only_skip_lease_wait: bool,
@@ -78,10 +84,20 @@ impl Default for ServerConfig {
             max_clock_drift_ppm: timing.max_clock_drift_ppm,
             lease_margin_ms: timing.lease_margin_ms,
             snapshot_every_entries: 5_000,
+            snapshot_max_log_bytes: 64 << 20,
+            snapshot_every_ms: 300_000,
             test_only_skip_lease_wait: false,
         }
     }
 }
+
+/// Bounds of the snapshot settings: a log of millions of entries or GBs
+/// would make restarts and catch-up take minutes.
+const MAX_SNAPSHOT_EVERY_ENTRIES: u64 = 1_000_000;
+const MIN_SNAPSHOT_LOG_BYTES: u64 = 1 << 20;
+const MAX_SNAPSHOT_LOG_BYTES: u64 = 4 << 30;
+const MIN_SNAPSHOT_EVERY_MS: u64 = 1_000;
+const MAX_SNAPSHOT_EVERY_MS: u64 = 86_400_000;
 
 /// A configuration that cannot be used, with the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -234,8 +250,29 @@ impl ServerConfig {
                 ),
             ));
         }
-        if self.snapshot_every_entries == 0 {
-            return Err(invalid("snapshot_every_entries", "must be positive"));
+        if !(1..=MAX_SNAPSHOT_EVERY_ENTRIES).contains(&self.snapshot_every_entries) {
+            return Err(invalid(
+                "snapshot_every_entries",
+                format!("{} is outside 1..={MAX_SNAPSHOT_EVERY_ENTRIES}", self.snapshot_every_entries),
+            ));
+        }
+        if !(MIN_SNAPSHOT_LOG_BYTES..=MAX_SNAPSHOT_LOG_BYTES).contains(&self.snapshot_max_log_bytes) {
+            return Err(invalid(
+                "snapshot_max_log_bytes",
+                format!(
+                    "{} is outside {MIN_SNAPSHOT_LOG_BYTES}..={MAX_SNAPSHOT_LOG_BYTES} (1 MiB to 4 GiB)",
+                    self.snapshot_max_log_bytes
+                ),
+            ));
+        }
+        if !(MIN_SNAPSHOT_EVERY_MS..=MAX_SNAPSHOT_EVERY_MS).contains(&self.snapshot_every_ms) {
+            return Err(invalid(
+                "snapshot_every_ms",
+                format!(
+                    "{} ms is outside {MIN_SNAPSHOT_EVERY_MS}..={MAX_SNAPSHOT_EVERY_MS} ms (1 s to 1 day)",
+                    self.snapshot_every_ms
+                ),
+            ));
         }
         Ok(())
     }
@@ -293,6 +330,12 @@ mod tests {
         assert!(err(&c).starts_with("listen:"));
         let c = ServerConfig { data_dir: PathBuf::new(), ..good() };
         assert!(err(&c).starts_with("data_dir:"));
+        let c = ServerConfig { snapshot_every_entries: u64::MAX, ..good() };
+        assert!(err(&c).starts_with("snapshot_every_entries:"), "{}", err(&c));
+        let c = ServerConfig { snapshot_max_log_bytes: 10, ..good() };
+        assert!(err(&c).starts_with("snapshot_max_log_bytes:"), "{}", err(&c));
+        let c = ServerConfig { snapshot_every_ms: 0, ..good() };
+        assert!(err(&c).starts_with("snapshot_every_ms:"), "{}", err(&c));
     }
 
     #[test]

@@ -6,9 +6,11 @@
 //! timeout shorter than the interval, so a slow store cannot stall the loop),
 //! feeds the readings to one pure [`Tracker`] per target, and queues a
 //! group's view when one of its observations changes state and at least
-//! every `report_interval_ms`. The reporter sends every queued view in one
-//! report (the latest view per group, never a backlog) and retries until it
-//! gets through, following the Raft leader.
+//! every `report_interval_ms`. The reporter sends every queued view (the
+//! latest view per group, never a backlog), in reports of at most
+//! [`REPORT_CHUNK_BYTES`] sent together, so that a coordinator watching
+//! thousands of groups never writes an entry larger than the cluster takes,
+//! and retries what failed until it gets through, following the Raft leader.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -36,6 +38,34 @@ impl ReportSink for Client {
     async fn report(&self, req: pb::ReportRequest) -> Result<(), ClientError> {
         self.report_view(req).await.map(|_| ())
     }
+}
+
+/// The most protobuf-encoded view bytes in one report. Reports are stored
+/// as JSON, a few times larger, and must fit a log entry
+/// ([`crate::raft::MAX_ENTRY_BYTES`]); the leader packs small reports into
+/// one entry anyway.
+pub const REPORT_CHUNK_BYTES: usize = 64 << 10;
+
+/// Splits `views` into runs of at most [`REPORT_CHUNK_BYTES`] (a single
+/// larger view goes alone).
+fn chunks(views: Vec<pb::GroupView>) -> Vec<Vec<pb::GroupView>> {
+    use prost::Message as _;
+    let mut out: Vec<Vec<pb::GroupView>> = Vec::new();
+    let mut bytes = 0usize;
+    for v in views {
+        let size = v.encoded_len();
+        match out.last_mut() {
+            Some(last) if bytes + size <= REPORT_CHUNK_BYTES => {
+                bytes += size;
+                last.push(v);
+            }
+            _ => {
+                bytes = size;
+                out.push(vec![v]);
+            }
+        }
+    }
+    out
 }
 
 /// Bound on one read round: four fifths of the shortest heartbeat interval.
@@ -232,8 +262,9 @@ async fn read_round<S: Stores>(
     futures::future::join_all(reads).await.into_iter().flatten().collect()
 }
 
-/// Sends every queued view in one report until it gets through; then waits
-/// for more. A failed send is retried shortly, merged with newer views.
+/// Sends every queued view, in reports of bounded size sent together, until
+/// they get through; then waits for more. A failed report is retried
+/// shortly, merged with newer views.
 async fn report_loop<R: ReportSink>(
     observer: Observer,
     incarnation: u64,
@@ -252,25 +283,36 @@ async fn report_loop<R: ReportSink>(
         if views.is_empty() {
             continue;
         }
-        let req = pb::ReportRequest {
-            observer: observer.to_string(),
-            observer_incarnation: incarnation,
-            views,
-            status: status.as_ref().map(|s| s.borrow().clone()),
-        };
-        match sink.report(req.clone()).await {
-            Ok(()) => {
+        let status = status.as_ref().map(|s| s.borrow().clone());
+        let sends = chunks(views).into_iter().map(|views| {
+            let req = pb::ReportRequest {
+                observer: observer.to_string(),
+                observer_incarnation: incarnation,
+                views,
+                status: status.clone(),
+            };
+            let sink = sink.clone();
+            async move { sink.report(req.clone()).await.map_err(|e| (e, req.views)) }
+        });
+        let mut failed = None;
+        for res in futures::future::join_all(sends).await {
+            if let Err((e, views)) = res {
+                pending.put_back(views);
+                failed = Some(e);
+            }
+        }
+        match failed {
+            None => {
                 if failures > 0 {
                     info!(after = failures, "reports get through again");
                 }
                 failures = 0;
             }
-            Err(e) => {
+            Some(e) => {
                 failures += 1;
                 if failures == 1 || failures.is_power_of_two() {
                     warn!(failures, "report failed, will retry: {e}");
                 }
-                pending.put_back(req.views);
                 tokio::select! {
                     () = tokio::time::sleep(Duration::from_millis(100)) => pending.notify.notify_one(),
                     () = crate::shutdown::stopped(&mut stop) => return,

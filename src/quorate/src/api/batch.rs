@@ -5,7 +5,11 @@
 //! trip, fsync on a majority, apply, wakeups) that dwarfs its content, so
 //! the batcher collects the reports that arrive while the previous batch is
 //! being committed (and for a short linger) and proposes them as one
-//! `Op::Batch`. One batch is in flight at a time; the queue is bounded.
+//! `Op::Batch`. One batch is in flight at a time; the queue is bounded, and
+//! so is a batch: by count and by encoded size, under
+//! [`MAX_ENTRY_BYTES`]. A report that does not fit in an entry by itself is
+//! refused at once, alone; one that does not fit in the batch being filled
+//! starts the next.
 
 use std::time::Duration;
 
@@ -15,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
 use super::error::ApiError;
+use crate::raft::{MAX_ENTRY_BYTES, encoded_len};
 use crate::server::Node;
 
 /// How long the batcher waits for more reports before proposing. Reports
@@ -25,6 +30,10 @@ const LINGER: Duration = Duration::from_millis(10);
 const MAX_BATCH: usize = 512;
 /// Reports waiting for a batch; beyond it callers wait for room.
 const QUEUE: usize = 4096;
+/// Room left in an entry for the batch's envelope and the leader's stamp.
+const ENVELOPE_BYTES: usize = 1024;
+/// The most encoded bytes of commands in one batch.
+const MAX_BATCH_BYTES: usize = MAX_ENTRY_BYTES - ENVELOPE_BYTES;
 
 type Reply = oneshot::Sender<Result<Outcome, ApiError>>;
 
@@ -52,31 +61,46 @@ impl Batcher {
 }
 
 async fn run(node: Node, mut rx: mpsc::Receiver<(Op, Reply)>) {
-    while let Some(first) = rx.recv().await {
-        let mut batch = vec![first];
+    // A report that did not fit in the previous batch opens the next one.
+    let mut carried: Option<(Op, Reply, usize)> = None;
+    loop {
+        let (op, reply, size) = match carried.take() {
+            Some(c) => c,
+            None => match rx.recv().await {
+                Some((op, reply)) => {
+                    let size = encoded_len(&op);
+                    (op, reply, size)
+                }
+                None => return,
+            },
+        };
+        if size > MAX_BATCH_BYTES {
+            let _ = reply.send(Err(too_large(&op, size)));
+            continue;
+        }
+        let mut bytes = size;
+        let mut batch = vec![(op, reply)];
         let linger = tokio::time::sleep(LINGER);
         tokio::pin!(linger);
         while batch.len() < MAX_BATCH {
             tokio::select! {
                 item = rx.recv() => match item {
-                    Some(item) => batch.push(item),
+                    Some((op, reply)) => {
+                        let size = encoded_len(&op);
+                        if bytes + size > MAX_BATCH_BYTES {
+                            carried = Some((op, reply, size));
+                            break;
+                        }
+                        bytes += size;
+                        batch.push((op, reply));
+                    }
                     None => break,
                 },
                 () = &mut linger => break,
             }
         }
         let (ops, replies): (Vec<Op>, Vec<Reply>) = batch.into_iter().unzip();
-        let result = if ops.len() == 1 {
-            node.propose(ops.into_iter().next().expect("one op")).await.map(|o| vec![o])
-        } else {
-            let n = ops.len();
-            match node.propose(Op::Batch(ops)).await {
-                Ok(Outcome::Batch(outcomes)) if outcomes.len() == n => Ok(outcomes),
-                Ok(other) => Err(ApiError::Internal(format!("a batch of {n} commands applied as {other:?}"))),
-                Err(e) => Err(e),
-            }
-        };
-        match result {
+        match node.propose_all(ops).await {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
@@ -89,4 +113,12 @@ async fn run(node: Node, mut rx: mpsc::Receiver<(Op, Reply)>) {
             }
         }
     }
+}
+
+fn too_large(op: &Op, bytes: usize) -> ApiError {
+    let what = match op {
+        Op::Report { views, .. } => format!("a report with {} views", views.len()),
+        _ => "a command".to_owned(),
+    };
+    ApiError::TooLarge { what, bytes, limit: MAX_BATCH_BYTES }
 }

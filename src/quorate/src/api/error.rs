@@ -53,6 +53,18 @@ pub enum ApiError {
     /// The node is shutting down or its Raft stopped.
     #[error("node {node_id} is shutting down or stopped: {detail}")]
     Stopped { node_id: u64, detail: String },
+    /// This node has not caught up with the cluster since it started, so
+    /// its state may be older than one it served before. Nothing was read.
+    #[error(
+        "node {node_id} has not caught up with the cluster since it started (applied {applied}{}); ask another node or retry shortly",
+        target.map(|t| format!(" of {t}")).unwrap_or_else(|| ", no leader heard yet".to_owned())
+    )]
+    CatchingUp { node_id: u64, applied: u64, target: Option<u64> },
+    /// The request would not fit in one Raft log entry. Nothing was written.
+    #[error(
+        "{what} encodes to {bytes} bytes as a Raft log entry; the limit is {limit} bytes (MAX_ENTRY_BYTES): split it into smaller requests"
+    )]
+    TooLarge { what: String, bytes: usize, limit: usize },
     /// A bug or an impossible state; the message says what.
     #[error("internal error: {0}")]
     Internal(String),
@@ -74,11 +86,12 @@ impl ApiError {
     pub fn into_status(self) -> Status {
         let message = self.to_string();
         let mut status = match &self {
-            ApiError::InvalidArgument(_) => Status::invalid_argument(message),
+            ApiError::InvalidArgument(_) | ApiError::TooLarge { .. } => Status::invalid_argument(message),
             ApiError::NotFound(_) => Status::not_found(message),
-            ApiError::NotLeader { .. } | ApiError::NoQuorum { .. } | ApiError::Stopped { .. } => {
-                Status::unavailable(message)
-            }
+            ApiError::NotLeader { .. }
+            | ApiError::NoQuorum { .. }
+            | ApiError::Stopped { .. }
+            | ApiError::CatchingUp { .. } => Status::unavailable(message),
             ApiError::NotHolder { .. } | ApiError::Expired { .. } | ApiError::Precondition(_) => {
                 Status::failed_precondition(message)
             }

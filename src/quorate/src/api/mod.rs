@@ -267,6 +267,7 @@ impl CoordinatorService {
             initialized: !voters.is_empty(),
             version: crate::VERSION.into(),
             lease_groups: self.node.reader.lease_count() as u64,
+            caught_up: self.node.readiness.caught_up(),
         }
     }
 }
@@ -344,6 +345,8 @@ impl Coordinator for CoordinatorService {
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let group = req.into_inner().group;
         check_name(NameKind::Group, &group)?;
+        // A watch starts from this node's state: not before it caught up.
+        self.node.ensure_caught_up()?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let span = info_span!("watch", group = %group, node_id = self.node.id);
         // The task ends when the client goes away (tx closed) or the node
@@ -373,6 +376,7 @@ impl Coordinator for CoordinatorService {
         &self,
         _req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
+        self.node.ensure_caught_up()?;
         Ok(Response::new(self.do_list_groups()))
     }
 

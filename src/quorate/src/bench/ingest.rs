@@ -125,7 +125,7 @@ fn clock_ticks_per_s() -> f64 {
 }
 
 /// A redis-server started for the bench, stopped on drop.
-struct OwnRedis {
+pub(super) struct OwnRedis {
     child: std::process::Child,
     _dir: std::path::PathBuf,
 }
@@ -137,7 +137,7 @@ impl Drop for OwnRedis {
     }
 }
 
-fn start_redis() -> Result<(OwnRedis, String), IngestError> {
+pub(super) fn start_redis() -> Result<(OwnRedis, String), IngestError> {
     let redis = crate::local::find_redis_server().map_err(|e| IngestError::Setup(e.to_string()))?;
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -344,7 +344,7 @@ pub async fn run(client: &Client, opts: &IngestOptions) -> Result<IngestReport, 
     })
 }
 
-async fn applied_index(client: &Client) -> Result<u64, ClientError> {
+pub(super) async fn applied_index(client: &Client) -> Result<u64, ClientError> {
     // The highest applied index any node reports.
     let mut best = BTreeMap::new();
     for e in client.endpoints() {

@@ -1,13 +1,15 @@
 //! `quorate bench`: load generators against a running cluster.
 //!
 //! `lease-get` and `acquire-renew` are closed loops (this file); `ingest`
-//! measures what observations cost the coordinators ([`ingest`]).
+//! measures what observations cost the coordinators ([`ingest`]); `groups`
+//! whether writes keep committing with thousands of groups ([`groups`]).
 //!
 //! N clients (each with its own connection) issue calls back to back for the
 //! given duration; every latency is recorded and the report gives throughput
 //! and p50/p99/max. Numbers, not assertions: this is how the README's
 //! figures are produced.
 
+pub mod groups;
 pub mod ingest;
 
 use std::fmt;
@@ -28,6 +30,8 @@ pub enum BenchKind {
     AcquireRenew,
     /// Simulated members and agents; measures coordinator CPU per observation.
     Ingest,
+    /// Creates `--count` groups, then renews leases: write latency with many groups.
+    Groups,
 }
 
 /// The result of one run.
@@ -51,6 +55,7 @@ impl fmt::Display for BenchReport {
             BenchKind::LeaseGet => format!("lease-get ({})", self.consistency),
             BenchKind::AcquireRenew => "acquire-renew (renewals)".to_owned(),
             BenchKind::Ingest => "ingest".to_owned(),
+            BenchKind::Groups => "groups".to_owned(),
         };
         write!(
             f,
@@ -85,14 +90,7 @@ pub async fn run(
         errors += errs;
     }
     let elapsed = started.elapsed().as_secs_f64();
-    latencies_us.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies_us.is_empty() {
-            return 0.0;
-        }
-        let idx = ((latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        f64::from(latencies_us[idx]) / 1000.0
-    };
+    let (p50_ms, p99_ms, max_ms) = percentiles(&mut latencies_us);
     Ok(BenchReport {
         kind,
         consistency: match (kind, consistency) {
@@ -106,10 +104,23 @@ pub async fn run(
         ops: latencies_us.len() as u64,
         errors,
         ops_per_s: latencies_us.len() as f64 / elapsed,
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        max_ms: pct(1.0),
+        p50_ms,
+        p99_ms,
+        max_ms,
     })
+}
+
+/// p50, p99 and max of latencies in µs, in ms (zeros when empty).
+pub(crate) fn percentiles(latencies_us: &mut [u32]) -> (f64, f64, f64) {
+    latencies_us.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies_us.is_empty() {
+            return 0.0;
+        }
+        let idx = ((latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        f64::from(latencies_us[idx]) / 1000.0
+    };
+    (pct(0.5), pct(0.99), pct(1.0))
 }
 
 /// One closed-loop client. Returns its latencies and its error count.
@@ -132,7 +143,9 @@ async fn worker(
     while Instant::now() < end {
         let t = Instant::now();
         let ok = match kind {
-            BenchKind::LeaseGet | BenchKind::Ingest => c.get_lease("bench", consistency).await.is_ok(),
+            BenchKind::LeaseGet | BenchKind::Ingest | BenchKind::Groups => {
+                c.get_lease("bench", consistency).await.is_ok()
+            }
             BenchKind::AcquireRenew => c.renew(&group, &holder, epoch).await.is_ok(),
         };
         if ok {

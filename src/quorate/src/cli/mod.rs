@@ -376,6 +376,9 @@ pub struct BenchArgs {
     /// Read consistency for lease-get.
     #[arg(long, value_enum, default_value_t = ConsistencyArg::Linearizable)]
     pub consistency: ConsistencyArg,
+    /// groups: number of groups to create.
+    #[arg(long, default_value_t = 10_000)]
+    pub count: usize,
     /// ingest: number of simulated members.
     #[arg(long, default_value_t = 1000)]
     pub members: usize,
@@ -484,6 +487,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Local(LocalCommand::Down { dir }) => {
             let stopped = crate::local::down(&dir).await?;
             emit(json_mode, &json!({ "stopped": stopped }), || format!("stopped {} processes", stopped.len()));
+            Ok(())
+        }
+        Command::Bench(args) if args.kind == crate::bench::BenchKind::Groups => {
+            let client = client(&cli.endpoints)?;
+            let opts = crate::bench::groups::GroupsOptions {
+                count: args.count,
+                clients: args.clients,
+                duration: Duration::from_secs(args.duration_s),
+                heartbeat_url: args.heartbeat_url,
+            };
+            let report = crate::bench::groups::run(&client, &opts).await?;
+            emit(json_mode, &serde_json::to_value(&report)?, || report.to_string());
             Ok(())
         }
         Command::Bench(args) if args.kind == crate::bench::BenchKind::Ingest => {

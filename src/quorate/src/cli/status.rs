@@ -15,11 +15,20 @@ pub async fn run(endpoints: &str, json_mode: bool) -> anyhow::Result<()> {
             Some(l) => format!("leader: node {l}, term {}\n", view.term),
             None => format!("leader: none known (highest term seen: {})\n", view.term),
         };
-        out.push_str(&format!("{:<4} {:<22} {:<10} {}", "ID", "ADDR", "ROLE", "REACHABLE"));
+        out.push_str(&format!(
+            "{:<4} {:<22} {:<10} {:<10} {:<10} {}",
+            "ID", "ADDR", "ROLE", "REACHABLE", "APPLIED", "CAUGHT-UP"
+        ));
         for n in &view.nodes {
             let id = n.id.map_or_else(|| "?".to_owned(), |i| i.to_string());
             let reach = if n.reachable { "yes" } else { "NO" };
-            out.push_str(&format!("\n{id:<4} {:<22} {:<10} {reach}", n.addr, n.role));
+            let applied = n.applied.map_or_else(|| "-".to_owned(), |a| a.to_string());
+            let caught_up = match n.caught_up {
+                Some(true) => "yes",
+                Some(false) => "NO (no reads)",
+                None => "-",
+            };
+            out.push_str(&format!("\n{id:<4} {:<22} {:<10} {reach:<10} {applied:<10} {caught_up}", n.addr, n.role));
         }
         out
     });

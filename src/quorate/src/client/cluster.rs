@@ -28,6 +28,10 @@ pub struct NodeView {
     pub addr: String,
     pub role: String,
     pub reachable: bool,
+    /// Its last applied log index, when it answered.
+    pub applied: Option<u64>,
+    /// Whether it has caught up since it started, when it answered.
+    pub caught_up: Option<bool>,
 }
 
 /// The combined view `status` prints.
@@ -76,6 +80,8 @@ pub async fn cluster_view(client: &Client) -> ClusterView {
                 addr: addr.clone(),
                 role: own.as_ref().map_or_else(|| "unknown".to_owned(), |s| s.role.clone()),
                 reachable: own.is_some(),
+                applied: own.as_ref().map(|s| s.last_applied),
+                caught_up: own.as_ref().map(|s| s.caught_up),
             }
         })
         .collect();
@@ -87,6 +93,8 @@ pub async fn cluster_view(client: &Client) -> ClusterView {
                 addr: addr.clone(),
                 role: resp.as_ref().map_or_else(|| "unknown".to_owned(), |s| s.role.clone()),
                 reachable: resp.is_some(),
+                applied: resp.as_ref().map(|s| s.last_applied),
+                caught_up: resp.as_ref().map(|s| s.caught_up),
             });
         }
     }

@@ -20,10 +20,13 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 use std::path::Path;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
-use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
+};
 
 use super::{Entry, LogId, TypeConfig, Vote};
 
@@ -45,9 +48,17 @@ pub enum StoreError {
     Io(#[from] io::Error),
 }
 
+/// redb's page cache. Its default (1 GiB) let every node's memory grow
+/// with the log until the first snapshot; the working set is the recent
+/// log tail and the snapshot, far smaller.
+const CACHE_BYTES: usize = 64 << 20;
+
 /// Opens (or creates) the node's redb database file.
 pub fn open_database(path: &Path) -> Result<Arc<Database>, StoreError> {
-    let db = Database::create(path).map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
+    let db = Database::builder()
+        .set_cache_size(CACHE_BYTES)
+        .create(path)
+        .map_err(|source| StoreError::Open { path: path.display().to_string(), source })?;
     let store = Arc::new(db);
     // Create the tables so that read transactions never see them missing.
     let txn = store.begin_write().map_err(io_err)?;
@@ -100,15 +111,31 @@ fn put_meta(txn: &WriteTransaction, key: &str, bytes: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
+/// Whether the store holds nothing at all: no vote, no log, no snapshot,
+/// as a node that never ran (or lost its data) finds it.
+pub fn is_empty(db: &Database) -> Result<bool, StoreError> {
+    let txn = db.begin_read().map_err(io_err)?;
+    let log = txn.open_table(LOG).map_err(io_err)?;
+    let meta = txn.open_table(META).map_err(io_err)?;
+    Ok(log.is_empty().map_err(io_err)? && meta.is_empty().map_err(io_err)?)
+}
+
 /// The log store: a handle on the node's redb database.
 #[derive(Debug, Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    appended: Arc<AtomicU64>,
 }
 
 impl LogStore {
     pub fn new(db: Arc<Database>) -> Self {
-        Self { db }
+        Self { db, appended: Arc::new(AtomicU64::new(0)) }
+    }
+
+    /// A counter of the encoded bytes appended since this process started
+    /// (snapshots are triggered by how much log accumulates).
+    pub fn appended_bytes(&self) -> Arc<AtomicU64> {
+        self.appended.clone()
     }
 }
 
@@ -183,9 +210,13 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut rows = Vec::new();
+        let mut bytes = 0u64;
         for e in entries {
-            rows.push((e.log_id.index, encode(&e)?));
+            let row = encode(&e)?;
+            bytes += row.len() as u64;
+            rows.push((e.log_id.index, row));
         }
+        self.appended.fetch_add(bytes, Ordering::Relaxed);
         let res = write_txn(&self.db, Durability::Immediate, move |txn| {
             let mut table = txn.open_table(LOG).map_err(io_err)?;
             for (index, bytes) in &rows {

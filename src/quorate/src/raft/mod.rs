@@ -31,6 +31,35 @@ openraft::declare_raft_types!(
         Node = BasicNode,
 );
 
+/// The largest command one log entry may carry, JSON-encoded as it is
+/// stored and sent. Every writer stays under it (the report batcher packs
+/// by size, observers split their reports); a single request that would
+/// exceed it is refused ([`crate::api::error::ApiError::TooLarge`]). It
+/// bounds what one append and one apply cost: entries of several MB made
+/// every replication attempt run out of time.
+pub const MAX_ENTRY_BYTES: usize = 512 << 10;
+
+/// The JSON-encoded size of `value`, without keeping the bytes.
+pub fn encoded_len<T: serde::Serialize>(value: &T) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut c = Count(0);
+    // Encoding into a counter does not fail for our types; if it did, the
+    // value counts as too large for anything.
+    match serde_json::to_writer(&mut c, value) {
+        Ok(()) => c.0,
+        Err(_) => usize::MAX,
+    }
+}
+
 /// The openraft handle, with our state machine.
 pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachineStore>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;

@@ -4,8 +4,15 @@
 //!   calls `new_client` for every replication stream and vote broadcast; a
 //!   new channel each time would defeat connection reuse). Calls use one lane
 //!   until a call times out, then the next: see [`LANES`].
-//! - Every RPC is bounded by the deadline openraft passes (`soft_ttl`), both
-//!   as a gRPC timeout header and as a local timeout.
+//! - Every RPC is bounded, both as a gRPC timeout header and as a local
+//!   timeout. Heartbeats and votes get the deadline openraft passes
+//!   (`soft_ttl`, 3/4 of the heartbeat interval); an AppendEntries that
+//!   carries entries, and a snapshot, get that plus time for their bytes
+//!   ([`payload_deadline`]). A fixed heartbeat-sized deadline for every
+//!   append made one large entry time out on every attempt, for ever.
+//! - An AppendEntries carries at most [`MAX_APPEND_BYTES`] of entries (and
+//!   always at least one): the rest of openraft's batch is left out and the
+//!   reply says so (`PartialSuccess`), so openraft sends it next.
 //! - Every request names its target node in metadata; the receiver refuses
 //!   requests meant for another node.
 //! - Connection failures map to `Unreachable` (openraft backs off), deadline
@@ -25,7 +32,7 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::{Channel, Endpoint};
 
-use super::{Snapshot, TypeConfig, Vote};
+use super::{Snapshot, TypeConfig, Vote, encoded_len};
 use crate::pb::raft::raft_client::RaftClient;
 use crate::pb::raft::{RaftPayload, SnapshotChunk};
 
@@ -34,6 +41,34 @@ pub const TARGET_NODE_HEADER: &str = "x-quorate-target-node";
 
 /// Snapshot bytes per streamed chunk: well under tonic's 4 MiB decode limit.
 const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// The most encoded bytes one AppendEntries carries, unless its first entry
+/// alone is larger (entries are bounded by [`super::MAX_ENTRY_BYTES`]).
+pub const MAX_APPEND_BYTES: usize = 1 << 20;
+
+/// The throughput deadlines assume for payloads: far below what loopback
+/// or a LAN does, so that only a stalled connection runs out of time, yet a
+/// megabyte over a lossy link (retransmissions at 200 ms and more) fits.
+const PAYLOAD_BYTES_PER_SEC: u64 = 1 << 20;
+
+/// The deadline of a call that carries `bytes`: `base` (what openraft gives
+/// a heartbeat) plus a second per MiB.
+pub fn payload_deadline(base: Duration, bytes: usize) -> Duration {
+    base + Duration::from_micros((bytes as u64).saturating_mul(1_000_000) / PAYLOAD_BYTES_PER_SEC)
+}
+
+/// How many of `entries`, from the first, fit in `budget` encoded bytes;
+/// at least one.
+fn entries_within<T: Serialize>(entries: &[T], budget: usize) -> usize {
+    let mut total = 0usize;
+    for (i, e) in entries.iter().enumerate() {
+        total = total.saturating_add(encoded_len(e));
+        if total > budget {
+            return i.max(1);
+        }
+    }
+    entries.len()
+}
 
 /// How long a TCP connect may take before the peer counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
@@ -168,6 +203,16 @@ impl PeerClient {
         Fut: Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
     {
         let data = serde_json::to_vec(req).map_err(|e| CallError::Other(e.to_string()))?;
+        self.unary_encoded(data, deadline, call).await
+    }
+
+    /// [`Self::unary`] with the request already encoded.
+    async fn unary_encoded<Resp, F, Fut>(&self, data: Vec<u8>, deadline: Duration, call: F) -> Result<Resp, CallError>
+    where
+        Resp: DeserializeOwned,
+        F: FnOnce(RaftClient<Channel>, tonic::Request<RaftPayload>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<RaftPayload>, tonic::Status>>,
+    {
         let (lane, client) = self.client()?;
         let fut = call(client, self.request(RaftPayload { data }, deadline));
         let res = match tokio::time::timeout(deadline, fut).await {
@@ -219,12 +264,35 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
 
     async fn append_entries(
         &mut self,
-        rpc: AppendEntriesRequest<TypeConfig>,
+        mut rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<TypeConfig>, RPCError<TypeConfig>> {
-        self.unary(&rpc, option.soft_ttl(), |mut c, r| async move { c.append_entries(r).await })
+        let fail = |e: CallError| self.map_err(RPCTypes::AppendEntries, e);
+        let encode = |rpc: &AppendEntriesRequest<TypeConfig>| {
+            serde_json::to_vec(rpc).map_err(|e| fail(CallError::Other(e.to_string())))
+        };
+        let mut data = encode(&rpc)?;
+        // Send a prefix that fits the byte budget; openraft sends the rest
+        // after the PartialSuccess below.
+        let mut sent_up_to = None;
+        if data.len() > MAX_APPEND_BYTES && rpc.entries.len() > 1 {
+            let keep = entries_within(&rpc.entries, MAX_APPEND_BYTES);
+            if keep < rpc.entries.len() {
+                rpc.entries.truncate(keep);
+                sent_up_to = rpc.entries.last().map(|e| e.log_id);
+                data = encode(&rpc)?;
+            }
+        }
+        let deadline =
+            if rpc.entries.is_empty() { option.soft_ttl() } else { payload_deadline(option.soft_ttl(), data.len()) };
+        let resp: AppendEntriesResponse<TypeConfig> = self
+            .unary_encoded(data, deadline, |mut c, r| async move { c.append_entries(r).await })
             .await
-            .map_err(|e| self.map_err(RPCTypes::AppendEntries, e))
+            .map_err(fail)?;
+        Ok(match (resp, sent_up_to) {
+            (AppendEntriesResponse::Success, Some(last)) => AppendEntriesResponse::PartialSuccess(Some(last)),
+            (resp, _) => resp,
+        })
     }
 
     async fn vote(
@@ -256,7 +324,9 @@ impl RaftNetworkV2<TypeConfig> for PeerClient {
         cancel: impl Future<Output = ReplicationClosed> + openraft::OptionalSend + 'static,
         option: RPCOption,
     ) -> Result<SnapshotResponse<TypeConfig>, StreamingError<TypeConfig>> {
-        let deadline = option.soft_ttl();
+        // openraft's deadline is `install_snapshot_timeout`; a large
+        // snapshot gets time for its bytes on top.
+        let deadline = payload_deadline(option.soft_ttl(), snapshot.snapshot.len());
         let to_streaming = |e: CallError| -> StreamingError<TypeConfig> {
             match self.map_err::<std::convert::Infallible>(RPCTypes::InstallSnapshot, e) {
                 RPCError::Timeout(t) => StreamingError::Timeout(t),

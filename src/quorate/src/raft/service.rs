@@ -1,4 +1,5 @@
-//! The server side of Raft RPCs: decode, check the target, hand to openraft.
+//! The server side of Raft RPCs: decode, check the target, hand to openraft
+//! (votes only when this node may vote, see `server::catchup`).
 
 use futures::StreamExt;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
@@ -7,9 +8,12 @@ use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::network::TARGET_NODE_HEADER;
+use std::sync::Arc;
+
 use super::{Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::pb::raft::raft_server;
 use crate::pb::raft::{RaftPayload, SnapshotChunk};
+use crate::server::catchup::Readiness;
 
 /// The largest snapshot this node accepts, in bytes.
 const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
@@ -19,6 +23,7 @@ const MAX_SNAPSHOT_BYTES: usize = 1 << 30;
 pub struct RaftService {
     raft: Raft,
     node_id: u64,
+    readiness: Arc<Readiness>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -28,8 +33,17 @@ impl std::fmt::Debug for RaftService {
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, node_id: u64) -> Self {
-        Self { raft, node_id }
+    pub fn new(raft: Raft, node_id: u64, readiness: Arc<Readiness>) -> Self {
+        Self { raft, node_id, readiness }
+    }
+
+    /// A node that lost its data does not vote until it is caught up
+    /// (see `server::catchup`); the refusal goes back as an openraft-level
+    /// error, which the candidate counts as no answer.
+    fn vote_refusal(&self) -> Option<Result<Response<RaftPayload>, Status>> {
+        let why = self.readiness.vote_refusal(self.node_id)?;
+        tracing::debug!("refusing a vote: {why}");
+        Some(reply::<(), _>(Err(why)))
     }
 
     pub fn into_server(self) -> raft_server::RaftServer<Self> {
@@ -73,12 +87,18 @@ impl raft_server::Raft for RaftService {
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.check_target(&req)?;
+        if let Some(refused) = self.vote_refusal() {
+            return refused;
+        }
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
         reply(self.raft.vote(rpc).await)
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         self.check_target(&req)?;
+        if let Some(refused) = self.vote_refusal() {
+            return refused;
+        }
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
         reply(self.raft.pre_vote(rpc).await)
     }

@@ -1,9 +1,15 @@
 //! A `quorate server` process: one Raft node plus the gRPC API.
 //!
 //! [`run`] owns everything it starts: the gRPC server, the cluster-formation
-//! task and the leader-duties task. On shutdown it stops accepting calls, ends
-//! long-lived streams, waits (bounded) for its tasks, then shuts Raft down.
+//! task, the leader-duties task, the catch-up tasks and the snapshot
+//! trigger. On shutdown it stops accepting calls, ends long-lived streams,
+//! waits (bounded) for its tasks, then shuts Raft down. If Raft itself stops
+//! (a storage error, a failed snapshot install), `run` returns an error so
+//! that the process exits non-zero and its supervisor restarts it: a node
+//! that keeps running without Raft is alive to every health check and
+//! useless to the cluster.
 
+pub mod catchup;
 mod elections;
 pub mod node;
 mod observers;
@@ -11,7 +17,8 @@ mod observers;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use openraft::{BasicNode, ServerState, SnapshotPolicy};
@@ -20,14 +27,15 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::{Instrument, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
+use self::catchup::{IdentityError, Past, Readiness};
 pub use self::node::{Node, ReadConsistency};
 use crate::api::CoordinatorService;
 use crate::config::ServerConfig;
 use crate::pb::v1::StatusRequest;
 use crate::pb::v1::coordinator_client::CoordinatorClient;
-use crate::raft::log_store::{LogStore, StoreError, open_database};
+use crate::raft::log_store::{LogStore, StoreError, is_empty, open_database};
 use crate::raft::network::{NetworkFactory, lazy_channel};
 use crate::raft::service::RaftService;
 use crate::raft::state_machine::StateMachineStore;
@@ -50,6 +58,10 @@ pub enum ServerError {
     RaftConfig(String),
     #[error("Raft failed to start: {0}")]
     Raft(String),
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    #[error("Raft stopped: {0}; exiting so that the supervisor restarts this node")]
+    RaftStopped(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
@@ -65,10 +77,14 @@ pub fn openraft_config(c: &ServerConfig) -> Result<openraft::Config, ServerError
         election_timeout_max: c.election_timeout_max_ms,
         // Snapshots are small; give their transfer room on a busy machine.
         install_snapshot_timeout: 5_000,
+        // By count here; by bytes and time in `snapshot_duties`.
         snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every_entries),
         // Must exceed the snapshot interval, or a snapshot may not cure lag.
         replication_lag_threshold: c.snapshot_every_entries * 2,
-        max_in_snapshot_log_to_keep: 1_000,
+        // Entries kept below a snapshot for followers slightly behind; one
+        // further behind gets the snapshot. Bounded by count because
+        // entries are bounded in size (raft::MAX_ENTRY_BYTES).
+        max_in_snapshot_log_to_keep: 200,
         // Pre-Vote: a node that cannot win does not bump terms and disturb
         // a working leader (flapping links, a rejoining node).
         enable_pre_vote: Some(true),
@@ -85,6 +101,14 @@ pub fn openraft_config(c: &ServerConfig) -> Result<openraft::Config, ServerError
         // the peer's next connection, see `raft::network::LANES`), and only
         // back off far for a follower that keeps failing.
         backoff: "25ms 50ms ...1s".into(),
+        // A follower that lost its data answers with a log shorter than the
+        // leader last matched. openraft's default then panics the leader's
+        // Raft core (one lost disk would cost the cluster its leader); with
+        // this it replicates to that follower from scratch. What openraft
+        // warns about, that such a node may vote with a log it no longer
+        // has, is handled here: a node that lost its data does not vote
+        // until it is caught up (`catchup`).
+        allow_log_reversion: Some(true),
         ..Default::default()
     };
     config.validate().map_err(|e| ServerError::RaftConfig(e.to_string()))
@@ -104,17 +128,46 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
 
+    let identity = catchup::read_identity(&config.data_dir, id)?;
     let db = open_database(&config.data_dir.join("raft.redb"))?;
+    let past = match (is_empty(&db)?, identity) {
+        (false, _) => {
+            catchup::write_identity(&config.data_dir, id)?;
+            Past::Intact
+        }
+        (true, Some(_)) => {
+            error!(
+                "this node's data directory says it held Raft data ({}), but its Raft store is empty: \
+                 the data was lost (raft.redb deleted or emptied). It neither votes nor serves reads until \
+                 the leader has caught it up. See README: \"A node that lost its data\"",
+                catchup::IDENTITY_FILE
+            );
+            Past::Lost
+        }
+        (true, None) => Past::Unknown,
+    };
     let clock = NodeClock::new(id);
     let sm = StateMachineStore::new(db.clone(), clock.clone());
     let reader = sm.reader();
-    let raft = Raft::new(id, Arc::new(openraft_config(&config)?), NetworkFactory::new(id), LogStore::new(db), sm)
+    let log_store = LogStore::new(db);
+    let appended = log_store.appended_bytes();
+    let raft = Raft::new(id, Arc::new(openraft_config(&config)?), NetworkFactory::new(id), log_store, sm)
         .await
         .map_err(|e| ServerError::Raft(e.to_string()))?;
 
     let (stop_tx, stopping) = watch::channel(false);
-    let node = Node { id, raft: raft.clone(), reader, clock, config: config.clone(), peers, stopping };
-    info!(node_id = id, listen = %config.listen, data_dir = %config.data_dir.display(), "quorate server starting");
+    let readiness = Arc::new(Readiness::new(past));
+    let node = Node {
+        id,
+        raft: raft.clone(),
+        reader,
+        clock,
+        config: config.clone(),
+        peers,
+        stopping,
+        readiness: readiness.clone(),
+    };
+    info!(node_id = id, listen = %config.listen, data_dir = %config.data_dir.display(), past = ?past, "quorate server starting");
     if config.test_only_skip_lease_wait {
         warn!("UNSAFE test-only setting: leases are granted without waiting for expiry");
     }
@@ -124,13 +177,18 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
     tasks.spawn(observers::observe_groups(node.clone()).instrument(info_span!("observers", node_id = id)));
     tasks.spawn(elections::run_elections(node.clone()).instrument(info_span!("elections", node_id = id)));
+    tasks.spawn(catchup::catch_up(node.clone()).instrument(info_span!("catch_up", node_id = id)));
+    if past == Past::Unknown {
+        tasks.spawn(catchup::probe_peers(node.clone()).instrument(info_span!("probe_peers", node_id = id)));
+    }
+    tasks.spawn(snapshot_duties(node.clone(), appended).instrument(info_span!("snapshots", node_id = id)));
 
     let (coordinator, batcher) = CoordinatorService::new(node.clone());
     let mut server_stop = node.stopping.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(RaftService::new(raft.clone(), id).into_server())
+        .add_service(RaftService::new(raft.clone(), id, readiness).into_server())
         .add_service(coordinator.into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             crate::shutdown::stopped(&mut server_stop).await;
@@ -141,6 +199,10 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     let result = tokio::select! {
         res = &mut server => res.map_err(ServerError::from),
         () = shutdown => Ok(()),
+        reason = raft_stopped(&raft) => {
+            error!("Raft stopped: {reason}; shutting down and exiting non-zero so that the supervisor restarts this node");
+            Err(ServerError::RaftStopped(reason))
+        }
     };
     info!(node_id = id, "shutting down");
     let _ = stop_tx.send(true);
@@ -233,5 +295,79 @@ async fn leader_duties(node: Node) {
             changed = metrics.changed() => if changed.is_err() { return },
             () = crate::shutdown::stopped(&mut stopping) => return,
         }
+    }
+}
+
+/// Resolves when this node's Raft core has stopped on its own (a storage
+/// error, a failed snapshot install), with the reason.
+async fn raft_stopped(raft: &Raft) -> String {
+    let mut metrics = raft.metrics();
+    loop {
+        {
+            let m = metrics.borrow_watched();
+            if let Err(fatal) = &m.running_state {
+                return fatal.to_string();
+            }
+            if m.state == ServerState::Shutdown {
+                return "the Raft core shut down".to_owned();
+            }
+        }
+        if metrics.changed().await.is_err() {
+            return "the Raft core ended".to_owned();
+        }
+    }
+}
+
+/// How often the snapshot trigger looks at the log.
+const SNAPSHOT_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Builds a snapshot when the log since the last one holds
+/// `snapshot_max_log_bytes`, or `snapshot_every_ms` passed with anything
+/// applied since (openraft itself snapshots every `snapshot_every_entries`).
+/// A snapshot lets the log be purged: without these, a few large entries a
+/// second grew the log, and with it disk and memory, for many minutes.
+async fn snapshot_duties(node: Node, appended: Arc<AtomicU64>) {
+    let every = Duration::from_millis(node.config.snapshot_every_ms);
+    let max_bytes = node.config.snapshot_max_log_bytes;
+    let metrics = node.raft.metrics();
+    let mut stopping = node.stopping.clone();
+    let mut last = metrics.borrow_watched().snapshot;
+    let mut since = Instant::now();
+    let mut bytes_at = appended.load(Ordering::Relaxed);
+    let mut tick = tokio::time::interval(SNAPSHOT_CHECK_EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = crate::shutdown::stopped(&mut stopping) => return,
+        }
+        let (snapshot, applied) = {
+            let m = metrics.borrow_watched();
+            (m.snapshot, m.last_applied)
+        };
+        if snapshot != last {
+            last = snapshot;
+            since = Instant::now();
+            bytes_at = appended.load(Ordering::Relaxed);
+            continue;
+        }
+        let behind = applied.map_or(0, |a| a.index + 1) > snapshot.map_or(0, |s| s.index + 1);
+        let bytes = appended.load(Ordering::Relaxed).saturating_sub(bytes_at);
+        let reason = if bytes >= max_bytes {
+            "log bytes"
+        } else if since.elapsed() >= every {
+            "time"
+        } else {
+            continue;
+        };
+        if !behind {
+            continue;
+        }
+        info!(reason, log_bytes = bytes, since_ms = since.elapsed().as_millis() as u64, "building a snapshot");
+        if let Err(e) = node.raft.trigger().snapshot().await {
+            warn!("cannot trigger a snapshot: {e}");
+        }
+        // Count afresh: a failed snapshot is tried again after as much more.
+        since = Instant::now();
+        bytes_at = appended.load(Ordering::Relaxed);
     }
 }

@@ -16,10 +16,11 @@ use quorate_core::machine::Outcome;
 use quorate_core::{Command, Op};
 use tokio::sync::watch;
 
+use super::catchup::Readiness;
 use crate::api::error::{ApiError, LeaderHint};
 use crate::config::ServerConfig;
 use crate::raft::state_machine::SmReader;
-use crate::raft::{NodeClock, Raft, TypeConfig};
+use crate::raft::{MAX_ENTRY_BYTES, NodeClock, Raft, TypeConfig, encoded_len};
 
 /// The longest a write may stay pending while the leader still has its
 /// quorum; past it the outcome is reported as unknown.
@@ -45,6 +46,8 @@ pub struct Node {
     /// Flips to true when the node shuts down; long calls (watch, waiting
     /// acquire) end when it does.
     pub stopping: watch::Receiver<bool>,
+    /// Whether this node has caught up since it started (reads, votes).
+    pub readiness: Arc<Readiness>,
 }
 
 impl std::fmt::Debug for Node {
@@ -85,6 +88,10 @@ impl Node {
             return Err(ApiError::Stopped { node_id: self.id, detail: "shutting down".into() });
         }
         let cmd = Command { stamp: self.clock.stamp(self.config.lease_timing()), op };
+        let bytes = encoded_len(&cmd);
+        if bytes > MAX_ENTRY_BYTES {
+            return Err(ApiError::TooLarge { what: op_name(&cmd.op), bytes, limit: MAX_ENTRY_BYTES });
+        }
         let started = Instant::now();
         let check_every = Duration::from_millis(self.config.election_timeout_max_ms);
         let write = self.raft.client_write(cmd);
@@ -105,6 +112,19 @@ impl Node {
                     }
                 }
             }
+        }
+    }
+
+    /// Proposes `ops` as one entry (one op as itself, more as a batch) and
+    /// returns their outcomes in order.
+    pub async fn propose_all(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, ApiError> {
+        let n = ops.len();
+        if n == 1 {
+            return self.propose(ops.into_iter().next().expect("one op")).await.map(|o| vec![o]);
+        }
+        match self.propose(Op::Batch(ops)).await? {
+            Outcome::Batch(outcomes) if outcomes.len() == n => Ok(outcomes),
+            other => Err(ApiError::Internal(format!("a batch of {n} commands applied as {other:?}"))),
         }
     }
 
@@ -130,11 +150,27 @@ impl Node {
         }
     }
 
+    /// Refuses while this node has not caught up since it started: its
+    /// state may be older than one it served before (or empty, if it lost
+    /// its data). See [`super::catchup`].
+    pub fn ensure_caught_up(&self) -> Result<(), ApiError> {
+        if self.readiness.caught_up() {
+            return Ok(());
+        }
+        let m = self.raft.metrics().borrow_watched().clone();
+        Err(ApiError::CatchingUp {
+            node_id: self.id,
+            applied: m.last_applied.map_or(0, |l| l.index),
+            target: m.cluster_committed.map(|c| c.index),
+        })
+    }
+
     /// Makes a read safe to serve at `consistency` from the local state
-    /// machine. Linearizable and lease reads must be served by the leader.
+    /// machine. Linearizable and lease reads must be served by the leader;
+    /// stale reads by a node that has caught up since it started.
     pub async fn confirm_read(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
         let policy = match consistency {
-            ReadConsistency::Stale => return Ok(()),
+            ReadConsistency::Stale => return self.ensure_caught_up(),
             ReadConsistency::Linearizable => ReadPolicy::ReadIndex,
             ReadConsistency::LeaseRead => ReadPolicy::LeaseRead,
         };
@@ -152,5 +188,25 @@ impl Node {
             }
             Ok(Err(RaftError::Fatal(f))) => Err(ApiError::Stopped { node_id: self.id, detail: f.to_string() }),
         }
+    }
+}
+
+/// What a refused command was, for the error message.
+fn op_name(op: &Op) -> String {
+    match op {
+        Op::Report { observer, views, .. } => {
+            format!("a report by {} with {} views", short(&observer.to_string()), views.len())
+        }
+        Op::ApplyGroup { spec } => format!("the spec of group {}", short(&spec.name)),
+        Op::Batch(ops) => format!("a batch of {} commands", ops.len()),
+        other => short(&format!("{other:?}")),
+    }
+}
+
+/// At most 64 characters of `s`: error messages must not echo large input.
+fn short(s: &str) -> String {
+    match s.char_indices().nth(64) {
+        Some((i, _)) => format!("{}...", &s[..i]),
+        None => s.to_owned(),
     }
 }

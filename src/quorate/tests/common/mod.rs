@@ -74,7 +74,15 @@ impl Cluster {
 
     /// Starts `n` nodes with extra `ServerConfig` keys in TOML.
     pub fn start_with(n: u64, extra_toml: Option<&str>) -> Self {
-        let dir = tempfile::tempdir().unwrap();
+        let mut c = Self::prepare(n, extra_toml, tempfile::tempdir().unwrap());
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c
+    }
+
+    /// Lays out `n` nodes in `dir` without starting any.
+    pub fn prepare(n: u64, extra_toml: Option<&str>, dir: tempfile::TempDir) -> Self {
         let config = extra_toml.map(|t| {
             let p = dir.path().join("extra.toml");
             std::fs::write(&p, t).unwrap();
@@ -90,11 +98,16 @@ impl Cluster {
             })
             .collect();
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
-        let mut c = Cluster { dir, nodes, peers, config };
-        for id in 1..=n {
-            c.start_node(id);
+        Cluster { dir, nodes, peers, config }
+    }
+
+    /// Whether node `id`'s process has exited, and how.
+    pub fn try_wait(&mut self, id: u64) -> std::io::Result<Option<std::process::ExitStatus>> {
+        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        match n.proc.as_mut() {
+            Some(p) => p.child.try_wait(),
+            None => Ok(None),
         }
-        c
     }
 
     pub fn endpoints(&self) -> String {

@@ -1,0 +1,329 @@
+//! Catching up after a start, and a node that lost its data.
+//!
+//! Two rules, both about what a node may do before it has caught up with
+//! the cluster since it started:
+//!
+//! - **Reads.** A node serves no read from its own state (stale reads,
+//!   watches, group lists) until it has applied everything committed in the
+//!   current leader's term as that leader reported it ([`is_caught_up`]).
+//!   An entry committed in the leader's own term implies every earlier
+//!   entry is committed, so the node's state is then at least as new as any
+//!   state it had before it stopped. Linearizable and lease reads are
+//!   confirmed by the leader itself and need no gate.
+//! - **Votes.** A node whose store is empty either never ran or lost its
+//!   data. If it lost it, granting votes could elect a candidate without
+//!   entries this node had acknowledged (a committed entry then vanishes).
+//!   So an empty node refuses votes until it is caught up, unless it learns
+//!   the cluster has no history yet (first formation: every node is empty,
+//!   and the first election needs their votes). It learns which from the
+//!   identity file it wrote beside the store ([`IDENTITY_FILE`]: present
+//!   with an empty store means the data was lost) and, when that is gone
+//!   too, by asking its peers ([`probe_peers`]).
+//!
+//! The decisions are pure functions of metrics and answers; the tasks here
+//! only feed them.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use openraft::type_config::async_runtime::watch::WatchReceiver as _;
+use serde::{Deserialize, Serialize};
+use tracing::{error, info, warn};
+
+use super::Node;
+use crate::pb::v1::StatusRequest;
+use crate::pb::v1::coordinator_client::CoordinatorClient;
+use crate::raft::TypeConfig;
+use crate::raft::network::lazy_channel;
+
+/// The file beside the Raft store that says which node the directory
+/// belongs to and that it once held data.
+pub const IDENTITY_FILE: &str = "quorate-node.json";
+
+/// How often an empty node asks its peers whether the cluster has history.
+const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// How long one peer may take to answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a node still catching up says so.
+const REMIND_EVERY: Duration = Duration::from_secs(10);
+
+/// What the data directory says about this node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Identity {
+    pub node_id: u64,
+}
+
+/// Why the data directory cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IdentityError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: String, source: std::io::Error },
+    #[error("{path} is not a quorate identity file: {message}")]
+    Parse { path: String, message: String },
+    #[error(
+        "{path} says this data directory belongs to node {found}, but this is node {expected}: check data_dir and node_id"
+    )]
+    WrongNode { path: String, found: u64, expected: u64 },
+    #[error("cannot write {path}: {source}")]
+    Write { path: String, source: std::io::Error },
+}
+
+fn identity_path(data_dir: &Path) -> PathBuf {
+    data_dir.join(IDENTITY_FILE)
+}
+
+/// Reads the identity file; `None` when there is none.
+pub fn read_identity(data_dir: &Path, node_id: u64) -> Result<Option<Identity>, IdentityError> {
+    let path = identity_path(data_dir);
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(IdentityError::Read { path: path.display().to_string(), source }),
+    };
+    let id: Identity = serde_json::from_str(&text)
+        .map_err(|e| IdentityError::Parse { path: path.display().to_string(), message: e.to_string() })?;
+    if id.node_id != node_id {
+        return Err(IdentityError::WrongNode {
+            path: path.display().to_string(),
+            found: id.node_id,
+            expected: node_id,
+        });
+    }
+    Ok(Some(id))
+}
+
+/// Writes the identity file (atomically: a temporary file, then rename).
+pub fn write_identity(data_dir: &Path, node_id: u64) -> Result<(), IdentityError> {
+    let path = identity_path(data_dir);
+    let tmp = data_dir.join(format!("{IDENTITY_FILE}.tmp"));
+    let err = |source| IdentityError::Write { path: path.display().to_string(), source };
+    let text = serde_json::to_string(&Identity { node_id }).expect("identity encodes");
+    std::fs::write(&tmp, text).map_err(err)?;
+    std::fs::rename(&tmp, &path).map_err(err)
+}
+
+/// What an empty node knows about its past.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Past {
+    /// The store holds data: nothing was lost.
+    Intact,
+    /// The store is empty; whether the cluster has history is not known yet.
+    Unknown,
+    /// The store is empty but the node had data (identity file) or a peer
+    /// reports history: it lost its data, or joins a running cluster.
+    Lost,
+    /// The store is empty and the peers that answered have no history:
+    /// the cluster is being formed.
+    Forming,
+}
+
+/// What a peer said when asked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PeerAnswer {
+    pub initialized: bool,
+    pub last_log_index: u64,
+}
+
+impl PeerAnswer {
+    /// A peer that has entries past the initial membership has seen a
+    /// leader elected: the cluster has history.
+    pub fn has_history(&self) -> bool {
+        self.initialized && self.last_log_index >= 1
+    }
+}
+
+/// The past of an empty node from its peers' answers (`None`: no answer).
+pub fn past_from_answers(answers: &[Option<PeerAnswer>]) -> Past {
+    let heard: Vec<&PeerAnswer> = answers.iter().flatten().collect();
+    if heard.iter().any(|a| a.has_history()) {
+        Past::Lost
+    } else if heard.is_empty() {
+        Past::Unknown
+    } else {
+        Past::Forming
+    }
+}
+
+/// Whether a node has caught up since it started: the leader it follows
+/// reported an entry committed in its own term, and this node applied it.
+pub fn is_caught_up(m: &openraft::RaftMetrics<TypeConfig>) -> bool {
+    let Some(committed) = m.cluster_committed.as_ref() else { return false };
+    m.current_leader.is_some()
+        && committed.leader_id.term == m.current_term
+        && m.last_applied.as_ref().is_some_and(|a| a.index >= committed.index)
+}
+
+/// This node's progress, shared by the API (reads), the Raft service
+/// (votes) and the tasks that update it.
+#[derive(Debug)]
+pub struct Readiness {
+    caught_up: AtomicBool,
+    past: Mutex<Past>,
+    started: Instant,
+}
+
+impl Readiness {
+    pub fn new(past: Past) -> Self {
+        Self { caught_up: AtomicBool::new(false), past: Mutex::new(past), started: Instant::now() }
+    }
+
+    /// Whether reads from the local state may be served.
+    pub fn caught_up(&self) -> bool {
+        self.caught_up.load(Ordering::Acquire)
+    }
+
+    pub fn past(&self) -> Past {
+        *self.past.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn set_past(&self, past: Past) {
+        *self.past.lock().unwrap_or_else(|p| p.into_inner()) = past;
+    }
+
+    /// Why this node refuses votes now, if it does.
+    pub fn vote_refusal(&self, node_id: u64) -> Option<String> {
+        if self.caught_up() {
+            return None;
+        }
+        match self.past() {
+            Past::Intact | Past::Forming => None,
+            Past::Unknown => Some(format!(
+                "node {node_id} has no Raft data and has not yet learned whether the cluster has history; it does not vote until it knows"
+            )),
+            Past::Lost => Some(format!(
+                "node {node_id} has no Raft data but the cluster has history; it does not vote until it is caught up"
+            )),
+        }
+    }
+}
+
+/// Watches the metrics until this node has caught up, then opens reads
+/// (and votes) and records the identity file. Ends when it has.
+pub async fn catch_up(node: Node) {
+    let readiness = node.readiness.clone();
+    let mut metrics = node.raft.metrics();
+    let mut stopping = node.stopping.clone();
+    let mut remind = tokio::time::interval(REMIND_EVERY);
+    remind.tick().await;
+    loop {
+        let m = metrics.borrow_watched().clone();
+        if is_caught_up(&m) {
+            readiness.caught_up.store(true, Ordering::Release);
+            let applied = m.last_applied.map_or(0, |l| l.index);
+            let took_ms = readiness.started.elapsed().as_millis() as u64;
+            if readiness.past() == Past::Lost {
+                info!(applied, took_ms, "caught up after losing its data: votes and reads are open again");
+            } else {
+                info!(applied, took_ms, "caught up with the cluster: serving reads");
+            }
+            if let Err(e) = write_identity(&node.config.data_dir, node.id) {
+                warn!("{e}");
+            }
+            return;
+        }
+        tokio::select! {
+            changed = metrics.changed() => if changed.is_err() { return },
+            _ = remind.tick() => {
+                let target = m.cluster_committed.map_or(0, |c| c.index);
+                let applied = m.last_applied.map_or(0, |l| l.index);
+                if readiness.past() == Past::Lost {
+                    error!(applied, target, leader = ?m.current_leader, "still catching up after losing its data: not voting, not serving reads");
+                } else {
+                    warn!(applied, target, leader = ?m.current_leader, "not caught up with the cluster yet: not serving reads");
+                }
+            }
+            () = crate::shutdown::stopped(&mut stopping) => return,
+        }
+    }
+}
+
+/// For a node that started with an empty store and no identity file: asks
+/// the peers until one answers, and decides whether this is a first
+/// formation or a node that lost its data. Ends once it knows, or once the
+/// node caught up (which settles it anyway).
+pub async fn probe_peers(node: Node) {
+    let readiness = node.readiness.clone();
+    let mut stopping = node.stopping.clone();
+    let peers: Vec<String> = node.peers.iter().filter(|(id, _)| **id != node.id).map(|(_, a)| a.clone()).collect();
+    while readiness.past() == Past::Unknown && !readiness.caught_up() {
+        let answers = futures::future::join_all(peers.iter().map(|a| ask(a))).await;
+        match past_from_answers(&answers) {
+            Past::Lost => {
+                error!(
+                    "this node has no Raft data, but the cluster it belongs to has history (a peer has entries): \
+                     its data was lost (raft.redb deleted or emptied, or a new disk), or it joins for the first time. \
+                     It neither votes nor serves reads until the leader has caught it up. See README: \"A node that lost its data\""
+                );
+                readiness.set_past(Past::Lost);
+            }
+            Past::Forming => {
+                info!("no Raft data and no peer has history: forming a new cluster");
+                readiness.set_past(Past::Forming);
+            }
+            Past::Unknown | Past::Intact => {}
+        }
+        if readiness.past() != Past::Unknown {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(PROBE_EVERY) => {}
+            () = crate::shutdown::stopped(&mut stopping) => return,
+        }
+    }
+}
+
+/// Asks one peer for its status; `None` when it does not answer in time.
+async fn ask(addr: &str) -> Option<PeerAnswer> {
+    let channel = lazy_channel(addr).ok()?;
+    let mut client = CoordinatorClient::new(channel);
+    let mut req = tonic::Request::new(StatusRequest {});
+    req.set_timeout(PROBE_TIMEOUT);
+    let resp = tokio::time::timeout(PROBE_TIMEOUT, client.status(req)).await.ok()?.ok()?.into_inner();
+    Some(PeerAnswer { initialized: resp.initialized, last_log_index: resp.last_log_index })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(initialized: bool, last_log_index: u64) -> Option<PeerAnswer> {
+        Some(PeerAnswer { initialized, last_log_index })
+    }
+
+    #[test]
+    fn an_empty_node_learns_its_past_from_the_peers_that_answer() {
+        assert_eq!(past_from_answers(&[None, None]), Past::Unknown);
+        // First formation: peers empty, or only the initial membership.
+        assert_eq!(past_from_answers(&[a(false, 0), None]), Past::Forming);
+        assert_eq!(past_from_answers(&[a(true, 0), a(false, 0)]), Past::Forming);
+        // Any peer with entries past formation: history exists.
+        assert_eq!(past_from_answers(&[a(false, 0), a(true, 1)]), Past::Lost);
+        assert_eq!(past_from_answers(&[None, a(true, 12_000)]), Past::Lost);
+    }
+
+    #[test]
+    fn votes_are_refused_only_while_an_empty_node_does_not_know_it_may() {
+        for (past, refuses) in
+            [(Past::Intact, false), (Past::Forming, false), (Past::Unknown, true), (Past::Lost, true)]
+        {
+            let r = Readiness::new(past);
+            assert_eq!(r.vote_refusal(3).is_some(), refuses, "{past:?}");
+            r.caught_up.store(true, Ordering::Release);
+            assert_eq!(r.vote_refusal(3), None, "{past:?} once caught up");
+        }
+    }
+
+    #[test]
+    fn the_identity_file_names_its_node() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(read_identity(dir.path(), 3).unwrap().is_none());
+        write_identity(dir.path(), 3).unwrap();
+        assert_eq!(read_identity(dir.path(), 3).unwrap(), Some(Identity { node_id: 3 }));
+        let e = read_identity(dir.path(), 2).unwrap_err().to_string();
+        assert!(e.contains("belongs to node 3, but this is node 2"), "{e}");
+        std::fs::write(dir.path().join(IDENTITY_FILE), "garbage").unwrap();
+        assert!(read_identity(dir.path(), 3).unwrap_err().to_string().contains("not a quorate identity file"));
+    }
+}
