@@ -443,7 +443,8 @@ fn print_table(reports: &[scenarios::ScenarioReport]) {
     println!(
         "\nchecks: overlap=no_overlapping_leases epochs=epochs_unique_and_increasing register=fenced_register_accepts_only_newest \
          reads=client_epochs_monotonic acked=no_acked_write_lost heal=single_primary_after_heal bound=failover_within_bound stay=no_failover \
-         dual=no_dual_primary_plain plost=no_acked_plain_write_lost avail=write_availability fence=deadline_fence_on_time; \
+         dual=no_dual_primary_plain plost=no_acked_plain_write_lost avail=write_availability fence=deadline_fence_on_time \
+         catchup=wiped_node_catches_up; \
          doc = a documented limit, measured and not failed (listed below)"
     );
     println!(
@@ -457,6 +458,11 @@ fn print_table(reports: &[scenarios::ScenarioReport]) {
         }
     }
     println!("deadline fences: {}", fence_line(&fence_stats(reports.iter())));
+    for r in reports {
+        if let Some(ms) = r.measured.catch_up_ms {
+            println!("{}: the wiped coordinator caught up {ms} ms after its restart", r.name);
+        }
+    }
 }
 
 fn short(check: &str) -> &'static str {
@@ -473,6 +479,7 @@ fn short(check: &str) -> &'static str {
         "no_acked_plain_write_lost" => "plost",
         "write_availability" => "avail",
         "deadline_fence_on_time" => "fence",
+        "wiped_node_catches_up" => "catchup",
         _ => "?",
     }
 }

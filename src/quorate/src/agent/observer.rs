@@ -336,6 +336,57 @@ mod tests {
         reports: Mutex<Vec<(Instant, pb::ReportRequest)>>,
     }
 
+    #[test]
+    fn views_are_split_into_reports_of_bounded_size_in_order() {
+        use prost::Message as _;
+        let view = |i: usize| pb::GroupView {
+            group: format!("group-{i:05}"),
+            cells: (0..4)
+                .map(|m| pb::Observation {
+                    target: format!("member-{m}"),
+                    state: pb::ObservationState::ObservedUp as i32,
+                    reason: "heartbeat advancing".into(),
+                    ..Default::default()
+                })
+                .collect(),
+        };
+        let views: Vec<pb::GroupView> = (0..10_000).map(view).collect();
+        let total: usize = views.iter().map(|v| v.encoded_len()).sum();
+        let split = chunks(views.clone());
+        assert!(split.len() > 1 && split.len() >= total / REPORT_CHUNK_BYTES);
+        for c in &split {
+            assert!(c.iter().map(|v| v.encoded_len()).sum::<usize>() <= REPORT_CHUNK_BYTES);
+        }
+        // Nothing lost, nothing reordered.
+        assert_eq!(split.concat(), views);
+        // Each chunk, as the command the log stores, stays under the entry
+        // limit with room for the batch it may share.
+        let biggest = split.iter().map(|c| {
+            let views = c
+                .iter()
+                .map(|v| quorate_core::machine::GroupView {
+                    group: v.group.clone(),
+                    cells: v.cells.iter().map(|o| crate::api::convert::observation_from_pb(o).unwrap()).collect(),
+                })
+                .collect();
+            let op = quorate_core::Op::Report {
+                observer: Observer::Coordinator(1),
+                observer_incarnation: 1,
+                views,
+                status: None,
+            };
+            crate::raft::encoded_len(&op)
+        });
+        assert!(biggest.max().unwrap() < crate::raft::MAX_ENTRY_BYTES / 2);
+        // A single view larger than a chunk goes alone; none is empty.
+        let mut big = view(0);
+        big.group = "x".repeat(REPORT_CHUNK_BYTES + 1);
+        let split = chunks(vec![view(1), big.clone(), view(2)]);
+        assert_eq!(split.len(), 3);
+        assert_eq!(split[1], vec![big]);
+        assert!(chunks(Vec::new()).is_empty());
+    }
+
     impl ReportSink for Collect {
         async fn report(&self, req: pb::ReportRequest) -> Result<(), ClientError> {
             self.reports.lock().unwrap().push((Instant::now(), req));

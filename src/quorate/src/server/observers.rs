@@ -21,6 +21,10 @@ use crate::client::Client;
 
 /// How often the set of groups is re-read without a change event.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
+/// After a group change, how long more changes are gathered before the set
+/// is re-read: re-reading (and re-planning the observation loop) costs
+/// O(groups), so doing it per change made creating N groups cost O(N²).
+const COALESCE: Duration = Duration::from_millis(200);
 
 fn specs_of(node: &Node) -> Vec<GroupSpec> {
     node.reader.with_machine(|m, _| m.groups().map(|g| g.spec.clone()).collect())
@@ -59,6 +63,19 @@ pub async fn observe_groups(node: Node) {
                     Err(broadcast::error::RecvError::Closed) => break true,
                 },
                 () = &mut resync => break false,
+                () = crate::shutdown::stopped(&mut stopping) => break true,
+            }
+        };
+        if stop {
+            break;
+        }
+        // Gather the rest of a burst of changes (bounded by COALESCE).
+        let gather = tokio::time::sleep(COALESCE);
+        tokio::pin!(gather);
+        let stop = loop {
+            tokio::select! {
+                ev = changes.recv() => if matches!(ev, Err(broadcast::error::RecvError::Closed)) { break true },
+                () = &mut gather => break false,
                 () = crate::shutdown::stopped(&mut stopping) => break true,
             }
         };
