@@ -1,8 +1,6 @@
 //! The server side of Raft RPCs: decode, check the target, hand to openraft
 //! (votes only when this node may vote, see `server::catchup`).
 
-use std::sync::Arc;
-
 use futures::StreamExt;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
 use serde::Serialize;
@@ -10,6 +8,8 @@ use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::network::TARGET_NODE_HEADER;
+use std::sync::Arc;
+
 use super::{Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::pb::raft::raft_server;
 use crate::pb::raft::{RaftPayload, SnapshotChunk};

@@ -275,7 +275,7 @@ pub async fn probe_peers(node: Node) {
 }
 
 /// Asks one peer for its status; `None` when it does not answer in time.
-pub(super) async fn ask(addr: &str) -> Option<PeerAnswer> {
+async fn ask(addr: &str) -> Option<PeerAnswer> {
     let channel = lazy_channel(addr).ok()?;
     let mut client = CoordinatorClient::new(channel);
     let mut req = tonic::Request::new(StatusRequest {});

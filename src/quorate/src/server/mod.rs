@@ -33,8 +33,10 @@ use self::catchup::{IdentityError, Past, Readiness};
 pub use self::node::{Node, ReadConsistency};
 use crate::api::CoordinatorService;
 use crate::config::ServerConfig;
+use crate::pb::v1::StatusRequest;
+use crate::pb::v1::coordinator_client::CoordinatorClient;
 use crate::raft::log_store::{LogStore, StoreError, is_empty, open_database};
-use crate::raft::network::NetworkFactory;
+use crate::raft::network::{NetworkFactory, lazy_channel};
 use crate::raft::service::RaftService;
 use crate::raft::state_machine::StateMachineStore;
 use crate::raft::{NodeClock, Raft};
@@ -253,7 +255,12 @@ async fn form_cluster(node: Node) {
 
 /// Asks a peer whether it is initialized; `None` when it cannot be reached.
 async fn peer_initialized(addr: &str) -> Option<bool> {
-    catchup::ask(addr).await.map(|a| a.initialized)
+    let channel = lazy_channel(addr).ok()?;
+    let mut client = CoordinatorClient::new(channel);
+    let mut req = tonic::Request::new(StatusRequest {});
+    req.set_timeout(Duration::from_secs(1));
+    let resp = tokio::time::timeout(Duration::from_secs(2), client.status(req)).await.ok()?.ok()?;
+    Some(resp.into_inner().initialized)
 }
 
 /// Work only the leader does. For now: at the start of each term, commit a
@@ -343,8 +350,7 @@ async fn snapshot_duties(node: Node, appended: Arc<AtomicU64>) {
             bytes_at = appended.load(Ordering::Relaxed);
             continue;
         }
-        // Anything applied past the last snapshot (None sorts first).
-        let behind = applied.map(|a| a.index) > snapshot.map(|s| s.index);
+        let behind = applied.map_or(0, |a| a.index + 1) > snapshot.map_or(0, |s| s.index + 1);
         let bytes = appended.load(Ordering::Relaxed).saturating_sub(bytes_at);
         let reason = if bytes >= max_bytes {
             "log bytes"
