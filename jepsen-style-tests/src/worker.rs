@@ -325,7 +325,7 @@ async fn pair_writer(opts: WorkerOptions, rec: Arc<Recorder>, until: Instant) {
         eval.arg(quorate::local::demo::FENCED_SET_LUA)
             .arg(2)
             .arg(&key)
-            .arg(quorate::agent::driver::lease_key(PAIR))
+            .arg(quorate::wire::keys::lease_key(PAIR))
             .arg(&key)
             .arg(*epoch);
         match eval.query_async::<()>(conn).await {

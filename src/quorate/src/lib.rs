@@ -18,6 +18,8 @@
 //! - [`cli`]: the `quorate` subcommands (no logic of their own).
 //! - [`local`]: the local launcher (`quorate local up|down`).
 //! - [`bench`]: the load generator behind `quorate bench`.
+//! - [`wire`]: what travels between processes (protobuf conversions,
+//!   header names, channels, Redis key formats), shared by every side.
 
 pub mod agent;
 pub mod api;
@@ -29,6 +31,7 @@ pub mod local;
 pub mod raft;
 pub mod server;
 pub mod shutdown;
+pub mod wire;
 
 /// Generated protobuf and gRPC code.
 pub mod pb {

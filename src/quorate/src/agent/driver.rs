@@ -13,6 +13,7 @@
 //! [`FenceOps`]. A promotion therefore leaves writes as they were (a fenced
 //! service stays paused) until the fencer opens them under a valid lease.
 
+use crate::wire::keys::lease_key;
 use std::future::Future;
 use std::time::Duration;
 
@@ -61,11 +62,6 @@ pub trait RoleDriver: Send + Sync + 'static {
     fn pause_writes(&self) -> impl Future<Output = Result<u64, DriverError>> + Send;
     /// The replication offset of another member's service (switchover).
     fn offset_of(&self, other_data: &str) -> impl Future<Output = Result<u64, DriverError>> + Send;
-}
-
-/// The key holding the primary's epoch until its lease deadline.
-pub fn lease_key(group: &str) -> String {
-    format!("quorate:lease:{{{group}}}")
 }
 
 /// Drives a Redis data service.

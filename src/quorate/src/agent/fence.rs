@@ -32,7 +32,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, info, warn};
 
-use super::driver::{DRIVER_TIMEOUT, DriverError, SharedRole, connect_redis, lease_key, run_hook};
+use super::driver::{DRIVER_TIMEOUT, DriverError, SharedRole, connect_redis, run_hook};
+use crate::wire::keys::lease_key;
 
 /// How often a failed fence is retried.
 const FENCE_RETRY: Duration = Duration::from_millis(10);

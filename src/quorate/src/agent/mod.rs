@@ -31,9 +31,9 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
 use self::store::{RedisStores, Stores};
-use crate::api::convert::spec_from_pb;
 use crate::client::{Client, ClientError};
 use crate::pb::v1 as pb;
+use crate::wire::convert::spec_from_pb;
 
 /// How often the agent re-reads its group's spec.
 const SPEC_REFRESH: Duration = Duration::from_secs(2);

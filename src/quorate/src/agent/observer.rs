@@ -25,9 +25,9 @@ use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::store::Stores;
-use crate::api::convert::observation_pb;
 use crate::client::{Client, ClientError};
 use crate::pb::v1 as pb;
+use crate::wire::convert::observation_pb;
 
 /// Where reports go. [`Client`] sends them to the cluster; tests collect them.
 pub trait ReportSink: Send + Sync + 'static {
@@ -366,7 +366,7 @@ mod tests {
                 .iter()
                 .map(|v| quorate_core::machine::GroupView {
                     group: v.group.clone(),
-                    cells: v.cells.iter().map(|o| crate::api::convert::observation_from_pb(o).unwrap()).collect(),
+                    cells: v.cells.iter().map(|o| crate::wire::convert::observation_from_pb(o).unwrap()).collect(),
                 })
                 .collect();
             let op = quorate_core::Op::Report {

@@ -11,10 +11,10 @@ use quorate_core::names::NameKind;
 use quorate_core::verdict::{GroupVerdict, Verdict, verdict};
 use tokio::sync::broadcast;
 
-use super::convert::{candidate_pb, history_pb, lease_pb, status_pb};
 use super::error::ApiError;
 use super::{CoordinatorService, check_name, rejection};
 use crate::pb::v1 as pb;
+use crate::wire::convert::{candidate_pb, history_pb, lease_pb, status_pb};
 
 /// The default and largest wait of a switchover call.
 const DEFAULT_SWITCHOVER_WAIT: Duration = Duration::from_secs(30);

@@ -8,12 +8,7 @@
 use tonic::Status;
 use tonic::metadata::MetadataValue;
 
-/// Metadata key carrying the leader's node id.
-pub const LEADER_ID_HEADER: &str = "x-quorate-leader-id";
-/// Metadata key carrying the leader's gRPC address.
-pub const LEADER_ADDR_HEADER: &str = "x-quorate-leader-addr";
-/// Metadata key carrying a lease's current epoch on FAILED_PRECONDITION.
-pub const CURRENT_EPOCH_HEADER: &str = "x-quorate-current-epoch";
+pub use crate::wire::{CURRENT_EPOCH_HEADER, LEADER_ADDR_HEADER, LEADER_ID_HEADER};
 
 /// A known leader: id and address.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -79,6 +74,12 @@ fn hint_text(leader: &Option<LeaderHint>) -> String {
 
 fn unknown_text(unknown: bool) -> &'static str {
     if unknown { "; the write may or may not take effect" } else { "; nothing was written" }
+}
+
+impl From<crate::wire::DecodeError> for ApiError {
+    fn from(e: crate::wire::DecodeError) -> Self {
+        ApiError::InvalidArgument(e.0)
+    }
 }
 
 impl ApiError {

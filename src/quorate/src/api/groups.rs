@@ -6,12 +6,12 @@ use quorate_core::names::NameKind;
 use quorate_core::verdict::{explain, verdict};
 use quorate_core::{Op, matrix::GroupState};
 
-use super::convert::{
-    evidence_cells, matrix_pb, member_verdict_pb, observation_from_pb, restart_pb, spec_from_pb, spec_pb,
-};
 use super::error::ApiError;
 use super::{CoordinatorService, check_name, rejection};
 use crate::pb::v1 as pb;
+use crate::wire::convert::{
+    evidence_cells, matrix_pb, member_verdict_pb, observation_from_pb, restart_pb, spec_from_pb, spec_pb,
+};
 
 impl CoordinatorService {
     pub(super) async fn do_apply_group(&self, r: pb::ApplyGroupRequest) -> Result<pb::ApplyGroupResponse, ApiError> {
@@ -72,7 +72,7 @@ impl CoordinatorService {
             observer: Observer::parse(&r.observer),
             observer_incarnation: r.observer_incarnation,
             views,
-            status: r.status.as_ref().map(super::convert::status_from_pb),
+            status: r.status.as_ref().map(crate::wire::convert::status_from_pb),
         };
         match self.reports.propose(op, self.node.id).await? {
             Outcome::Reported { restarts, rejected } => Ok(pb::ReportResponse {

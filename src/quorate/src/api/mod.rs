@@ -4,20 +4,17 @@
 //! leaves through [`error::ApiError::into_status`].
 
 mod batch;
-pub(crate) mod convert;
 mod election;
 pub mod error;
 mod groups;
 mod watch;
 
-pub use convert::lease_pb;
+pub use crate::wire::lease_pb;
 
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use futures::Stream;
-use openraft::ServerState;
-use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use quorate_core::machine::{ChangeKind, Outcome, Rejection};
 use quorate_core::names::{self, NameKind};
 use quorate_core::{LeaseTiming, LeaseView, Op};
@@ -26,11 +23,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
-use self::convert::timing_pb;
 use self::error::ApiError;
 use crate::pb::v1 as pb;
 use crate::pb::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::server::{Node, ReadConsistency};
+use crate::wire::convert::timing_pb;
 
 /// The default and the largest wait of a blocking Acquire.
 const DEFAULT_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
@@ -83,7 +80,7 @@ impl CoordinatorService {
     /// `holder` holds the lease: how long until it could be granted. Lets a
     /// waiting Acquire sleep without writing to the log.
     fn local_wait_ms(&self, group: &str, holder: &str) -> Option<u64> {
-        if self.node.raft.metrics().borrow_watched().state != ServerState::Leader {
+        if !self.node.raft.is_leader() {
             return None;
         }
         let timing = self.timing();
@@ -218,67 +215,32 @@ impl CoordinatorService {
     }
 
     fn do_status(&self) -> pb::StatusResponse {
-        let m = self.node.raft.metrics().borrow_watched().clone();
-        let me = self.node.id;
-        let leader = m.current_leader;
-        let membership = m.membership_config.membership();
-        let voters: Vec<u64> = membership.voter_ids().collect();
-        let recent = Duration::from_millis(self.node.config.election_timeout_max_ms * 2);
-        let acks = m.heartbeat.clone().unwrap_or_default();
-        let nodes = membership
-            .nodes()
-            .map(|(id, n)| {
-                let role = if Some(*id) == leader {
-                    "leader"
-                } else if voters.contains(id) {
-                    "follower"
-                } else {
-                    "learner"
-                };
-                let last_ack = acks.get(id).cloned().flatten().map(|t| {
-                    use openraft::Instant as _;
-                    t.elapsed()
-                });
-                let reachable = if *id == me {
-                    true
-                } else if m.state == ServerState::Leader {
-                    last_ack.is_some_and(|d| d < recent)
-                } else {
-                    Some(*id) == leader
-                };
-                pb::NodeStatus {
-                    id: *id,
-                    addr: n.addr.clone(),
-                    role: role.into(),
-                    reachable,
-                    last_ack_ms: last_ack.map(|d| d.as_millis() as u64),
-                }
+        let st = self.node.raft.status();
+        let nodes = st
+            .members
+            .iter()
+            .map(|n| pb::NodeStatus {
+                id: n.id,
+                addr: n.addr.clone(),
+                role: n.role.into(),
+                reachable: n.reachable,
+                last_ack_ms: n.last_ack.map(|d| d.as_millis() as u64),
             })
             .collect();
         pb::StatusResponse {
-            node_id: me,
-            role: role_name(m.state).into(),
-            term: m.current_term,
-            leader_id: leader,
-            leader_addr: leader.and_then(|l| self.node.peers.get(&l).cloned()).unwrap_or_default(),
-            last_log_index: m.last_log_index.unwrap_or(0),
-            last_applied: m.last_applied.as_ref().map_or(0, |l| l.index),
+            node_id: self.node.id,
+            role: st.role.as_str().into(),
+            term: st.term,
+            leader_id: st.leader,
+            leader_addr: st.leader.and_then(|l| self.node.peers.get(&l).cloned()).unwrap_or_default(),
+            last_log_index: st.last_log_index,
+            last_applied: st.applied,
             nodes,
-            initialized: !voters.is_empty(),
+            initialized: st.initialized,
             version: crate::VERSION.into(),
             lease_groups: self.node.reader.lease_count() as u64,
             caught_up: self.node.readiness.caught_up(),
         }
-    }
-}
-
-fn role_name(s: ServerState) -> &'static str {
-    match s {
-        ServerState::Leader => "leader",
-        ServerState::Follower => "follower",
-        ServerState::Candidate => "candidate",
-        ServerState::Learner => "learner",
-        ServerState::Shutdown => "shutdown",
     }
 }
 

@@ -20,10 +20,10 @@ use tokio::time::Instant;
 use tonic::Status;
 use tracing::debug;
 
-use super::convert::{lease_pb, member_verdict_pb, verdict_state_pb};
 use crate::pb::v1 as pb;
 use crate::server::Node;
 use crate::shutdown::stopped;
+use crate::wire::convert::{lease_pb, member_verdict_pb, verdict_state_pb};
 
 /// How often verdicts are recomputed without a change in the log.
 const VERDICT_RECHECK: Duration = Duration::from_millis(200);

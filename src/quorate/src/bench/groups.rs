@@ -16,8 +16,8 @@ use serde::Serialize;
 
 use super::ingest::{IngestError, applied_index, start_redis};
 use super::percentiles;
-use crate::api::convert::spec_pb;
 use crate::client::Client;
+use crate::wire::convert::spec_pb;
 
 /// Options of one run.
 #[derive(Debug, Clone)]

@@ -21,9 +21,9 @@ use quorate_core::observe::Beat;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
-use crate::api::convert::spec_pb;
 use crate::client::{Client, ClientError};
 use crate::pb::v1 as pb;
+use crate::wire::convert::spec_pb;
 
 /// Options of one ingestion run.
 #[derive(Debug, Clone)]

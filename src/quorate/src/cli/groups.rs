@@ -8,9 +8,9 @@ use quorate_core::group::GroupSpec;
 use serde_json::{Value, json};
 
 use super::emit;
-use crate::api::convert::{spec_from_pb, spec_pb};
 use crate::client::Client;
 use crate::pb::v1 as pb;
+use crate::wire::convert::{spec_from_pb, spec_pb};
 
 pub async fn apply(client: &Client, file: &Path, json_mode: bool) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(file).with_context(|| format!("cannot read {}", file.display()))?;

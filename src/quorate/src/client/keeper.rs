@@ -369,7 +369,7 @@ mod tests {
     use quorate_core::{Command, LeaderStamp, Machine, Op};
 
     use super::*;
-    use crate::api::lease_pb;
+    use crate::wire::lease_pb;
 
     /// The core machine behind the keeper's three calls, with a switch that
     /// makes renewals fail as if the cluster were unreachable, and one that

@@ -24,10 +24,9 @@ use std::time::Duration;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-use crate::api::error::{CURRENT_EPOCH_HEADER, LEADER_ADDR_HEADER};
 use crate::pb::v1 as pb;
 use crate::pb::v1::coordinator_client::CoordinatorClient;
-use crate::raft::network::lazy_channel;
+use crate::wire::{CURRENT_EPOCH_HEADER, LEADER_ADDR_HEADER, lazy_channel};
 
 /// The default bound on one attempt of a call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);

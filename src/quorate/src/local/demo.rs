@@ -28,9 +28,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::{ClusterFile, LocalError, UpOptions};
-use crate::agent::driver::lease_key;
 use crate::client::Client;
 use crate::pb::v1 as pb;
+use crate::wire::keys::lease_key;
 
 /// The fenced write, shipped in deploy/redis/fenced_set.lua.
 pub const FENCED_SET_LUA: &str = include_str!("../../../../deploy/redis/fenced_set.lua");

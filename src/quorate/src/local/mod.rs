@@ -321,10 +321,10 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         let client = Client::from_list(&file.endpoints).map_err(|e| LocalError::Invalid(e.to_string()))?;
         let spec = local_group_spec(&group, &file.members);
         let current = client.get_group(&group, crate::pb::v1::Consistency::Linearizable).await;
-        let same = current.ok().and_then(|r| r.spec).map(crate::api::convert::spec_from_pb).as_ref() == Some(&spec);
+        let same = current.ok().and_then(|r| r.spec).map(crate::wire::convert::spec_from_pb).as_ref() == Some(&spec);
         if !same {
             client
-                .apply_group(crate::api::convert::spec_pb(&spec))
+                .apply_group(crate::wire::convert::spec_pb(&spec))
                 .await
                 .map_err(|e| LocalError::Invalid(format!("cannot create group {group}: {e}")))?;
         }

@@ -1,10 +1,13 @@
 //! Everything that touches openraft lives under this module.
 //!
 //! openraft 0.10 is an alpha whose APIs change between releases, so its types
-//! stay behind this boundary: the rest of the crate sees [`RaftNode`] (a
-//! `Raft` handle plus the state machine's read side), [`NodeClock`] and plain
-//! core types.
+//! stay behind this boundary: the rest of the crate sees [`RaftNode`] (the
+//! one handle: leadership, propose, confirm a read, status, watch, start and
+//! stop), the state machine's read side ([`state_machine::SmReader`]),
+//! [`NodeClock`], [`Readiness`] and plain core types.
 //!
+//! - [`node`]: the [`RaftNode`] facade and openraft's configuration.
+//! - [`readiness`]: whether this node has caught up since it started.
 //! - [`log_store`]: the Raft log, vote and committed index in redb.
 //! - [`state_machine`]: the in-memory core [`quorate_core::Machine`] behind
 //!   openraft's state-machine trait, with snapshots persisted in redb.
@@ -13,8 +16,13 @@
 
 pub mod log_store;
 pub mod network;
+pub mod node;
+pub mod readiness;
 pub mod service;
 pub mod state_machine;
+
+pub use self::node::{RaftFailure, RaftNode, RaftStatus, RaftView, RaftWatch, ReadConfirm, Role};
+pub use self::readiness::{Past, Readiness};
 
 use std::time::Instant;
 
@@ -34,7 +42,7 @@ openraft::declare_raft_types!(
 /// The largest command one log entry may carry, JSON-encoded as it is
 /// stored and sent. Every writer stays under it (the report batcher packs
 /// by size, observers split their reports); a single request that would
-/// exceed it is refused ([`crate::api::error::ApiError::TooLarge`]). It
+/// exceed it is refused (`ApiError::TooLarge`). It
 /// bounds what one append and one apply cost: entries of several MB made
 /// every replication attempt run out of time.
 pub const MAX_ENTRY_BYTES: usize = 512 << 10;
@@ -60,8 +68,8 @@ pub fn encoded_len<T: serde::Serialize>(value: &T) -> usize {
     }
 }
 
-/// The openraft handle, with our state machine.
-pub type Raft = openraft::Raft<TypeConfig, state_machine::StateMachineStore>;
+/// The openraft handle, with our state machine (inside `raft/` only).
+pub(crate) type Raft = openraft::Raft<TypeConfig, state_machine::StateMachineStore>;
 pub type LogId = openraft::alias::LogIdOf<TypeConfig>;
 pub type Entry = openraft::alias::EntryOf<TypeConfig>;
 pub type Vote = openraft::alias::VoteOf<TypeConfig>;

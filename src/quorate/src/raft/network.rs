@@ -30,7 +30,9 @@ use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, SnapshotRespon
 use openraft::{AnyError, BasicNode, RaftNetworkV2};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::wire::lazy_channel;
 
 use super::{Snapshot, TypeConfig, Vote, encoded_len};
 use crate::pb::raft::raft_client::RaftClient;
@@ -70,9 +72,6 @@ fn entries_within<T: Serialize>(entries: &[T], budget: usize) -> usize {
     entries.len()
 }
 
-/// How long a TCP connect may take before the peer counts as unreachable.
-const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
-
 /// Connections per peer. After a call to a peer times out, later calls go
 /// over the next connection: the timed-out call most likely waits for a TCP
 /// retransmission (200 ms or more, doubling on repeats), and on one HTTP/2
@@ -80,16 +79,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 /// heartbeat-sized deadlines openraft gives replication. Under 20% packet
 /// loss this is what keeps commits (and so lease renewals) flowing.
 pub const LANES: usize = 3;
-
-/// Builds one lazily connecting channel for a peer address.
-pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
-        .tcp_nodelay(true)
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
-}
 
 /// The connections to one peer and the one in use, shared by every
 /// [`PeerClient`] of that peer.

@@ -1,5 +1,5 @@
 //! The server side of Raft RPCs: decode, check the target, hand to openraft
-//! (votes only when this node may vote, see `server::catchup`).
+//! (votes only when this node may vote, see [`Readiness`]).
 
 use futures::StreamExt;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
@@ -10,10 +10,10 @@ use tonic::{Request, Response, Status, Streaming};
 use super::network::TARGET_NODE_HEADER;
 use std::sync::Arc;
 
+use super::readiness::Readiness;
 use super::{Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::pb::raft::raft_server;
 use crate::pb::raft::{RaftPayload, SnapshotChunk};
-use crate::server::catchup::Readiness;
 
 /// The largest snapshot this node accepts, in bytes.
 const MAX_SNAPSHOT_BYTES: usize = 1 << 30;

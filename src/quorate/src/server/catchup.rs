@@ -24,19 +24,16 @@
 //! only feed them.
 
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use serde::{Deserialize, Serialize};
 use tracing::{error, info, warn};
 
 use super::Node;
 use crate::pb::v1::StatusRequest;
 use crate::pb::v1::coordinator_client::CoordinatorClient;
-use crate::raft::TypeConfig;
-use crate::raft::network::lazy_channel;
+use crate::raft::Past;
+use crate::wire::lazy_channel;
 
 /// The file beside the Raft store that says which node the directory
 /// belongs to and that it once held data.
@@ -104,21 +101,6 @@ pub fn write_identity(data_dir: &Path, node_id: u64) -> Result<(), IdentityError
     std::fs::rename(&tmp, &path).map_err(err)
 }
 
-/// What an empty node knows about its past.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Past {
-    /// The store holds data: nothing was lost.
-    Intact,
-    /// The store is empty; whether the cluster has history is not known yet.
-    Unknown,
-    /// The store is empty but the node had data (identity file) or a peer
-    /// reports history: it lost its data, or joins a running cluster.
-    Lost,
-    /// The store is empty and the peers that answered have no history:
-    /// the cluster is being formed.
-    Forming,
-}
-
 /// What a peer said when asked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PeerAnswer {
@@ -146,73 +128,20 @@ pub fn past_from_answers(answers: &[Option<PeerAnswer>]) -> Past {
     }
 }
 
-/// Whether a node has caught up since it started: the leader it follows
-/// reported an entry committed in its own term, and this node applied it.
-pub fn is_caught_up(m: &openraft::RaftMetrics<TypeConfig>) -> bool {
-    let Some(committed) = m.cluster_committed.as_ref() else { return false };
-    m.current_leader.is_some()
-        && committed.leader_id.term == m.current_term
-        && m.last_applied.as_ref().is_some_and(|a| a.index >= committed.index)
-}
-
-/// This node's progress, shared by the API (reads), the Raft service
-/// (votes) and the tasks that update it.
-#[derive(Debug)]
-pub struct Readiness {
-    caught_up: AtomicBool,
-    past: Mutex<Past>,
-    started: Instant,
-}
-
-impl Readiness {
-    pub fn new(past: Past) -> Self {
-        Self { caught_up: AtomicBool::new(false), past: Mutex::new(past), started: Instant::now() }
-    }
-
-    /// Whether reads from the local state may be served.
-    pub fn caught_up(&self) -> bool {
-        self.caught_up.load(Ordering::Acquire)
-    }
-
-    pub fn past(&self) -> Past {
-        *self.past.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn set_past(&self, past: Past) {
-        *self.past.lock().unwrap_or_else(|p| p.into_inner()) = past;
-    }
-
-    /// Why this node refuses votes now, if it does.
-    pub fn vote_refusal(&self, node_id: u64) -> Option<String> {
-        if self.caught_up() {
-            return None;
-        }
-        match self.past() {
-            Past::Intact | Past::Forming => None,
-            Past::Unknown => Some(format!(
-                "node {node_id} has no Raft data and has not yet learned whether the cluster has history; it does not vote until it knows"
-            )),
-            Past::Lost => Some(format!(
-                "node {node_id} has no Raft data but the cluster has history; it does not vote until it is caught up"
-            )),
-        }
-    }
-}
-
 /// Watches the metrics until this node has caught up, then opens reads
 /// (and votes) and records the identity file. Ends when it has.
 pub async fn catch_up(node: Node) {
     let readiness = node.readiness.clone();
-    let mut metrics = node.raft.metrics();
+    let mut watch = node.raft.watch();
     let mut stopping = node.stopping.clone();
     let mut remind = tokio::time::interval(REMIND_EVERY);
     remind.tick().await;
     loop {
-        let m = metrics.borrow_watched().clone();
-        if is_caught_up(&m) {
-            readiness.caught_up.store(true, Ordering::Release);
-            let applied = m.last_applied.map_or(0, |l| l.index);
-            let took_ms = readiness.started.elapsed().as_millis() as u64;
+        let v = watch.view();
+        if v.caught_up {
+            readiness.mark_caught_up();
+            let applied = v.applied.unwrap_or(0);
+            let took_ms = readiness.started().elapsed().as_millis() as u64;
             if readiness.past() == Past::Lost {
                 info!(applied, took_ms, "caught up after losing its data: votes and reads are open again");
             } else {
@@ -224,14 +153,14 @@ pub async fn catch_up(node: Node) {
             return;
         }
         tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
+            changed = watch.changed() => if !changed { return },
             _ = remind.tick() => {
-                let target = m.cluster_committed.map_or(0, |c| c.index);
-                let applied = m.last_applied.map_or(0, |l| l.index);
+                let target = v.cluster_committed.unwrap_or(0);
+                let applied = v.applied.unwrap_or(0);
                 if readiness.past() == Past::Lost {
-                    error!(applied, target, leader = ?m.current_leader, "still catching up after losing its data: not voting, not serving reads");
+                    error!(applied, target, leader = ?v.leader, "still catching up after losing its data: not voting, not serving reads");
                 } else {
-                    warn!(applied, target, leader = ?m.current_leader, "not caught up with the cluster yet: not serving reads");
+                    warn!(applied, target, leader = ?v.leader, "not caught up with the cluster yet: not serving reads");
                 }
             }
             () = crate::shutdown::stopped(&mut stopping) => return,
@@ -275,7 +204,7 @@ pub async fn probe_peers(node: Node) {
 }
 
 /// Asks one peer for its status; `None` when it does not answer in time.
-async fn ask(addr: &str) -> Option<PeerAnswer> {
+pub(super) async fn ask(addr: &str) -> Option<PeerAnswer> {
     let channel = lazy_channel(addr).ok()?;
     let mut client = CoordinatorClient::new(channel);
     let mut req = tonic::Request::new(StatusRequest {});
@@ -301,18 +230,6 @@ mod tests {
         // Any peer with entries past formation: history exists.
         assert_eq!(past_from_answers(&[a(false, 0), a(true, 1)]), Past::Lost);
         assert_eq!(past_from_answers(&[None, a(true, 12_000)]), Past::Lost);
-    }
-
-    #[test]
-    fn votes_are_refused_only_while_an_empty_node_does_not_know_it_may() {
-        for (past, refuses) in
-            [(Past::Intact, false), (Past::Forming, false), (Past::Unknown, true), (Past::Lost, true)]
-        {
-            let r = Readiness::new(past);
-            assert_eq!(r.vote_refusal(3).is_some(), refuses, "{past:?}");
-            r.caught_up.store(true, Ordering::Release);
-            assert_eq!(r.vote_refusal(3), None, "{past:?} once caught up");
-        }
     }
 
     #[test]

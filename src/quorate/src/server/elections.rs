@@ -9,8 +9,6 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use openraft::ServerState;
-use openraft::type_config::async_runtime::watch::WatchReceiver as _;
 use quorate_core::Op;
 use quorate_core::election::{Decision, decide_for};
 use quorate_core::machine::Outcome;
@@ -53,7 +51,7 @@ pub async fn run_elections(node: Node) {
             () = tokio::time::sleep(tick_of(&node)) => {}
             () = crate::shutdown::stopped(&mut stopping) => return,
         }
-        if node.raft.metrics().borrow_watched().state != ServerState::Leader {
+        if !node.raft.is_leader() {
             blocked.clear();
             continue;
         }

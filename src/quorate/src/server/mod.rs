@@ -14,14 +14,11 @@ mod elections;
 pub mod node;
 mod observers;
 
-use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use openraft::type_config::async_runtime::watch::WatchReceiver as _;
-use openraft::{BasicNode, ServerState, SnapshotPolicy};
 use quorate_core::Op;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -29,17 +26,13 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, error, info, info_span, warn};
 
-use self::catchup::{IdentityError, Past, Readiness};
+use self::catchup::IdentityError;
 pub use self::node::{Node, ReadConsistency};
 use crate::api::CoordinatorService;
 use crate::config::ServerConfig;
-use crate::pb::v1::StatusRequest;
-use crate::pb::v1::coordinator_client::CoordinatorClient;
-use crate::raft::log_store::{LogStore, StoreError, is_empty, open_database};
-use crate::raft::network::{NetworkFactory, lazy_channel};
-use crate::raft::service::RaftService;
-use crate::raft::state_machine::StateMachineStore;
-use crate::raft::{NodeClock, Raft};
+use crate::raft::log_store::{StoreError, is_empty, open_database};
+use crate::raft::node::{StartError, Started};
+use crate::raft::{NodeClock, Past, RaftNode, RaftView, Readiness, Role};
 
 /// How long shutdown waits for in-flight calls and tasks before it stops
 /// waiting.
@@ -54,10 +47,8 @@ pub enum ServerError {
     DataDir { path: String, source: std::io::Error },
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("invalid Raft configuration: {0}")]
-    RaftConfig(String),
-    #[error("Raft failed to start: {0}")]
-    Raft(String),
+    #[error(transparent)]
+    Raft(#[from] StartError),
     #[error(transparent)]
     Identity(#[from] IdentityError),
     #[error("Raft stopped: {0}; exiting so that the supervisor restarts this node")]
@@ -66,52 +57,6 @@ pub enum ServerError {
     Bind { addr: String, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
-}
-
-/// openraft's configuration, from ours.
-pub fn openraft_config(c: &ServerConfig) -> Result<openraft::Config, ServerError> {
-    let config = openraft::Config {
-        cluster_name: "quorate".into(),
-        heartbeat_interval: c.heartbeat_interval_ms,
-        election_timeout_min: c.election_timeout_min_ms,
-        election_timeout_max: c.election_timeout_max_ms,
-        // Snapshots are small; give their transfer room on a busy machine.
-        install_snapshot_timeout: 5_000,
-        // By count here; by bytes and time in `snapshot_duties`.
-        snapshot_policy: SnapshotPolicy::LogsSinceLast(c.snapshot_every_entries),
-        // Must exceed the snapshot interval, or a snapshot may not cure lag.
-        replication_lag_threshold: c.snapshot_every_entries * 2,
-        // Entries kept below a snapshot for followers slightly behind; one
-        // further behind gets the snapshot. Bounded by count because
-        // entries are bounded in size (raft::MAX_ENTRY_BYTES).
-        max_in_snapshot_log_to_keep: 200,
-        // Pre-Vote: a node that cannot win does not bump terms and disturb
-        // a working leader (flapping links, a rejoining node).
-        enable_pre_vote: Some(true),
-        // Partial partitions: a leader that lost its quorum stops sending
-        // heartbeats so the connected majority can elect (openraft #2080).
-        quorum_loss_probe_interval: Some(c.election_timeout_max_ms * 2),
-        // The state machine is rebuilt from snapshot + committed log at
-        // start; a restarted node must not resume as leader with it.
-        enable_leader_restore: Some(false),
-        // Replication backs off after an append that timed out unanswered.
-        // openraft's default starts at 200 ms and doubles to 1 s: under
-        // packet loss every lost segment then stalls that follower's
-        // commits for longer than a lease renewal can wait. Retry soon (on
-        // the peer's next connection, see `raft::network::LANES`), and only
-        // back off far for a follower that keeps failing.
-        backoff: "25ms 50ms ...1s".into(),
-        // A follower that lost its data answers with a log shorter than the
-        // leader last matched. openraft's default then panics the leader's
-        // Raft core (one lost disk would cost the cluster its leader); with
-        // this it replicates to that follower from scratch. What openraft
-        // warns about, that such a node may vote with a log it no longer
-        // has, is handled here: a node that lost its data does not vote
-        // until it is caught up (`catchup`).
-        allow_log_reversion: Some(true),
-        ..Default::default()
-    };
-    config.validate().map_err(|e| ServerError::RaftConfig(e.to_string()))
 }
 
 /// Runs a server until `shutdown` completes.
@@ -147,13 +92,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         (true, None) => Past::Unknown,
     };
     let clock = NodeClock::new(id);
-    let sm = StateMachineStore::new(db.clone(), clock.clone());
-    let reader = sm.reader();
-    let log_store = LogStore::new(db);
-    let appended = log_store.appended_bytes();
-    let raft = Raft::new(id, Arc::new(openraft_config(&config)?), NetworkFactory::new(id), log_store, sm)
-        .await
-        .map_err(|e| ServerError::Raft(e.to_string()))?;
+    let Started { raft, reader, appended } = RaftNode::start(&config, db, clock.clone()).await?;
 
     let (stop_tx, stopping) = watch::channel(false);
     let readiness = Arc::new(Readiness::new(past));
@@ -188,7 +127,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .add_service(RaftService::new(raft.clone(), id, readiness).into_server())
+        .add_service(raft.service(readiness))
         .add_service(coordinator.into_server())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             crate::shutdown::stopped(&mut server_stop).await;
@@ -199,7 +138,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     let result = tokio::select! {
         res = &mut server => res.map_err(ServerError::from),
         () = shutdown => Ok(()),
-        reason = raft_stopped(&raft) => {
+        reason = raft.stopped() => {
             error!("Raft stopped: {reason}; shutting down and exiting non-zero so that the supervisor restarts this node");
             Err(ServerError::RaftStopped(reason))
         }
@@ -240,41 +179,27 @@ async fn form_cluster(node: Node) {
         }
     }
     for (id, addr) in node.peers.iter().filter(|(id, _)| **id != node.id) {
-        if peer_initialized(addr).await == Some(true) {
+        if catchup::ask(addr).await.is_some_and(|a| a.initialized) {
             warn!(peer = id, "peer already belongs to a formed cluster; not initializing, waiting to be contacted");
             return;
         }
     }
-    let members: BTreeMap<u64, BasicNode> =
-        node.peers.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
-    match node.raft.initialize(members).await {
+    match node.raft.initialize(&node.peers).await {
         Ok(()) => info!(members = ?node.peers, "cluster initialized"),
         Err(e) => warn!("initialize: {e}"),
     }
 }
 
-/// Asks a peer whether it is initialized; `None` when it cannot be reached.
-async fn peer_initialized(addr: &str) -> Option<bool> {
-    let channel = lazy_channel(addr).ok()?;
-    let mut client = CoordinatorClient::new(channel);
-    let mut req = tonic::Request::new(StatusRequest {});
-    req.set_timeout(Duration::from_secs(1));
-    let resp = tokio::time::timeout(Duration::from_secs(2), client.status(req)).await.ok()?.ok()?;
-    Some(resp.into_inner().initialized)
-}
-
 /// Work only the leader does. For now: at the start of each term, commit a
 /// `LeaderStart` so the lease clock moves to this leader at once.
 async fn leader_duties(node: Node) {
-    let mut metrics = node.raft.metrics();
+    let mut watch = node.raft.watch();
     let mut started_term: Option<u64> = None;
     let mut stopping = node.stopping.clone();
     loop {
-        let (state, term) = {
-            let m = metrics.borrow_watched();
-            (m.state, m.current_term)
-        };
-        if state == ServerState::Leader && started_term != Some(term) {
+        let view = watch.view();
+        let (role, term) = (view.role, view.term);
+        if role == Role::Leader && started_term != Some(term) {
             match node.propose(Op::LeaderStart).instrument(info_span!("leader_start", term)).await {
                 Ok(_) => {
                     info!(term, "leading; lease clock moved to this node");
@@ -292,28 +217,8 @@ async fn leader_duties(node: Node) {
             }
         }
         tokio::select! {
-            changed = metrics.changed() => if changed.is_err() { return },
+            changed = watch.changed() => if !changed { return },
             () = crate::shutdown::stopped(&mut stopping) => return,
-        }
-    }
-}
-
-/// Resolves when this node's Raft core has stopped on its own (a storage
-/// error, a failed snapshot install), with the reason.
-async fn raft_stopped(raft: &Raft) -> String {
-    let mut metrics = raft.metrics();
-    loop {
-        {
-            let m = metrics.borrow_watched();
-            if let Err(fatal) = &m.running_state {
-                return fatal.to_string();
-            }
-            if m.state == ServerState::Shutdown {
-                return "the Raft core shut down".to_owned();
-            }
-        }
-        if metrics.changed().await.is_err() {
-            return "the Raft core ended".to_owned();
         }
     }
 }
@@ -329,9 +234,9 @@ const SNAPSHOT_CHECK_EVERY: Duration = Duration::from_secs(1);
 async fn snapshot_duties(node: Node, appended: Arc<AtomicU64>) {
     let every = Duration::from_millis(node.config.snapshot_every_ms);
     let max_bytes = node.config.snapshot_max_log_bytes;
-    let metrics = node.raft.metrics();
+    let watch = node.raft.watch();
     let mut stopping = node.stopping.clone();
-    let mut last = metrics.borrow_watched().snapshot;
+    let mut last = watch.view().snapshot;
     let mut since = Instant::now();
     let mut bytes_at = appended.load(Ordering::Relaxed);
     let mut tick = tokio::time::interval(SNAPSHOT_CHECK_EVERY);
@@ -340,17 +245,15 @@ async fn snapshot_duties(node: Node, appended: Arc<AtomicU64>) {
             _ = tick.tick() => {}
             () = crate::shutdown::stopped(&mut stopping) => return,
         }
-        let (snapshot, applied) = {
-            let m = metrics.borrow_watched();
-            (m.snapshot, m.last_applied)
-        };
+        let RaftView { snapshot, applied, .. } = watch.view();
         if snapshot != last {
             last = snapshot;
             since = Instant::now();
             bytes_at = appended.load(Ordering::Relaxed);
             continue;
         }
-        let behind = applied.map_or(0, |a| a.index + 1) > snapshot.map_or(0, |s| s.index + 1);
+        // None (nothing applied, no snapshot) orders below every index.
+        let behind = applied > snapshot;
         let bytes = appended.load(Ordering::Relaxed).saturating_sub(bytes_at);
         let reason = if bytes >= max_bytes {
             "log bytes"
@@ -363,7 +266,7 @@ async fn snapshot_duties(node: Node, appended: Arc<AtomicU64>) {
             continue;
         }
         info!(reason, log_bytes = bytes, since_ms = since.elapsed().as_millis() as u64, "building a snapshot");
-        if let Err(e) = node.raft.trigger().snapshot().await {
+        if let Err(e) = node.raft.trigger_snapshot().await {
             warn!("cannot trigger a snapshot: {e}");
         }
         // Count afresh: a failed snapshot is tried again after as much more.

@@ -1,7 +1,7 @@
 //! A running coordinator node as the API layer sees it: propose a command,
 //! confirm a read, say who leads.
 //!
-//! This is where openraft's errors are translated into [`ApiError`]s, and
+//! This is where Raft's failures are translated into [`ApiError`]s, and
 //! where every write is bounded: a leader that has lost its quorum refuses
 //! within one election timeout instead of letting the caller hang.
 
@@ -9,18 +9,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
-use openraft::type_config::async_runtime::watch::WatchReceiver as _;
-use openraft::{Instant as _, ReadPolicy, ServerState};
 use quorate_core::machine::Outcome;
 use quorate_core::{Command, Op};
 use tokio::sync::watch;
 
-use super::catchup::Readiness;
 use crate::api::error::{ApiError, LeaderHint};
 use crate::config::ServerConfig;
 use crate::raft::state_machine::SmReader;
-use crate::raft::{MAX_ENTRY_BYTES, NodeClock, Raft, TypeConfig, encoded_len};
+use crate::raft::{MAX_ENTRY_BYTES, NodeClock, RaftFailure, RaftNode, ReadConfirm, Readiness, encoded_len};
 
 /// The longest a write may stay pending while the leader still has its
 /// quorum; past it the outcome is reported as unknown.
@@ -38,7 +34,7 @@ pub enum ReadConsistency {
 #[derive(Clone)]
 pub struct Node {
     pub id: u64,
-    pub raft: Raft,
+    pub raft: RaftNode,
     pub reader: Arc<SmReader>,
     pub clock: NodeClock,
     pub config: Arc<ServerConfig>,
@@ -59,21 +55,13 @@ impl std::fmt::Debug for Node {
 impl Node {
     /// The leader as this node knows it, with its address.
     pub fn leader_hint(&self) -> Option<LeaderHint> {
-        let leader = self.raft.metrics().borrow_watched().current_leader?;
+        let leader = self.raft.leader()?;
         self.peers.get(&leader).map(|addr| LeaderHint { id: leader, addr: addr.clone() })
     }
 
     fn not_leader(&self) -> ApiError {
         let leader = self.leader_hint().filter(|l| l.id != self.id);
         ApiError::NotLeader { node_id: self.id, leader }
-    }
-
-    /// Whether this node leads and heard from a quorum within the last
-    /// election timeout.
-    fn leads_with_quorum(&self) -> bool {
-        let max = Duration::from_millis(self.config.election_timeout_max_ms);
-        let m = self.raft.metrics().borrow_watched().clone();
-        m.state == ServerState::Leader && m.last_quorum_acked.is_some_and(|t| t.elapsed() < max)
     }
 
     /// Proposes `op`, stamped with this node's clock, and waits for the state
@@ -94,13 +82,13 @@ impl Node {
         }
         let started = Instant::now();
         let check_every = Duration::from_millis(self.config.election_timeout_max_ms);
-        let write = self.raft.client_write(cmd);
+        let write = self.raft.write(cmd);
         tokio::pin!(write);
         loop {
             tokio::select! {
-                res = &mut write => return self.write_result(res),
+                res = &mut write => return res.map_err(|e| self.raft_error(e, true)),
                 _ = tokio::time::sleep(check_every) => {
-                    if !self.leads_with_quorum() {
+                    if !self.raft.leads_with_quorum() {
                         return Err(ApiError::NoQuorum {
                             node_id: self.id,
                             detail: format!("no quorum acknowledgement within {} ms", self.config.election_timeout_max_ms),
@@ -128,65 +116,50 @@ impl Node {
         }
     }
 
-    fn write_result(
-        &self,
-        res: Result<
-            openraft::raft::ClientWriteResponse<TypeConfig>,
-            RaftError<TypeConfig, ClientWriteError<TypeConfig>>,
-        >,
-    ) -> Result<Outcome, ApiError> {
-        match res {
-            Ok(resp) => {
-                resp.data.ok_or_else(|| ApiError::Internal("the state machine gave no outcome for a command".into()))
+    /// A Raft failure as an API error; `write`: whether a write may have
+    /// taken effect anyway.
+    fn raft_error(&self, e: RaftFailure, write: bool) -> ApiError {
+        match e {
+            RaftFailure::NotLeader => self.not_leader(),
+            RaftFailure::LeaderChanged => {
+                ApiError::NoQuorum { node_id: self.id, detail: e.to_string(), outcome_unknown: write }
             }
-            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(self.not_leader()),
-            Err(RaftError::APIError(ClientWriteError::LogEntryDiscarded(_))) => Err(ApiError::NoQuorum {
-                node_id: self.id,
-                detail: "leadership changed before the write committed".into(),
-                outcome_unknown: true,
-            }),
-            Err(RaftError::APIError(e)) => Err(ApiError::Internal(e.to_string())),
-            Err(RaftError::Fatal(f)) => Err(ApiError::Stopped { node_id: self.id, detail: f.to_string() }),
+            RaftFailure::QuorumNotEnough(detail) => {
+                ApiError::NoQuorum { node_id: self.id, detail, outcome_unknown: write }
+            }
+            RaftFailure::Fatal(detail) => ApiError::Stopped { node_id: self.id, detail },
+            RaftFailure::Other(detail) => ApiError::Internal(detail),
         }
     }
 
     /// Refuses while this node has not caught up since it started: its
     /// state may be older than one it served before (or empty, if it lost
-    /// its data). See [`super::catchup`].
+    /// its data). See `server::catchup`.
     pub fn ensure_caught_up(&self) -> Result<(), ApiError> {
         if self.readiness.caught_up() {
             return Ok(());
         }
-        let m = self.raft.metrics().borrow_watched().clone();
-        Err(ApiError::CatchingUp {
-            node_id: self.id,
-            applied: m.last_applied.map_or(0, |l| l.index),
-            target: m.cluster_committed.map(|c| c.index),
-        })
+        let v = self.raft.view();
+        Err(ApiError::CatchingUp { node_id: self.id, applied: v.applied.unwrap_or(0), target: v.cluster_committed })
     }
 
     /// Makes a read safe to serve at `consistency` from the local state
     /// machine. Linearizable and lease reads must be served by the leader;
     /// stale reads by a node that has caught up since it started.
     pub async fn confirm_read(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
-        let policy = match consistency {
+        let how = match consistency {
             ReadConsistency::Stale => return self.ensure_caught_up(),
-            ReadConsistency::Linearizable => ReadPolicy::ReadIndex,
-            ReadConsistency::LeaseRead => ReadPolicy::LeaseRead,
+            ReadConsistency::Linearizable => ReadConfirm::ReadIndex,
+            ReadConsistency::LeaseRead => ReadConfirm::Lease,
         };
         let bound = Duration::from_millis(self.config.election_timeout_max_ms * 2);
-        match tokio::time::timeout(bound, self.raft.ensure_linearizable(policy)).await {
+        match tokio::time::timeout(bound, self.raft.confirm_leadership(how)).await {
             Err(_) => Err(ApiError::NoQuorum {
                 node_id: self.id,
                 detail: format!("leadership not confirmed within {} ms", bound.as_millis()),
                 outcome_unknown: false,
             }),
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_)))) => Err(self.not_leader()),
-            Ok(Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q)))) => {
-                Err(ApiError::NoQuorum { node_id: self.id, detail: q.to_string(), outcome_unknown: false })
-            }
-            Ok(Err(RaftError::Fatal(f))) => Err(ApiError::Stopped { node_id: self.id, detail: f.to_string() }),
+            Ok(res) => res.map_err(|e| self.raft_error(e, false)),
         }
     }
 }

@@ -571,7 +571,7 @@ pub async fn fenced_set(
     cmd.arg(quorate::local::demo::FENCED_SET_LUA)
         .arg(2)
         .arg(key)
-        .arg(quorate::agent::driver::lease_key(PAIR))
+        .arg(quorate::wire::keys::lease_key(PAIR))
         .arg(value)
         .arg(epoch);
     cmd.query_async::<()>(conn).await.map_err(|e| e.to_string())

@@ -1,4 +1,6 @@
 //! Conversions between protobuf messages and core types, in one place.
+//! Decoding errors are [`DecodeError`]s; the service layer reports them as
+//! invalid arguments.
 
 use quorate_core::election::{Candidate, HistoryEntry, MemberStatus, Role};
 use quorate_core::group::{FailoverPolicy, GroupSpec, MemberSpec, Policy};
@@ -8,7 +10,7 @@ use quorate_core::observe::{ObsState, Observation, Reason};
 use quorate_core::verdict::{GroupVerdict, MemberVerdict, Verdict, explain};
 use quorate_core::{LeaseTiming, LeaseView};
 
-use super::error::ApiError;
+use super::DecodeError;
 use crate::pb::v1 as pb;
 
 /// A core lease view as protobuf.
@@ -181,21 +183,17 @@ pub fn observation_pb(target: &str, o: &Observation) -> pb::Observation {
 }
 
 /// A reported observation as a core one; refuses unknown states and reasons.
-pub fn observation_from_pb(o: &pb::Observation) -> Result<(String, Observation), ApiError> {
+pub fn observation_from_pb(o: &pb::Observation) -> Result<(String, Observation), DecodeError> {
     let state = match pb::ObservationState::try_from(o.state) {
         Ok(pb::ObservationState::ObservedUp) => ObsState::Up,
         Ok(pb::ObservationState::ObservedDown) => ObsState::Down,
         Ok(pb::ObservationState::ObservedUnknown) => ObsState::Unknown,
         _ => {
-            return Err(ApiError::InvalidArgument(format!(
-                "cells[{}].state: {} is not a valid state",
-                o.target, o.state
-            )));
+            return Err(DecodeError(format!("cells[{}].state: {} is not a valid state", o.target, o.state)));
         }
     };
-    let reason = reason_from_str(&o.reason).ok_or_else(|| {
-        ApiError::InvalidArgument(format!("cells[{}].reason: {:?} is not a known reason", o.target, o.reason))
-    })?;
+    let reason = reason_from_str(&o.reason)
+        .ok_or_else(|| DecodeError(format!("cells[{}].reason: {:?} is not a known reason", o.target, o.reason)))?;
     Ok((
         o.target.clone(),
         Observation {
