@@ -140,7 +140,7 @@ impl GroupSpec {
         let mut seen = BTreeSet::new();
         for (index, m) in self.members.iter().enumerate() {
             names::validate(NameKind::Member, &m.id).map_err(|error| SpecError::MemberId { index, error })?;
-            if m.id.starts_with(crate::matrix::COORDINATOR_PREFIX) {
+            if m.id.starts_with(names::COORDINATOR_PREFIX) {
                 return Err(SpecError::ReservedMemberId { index, id: m.id.clone() });
             }
             if !seen.insert(m.id.as_str()) {

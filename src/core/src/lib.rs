@@ -15,6 +15,18 @@
 //! - [`role`]: the role decisions of a member's agent (when to take the
 //!   lease, arm and apply the fence, promote, follow), as a state machine
 //!   whose actions the agent's runtime performs.
+//! - [`observe`]: one observer's view of one member (up, down, unknown,
+//!   why), from heartbeat readings.
+//! - [`quorum`]: quorum sizes and three-valued quorum answers.
+//! - [`group`]: a group's spec (members, priorities, policy) and its
+//!   validation.
+//! - [`designation`]: the replicated election state of a managed group, as
+//!   data (designated member, history, member statuses).
+//! - [`matrix`]: every observer's latest view of every member of a group,
+//!   and the rest of a group's replicated state.
+//! - [`verdict`]: the quorum verdict per member over the matrix.
+//! - [`election`]: the decisions over verdicts: candidates, failover,
+//!   switchover.
 //! - [`machine`]: the replicated state machine. Commands carry the proposing
 //!   leader's clock reading; `apply` is deterministic and returns its decision
 //!   as data ([`machine::Outcome`]) together with the change to publish.
@@ -26,6 +38,7 @@
 //! never reused, and a new holder is only granted once the previous lease has
 //! expired with the drift margin on the granting leader's clock.
 
+pub mod designation;
 pub mod election;
 pub mod group;
 pub mod lease;

@@ -6,7 +6,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::election::{Election, HistoryEntry, MemberStatus, MoveKind};
+use crate::designation::{Election, HistoryEntry, MemberStatus, MoveKind};
 use crate::group::GroupSpec;
 use crate::observe::Observation;
 
@@ -43,8 +43,7 @@ impl From<String> for Observer {
     }
 }
 
-/// Member ids may not start with this (it names coordinators).
-pub const COORDINATOR_PREFIX: &str = "coordinator-";
+pub use crate::names::COORDINATOR_PREFIX;
 
 impl Observer {
     /// Parses the display form (`coordinator-N` or a member id).

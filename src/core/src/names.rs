@@ -9,6 +9,9 @@ use serde::{Deserialize, Serialize};
 /// The longest group or holder name, in bytes.
 pub const MAX_NAME_LEN: usize = 128;
 
+/// Member ids may not start with this (it names coordinators).
+pub const COORDINATOR_PREFIX: &str = "coordinator-";
+
 /// What a name names, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NameKind {

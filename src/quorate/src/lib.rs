@@ -10,12 +10,16 @@
 //!   adapter, Raft RPCs over tonic.
 //! - [`server`]: a `quorate server` node: Raft plus the gRPC API, start-up,
 //!   cluster formation and clean shutdown.
+//! - [`service`]: the service layer: every coordinator operation once, on
+//!   domain types, with one error type.
 //! - [`api`]: the public gRPC service, a thin translation between protobuf
-//!   and the core, with the one place that maps errors to gRPC status.
+//!   and the service layer, with the one place that maps errors to gRPC
+//!   status.
 //! - [`agent`]: `quorate agent`: heartbeat publisher, the observation loop
 //!   (shared with coordinator nodes), reporter.
 //! - [`client`]: the Rust client: endpoints, leader following, lease keeper.
 //! - [`cli`]: the `quorate` subcommands (no logic of their own).
+//! - [`render`]: text and JSON renderings shared by the CLI and the demo.
 //! - [`local`]: the local launcher (`quorate local up|down`).
 //! - [`bench`]: the load generator behind `quorate bench`.
 //! - [`wire`]: what travels between processes (protobuf conversions,
@@ -29,7 +33,9 @@ pub mod client;
 pub mod config;
 pub mod local;
 pub mod raft;
+pub mod render;
 pub mod server;
+pub mod service;
 pub mod shutdown;
 pub mod wire;
 

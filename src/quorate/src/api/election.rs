@@ -11,9 +11,9 @@ use quorate_core::names::NameKind;
 use quorate_core::verdict::{GroupVerdict, Verdict, verdict};
 use tokio::sync::broadcast;
 
-use super::error::ApiError;
 use super::{CoordinatorService, check_name, rejection};
 use crate::pb::v1 as pb;
+use crate::service::ServiceError;
 use crate::wire::convert::{candidate_pb, history_pb, lease_pb, status_pb};
 
 /// The default and largest wait of a switchover call.
@@ -32,24 +32,24 @@ pub fn decision_text(d: &Decision) -> String {
 }
 
 impl CoordinatorService {
-    fn managed(g: &GroupState) -> Result<&GroupState, ApiError> {
+    fn managed(g: &GroupState) -> Result<&GroupState, ServiceError> {
         if g.spec.is_managed() {
             Ok(g)
         } else {
-            Err(ApiError::Precondition(format!(
+            Err(ServiceError::Precondition(format!(
                 "group {:?} is not managed: add a [failover] section to its spec",
                 g.spec.name
             )))
         }
     }
 
-    pub(super) async fn do_get_election(&self, r: pb::GetElectionRequest) -> Result<pb::ElectionStatus, ApiError> {
+    pub(super) async fn do_get_election(&self, r: pb::GetElectionRequest) -> Result<pb::ElectionStatus, ServiceError> {
         check_name(NameKind::Group, &r.group)?;
         self.confirm_read(r.consistency).await?;
         let voters = self.node.reader.voters();
         self.node.reader.with_machine_at(|m, clock, revision| {
             let g = Self::managed(
-                m.group(&r.group).ok_or_else(|| ApiError::NotFound(format!("no group named {:?}", r.group)))?,
+                m.group(&r.group).ok_or_else(|| ServiceError::NotFound(format!("no group named {:?}", r.group)))?,
             )?;
             let now = self.node.reader.machine_now(m);
             let v = verdict(g, &voters, now);
@@ -89,12 +89,12 @@ impl CoordinatorService {
         })
     }
 
-    async fn election_op(&self, group: &str, op: Op) -> Result<pb::ElectionStatus, ApiError> {
+    async fn election_op(&self, group: &str, op: Op) -> Result<pb::ElectionStatus, ServiceError> {
         check_name(NameKind::Group, group)?;
         match self.node.propose(op).await? {
             Outcome::ElectionChanged { .. } => {}
             Outcome::Rejected(r) => return Err(rejection(r)),
-            other => return Err(ApiError::Internal(format!("unexpected outcome: {other:?}"))),
+            other => return Err(ServiceError::Internal(format!("unexpected outcome: {other:?}"))),
         }
         self.do_get_election(pb::GetElectionRequest {
             group: group.to_owned(),
@@ -106,22 +106,22 @@ impl CoordinatorService {
     pub(super) async fn do_set_maintenance(
         &self,
         r: pb::SetMaintenanceRequest,
-    ) -> Result<pb::ElectionStatus, ApiError> {
+    ) -> Result<pb::ElectionStatus, ServiceError> {
         self.election_op(&r.group, Op::SetMaintenance { group: r.group.clone(), on: r.on }).await
     }
 
-    pub(super) async fn do_unblock(&self, r: pb::UnblockFailoverRequest) -> Result<pb::ElectionStatus, ApiError> {
+    pub(super) async fn do_unblock(&self, r: pb::UnblockFailoverRequest) -> Result<pb::ElectionStatus, ServiceError> {
         self.election_op(&r.group, Op::UnblockFailover { group: r.group.clone() }).await
     }
 
     pub(super) async fn do_cancel_switchover(
         &self,
         r: pb::CancelSwitchoverRequest,
-    ) -> Result<pb::ElectionStatus, ApiError> {
+    ) -> Result<pb::ElectionStatus, ServiceError> {
         self.election_op(&r.group, Op::CancelSwitchover { group: r.group.clone(), reason: r.reason.clone() }).await
     }
 
-    pub(super) async fn do_switchover(&self, r: pb::SwitchoverRequest) -> Result<pb::SwitchoverResponse, ApiError> {
+    pub(super) async fn do_switchover(&self, r: pb::SwitchoverRequest) -> Result<pb::SwitchoverResponse, ServiceError> {
         check_name(NameKind::Group, &r.group)?;
         if !r.to.is_empty() {
             check_name(NameKind::Member, &r.to)?;
@@ -136,14 +136,14 @@ impl CoordinatorService {
         match self.node.propose(Op::Switchover { group: r.group.clone(), to }).await? {
             Outcome::ElectionChanged { .. } => {}
             Outcome::Rejected(rej) => return Err(rejection(rej)),
-            other => return Err(ApiError::Internal(format!("unexpected outcome: {other:?}"))),
+            other => return Err(ServiceError::Internal(format!("unexpected outcome: {other:?}"))),
         }
         let target = self
             .node
             .reader
             .with_machine(|m, _| m.group(&r.group).and_then(|g| g.election.switchover.as_ref().map(|s| s.to.clone())));
         let Some(target) = target else {
-            return Err(ApiError::Internal("the switchover vanished right after it was committed".into()));
+            return Err(ServiceError::Internal("the switchover vanished right after it was committed".into()));
         };
         // Wait until the target holds the lease.
         let deadline = tokio::time::Instant::now() + wait;
@@ -161,7 +161,7 @@ impl CoordinatorService {
             let designated =
                 self.node.reader.with_machine(|m, _| m.group(&r.group).and_then(|g| g.election.designated.clone()));
             if pending == Some(false) && designated.as_deref() != Some(target.as_str()) {
-                return Err(ApiError::Precondition(format!(
+                return Err(ServiceError::Precondition(format!(
                     "the switchover to {target} was cancelled (see `quorate history {}` and the primary's agent log)",
                     r.group
                 )));
@@ -171,17 +171,17 @@ impl CoordinatorService {
                     Ok(ev) if ev.change.group != r.group => {}
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
                     Err(broadcast::error::RecvError::Closed) => {
-                        return Err(ApiError::Stopped { node_id: self.node.id, detail: "state machine closed".into() });
+                        return Err(ServiceError::Stopped { node_id: self.node.id, detail: "state machine closed".into() });
                     }
                 },
                 () = tokio::time::sleep_until(deadline) => {
-                    return Err(ApiError::OutcomeUnknown { waited_ms: wait.as_millis() as u64 });
+                    return Err(ServiceError::OutcomeUnknown { waited_ms: wait.as_millis() as u64 });
                 }
             }
         }
     }
 
-    pub(super) async fn do_whatif(&self, r: pb::WhatIfRequest) -> Result<pb::WhatIfResponse, ApiError> {
+    pub(super) async fn do_whatif(&self, r: pb::WhatIfRequest) -> Result<pb::WhatIfResponse, ServiceError> {
         check_name(NameKind::Group, &r.group)?;
         for m in &r.down {
             check_name(NameKind::Member, m)?;
@@ -190,11 +190,11 @@ impl CoordinatorService {
         let voters = self.node.reader.voters();
         self.node.reader.with_machine(|m, _| {
             let g = Self::managed(
-                m.group(&r.group).ok_or_else(|| ApiError::NotFound(format!("no group named {:?}", r.group)))?,
+                m.group(&r.group).ok_or_else(|| ServiceError::NotFound(format!("no group named {:?}", r.group)))?,
             )?;
             for d in &r.down {
                 if g.spec.member(d).is_none() {
-                    return Err(ApiError::InvalidArgument(format!("down: {d:?} is not a member of {:?}", r.group)));
+                    return Err(ServiceError::InvalidArgument(format!("down: {d:?} is not a member of {:?}", r.group)));
                 }
             }
             let now = self.node.reader.machine_now(m);

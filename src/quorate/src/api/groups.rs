@@ -6,21 +6,24 @@ use quorate_core::names::NameKind;
 use quorate_core::verdict::{explain, verdict};
 use quorate_core::{Op, matrix::GroupState};
 
-use super::error::ApiError;
 use super::{CoordinatorService, check_name, rejection};
 use crate::pb::v1 as pb;
+use crate::service::ServiceError;
 use crate::wire::convert::{
     evidence_cells, matrix_pb, member_verdict_pb, observation_from_pb, restart_pb, spec_from_pb, spec_pb,
 };
 
 impl CoordinatorService {
-    pub(super) async fn do_apply_group(&self, r: pb::ApplyGroupRequest) -> Result<pb::ApplyGroupResponse, ApiError> {
-        let spec = spec_from_pb(r.spec.ok_or_else(|| ApiError::InvalidArgument("spec: missing".into()))?);
-        spec.validate().map_err(|e| ApiError::InvalidArgument(e.to_string()))?;
+    pub(super) async fn do_apply_group(
+        &self,
+        r: pb::ApplyGroupRequest,
+    ) -> Result<pb::ApplyGroupResponse, ServiceError> {
+        let spec = spec_from_pb(r.spec.ok_or_else(|| ServiceError::InvalidArgument("spec: missing".into()))?);
+        spec.validate().map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         match self.node.propose(Op::ApplyGroup { spec }).await? {
             Outcome::GroupApplied { revision, created } => Ok(pb::ApplyGroupResponse { created, revision }),
             Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(ApiError::Internal(format!("unexpected outcome of ApplyGroup: {other:?}"))),
+            other => Err(ServiceError::Internal(format!("unexpected outcome of ApplyGroup: {other:?}"))),
         }
     }
 
@@ -30,21 +33,21 @@ impl CoordinatorService {
         name: &str,
         consistency: i32,
         f: impl FnOnce(&GroupState, u64) -> T,
-    ) -> Result<T, ApiError> {
+    ) -> Result<T, ServiceError> {
         check_name(NameKind::Group, name)?;
         self.confirm_read(consistency).await?;
         self.node.reader.with_machine(|m, _| {
             let now = self.node.reader.machine_now(m);
             match m.group(name) {
                 Some(g) => Ok(f(g, now)),
-                None => Err(ApiError::NotFound(format!(
+                None => Err(ServiceError::NotFound(format!(
                     "no group named {name:?}; create it with `quorate group apply FILE.toml`"
                 ))),
             }
         })
     }
 
-    pub(super) async fn do_get_group(&self, r: pb::GetGroupRequest) -> Result<pb::GetGroupResponse, ApiError> {
+    pub(super) async fn do_get_group(&self, r: pb::GetGroupRequest) -> Result<pb::GetGroupResponse, ServiceError> {
         self.with_group(&r.name, r.consistency, |g, _| pb::GetGroupResponse {
             spec: Some(spec_pb(&g.spec)),
             revision: g.spec_revision,
@@ -58,9 +61,9 @@ impl CoordinatorService {
         }
     }
 
-    pub(super) async fn do_report(&self, r: pb::ReportRequest) -> Result<pb::ReportResponse, ApiError> {
+    pub(super) async fn do_report(&self, r: pb::ReportRequest) -> Result<pb::ReportResponse, ServiceError> {
         if r.observer.is_empty() {
-            return Err(ApiError::InvalidArgument("observer: missing".into()));
+            return Err(ServiceError::InvalidArgument("observer: missing".into()));
         }
         let mut views = Vec::with_capacity(r.views.len());
         for v in &r.views {
@@ -80,17 +83,17 @@ impl CoordinatorService {
                 rejected: rejected.iter().map(ToString::to_string).collect(),
             }),
             Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(ApiError::Internal(format!("unexpected outcome of Report: {other:?}"))),
+            other => Err(ServiceError::Internal(format!("unexpected outcome of Report: {other:?}"))),
         }
     }
 
-    pub(super) async fn do_get_matrix(&self, r: pb::GetMatrixRequest) -> Result<pb::Matrix, ApiError> {
+    pub(super) async fn do_get_matrix(&self, r: pb::GetMatrixRequest) -> Result<pb::Matrix, ServiceError> {
         let voters = self.node.reader.voters();
         let id = self.node.id;
         self.with_group(&r.group, r.consistency, |g, now| matrix_pb(g, &verdict(g, &voters, now), &voters, id)).await
     }
 
-    pub(super) async fn do_explain(&self, r: pb::ExplainRequest) -> Result<pb::ExplainResponse, ApiError> {
+    pub(super) async fn do_explain(&self, r: pb::ExplainRequest) -> Result<pb::ExplainResponse, ServiceError> {
         check_name(NameKind::Member, &r.member)?;
         let voters = self.node.reader.voters();
         let member = r.member.clone();
@@ -98,7 +101,7 @@ impl CoordinatorService {
             let v = verdict(g, &voters, now);
             let mv = v
                 .member(&member)
-                .ok_or_else(|| ApiError::NotFound(format!("group {:?} has no member {member:?}", g.spec.name)))?;
+                .ok_or_else(|| ServiceError::NotFound(format!("group {:?} has no member {member:?}", g.spec.name)))?;
             Ok(pb::ExplainResponse {
                 sentence: explain(mv),
                 verdict: Some(member_verdict_pb(mv)),

@@ -1,12 +1,11 @@
 //! The public gRPC service (`quorate.v1.Coordinator`): a thin translation
 //! between protobuf and the core. Validation happens here first (so bad input
 //! never reaches the log), decisions are the state machine's, and every error
-//! leaves through [`error::ApiError::into_status`].
+//! leaves through `status` (the one mapping of [`ServiceError`] to gRPC status).
 
-mod batch;
 mod election;
-pub mod error;
 mod groups;
+mod status;
 mod watch;
 
 pub use crate::wire::lease_pb;
@@ -23,10 +22,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
-use self::error::ApiError;
 use crate::pb::v1 as pb;
 use crate::pb::v1::coordinator_server::{Coordinator, CoordinatorServer};
-use crate::server::{Node, ReadConsistency};
+use crate::service::ServiceError;
+use crate::service::batch;
+use crate::service::{Node, ReadConsistency};
 use crate::wire::convert::timing_pb;
 
 /// The default and the largest wait of a blocking Acquire.
@@ -58,18 +58,18 @@ impl CoordinatorService {
         self.node.config.lease_timing()
     }
 
-    fn check_ttl(&self, ttl_ms: u64) -> Result<(), ApiError> {
+    fn check_ttl(&self, ttl_ms: u64) -> Result<(), ServiceError> {
         let (min, max) = (self.node.config.min_lease_ttl_ms, self.node.config.max_lease_ttl_ms);
         if ttl_ms == 0 {
-            return Err(ApiError::InvalidArgument("ttl_ms must be positive".into()));
+            return Err(ServiceError::InvalidArgument("ttl_ms must be positive".into()));
         }
         if ttl_ms > max {
-            return Err(ApiError::InvalidArgument(format!(
+            return Err(ServiceError::InvalidArgument(format!(
                 "ttl_ms {ttl_ms} is above the maximum lease TTL of {max} ms (max_lease_ttl_ms)"
             )));
         }
         if ttl_ms < min {
-            return Err(ApiError::InvalidArgument(format!(
+            return Err(ServiceError::InvalidArgument(format!(
                 "ttl_ms {ttl_ms} is below the minimum lease TTL of {min} ms (min_lease_ttl_ms)"
             )));
         }
@@ -103,7 +103,7 @@ impl CoordinatorService {
         }
     }
 
-    async fn do_acquire(&self, r: pb::AcquireRequest) -> Result<pb::AcquireResponse, ApiError> {
+    async fn do_acquire(&self, r: pb::AcquireRequest) -> Result<pb::AcquireResponse, ServiceError> {
         check_name(NameKind::Group, &r.group)?;
         check_name(NameKind::Holder, &r.holder)?;
         self.check_ttl(r.ttl_ms)?;
@@ -134,7 +134,9 @@ impl CoordinatorService {
                             ms.max(1)
                         }
                         Outcome::Rejected(rej) => return Err(rejection(rej)),
-                        other => return Err(ApiError::Internal(format!("unexpected outcome of Acquire: {other:?}"))),
+                        other => {
+                            return Err(ServiceError::Internal(format!("unexpected outcome of Acquire: {other:?}")));
+                        }
                     }
                 }
             };
@@ -159,18 +161,18 @@ impl CoordinatorService {
                             || matches!(ev.change.kind, ChangeKind::ViewReported | ChangeKind::Renewed) => continue,
                         Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
                         Err(broadcast::error::RecvError::Closed) => {
-                            return Err(ApiError::Stopped { node_id: self.node.id, detail: "state machine closed".into() });
+                            return Err(ServiceError::Stopped { node_id: self.node.id, detail: "state machine closed".into() });
                         }
                     },
                     () = crate::shutdown::stopped(&mut stopping) => {
-                        return Err(ApiError::Stopped { node_id: self.node.id, detail: "shutting down".into() });
+                        return Err(ServiceError::Stopped { node_id: self.node.id, detail: "shutting down".into() });
                     }
                 }
             }
         }
     }
 
-    async fn do_renew(&self, r: pb::RenewRequest) -> Result<pb::RenewResponse, ApiError> {
+    async fn do_renew(&self, r: pb::RenewRequest) -> Result<pb::RenewResponse, ServiceError> {
         check_name(NameKind::Group, &r.group)?;
         check_name(NameKind::Holder, &r.holder)?;
         match self.node.propose(Op::Renew { group: r.group, holder: r.holder, epoch: r.epoch }).await? {
@@ -178,24 +180,24 @@ impl CoordinatorService {
                 Ok(pb::RenewResponse { lease: Some(lease_pb(&lease)), timing: Some(timing_pb(self.timing())) })
             }
             Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(ApiError::Internal(format!("unexpected outcome of Renew: {other:?}"))),
+            other => Err(ServiceError::Internal(format!("unexpected outcome of Renew: {other:?}"))),
         }
     }
 
-    async fn do_release(&self, r: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, ApiError> {
+    async fn do_release(&self, r: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, ServiceError> {
         check_name(NameKind::Group, &r.group)?;
         check_name(NameKind::Holder, &r.holder)?;
         match self.node.propose(Op::Release { group: r.group, holder: r.holder, epoch: r.epoch }).await? {
             Outcome::Released(lease) => Ok(pb::ReleaseResponse { lease: Some(lease_pb(&lease)) }),
             Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(ApiError::Internal(format!("unexpected outcome of Release: {other:?}"))),
+            other => Err(ServiceError::Internal(format!("unexpected outcome of Release: {other:?}"))),
         }
     }
 
     /// Confirms a read at the requested consistency; returns what was used.
-    async fn confirm_read(&self, consistency: i32) -> Result<pb::Consistency, ApiError> {
+    async fn confirm_read(&self, consistency: i32) -> Result<pb::Consistency, ServiceError> {
         let consistency = pb::Consistency::try_from(consistency)
-            .map_err(|_| ApiError::InvalidArgument(format!("consistency {consistency} is not a known value")))?;
+            .map_err(|_| ServiceError::InvalidArgument(format!("consistency {consistency} is not a known value")))?;
         let (read, served) = match consistency {
             pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
                 (ReadConsistency::Linearizable, pb::Consistency::Linearizable)
@@ -207,7 +209,7 @@ impl CoordinatorService {
         Ok(served)
     }
 
-    async fn do_get_lease(&self, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ApiError> {
+    async fn do_get_lease(&self, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ServiceError> {
         check_name(NameKind::Group, &r.group)?;
         let served = self.confirm_read(r.consistency).await?;
         let lease = self.node.reader.lease(&r.group);
@@ -244,32 +246,32 @@ impl CoordinatorService {
     }
 }
 
-fn check_name(kind: NameKind, name: &str) -> Result<(), ApiError> {
-    names::validate(kind, name).map_err(|e| ApiError::InvalidArgument(e.to_string()))
+fn check_name(kind: NameKind, name: &str) -> Result<(), ServiceError> {
+    names::validate(kind, name).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
 }
 
 /// A state-machine rejection as an API error.
-fn rejection(r: Rejection) -> ApiError {
+fn rejection(r: Rejection) -> ServiceError {
     let message = r.to_string();
     match r {
-        Rejection::NotHolder { current, .. } => ApiError::NotHolder { message, current_epoch: current.epoch },
-        Rejection::Expired { epoch, .. } => ApiError::Expired { message, current_epoch: epoch },
+        Rejection::NotHolder { current, .. } => ServiceError::NotHolder { message, current_epoch: current.epoch },
+        Rejection::Expired { epoch, .. } => ServiceError::Expired { message, current_epoch: epoch },
         Rejection::InvalidName(_)
         | Rejection::ZeroTtl
         | Rejection::TtlTooShort { .. }
         | Rejection::InvalidSpec(_)
-        | Rejection::UnknownObserver { .. } => ApiError::InvalidArgument(message),
-        Rejection::UnknownGroup { .. } => ApiError::NotFound(message),
-        Rejection::InvalidTarget(_) => ApiError::InvalidArgument(message),
+        | Rejection::UnknownObserver { .. } => ServiceError::InvalidArgument(message),
+        Rejection::UnknownGroup { .. } => ServiceError::NotFound(message),
+        Rejection::InvalidTarget(_) => ServiceError::InvalidArgument(message),
         // A holder that is not (or no longer) designated must stop acting:
         // FAILED_PRECONDITION, like a stale epoch.
-        Rejection::NotDesignated { .. } => ApiError::NotHolder { message, current_epoch: 0 },
+        Rejection::NotDesignated { .. } => ServiceError::NotHolder { message, current_epoch: 0 },
         Rejection::NotManaged { .. }
         | Rejection::StaleDecision { .. }
         | Rejection::FailoverBlocked { .. }
-        | Rejection::InMaintenance { .. } => ApiError::Precondition(message),
+        | Rejection::InMaintenance { .. } => ServiceError::Precondition(message),
         Rejection::EpochExhausted { .. } | Rejection::ForeignStamp { .. } | Rejection::NestedBatch => {
-            ApiError::Internal(message)
+            ServiceError::Internal(message)
         }
     }
 }

@@ -21,7 +21,7 @@ use tonic::Status;
 use tracing::debug;
 
 use crate::pb::v1 as pb;
-use crate::server::Node;
+use crate::service::Node;
 use crate::shutdown::stopped;
 use crate::wire::convert::{lease_pb, member_verdict_pb, verdict_state_pb};
 

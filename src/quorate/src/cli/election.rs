@@ -5,9 +5,9 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::emit;
-use super::groups::verdict_name;
 use crate::client::Client;
 use crate::pb::v1 as pb;
+use crate::render::verdict_name;
 
 fn candidate_json(c: &pb::Candidate) -> Value {
     json!({

@@ -213,8 +213,8 @@ pub async fn watch(client: Client, group: &str, json_mode: bool) -> anyhow::Resu
 fn print_watch_event(group: &str, ev: &pb::WatchEvent, json_mode: bool) {
     if let Some(v) = ev.verdict.as_ref().filter(|_| ev.kind == pb::EventKind::Verdict as i32) {
         let to = v.to.clone().unwrap_or_default();
-        let from = super::groups::verdict_name(v.from);
-        let state = super::groups::verdict_name(to.state);
+        let from = crate::render::verdict_name(v.from);
+        let state = crate::render::verdict_name(to.state);
         let value = json!({
             "event": "verdict",
             "group": group,

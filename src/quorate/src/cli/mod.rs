@@ -5,7 +5,7 @@
 
 mod election;
 mod groups;
-pub use groups::render_matrix;
+pub use crate::render::render_matrix;
 mod lease;
 mod status;
 

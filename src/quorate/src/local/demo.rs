@@ -212,7 +212,7 @@ async fn holder(client: &Client) -> Option<(String, u64)> {
 
 async fn matrix_text(client: &Client) -> String {
     match client.get_matrix(GROUP, pb::Consistency::Linearizable).await {
-        Ok(m) => crate::cli::render_matrix(&m, std::io::IsTerminal::is_terminal(&std::io::stdout())),
+        Ok(m) => crate::render::render_matrix(&m, std::io::IsTerminal::is_terminal(&std::io::stdout())),
         Err(e) => format!("(matrix unavailable: {e})"),
     }
 }

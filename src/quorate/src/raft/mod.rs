@@ -42,7 +42,7 @@ openraft::declare_raft_types!(
 /// The largest command one log entry may carry, JSON-encoded as it is
 /// stored and sent. Every writer stays under it (the report batcher packs
 /// by size, observers split their reports); a single request that would
-/// exceed it is refused (`ApiError::TooLarge`). It
+/// exceed it is refused (`ServiceError::TooLarge`). It
 /// bounds what one append and one apply cost: entries of several MB made
 /// every replication attempt run out of time.
 pub const MAX_ENTRY_BYTES: usize = 512 << 10;

@@ -11,7 +11,6 @@
 
 pub mod catchup;
 mod elections;
-pub mod node;
 mod observers;
 
 use std::future::Future;
@@ -27,12 +26,12 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use self::catchup::IdentityError;
-pub use self::node::{Node, ReadConsistency};
 use crate::api::CoordinatorService;
 use crate::config::ServerConfig;
 use crate::raft::log_store::{StoreError, is_empty, open_database};
 use crate::raft::node::{StartError, Started};
 use crate::raft::{NodeClock, Past, RaftNode, RaftView, Readiness, Role};
+pub use crate::service::{Node, ReadConsistency};
 
 /// How long shutdown waits for in-flight calls and tasks before it stops
 /// waiting.

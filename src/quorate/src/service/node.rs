@@ -1,7 +1,7 @@
-//! A running coordinator node as the API layer sees it: propose a command,
+//! A running coordinator node as the service layer sees it: propose a command,
 //! confirm a read, say who leads.
 //!
-//! This is where Raft's failures are translated into [`ApiError`]s, and
+//! This is where Raft's failures are translated into [`ServiceError`]s, and
 //! where every write is bounded: a leader that has lost its quorum refuses
 //! within one election timeout instead of letting the caller hang.
 
@@ -13,7 +13,7 @@ use quorate_core::machine::Outcome;
 use quorate_core::{Command, Op};
 use tokio::sync::watch;
 
-use crate::api::error::{ApiError, LeaderHint};
+use super::error::{LeaderHint, ServiceError};
 use crate::config::ServerConfig;
 use crate::raft::state_machine::SmReader;
 use crate::raft::{MAX_ENTRY_BYTES, NodeClock, RaftFailure, RaftNode, ReadConfirm, Readiness, encoded_len};
@@ -59,9 +59,9 @@ impl Node {
         self.peers.get(&leader).map(|addr| LeaderHint { id: leader, addr: addr.clone() })
     }
 
-    fn not_leader(&self) -> ApiError {
+    fn not_leader(&self) -> ServiceError {
         let leader = self.leader_hint().filter(|l| l.id != self.id);
-        ApiError::NotLeader { node_id: self.id, leader }
+        ServiceError::NotLeader { node_id: self.id, leader }
     }
 
     /// Proposes `op`, stamped with this node's clock, and waits for the state
@@ -71,14 +71,14 @@ impl Node {
     /// the call fails with UNAVAILABLE (outcome unknown) within one election
     /// timeout; a write that stays pending with a quorum fails after
     /// [`WRITE_HARD_CAP`].
-    pub async fn propose(&self, op: Op) -> Result<Outcome, ApiError> {
+    pub async fn propose(&self, op: Op) -> Result<Outcome, ServiceError> {
         if *self.stopping.borrow() {
-            return Err(ApiError::Stopped { node_id: self.id, detail: "shutting down".into() });
+            return Err(ServiceError::Stopped { node_id: self.id, detail: "shutting down".into() });
         }
         let cmd = Command { stamp: self.clock.stamp(self.config.lease_timing()), op };
         let bytes = encoded_len(&cmd);
         if bytes > MAX_ENTRY_BYTES {
-            return Err(ApiError::TooLarge { what: op_name(&cmd.op), bytes, limit: MAX_ENTRY_BYTES });
+            return Err(ServiceError::TooLarge { what: op_name(&cmd.op), bytes, limit: MAX_ENTRY_BYTES });
         }
         let started = Instant::now();
         let check_every = Duration::from_millis(self.config.election_timeout_max_ms);
@@ -89,14 +89,14 @@ impl Node {
                 res = &mut write => return res.map_err(|e| self.raft_error(e, true)),
                 _ = tokio::time::sleep(check_every) => {
                     if !self.raft.leads_with_quorum() {
-                        return Err(ApiError::NoQuorum {
+                        return Err(ServiceError::NoQuorum {
                             node_id: self.id,
                             detail: format!("no quorum acknowledgement within {} ms", self.config.election_timeout_max_ms),
                             outcome_unknown: true,
                         });
                     }
                     if started.elapsed() > WRITE_HARD_CAP {
-                        return Err(ApiError::OutcomeUnknown { waited_ms: WRITE_HARD_CAP.as_millis() as u64 });
+                        return Err(ServiceError::OutcomeUnknown { waited_ms: WRITE_HARD_CAP.as_millis() as u64 });
                     }
                 }
             }
@@ -105,48 +105,48 @@ impl Node {
 
     /// Proposes `ops` as one entry (one op as itself, more as a batch) and
     /// returns their outcomes in order.
-    pub async fn propose_all(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, ApiError> {
+    pub async fn propose_all(&self, ops: Vec<Op>) -> Result<Vec<Outcome>, ServiceError> {
         let n = ops.len();
         if n == 1 {
             return self.propose(ops.into_iter().next().expect("one op")).await.map(|o| vec![o]);
         }
         match self.propose(Op::Batch(ops)).await? {
             Outcome::Batch(outcomes) if outcomes.len() == n => Ok(outcomes),
-            other => Err(ApiError::Internal(format!("a batch of {n} commands applied as {other:?}"))),
+            other => Err(ServiceError::Internal(format!("a batch of {n} commands applied as {other:?}"))),
         }
     }
 
     /// A Raft failure as an API error; `write`: whether a write may have
     /// taken effect anyway.
-    fn raft_error(&self, e: RaftFailure, write: bool) -> ApiError {
+    fn raft_error(&self, e: RaftFailure, write: bool) -> ServiceError {
         match e {
             RaftFailure::NotLeader => self.not_leader(),
             RaftFailure::LeaderChanged => {
-                ApiError::NoQuorum { node_id: self.id, detail: e.to_string(), outcome_unknown: write }
+                ServiceError::NoQuorum { node_id: self.id, detail: e.to_string(), outcome_unknown: write }
             }
             RaftFailure::QuorumNotEnough(detail) => {
-                ApiError::NoQuorum { node_id: self.id, detail, outcome_unknown: write }
+                ServiceError::NoQuorum { node_id: self.id, detail, outcome_unknown: write }
             }
-            RaftFailure::Fatal(detail) => ApiError::Stopped { node_id: self.id, detail },
-            RaftFailure::Other(detail) => ApiError::Internal(detail),
+            RaftFailure::Fatal(detail) => ServiceError::Stopped { node_id: self.id, detail },
+            RaftFailure::Other(detail) => ServiceError::Internal(detail),
         }
     }
 
     /// Refuses while this node has not caught up since it started: its
     /// state may be older than one it served before (or empty, if it lost
     /// its data). See `server::catchup`.
-    pub fn ensure_caught_up(&self) -> Result<(), ApiError> {
+    pub fn ensure_caught_up(&self) -> Result<(), ServiceError> {
         if self.readiness.caught_up() {
             return Ok(());
         }
         let v = self.raft.view();
-        Err(ApiError::CatchingUp { node_id: self.id, applied: v.applied.unwrap_or(0), target: v.cluster_committed })
+        Err(ServiceError::CatchingUp { node_id: self.id, applied: v.applied.unwrap_or(0), target: v.cluster_committed })
     }
 
     /// Makes a read safe to serve at `consistency` from the local state
     /// machine. Linearizable and lease reads must be served by the leader;
     /// stale reads by a node that has caught up since it started.
-    pub async fn confirm_read(&self, consistency: ReadConsistency) -> Result<(), ApiError> {
+    pub async fn confirm_read(&self, consistency: ReadConsistency) -> Result<(), ServiceError> {
         let how = match consistency {
             ReadConsistency::Stale => return self.ensure_caught_up(),
             ReadConsistency::Linearizable => ReadConfirm::ReadIndex,
@@ -154,7 +154,7 @@ impl Node {
         };
         let bound = Duration::from_millis(self.config.election_timeout_max_ms * 2);
         match tokio::time::timeout(bound, self.raft.confirm_leadership(how)).await {
-            Err(_) => Err(ApiError::NoQuorum {
+            Err(_) => Err(ServiceError::NoQuorum {
                 node_id: self.id,
                 detail: format!("leadership not confirmed within {} ms", bound.as_millis()),
                 outcome_unknown: false,

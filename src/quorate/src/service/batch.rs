@@ -18,9 +18,9 @@ use quorate_core::machine::Outcome;
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::error::ApiError;
+use super::Node;
+use super::error::ServiceError;
 use crate::raft::{MAX_ENTRY_BYTES, encoded_len};
-use crate::server::Node;
 
 /// How long the batcher waits for more reports before proposing. Reports
 /// are not latency-critical at this scale (down detection takes hundreds of
@@ -35,7 +35,7 @@ const ENVELOPE_BYTES: usize = 1024;
 /// The most encoded bytes of commands in one batch.
 const MAX_BATCH_BYTES: usize = MAX_ENTRY_BYTES - ENVELOPE_BYTES;
 
-type Reply = oneshot::Sender<Result<Outcome, ApiError>>;
+type Reply = oneshot::Sender<Result<Outcome, ServiceError>>;
 
 /// The handle the API uses to submit a command to the batcher.
 #[derive(Debug, Clone)]
@@ -52,9 +52,9 @@ impl Batcher {
     }
 
     /// Proposes `op` in the next batch and waits for its own outcome.
-    pub async fn propose(&self, op: Op, node_id: u64) -> Result<Outcome, ApiError> {
+    pub async fn propose(&self, op: Op, node_id: u64) -> Result<Outcome, ServiceError> {
         let (reply, rx) = oneshot::channel();
-        let stopped = || ApiError::Stopped { node_id, detail: "the report batcher stopped".into() };
+        let stopped = || ServiceError::Stopped { node_id, detail: "the report batcher stopped".into() };
         self.tx.send((op, reply)).await.map_err(|_| stopped())?;
         rx.await.map_err(|_| stopped())?
     }
@@ -115,10 +115,10 @@ async fn run(node: Node, mut rx: mpsc::Receiver<(Op, Reply)>) {
     }
 }
 
-fn too_large(op: &Op, bytes: usize) -> ApiError {
+fn too_large(op: &Op, bytes: usize) -> ServiceError {
     let what = match op {
         Op::Report { views, .. } => format!("a report with {} views", views.len()),
         _ => "a command".to_owned(),
     };
-    ApiError::TooLarge { what, bytes, limit: MAX_BATCH_BYTES }
+    ServiceError::TooLarge { what, bytes, limit: MAX_BATCH_BYTES }
 }

@@ -1,0 +1,120 @@
+//! The replicated election state of a managed group, as data: who is
+//! designated primary, the history of moves, what each member's agent
+//! reports about its data service. Kept apart from the decisions over it
+//! ([`crate::election`]), which read verdicts, so that the group state
+//! ([`crate::matrix::GroupState`]) can hold it without an import circle.
+
+use std::collections::VecDeque;
+
+use serde::{Deserialize, Serialize};
+
+/// History entries kept per group.
+pub const MAX_HISTORY: usize = 64;
+
+/// The data role a member's agent reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Role {
+    Primary,
+    Replica,
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// What a member's agent reports about its own data service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberStatus {
+    pub role: Role,
+    /// Replication offset (bytes of the replication stream applied).
+    pub offset: u64,
+    /// For a replica: its link to the primary is up.
+    pub link_up: bool,
+    /// The lease epoch of the primary this member last fully synced from
+    /// (or acted as primary under); `None` for a member that never did,
+    /// such as one that restarted empty.
+    pub synced_epoch: Option<u64>,
+    /// Whether the agent's role driver is healthy (last action succeeded).
+    pub healthy: bool,
+    /// The last driver error, if any.
+    pub error: Option<String>,
+}
+
+/// How the designation moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MoveKind {
+    /// The group was created (or lost its designated member).
+    Initial,
+    /// Automatic: the primary was judged down.
+    Failover,
+    /// Planned by an operator.
+    Switchover,
+}
+
+impl MoveKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MoveKind::Initial => "initial",
+            MoveKind::Failover => "failover",
+            MoveKind::Switchover => "switchover",
+        }
+    }
+}
+
+/// One change of designated primary, as committed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HistoryEntry {
+    /// Raft log index of the decision.
+    pub revision: u64,
+    pub kind: MoveKind,
+    pub from: Option<String>,
+    pub to: String,
+    /// The epoch `to` acquired the lease at (filled in when it does).
+    pub epoch: Option<u64>,
+    pub reason: String,
+    /// The evidence the decision used (verdict explanations, candidates).
+    pub evidence: Vec<String>,
+    /// The deciding leader's wall clock, for people (never compared).
+    pub wall_ms: u64,
+}
+
+/// A planned switchover in progress.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Switchover {
+    pub to: String,
+    pub requested_revision: u64,
+}
+
+/// The replicated election state of a managed group.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Election {
+    /// The only member allowed to hold (acquire, renew) the group's lease.
+    pub designated: Option<String>,
+    /// No automatic failover while on.
+    pub maintenance: bool,
+    /// When the last automatic failover was decided, on the machine's clock.
+    pub last_failover_ms: Option<i64>,
+    pub switchover: Option<Switchover>,
+    pub history: VecDeque<HistoryEntry>,
+}
+
+impl Election {
+    pub fn record(&mut self, entry: HistoryEntry) {
+        if self.history.len() == MAX_HISTORY {
+            self.history.pop_front();
+        }
+        self.history.push_back(entry);
+    }
+
+    /// When automatic failovers are allowed again (machine clock).
+    pub fn blocked_until_ms(&self, min_interval_ms: u64) -> Option<i64> {
+        self.last_failover_ms.map(|t| t.saturating_add(i64::try_from(min_interval_ms).unwrap_or(i64::MAX)))
+    }
+}

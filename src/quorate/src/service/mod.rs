@@ -1,0 +1,18 @@
+//! The service layer: every coordinator operation, on domain types, with one
+//! error type ([`ServiceError`]). Front doors (the gRPC API in `api`, and
+//! later the Sentinel-compatible endpoint and HTTP) decode a request, call
+//! in here and encode the answer; a rule lives here once.
+//!
+//! - [`node`]: one running coordinator as the operations see it: propose a
+//!   command (bounded), confirm a read at a consistency level, say who
+//!   leads. Raft's failures become [`ServiceError`]s here.
+//! - [`batch`]: the report batcher, which packs observers' reports into
+//!   few log entries.
+//! - [`error`]: [`ServiceError`] and the leader hint.
+
+pub mod batch;
+pub mod error;
+pub mod node;
+
+pub use self::error::{LeaderHint, ServiceError};
+pub use self::node::{Node, ReadConsistency};
