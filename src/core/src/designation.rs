@@ -117,4 +117,33 @@ impl Election {
     pub fn blocked_until_ms(&self, min_interval_ms: u64) -> Option<i64> {
         self.last_failover_ms.map(|t| t.saturating_add(i64::try_from(min_interval_ms).unwrap_or(i64::MAX)))
     }
+
+    /// How long automatic failovers stay blocked after `now_ms` (machine
+    /// clock); `None` when they are allowed. The one computation of the
+    /// block: the state machine refuses by it, the decision and the status
+    /// report it.
+    pub fn failover_blocked_for_ms(&self, min_interval_ms: u64, now_ms: u64) -> Option<u64> {
+        let until = self.blocked_until_ms(min_interval_ms)?;
+        let remaining = i128::from(until) - i128::from(now_ms);
+        (remaining > 0).then(|| u64::try_from(remaining).unwrap_or(u64::MAX))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failover_blocks_the_next_for_the_minimum_interval() {
+        let mut e = Election::default();
+        assert_eq!(e.failover_blocked_for_ms(30_000, 5_000), None, "no failover yet");
+        e.last_failover_ms = Some(10_000);
+        assert_eq!(e.failover_blocked_for_ms(30_000, 10_000), Some(30_000));
+        assert_eq!(e.failover_blocked_for_ms(30_000, 39_999), Some(1));
+        assert_eq!(e.failover_blocked_for_ms(30_000, 40_000), None);
+        // A failover stamped on a clock shifted below zero (matrix rebase).
+        e.last_failover_ms = Some(-5_000);
+        assert_eq!(e.failover_blocked_for_ms(30_000, 0), Some(25_000));
+        assert_eq!(e.failover_blocked_for_ms(u64::MAX, 0), Some(i64::MAX as u64 - 5_000));
+    }
 }

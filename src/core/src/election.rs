@@ -170,9 +170,7 @@ pub fn decide(input: DecisionInput<'_>) -> Decision {
             "{primary} looks down, but this Raft leader has been in office {term_age_ms} ms; it acts only on views of its own term, after {grace_ms} ms"
         ));
     }
-    if let Some(until) = election.blocked_until_ms(policy.min_failover_interval_ms)
-        && i128::from(now_ms) < i128::from(until)
-    {
+    if election.failover_blocked_for_ms(policy.min_failover_interval_ms, now_ms).is_some() {
         return blocked(format!(
             "{primary} is down but the last failover was less than min_failover_interval_ms ({} ms) ago; clear the block with `quorate failover unblock {}`",
             policy.min_failover_interval_ms, spec.name
@@ -217,3 +215,39 @@ fn evidence_of(verdict: &GroupVerdict, candidates: &[Candidate]) -> Vec<String> 
 
 #[cfg(test)]
 mod tests;
+
+/// A decision in words (the election status and `quorate what-if`).
+pub fn decision_text(d: &Decision) -> String {
+    match d {
+        Decision::Keep => "keep: the designated primary is not down".to_owned(),
+        Decision::Designate { kind, from, to, reason, .. } => {
+            format!("{} {} -> {to}: {reason}", kind.as_str(), from.as_deref().unwrap_or("(none)"))
+        }
+        Decision::Blocked { reason, .. } => format!("blocked: {reason}"),
+    }
+}
+
+/// What the leader would decide if the members in `down` were judged down
+/// by every observer, and it had been in office long enough: the decision
+/// and the candidates it ranks. Refuses a name that is not a member.
+pub fn what_if(
+    group: &crate::matrix::GroupState,
+    verdict: &GroupVerdict,
+    now_ms: u64,
+    down: &[String],
+) -> Result<(Decision, Vec<Candidate>), String> {
+    if let Some(d) = down.iter().find(|d| group.spec.member(d).is_none()) {
+        return Err(format!("down: {d:?} is not a member of {:?}", group.spec.name));
+    }
+    let mut v = verdict.clone();
+    for mv in v.members.iter_mut().filter(|mv| down.contains(&mv.member)) {
+        mv.state = Verdict::Down;
+        mv.down_votes = mv.observers;
+        mv.up_votes = 0;
+    }
+    let decision = decide_for(group, &v, now_ms, u64::MAX / 2);
+    let policy = group.spec.failover.clone().unwrap_or_default();
+    let ranked =
+        candidates(&group.spec, &group.statuses, &v, group.election.designated.as_deref(), policy.max_lag_bytes);
+    Ok((decision, ranked))
+}

@@ -682,10 +682,7 @@ impl Machine {
                     return Err(Rejection::InMaintenance { group: g.spec.name.clone() });
                 }
                 let min = g.spec.failover.as_ref().map_or(0, |f| f.min_failover_interval_ms);
-                if let Some(until) = g.election.blocked_until_ms(min)
-                    && i128::from(now) < i128::from(until)
-                {
-                    let remaining_ms = u64::try_from(i128::from(until) - i128::from(now)).unwrap_or(u64::MAX);
+                if let Some(remaining_ms) = g.election.failover_blocked_for_ms(min, now) {
                     return Err(Rejection::FailoverBlocked { group: g.spec.name.clone(), remaining_ms });
                 }
                 g.election.last_failover_ms = Some(i64::try_from(now).unwrap_or(i64::MAX));

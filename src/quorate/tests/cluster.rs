@@ -212,6 +212,23 @@ async fn bad_inputs_are_refused_with_a_message_saying_what_is_wrong() {
     let err = client.get_lease("", linearizable()).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
 
+    // A managed group whose lease this server could never grant.
+    let member = |id: &str| pb::MemberSpec {
+        id: id.into(),
+        heartbeat: "redis://127.0.0.1:1".into(),
+        priority: 100,
+        data: "redis://127.0.0.1:1".into(),
+    };
+    let spec = pb::GroupSpec {
+        name: "unlikely".into(),
+        members: vec![member("m1"), member("m2")],
+        policy: None,
+        failover: Some(pb::FailoverPolicy { lease_ttl_ms: 300_001, ..Default::default() }),
+    };
+    let err = client.apply_group(spec).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.to_string().contains("group unlikely: failover.lease_ttl_ms: ttl_ms 300001 is above"), "{err}");
+
     // Stale epochs: FAILED_PRECONDITION with the current epoch.
     client.acquire("g", "h", 5_000, None).await.unwrap();
     client.acquire("g", "h", 5_000, None).await.unwrap(); // epoch 2

@@ -4,11 +4,11 @@
 use std::time::{Duration, Instant};
 
 use quorate_core::Op;
-use quorate_core::election::{Decision, candidates, decide_for};
+use quorate_core::election::{Decision, candidates, decide_for, decision_text, what_if};
 use quorate_core::machine::Outcome;
 use quorate_core::matrix::GroupState;
 use quorate_core::names::NameKind;
-use quorate_core::verdict::{GroupVerdict, Verdict, verdict};
+use quorate_core::verdict::verdict;
 use tokio::sync::broadcast;
 
 use super::{CoordinatorService, check_name, rejection};
@@ -19,17 +19,6 @@ use crate::wire::convert::{candidate_pb, history_pb, lease_pb, status_pb};
 /// The default and largest wait of a switchover call.
 const DEFAULT_SWITCHOVER_WAIT: Duration = Duration::from_secs(30);
 const MAX_SWITCHOVER_WAIT: Duration = Duration::from_secs(300);
-
-/// A decision in words.
-pub fn decision_text(d: &Decision) -> String {
-    match d {
-        Decision::Keep => "keep: the designated primary is not down".to_owned(),
-        Decision::Designate { kind, from, to, reason, .. } => {
-            format!("{} {} -> {to}: {reason}", kind.as_str(), from.as_deref().unwrap_or("(none)"))
-        }
-        Decision::Blocked { reason, .. } => format!("blocked: {reason}"),
-    }
-}
 
 impl CoordinatorService {
     fn managed(g: &GroupState) -> Result<&GroupState, ServiceError> {
@@ -54,10 +43,7 @@ impl CoordinatorService {
             let now = self.node.reader.machine_now(m);
             let v = verdict(g, &voters, now);
             let policy = g.spec.failover.clone().unwrap_or_default();
-            let blocked = g
-                .election
-                .blocked_until_ms(policy.min_failover_interval_ms)
-                .map_or(0, |until| u64::try_from(i128::from(until) - i128::from(now)).unwrap_or(0));
+            let blocked = g.election.failover_blocked_for_ms(policy.min_failover_interval_ms, now).unwrap_or(0);
             let decision = decide_for(g, &v, now, now.saturating_sub(m.clock_started_ms()));
             let lease = m.lease(&r.group, clock);
             Ok(pb::ElectionStatus {
@@ -192,22 +178,8 @@ impl CoordinatorService {
             let g = Self::managed(
                 m.group(&r.group).ok_or_else(|| ServiceError::NotFound(format!("no group named {:?}", r.group)))?,
             )?;
-            for d in &r.down {
-                if g.spec.member(d).is_none() {
-                    return Err(ServiceError::InvalidArgument(format!("down: {d:?} is not a member of {:?}", r.group)));
-                }
-            }
             let now = self.node.reader.machine_now(m);
-            let mut v: GroupVerdict = verdict(g, &voters, now);
-            for mv in v.members.iter_mut().filter(|mv| r.down.contains(&mv.member)) {
-                mv.state = Verdict::Down;
-                mv.down_votes = mv.observers;
-                mv.up_votes = 0;
-            }
-            // As if this leader had been in office long enough.
-            let d = decide_for(g, &v, now, u64::MAX / 2);
-            let policy = g.spec.failover.clone().unwrap_or_default();
-            let c = candidates(&g.spec, &g.statuses, &v, g.election.designated.as_deref(), policy.max_lag_bytes);
+            let (d, c) = what_if(g, &verdict(g, &voters, now), now, &r.down).map_err(ServiceError::InvalidArgument)?;
             let to = match &d {
                 Decision::Designate { to, .. } => to.clone(),
                 _ => String::new(),

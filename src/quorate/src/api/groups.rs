@@ -19,12 +19,8 @@ impl CoordinatorService {
         r: pb::ApplyGroupRequest,
     ) -> Result<pb::ApplyGroupResponse, ServiceError> {
         let spec = spec_from_pb(r.spec.ok_or_else(|| ServiceError::InvalidArgument("spec: missing".into()))?);
-        spec.validate().map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
-        match self.node.propose(Op::ApplyGroup { spec }).await? {
-            Outcome::GroupApplied { revision, created } => Ok(pb::ApplyGroupResponse { created, revision }),
-            Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(ServiceError::Internal(format!("unexpected outcome of ApplyGroup: {other:?}"))),
-        }
+        let applied = self.node.apply_group(spec).await?;
+        Ok(pb::ApplyGroupResponse { created: applied.created, revision: applied.revision })
     }
 
     /// Runs `f` on a group's state after confirming the read.

@@ -1,7 +1,10 @@
-//! The public gRPC service (`quorate.v1.Coordinator`): a thin translation
-//! between protobuf and the core. Validation happens here first (so bad input
-//! never reaches the log), decisions are the state machine's, and every error
-//! leaves through `status` (the one mapping of [`ServiceError`] to gRPC status).
+//! The public gRPC service (`quorate.v1.Coordinator`): a translation between
+//! protobuf and the service layer (`crate::service`). The lease operations
+//! are decode → call → encode; groups, reports, matrix, election and watch
+//! still do part of their work here (`groups`, `election`, `watch`) and move
+//! to the service layer next. Validation happens before anything reaches
+//! the log, decisions are the state machine's, and every error leaves
+//! through `status` (the one mapping of [`ServiceError`] to gRPC status).
 
 mod election;
 mod groups;
@@ -11,13 +14,11 @@ mod watch;
 pub use crate::wire::lease_pb;
 
 use std::pin::Pin;
-use std::time::{Duration, Instant};
 
 use futures::Stream;
-use quorate_core::machine::{ChangeKind, Outcome, Rejection};
-use quorate_core::names::{self, NameKind};
-use quorate_core::{LeaseTiming, LeaseView, Op};
-use tokio::sync::{broadcast, mpsc};
+use quorate_core::LeaseTiming;
+use quorate_core::names::NameKind;
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
@@ -26,12 +27,10 @@ use crate::pb::v1 as pb;
 use crate::pb::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::service::ServiceError;
 use crate::service::batch;
+use crate::service::leases::{AcquireRequest, Acquired};
+pub(crate) use crate::service::leases::{check_name, rejection};
 use crate::service::{Node, ReadConsistency};
 use crate::wire::convert::timing_pb;
-
-/// The default and the largest wait of a blocking Acquire.
-const DEFAULT_ACQUIRE_WAIT: Duration = Duration::from_secs(30);
-const MAX_ACQUIRE_WAIT: Duration = Duration::from_secs(300);
 
 /// Events buffered per watch stream before the watcher counts as slow.
 const WATCH_BUFFER: usize = 256;
@@ -58,161 +57,46 @@ impl CoordinatorService {
         self.node.config.lease_timing()
     }
 
-    fn check_ttl(&self, ttl_ms: u64) -> Result<(), ServiceError> {
-        let (min, max) = (self.node.config.min_lease_ttl_ms, self.node.config.max_lease_ttl_ms);
-        if ttl_ms == 0 {
-            return Err(ServiceError::InvalidArgument("ttl_ms must be positive".into()));
-        }
-        if ttl_ms > max {
-            return Err(ServiceError::InvalidArgument(format!(
-                "ttl_ms {ttl_ms} is above the maximum lease TTL of {max} ms (max_lease_ttl_ms)"
-            )));
-        }
-        if ttl_ms < min {
-            return Err(ServiceError::InvalidArgument(format!(
-                "ttl_ms {ttl_ms} is below the minimum lease TTL of {min} ms (min_lease_ttl_ms)"
-            )));
-        }
-        Ok(())
-    }
-
-    /// When this node leads on its own clock and somebody other than
-    /// `holder` holds the lease: how long until it could be granted. Lets a
-    /// waiting Acquire sleep without writing to the log.
-    fn local_wait_ms(&self, group: &str, holder: &str) -> Option<u64> {
-        if !self.node.raft.is_leader() {
-            return None;
-        }
-        let timing = self.timing();
-        self.node.reader.with_machine(|m, _| {
-            let now = self.node.reader.own_clock_now(m)?;
-            let current = m.lease(group, quorate_core::machine::ReaderClock::Now(now));
-            if current.holder.as_deref().is_none_or(|h| h == holder) {
-                return None;
-            }
-            m.grantable_at_ms(group, timing).map(|at| at.saturating_sub(now)).filter(|ms| *ms > 0)
-        })
-    }
-
-    fn acquired(&self, acquired: bool, lease: &LeaseView, retry_after_ms: u64) -> pb::AcquireResponse {
+    fn acquired(&self, a: &Acquired) -> pb::AcquireResponse {
         pb::AcquireResponse {
-            acquired,
-            lease: Some(lease_pb(lease)),
-            retry_after_ms,
+            acquired: a.acquired,
+            lease: Some(lease_pb(&a.lease)),
+            retry_after_ms: a.retry_after_ms,
             timing: Some(timing_pb(self.timing())),
         }
     }
 
     async fn do_acquire(&self, r: pb::AcquireRequest) -> Result<pb::AcquireResponse, ServiceError> {
-        check_name(NameKind::Group, &r.group)?;
-        check_name(NameKind::Holder, &r.holder)?;
-        self.check_ttl(r.ttl_ms)?;
-        let wait_for = match r.wait_timeout_ms {
-            0 => DEFAULT_ACQUIRE_WAIT,
-            ms => Duration::from_millis(ms).min(MAX_ACQUIRE_WAIT),
+        let req = AcquireRequest {
+            group: r.group,
+            holder: r.holder,
+            ttl_ms: r.ttl_ms,
+            wait: r.wait,
+            wait_timeout_ms: r.wait_timeout_ms,
         };
-        let deadline = Instant::now() + wait_for;
-        // Subscribe before the first attempt so a release in between is seen.
-        let mut changes = self.node.reader.subscribe();
-        let mut stopping = self.node.stopping.clone();
-        loop {
-            let wait_ms = match self.local_wait_ms(&r.group, &r.holder) {
-                Some(ms) if !r.wait => {
-                    return Ok(self.acquired(false, &self.node.reader.lease(&r.group), ms));
-                }
-                Some(ms) => ms,
-                None => {
-                    let op = Op::Acquire { group: r.group.clone(), holder: r.holder.clone(), ttl_ms: r.ttl_ms };
-                    match self.node.propose(op).await? {
-                        Outcome::Granted(lease) => return Ok(self.acquired(true, &lease, 0)),
-                        Outcome::Held { current, grantable_at_ms } => {
-                            let now = self.node.reader.with_machine(|m, _| self.node.reader.own_clock_now(m));
-                            let ms = now.map_or(0, |now| grantable_at_ms.saturating_sub(now));
-                            if !r.wait {
-                                return Ok(self.acquired(false, &current, ms));
-                            }
-                            ms.max(1)
-                        }
-                        Outcome::Rejected(rej) => return Err(rejection(rej)),
-                        other => {
-                            return Err(ServiceError::Internal(format!("unexpected outcome of Acquire: {other:?}")));
-                        }
-                    }
-                }
-            };
-            // Wait for the lease to become grantable, for a change to this
-            // group (a release frees it at once), or for the deadline.
-            let now = Instant::now();
-            if now >= deadline {
-                let lease = self.node.reader.lease(&r.group);
-                return Ok(self.acquired(false, &lease, wait_ms));
-            }
-            let sleep = tokio::time::sleep(Duration::from_millis(wait_ms).min(deadline - now));
-            tokio::pin!(sleep);
-            loop {
-                tokio::select! {
-                    () = &mut sleep => break,
-                    ev = changes.recv() => match ev {
-                        // Only a change that can make the lease grantable
-                        // sooner is worth another proposal: reports and the
-                        // holder's renewals are not (each proposal is a Raft
-                        // write, slow on a lossy link).
-                        Ok(ev) if ev.change.group != r.group
-                            || matches!(ev.change.kind, ChangeKind::ViewReported | ChangeKind::Renewed) => continue,
-                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break,
-                        Err(broadcast::error::RecvError::Closed) => {
-                            return Err(ServiceError::Stopped { node_id: self.node.id, detail: "state machine closed".into() });
-                        }
-                    },
-                    () = crate::shutdown::stopped(&mut stopping) => {
-                        return Err(ServiceError::Stopped { node_id: self.node.id, detail: "shutting down".into() });
-                    }
-                }
-            }
-        }
+        Ok(self.acquired(&self.node.acquire(req).await?))
     }
 
     async fn do_renew(&self, r: pb::RenewRequest) -> Result<pb::RenewResponse, ServiceError> {
-        check_name(NameKind::Group, &r.group)?;
-        check_name(NameKind::Holder, &r.holder)?;
-        match self.node.propose(Op::Renew { group: r.group, holder: r.holder, epoch: r.epoch }).await? {
-            Outcome::Renewed(lease) => {
-                Ok(pb::RenewResponse { lease: Some(lease_pb(&lease)), timing: Some(timing_pb(self.timing())) })
-            }
-            Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(ServiceError::Internal(format!("unexpected outcome of Renew: {other:?}"))),
-        }
+        let lease = self.node.renew(r.group, r.holder, r.epoch).await?;
+        Ok(pb::RenewResponse { lease: Some(lease_pb(&lease)), timing: Some(timing_pb(self.timing())) })
     }
 
     async fn do_release(&self, r: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, ServiceError> {
-        check_name(NameKind::Group, &r.group)?;
-        check_name(NameKind::Holder, &r.holder)?;
-        match self.node.propose(Op::Release { group: r.group, holder: r.holder, epoch: r.epoch }).await? {
-            Outcome::Released(lease) => Ok(pb::ReleaseResponse { lease: Some(lease_pb(&lease)) }),
-            Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(ServiceError::Internal(format!("unexpected outcome of Release: {other:?}"))),
-        }
+        let lease = self.node.release(r.group, r.holder, r.epoch).await?;
+        Ok(pb::ReleaseResponse { lease: Some(lease_pb(&lease)) })
     }
 
     /// Confirms a read at the requested consistency; returns what was used.
     async fn confirm_read(&self, consistency: i32) -> Result<pb::Consistency, ServiceError> {
-        let consistency = pb::Consistency::try_from(consistency)
-            .map_err(|_| ServiceError::InvalidArgument(format!("consistency {consistency} is not a known value")))?;
-        let (read, served) = match consistency {
-            pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
-                (ReadConsistency::Linearizable, pb::Consistency::Linearizable)
-            }
-            pb::Consistency::LeaseRead => (ReadConsistency::LeaseRead, pb::Consistency::LeaseRead),
-            pb::Consistency::Stale => (ReadConsistency::Stale, pb::Consistency::Stale),
-        };
+        let (read, served) = consistency_of(consistency)?;
         self.node.confirm_read(read).await?;
         Ok(served)
     }
 
     async fn do_get_lease(&self, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ServiceError> {
-        check_name(NameKind::Group, &r.group)?;
-        let served = self.confirm_read(r.consistency).await?;
-        let lease = self.node.reader.lease(&r.group);
+        let (read, served) = consistency_of(r.consistency)?;
+        let lease = self.node.read_lease(&r.group, read).await?;
         Ok(pb::GetLeaseResponse { lease: Some(lease_pb(&lease)), served_by: self.node.id, consistency: served as i32 })
     }
 
@@ -246,34 +130,17 @@ impl CoordinatorService {
     }
 }
 
-fn check_name(kind: NameKind, name: &str) -> Result<(), ServiceError> {
-    names::validate(kind, name).map_err(|e| ServiceError::InvalidArgument(e.to_string()))
-}
-
-/// A state-machine rejection as an API error.
-fn rejection(r: Rejection) -> ServiceError {
-    let message = r.to_string();
-    match r {
-        Rejection::NotHolder { current, .. } => ServiceError::NotHolder { message, current_epoch: current.epoch },
-        Rejection::Expired { epoch, .. } => ServiceError::Expired { message, current_epoch: epoch },
-        Rejection::InvalidName(_)
-        | Rejection::ZeroTtl
-        | Rejection::TtlTooShort { .. }
-        | Rejection::InvalidSpec(_)
-        | Rejection::UnknownObserver { .. } => ServiceError::InvalidArgument(message),
-        Rejection::UnknownGroup { .. } => ServiceError::NotFound(message),
-        Rejection::InvalidTarget(_) => ServiceError::InvalidArgument(message),
-        // A holder that is not (or no longer) designated must stop acting:
-        // FAILED_PRECONDITION, like a stale epoch.
-        Rejection::NotDesignated { .. } => ServiceError::NotHolder { message, current_epoch: 0 },
-        Rejection::NotManaged { .. }
-        | Rejection::StaleDecision { .. }
-        | Rejection::FailoverBlocked { .. }
-        | Rejection::InMaintenance { .. } => ServiceError::Precondition(message),
-        Rejection::EpochExhausted { .. } | Rejection::ForeignStamp { .. } | Rejection::NestedBatch => {
-            ServiceError::Internal(message)
+/// A requested consistency level, and the level that serves it.
+fn consistency_of(consistency: i32) -> Result<(ReadConsistency, pb::Consistency), ServiceError> {
+    let consistency = pb::Consistency::try_from(consistency)
+        .map_err(|_| ServiceError::InvalidArgument(format!("consistency {consistency} is not a known value")))?;
+    Ok(match consistency {
+        pb::Consistency::Unspecified | pb::Consistency::Linearizable => {
+            (ReadConsistency::Linearizable, pb::Consistency::Linearizable)
         }
-    }
+        pb::Consistency::LeaseRead => (ReadConsistency::LeaseRead, pb::Consistency::LeaseRead),
+        pb::Consistency::Stale => (ReadConsistency::Stale, pb::Consistency::Stale),
+    })
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;

@@ -6,12 +6,16 @@
 //! - [`node`]: one running coordinator as the operations see it: propose a
 //!   command (bounded), confirm a read at a consistency level, say who
 //!   leads. Raft's failures become [`ServiceError`]s here.
+//! - [`leases`]: acquire (with its waiting protocol), renew, release, read.
+//! - [`groups`]: creating and updating groups.
 //! - [`batch`]: the report batcher, which packs observers' reports into
 //!   few log entries.
 //! - [`error`]: [`ServiceError`] and the leader hint.
 
 pub mod batch;
 pub mod error;
+pub mod groups;
+pub mod leases;
 pub mod node;
 
 pub use self::error::{LeaderHint, ServiceError};
