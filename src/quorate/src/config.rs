@@ -173,6 +173,7 @@ impl ServerConfig {
     }
 
     /// Checks every field and the timing relationships.
+    #[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "missing: give --data-dir DIR"));

@@ -42,12 +42,12 @@ pub mod wire;
 /// Generated protobuf and gRPC code.
 pub mod pb {
     /// The public coordinator API, `quorate.v1`.
-    #[allow(missing_debug_implementations, clippy::all)]
+    #[allow(missing_debug_implementations, clippy::all, clippy::pedantic, clippy::nursery)]
     pub mod v1 {
         tonic::include_proto!("quorate.v1");
     }
     /// Internal Raft RPCs, `quorate.raft.v1`.
-    #[allow(missing_debug_implementations, clippy::all)]
+    #[allow(missing_debug_implementations, clippy::all, clippy::pedantic, clippy::nursery)]
     pub mod raft {
         tonic::include_proto!("quorate.raft.v1");
     }

@@ -40,6 +40,7 @@ impl Drop for LocalGuard<'_> {
 }
 
 #[test]
+#[expect(clippy::cognitive_complexity, clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
 fn local_cluster_status_lease_watch_and_restart() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -137,6 +138,7 @@ fn local_cluster_status_lease_watch_and_restart() {
 }
 
 #[test]
+#[expect(clippy::cognitive_complexity, reason = "not yet split by what it does (issue 10)")]
 fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();

@@ -98,6 +98,7 @@ async fn send_verdict_changes(tx: &Tx, last: &mut BTreeMap<String, Verdict>, now
 }
 
 /// Runs one watch stream until the client leaves or the node stops.
+#[expect(clippy::cognitive_complexity, reason = "not yet split by what it does (issue 10)")]
 pub(super) async fn watch_loop(node: Node, group: String, tx: Tx) {
     let mut changes = node.reader.subscribe();
     let mut stopping = node.stopping.clone();

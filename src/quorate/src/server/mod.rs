@@ -72,24 +72,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
 
-    let identity = catchup::read_identity(&config.data_dir, id)?;
-    let db = open_database(&config.data_dir.join("raft.redb"))?;
-    let past = match (is_empty(&db)?, identity) {
-        (false, _) => {
-            catchup::write_identity(&config.data_dir, id)?;
-            Past::Intact
-        }
-        (true, Some(_)) => {
-            error!(
-                "this node's data directory says it held Raft data ({}), but its Raft store is empty: \
-                 the data was lost (raft.redb deleted or emptied). It neither votes nor serves reads until \
-                 the leader has caught it up. See README: \"A node that lost its data\"",
-                catchup::IDENTITY_FILE
-            );
-            Past::Lost
-        }
-        (true, None) => Past::Unknown,
-    };
+    let (db, past) = open_store(&config)?;
     let clock = NodeClock::new(id);
     let Started { raft, reader, appended } = RaftNode::start(&config, db, clock.clone()).await?;
 
@@ -110,16 +93,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         warn!("UNSAFE test-only setting: leases are granted without waiting for expiry");
     }
 
-    let mut tasks = JoinSet::new();
-    tasks.spawn(form_cluster(node.clone()).instrument(info_span!("form_cluster", node_id = id)));
-    tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
-    tasks.spawn(observers::observe_groups(node.clone()).instrument(info_span!("observers", node_id = id)));
-    tasks.spawn(elections::run_elections(node.clone()).instrument(info_span!("elections", node_id = id)));
-    tasks.spawn(catchup::catch_up(node.clone()).instrument(info_span!("catch_up", node_id = id)));
-    if past == Past::Unknown {
-        tasks.spawn(catchup::probe_peers(node.clone()).instrument(info_span!("probe_peers", node_id = id)));
-    }
-    tasks.spawn(snapshot_duties(node.clone(), appended).instrument(info_span!("snapshots", node_id = id)));
+    let mut tasks = spawn_tasks(&node, past, appended);
 
     let (coordinator, batcher) = CoordinatorService::new(node.clone());
     let mut server_stop = node.stopping.clone();
@@ -158,6 +132,49 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     }
     info!(node_id = id, "stopped");
     result
+}
+
+/// Opens the Raft store and tells what this node knows of its past: an
+/// intact store, or an empty one whose data was lost (the identity file
+/// says it held data) or whose history is not known yet.
+fn open_store(config: &ServerConfig) -> Result<(Arc<redb::Database>, Past), ServerError> {
+    let id = config.node_id;
+    let identity = catchup::read_identity(&config.data_dir, id)?;
+    let db = open_database(&config.data_dir.join("raft.redb"))?;
+    let past = match (is_empty(&db)?, identity) {
+        (false, _) => {
+            catchup::write_identity(&config.data_dir, id)?;
+            Past::Intact
+        }
+        (true, Some(_)) => {
+            error!(
+                "this node's data directory says it held Raft data ({}), but its Raft store is empty: \
+                 the data was lost (raft.redb deleted or emptied). It neither votes nor serves reads until \
+                 the leader has caught it up. See README: \"A node that lost its data\"",
+                catchup::IDENTITY_FILE
+            );
+            Past::Lost
+        }
+        (true, None) => Past::Unknown,
+    };
+    Ok((db, past))
+}
+
+/// Starts every task the server owns; they end when the node stops.
+fn spawn_tasks(node: &Node, past: Past, appended: Arc<AtomicU64>) -> JoinSet<()> {
+    let id = node.id;
+    let mut tasks = JoinSet::new();
+    tasks.spawn(form_cluster(node.clone()).instrument(info_span!("form_cluster", node_id = id)));
+    tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
+    tasks.spawn(observers::observe_groups(node.clone()).instrument(info_span!("observers", node_id = id)));
+    tasks.spawn(elections::run_elections(node.clone()).instrument(info_span!("elections", node_id = id)));
+    tasks.spawn(catchup::catch_up(node.clone()).instrument(info_span!("catch_up", node_id = id)));
+    if past == Past::Unknown {
+        tasks.spawn(catchup::probe_peers(node.clone()).instrument(info_span!("probe_peers", node_id = id)));
+    }
+    tasks.spawn(snapshot_duties(node.clone(), appended).instrument(info_span!("snapshots", node_id = id)));
+
+    tasks
 }
 
 /// Forms the cluster once: the node with the lowest id initializes it with
