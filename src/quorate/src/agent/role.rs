@@ -24,7 +24,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quorate_core::election::Role;
+use quorate_core::election::{MemberStatus, Role};
 use quorate_core::group::GroupSpec;
 use quorate_core::role::{Action, ActionKind, ElectionView, Event, RoleMachine, ServiceView};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -37,6 +37,7 @@ use super::fence::{FenceMode, Fencer};
 use crate::client::Client;
 use crate::client::keeper::{self, KeeperEvent, KeeperSpec};
 use crate::pb::v1 as pb;
+use crate::wire::convert::status_pb;
 
 /// How long a switchover waits for the target to catch up.
 const CATCH_UP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -304,14 +305,14 @@ impl<D: RoleDriver> RoleLoop<D> {
     }
 
     fn report(&self, machine: &RoleMachine, svc: &ServiceState, last_error: &Option<String>) {
-        let status = pb::MemberStatus {
-            role: svc.role.map_or("unknown", Role::as_str).to_owned(),
+        let status = status_pb(&MemberStatus {
+            role: svc.role.unwrap_or(Role::Unknown),
             offset: svc.offset,
             link_up: svc.link_up,
             synced_epoch: machine.synced_epoch(),
             healthy: last_error.is_none() && svc.reachable,
-            error: last_error.clone().unwrap_or_default(),
-        };
+            error: last_error.clone(),
+        });
         self.status.send_if_modified(|s| {
             let changed = *s != status;
             *s = status;

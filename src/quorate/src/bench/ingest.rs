@@ -17,13 +17,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use quorate_core::group::{GroupSpec, MemberSpec, Policy, heartbeat_key};
-use quorate_core::observe::Beat;
+use quorate_core::observe::{Beat, ObsState, Observation, Reason};
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
 use crate::client::{Client, ClientError};
 use crate::pb::v1 as pb;
-use crate::wire::convert::spec_pb;
+use crate::wire::convert::{observation_pb, spec_pb};
 
 /// Options of one ingestion run.
 #[derive(Debug, Clone)]
@@ -263,14 +263,18 @@ pub async fn run(client: &Client, opts: &IngestOptions) -> Result<IngestReport, 
                 i += 1;
                 let cells = peers
                     .iter()
-                    .map(|p| pb::Observation {
-                        target: p.clone(),
-                        state: pb::ObservationState::ObservedUp as i32,
-                        reason: quorate_core::observe::Reason::Advancing.as_str().into(),
-                        state_age_ms: 1_000,
-                        incarnation: Some(incarnation),
-                        seq: Some(i as u64),
-                        restarts: 0,
+                    .map(|p| {
+                        observation_pb(
+                            p,
+                            &Observation {
+                                state: ObsState::Up,
+                                reason: Reason::Advancing,
+                                state_age_ms: 1_000,
+                                incarnation: Some(incarnation),
+                                seq: Some(i as u64),
+                                restarts: 0,
+                            },
+                        )
                     })
                     .collect();
                 let req = pb::ReportRequest {

@@ -103,9 +103,18 @@ pub fn spec_pb(s: &GroupSpec) -> pb::GroupSpec {
     }
 }
 
+fn role_pb(r: Role) -> pb::MemberRole {
+    match r {
+        Role::Primary => pb::MemberRole::Primary,
+        Role::Replica => pb::MemberRole::Replica,
+        Role::Unknown => pb::MemberRole::Unknown,
+    }
+}
+
 pub fn status_pb(s: &MemberStatus) -> pb::MemberStatus {
     pb::MemberStatus {
         role: s.role.as_str().to_owned(),
+        role_code: role_pb(s.role) as i32,
         offset: s.offset,
         link_up: s.link_up,
         synced_epoch: s.synced_epoch,
@@ -115,10 +124,16 @@ pub fn status_pb(s: &MemberStatus) -> pb::MemberStatus {
 }
 
 pub fn status_from_pb(s: &pb::MemberStatus) -> MemberStatus {
-    let role = match s.role.as_str() {
-        "primary" => Role::Primary,
-        "replica" => Role::Replica,
-        _ => Role::Unknown,
+    let role = match pb::MemberRole::try_from(s.role_code) {
+        Ok(pb::MemberRole::Primary) => Role::Primary,
+        Ok(pb::MemberRole::Replica) => Role::Replica,
+        Ok(pb::MemberRole::Unknown) => Role::Unknown,
+        // Unset (an older sender): the display string.
+        _ => match s.role.as_str() {
+            "primary" => Role::Primary,
+            "replica" => Role::Replica,
+            _ => Role::Unknown,
+        },
     };
     MemberStatus {
         role,
@@ -170,11 +185,32 @@ pub fn reason_from_str(s: &str) -> Option<Reason> {
     REASONS.into_iter().find(|r| r.as_str() == s)
 }
 
+fn reason_pb(r: Reason) -> pb::ObservationReason {
+    match r {
+        Reason::Advancing => pb::ObservationReason::ReasonAdvancing,
+        Reason::NoReadingYet => pb::ObservationReason::ReasonNoReadingYet,
+        Reason::Missing => pb::ObservationReason::ReasonMissing,
+        Reason::Frozen => pb::ObservationReason::ReasonFrozen,
+        Reason::Unreachable => pb::ObservationReason::ReasonUnreachable,
+        Reason::Garbled => pb::ObservationReason::ReasonGarbled,
+    }
+}
+
+/// A reason from its code, or (code unset: an older sender) its string.
+fn reason_from_pb(o: &pb::Observation) -> Option<Reason> {
+    match pb::ObservationReason::try_from(o.reason_code) {
+        Ok(pb::ObservationReason::Unspecified) => reason_from_str(&o.reason),
+        Ok(code) => REASONS.into_iter().find(|r| reason_pb(*r) == code),
+        Err(_) => None,
+    }
+}
+
 pub fn observation_pb(target: &str, o: &Observation) -> pb::Observation {
     pb::Observation {
         target: target.to_owned(),
         state: obs_state_pb(o.state) as i32,
         reason: o.reason.as_str().to_owned(),
+        reason_code: reason_pb(o.reason) as i32,
         state_age_ms: o.state_age_ms,
         incarnation: o.incarnation,
         seq: o.seq,
@@ -192,8 +228,12 @@ pub fn observation_from_pb(o: &pb::Observation) -> Result<(String, Observation),
             return Err(DecodeError(format!("cells[{}].state: {} is not a valid state", o.target, o.state)));
         }
     };
-    let reason = reason_from_str(&o.reason)
-        .ok_or_else(|| DecodeError(format!("cells[{}].reason: {:?} is not a known reason", o.target, o.reason)))?;
+    let reason = reason_from_pb(o).ok_or_else(|| {
+        DecodeError(format!(
+            "cells[{}].reason: {:?} (code {}) is not a known reason",
+            o.target, o.reason, o.reason_code
+        ))
+    })?;
     Ok((
         o.target.clone(),
         Observation {
@@ -294,5 +334,36 @@ pub fn matrix_pb(state: &GroupState, v: &GroupVerdict, coordinators: &[u64], ser
         revision: state.revision,
         served_by,
         policy: Some(policy_pb(&state.spec.policy)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn obs(reason: Reason) -> Observation {
+        Observation { state: ObsState::Down, reason, state_age_ms: 5, incarnation: Some(1), seq: Some(2), restarts: 0 }
+    }
+
+    #[test]
+    fn reasons_and_roles_travel_as_codes_and_older_strings_still_read() {
+        for r in REASONS {
+            let p = observation_pb("m1", &obs(r));
+            assert_eq!(observation_from_pb(&p).unwrap().1.reason, r);
+            // An older sender: the string only.
+            let old = pb::Observation { reason_code: 0, ..p.clone() };
+            assert_eq!(observation_from_pb(&old).unwrap().1.reason, r);
+            // The code wins over a string it disagrees with.
+            let odd = pb::Observation { reason: "something else".into(), ..p };
+            assert_eq!(observation_from_pb(&odd).unwrap().1.reason, r);
+        }
+        let bad = pb::Observation { reason_code: 99, ..observation_pb("m1", &obs(Reason::Frozen)) };
+        assert!(observation_from_pb(&bad).unwrap_err().0.contains("code 99"));
+        for role in [Role::Primary, Role::Replica, Role::Unknown] {
+            let s = MemberStatus { role, offset: 1, link_up: true, synced_epoch: None, healthy: true, error: None };
+            let p = status_pb(&s);
+            assert_eq!(status_from_pb(&p).role, role);
+            assert_eq!(status_from_pb(&pb::MemberStatus { role_code: 0, ..p }).role, role);
+        }
     }
 }
