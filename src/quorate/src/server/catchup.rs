@@ -5,7 +5,7 @@
 //!
 //! - **Reads.** A node serves no read from its own state (stale reads,
 //!   watches, group lists) until it has applied everything committed in the
-//!   current leader's term as that leader reported it ([`is_caught_up`]).
+//!   current leader's term as that leader reported it (`RaftView::caught_up`, in `raft::node`).
 //!   An entry committed in the leader's own term implies every earlier
 //!   entry is committed, so the node's state is then at least as new as any
 //!   state it had before it stopped. Linearizable and lease reads are
