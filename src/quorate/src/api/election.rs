@@ -11,9 +11,10 @@ use quorate_core::names::NameKind;
 use quorate_core::verdict::verdict;
 use tokio::sync::broadcast;
 
-use super::{CoordinatorService, check_name, rejection};
+use super::CoordinatorService;
 use crate::pb::v1 as pb;
 use crate::service::ServiceError;
+use crate::service::leases::{check_name, rejection};
 use crate::wire::convert::{candidate_pb, history_pb, lease_pb, status_pb};
 
 /// The default and largest wait of a switchover call.

@@ -6,9 +6,10 @@ use quorate_core::names::NameKind;
 use quorate_core::verdict::{explain, verdict};
 use quorate_core::{Op, matrix::GroupState};
 
-use super::{CoordinatorService, check_name, rejection};
+use super::CoordinatorService;
 use crate::pb::v1 as pb;
 use crate::service::ServiceError;
+use crate::service::leases::{check_name, rejection};
 use crate::wire::convert::{
     evidence_cells, matrix_pb, member_verdict_pb, observation_from_pb, restart_pb, spec_from_pb, spec_pb,
 };

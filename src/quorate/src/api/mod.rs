@@ -27,8 +27,8 @@ use crate::pb::v1 as pb;
 use crate::pb::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::service::ServiceError;
 use crate::service::batch;
+use crate::service::leases::check_name;
 use crate::service::leases::{AcquireRequest, Acquired};
-pub(crate) use crate::service::leases::{check_name, rejection};
 use crate::service::{Node, ReadConsistency};
 use crate::wire::convert::timing_pb;
 

@@ -131,7 +131,6 @@ pub enum ReadConfirm {
 pub struct RaftNode {
     raft: Raft,
     id: u64,
-    peers: BTreeMap<u64, String>,
     election_timeout_max: Duration,
 }
 
@@ -165,27 +164,13 @@ impl RaftNode {
         let raft = Raft::new(id, Arc::new(openraft_config(config)?), NetworkFactory::new(id), log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let node = Self {
-            raft,
-            id,
-            peers: config.peer_map(),
-            election_timeout_max: Duration::from_millis(config.election_timeout_max_ms),
-        };
+        let node = Self { raft, id, election_timeout_max: Duration::from_millis(config.election_timeout_max_ms) };
         Ok(Started { raft: node, reader, appended })
     }
 
     /// The Raft RPC service of this node, for the gRPC server.
     pub fn service(&self, readiness: Arc<Readiness>) -> crate::pb::raft::raft_server::RaftServer<RaftService> {
         RaftService::new(self.raft.clone(), self.id, readiness).into_server()
-    }
-
-    pub fn id(&self) -> u64 {
-        self.id
-    }
-
-    /// Every node's address, by id, as configured.
-    pub fn peers(&self) -> &BTreeMap<u64, String> {
-        &self.peers
     }
 
     /// The state now.

@@ -4,7 +4,7 @@ use quorate_core::Op;
 use quorate_core::group::GroupSpec;
 use quorate_core::machine::Outcome;
 
-use super::leases::rejection;
+use super::leases::{rejection, unexpected};
 use super::{Node, ServiceError};
 
 /// What applying a spec did.
@@ -29,7 +29,7 @@ impl Node {
         match self.propose(Op::ApplyGroup { spec }).await? {
             Outcome::GroupApplied { revision, created } => Ok(Applied { created, revision }),
             Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(ServiceError::Internal(format!("unexpected outcome of ApplyGroup: {other:?}"))),
+            other => Err(unexpected("ApplyGroup", &other)),
         }
     }
 }

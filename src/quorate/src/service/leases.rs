@@ -74,7 +74,7 @@ pub fn rejection(r: Rejection) -> ServiceError {
 }
 
 /// An outcome the operation cannot have produced.
-fn unexpected(what: &str, other: &Outcome) -> ServiceError {
+pub(super) fn unexpected(what: &str, other: &Outcome) -> ServiceError {
     ServiceError::Internal(format!("unexpected outcome of {what}: {other:?}"))
 }
 
