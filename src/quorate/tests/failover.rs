@@ -17,16 +17,48 @@ use nix::sys::signal::Signal;
 const DOWN_AFTER: Duration = Duration::from_millis(500);
 const LEASE_TTL: Duration = Duration::from_millis(1000);
 
-/// Writes `n` keys to `port` under `epoch`; returns those acknowledged by a
-/// replica (`WAIT 1` >= 1).
-async fn write_acked(port: u16, prefix: &str, n: usize, epoch: u64) -> Vec<String> {
-    let mut conn = redis_conn(port).await.expect("primary answers");
+/// Writes `n` keys to `member`'s Redis under the epoch quorate gives it, and
+/// returns them once a replica has acknowledged each (`WAIT 1` >= 1). A write
+/// refused or cut off is written again: an agent fences and disconnects its
+/// clients whenever its lease lapses, even one it takes again at once (a
+/// busy machine can cause that; it is not a failover), so the writer
+/// reconnects and goes on under the current epoch, as a client that follows
+/// quorate does. Panics if `member` stops holding the lease for 10 s.
+async fn write_acked(f: &PairFixture, member: &str, prefix: &str, n: usize) -> Vec<String> {
+    let port = f.data_port(member);
+    let mut session: Option<(redis::aio::MultiplexedConnection, u64)> = None;
     let mut acked = Vec::new();
+    let mut failing_since: Option<(Instant, String)> = None;
     for i in 0..n {
         let key = format!("{prefix}:{i}");
-        fenced_set(&mut conn, &key, &key, epoch).await.expect("fenced write on the primary");
-        if wait_one(&mut conn, 1000).await >= 1 {
-            acked.push(key);
+        loop {
+            if let Some((since, why)) = &failing_since {
+                assert!(since.elapsed() < Duration::from_secs(10), "writes to {member} failed for 10 s: {why}");
+            }
+            if session.is_none() {
+                session = match (f.primary().await, redis_conn(port).await) {
+                    (Some((holder, epoch)), Some(conn)) if holder == member => Some((conn, epoch)),
+                    (p, _) => {
+                        failing_since.get_or_insert((Instant::now(), format!("lease {p:?}, or no connection")));
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+            }
+            let (conn, epoch) = session.as_mut().unwrap();
+            match fenced_set(conn, &key, &key, *epoch).await {
+                Ok(()) if wait_one(conn, 1000).await >= 1 => {
+                    acked.push(key);
+                    failing_since = None;
+                    break;
+                }
+                Ok(()) => {}
+                Err(e) => {
+                    eprintln!("a write to {member} under epoch {epoch} failed ({e}); reconnecting");
+                    failing_since.get_or_insert((Instant::now(), e));
+                    session = None;
+                }
+            }
         }
     }
     acked
@@ -63,17 +95,20 @@ where
 async fn a_crashed_primary_is_replaced_without_losing_acked_writes_and_rejoins_as_a_replica() {
     let _serial = serial();
     let mut f = PairFixture::start().await;
-    f.wait_ready().await;
-    let acked = write_acked(f.data_port("db-1"), "before", 200, 1).await;
-    assert!(acked.len() > 150, "only {} of 200 writes acknowledged", acked.len());
+    let ready = f.wait_ready().await;
+    let acked = write_acked(&f, "db-1", "before", 200).await;
 
     f.crash(0);
     let crashed_at = Instant::now();
     let bound = DOWN_AFTER + LEASE_TTL + Duration::from_secs(1);
-    let took =
-        wait_for(Duration::from_secs(20), || async { f.primary().await.is_some_and(|(h, e)| h == "db-2" && e > 1) })
-            .await
-            .expect("db-2 never got the lease");
+    let took = wait_for(Duration::from_secs(20), || async {
+        f.primary().await.is_some_and(|(h, e)| h == "db-2" && e > ready)
+    })
+    .await
+    .expect("db-2 never got the lease");
+    // The epoch db-2 first took (it may have taken the lease again since).
+    let failover_epoch = f.election().await.and_then(|e| e.history.last()?.epoch).expect("a failover in the history");
+    assert!(failover_epoch > ready, "failover at epoch {failover_epoch}, the old primary's was {ready}");
     eprintln!("db-2 holds the lease {took:?} after the crash (bound {bound:?})");
     assert!(took <= bound, "failover took {took:?}, bound {bound:?}");
     let promoted =
@@ -91,21 +126,21 @@ async fn a_crashed_primary_is_replaced_without_losing_acked_writes_and_rejoins_a
         f.election().await.is_some_and(|e| {
             e.members.iter().any(|m| {
                 m.member == "db-1"
-                    && m.status.as_ref().is_some_and(|s| s.role == "replica" && s.link_up && s.synced_epoch == Some(2))
+                    && m.status.as_ref().is_some_and(|s| {
+                        s.role == "replica" && s.link_up && s.synced_epoch.is_some_and(|e| e >= failover_epoch)
+                    })
             })
         })
     })
     .await;
     assert!(rejoined.is_some(), "db-1 did not rejoin: {:?}", f.election().await);
-    let after = write_acked(f.data_port("db-2"), "after", 20, 2).await;
-    assert_eq!(after.len(), 20, "db-1 does not acknowledge writes as a replica");
+    let after = write_acked(&f, "db-2", "after", 20).await;
     let missing = missing_on(f.data_port("db-1"), &[acked.clone(), after].concat()).await;
     assert!(missing.is_empty(), "db-1's data was not replaced by db-2's: missing {missing:?}");
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(f.primary().await, Some(("db-2".to_owned(), 2)), "failed back");
+    assert_eq!(f.primary().await.map(|(h, _)| h).as_deref(), Some("db-2"), "failed back");
     let history = f.election().await.unwrap().history;
     assert_eq!(history.iter().map(|h| h.kind.as_str()).collect::<Vec<_>>(), ["initial", "failover"]);
-    assert_eq!(history[1].epoch, Some(2));
     assert!(history[1].reason.starts_with("db-1 is DOWN"), "{}", history[1].reason);
 }
 
@@ -113,8 +148,8 @@ async fn a_crashed_primary_is_replaced_without_losing_acked_writes_and_rejoins_a
 async fn a_frozen_primary_agent_stops_writes_before_the_replica_is_promoted() {
     let _serial = serial();
     let f = PairFixture::start().await;
-    f.wait_ready().await;
-    // A writer hammering db-1 under epoch 1, recording its last success.
+    let epoch = f.wait_ready().await;
+    // A writer hammering db-1 under its epoch, recording its last success.
     let last_ok: Arc<Mutex<Option<Instant>>> = Arc::new(Mutex::new(None));
     let first_refusal: Arc<Mutex<Option<(Instant, String)>>> = Arc::new(Mutex::new(None));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -126,7 +161,7 @@ async fn a_frozen_primary_agent_stops_writes_before_the_replica_is_promoted() {
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 i += 1;
-                match fenced_set(&mut conn, &format!("w:{i}"), "x", 1).await {
+                match fenced_set(&mut conn, &format!("w:{i}"), "x", epoch).await {
                     Ok(()) => *last_ok.lock().unwrap() = Some(Instant::now()),
                     Err(e) => {
                         first_refusal.lock().unwrap().get_or_insert((Instant::now(), e));
@@ -170,13 +205,18 @@ async fn a_frozen_primary_agent_stops_writes_before_the_replica_is_promoted() {
 async fn a_pause_shorter_than_down_after_causes_no_failover() {
     let _serial = serial();
     let f = PairFixture::start().await;
-    f.wait_ready().await;
+    let ready = f.wait_ready().await;
     let before = f.election().await.unwrap().history.len();
     signal(f.agent_pid(0), Signal::SIGSTOP);
     tokio::time::sleep(DOWN_AFTER * 3 / 5).await;
     signal(f.agent_pid(0), Signal::SIGCONT);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(f.primary().await, Some(("db-1".to_owned(), 1)));
+    // No failover: db-1 is still the primary and the history has no new
+    // entry. (Its own lease may have lapsed and been taken again on a busy
+    // machine, a new epoch but not a failover; the epochs are printed.)
+    let now = f.primary().await;
+    eprintln!("lease before the pause: db-1 at epoch {ready}; after: {now:?}");
+    assert_eq!(now.map(|(h, _)| h).as_deref(), Some("db-1"));
     assert_eq!(f.election().await.unwrap().history.len(), before);
 }
 
@@ -184,7 +224,7 @@ async fn a_pause_shorter_than_down_after_causes_no_failover() {
 async fn a_switchover_loses_no_acknowledged_write() {
     let _serial = serial();
     let f = PairFixture::start().await;
-    f.wait_ready().await;
+    let ready = f.wait_ready().await;
     // A writer that follows the primary through quorate.
     let acked: Arc<Mutex<BTreeSet<String>>> = Arc::new(Mutex::new(BTreeSet::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -216,7 +256,8 @@ async fn a_switchover_loses_no_acknowledged_write() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let r = f.cluster.client().switchover("db", Some("db-2"), Duration::from_secs(30)).await.expect("switchover");
     eprintln!("switchover to {} at epoch {} took {} ms", r.to, r.epoch, r.took_ms);
-    assert_eq!((r.to.as_str(), r.epoch), ("db-2", 2));
+    assert_eq!(r.to, "db-2");
+    assert!(r.epoch > ready, "switchover at epoch {}, the old primary's was {ready}", r.epoch);
     tokio::time::sleep(Duration::from_secs(1)).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     writer.await.unwrap();
@@ -231,7 +272,7 @@ async fn a_switchover_loses_no_acknowledged_write() {
 async fn maintenance_holds_back_a_failover_until_it_is_turned_off() {
     let _serial = serial();
     let mut f = PairFixture::start().await;
-    f.wait_ready().await;
+    let ready = f.wait_ready().await;
     let client = f.cluster.client();
     assert!(client.set_maintenance("db", true).await.unwrap().maintenance);
     f.crash(0);
@@ -242,10 +283,11 @@ async fn maintenance_holds_back_a_failover_until_it_is_turned_off() {
     assert!(e.decision.contains("maintenance"), "{}", e.decision);
     let off_at = Instant::now();
     client.set_maintenance("db", false).await.unwrap();
-    let took =
-        wait_for(Duration::from_secs(20), || async { f.primary().await.is_some_and(|(h, e)| h == "db-2" && e == 2) })
-            .await
-            .expect("no failover after maintenance off");
+    let took = wait_for(Duration::from_secs(20), || async {
+        f.primary().await.is_some_and(|(h, e)| h == "db-2" && e > ready)
+    })
+    .await
+    .expect("no failover after maintenance off");
     eprintln!("failover {took:?} after maintenance off ({:?})", off_at.elapsed());
 }
 

@@ -198,6 +198,23 @@ impl Drop for Cluster {
                 p.kill();
             }
         }
+        keep_logs(self.dir.path());
+    }
+}
+
+/// With `QUORATE_TEST_KEEP_LOGS=<dir>` set, a fixture's logs are copied to
+/// a directory of their own under `<dir>` before its temporary directory
+/// goes, so a run that passed can be read as closely as one that failed.
+fn keep_logs(from: &Path) {
+    let Some(to) = std::env::var_os("QUORATE_TEST_KEEP_LOGS") else { return };
+    let name = from.file_name().map_or_else(|| "fixture".into(), |n| n.to_string_lossy().into_owned());
+    let to = PathBuf::from(to).join(name.trim_start_matches('.'));
+    let Ok(entries) = std::fs::read_dir(from) else { return };
+    let _ = std::fs::create_dir_all(&to);
+    for e in entries.flatten() {
+        if e.path().extension().is_some_and(|x| x == "log") {
+            let _ = std::fs::copy(e.path(), to.join(e.file_name()));
+        }
     }
 }
 
@@ -513,17 +530,23 @@ impl PairFixture {
         (!l.holder.is_empty()).then_some((l.holder, l.epoch))
     }
 
-    /// Waits until db-1 is primary at epoch 1 and db-2 has synced from it.
-    pub async fn wait_ready(&self) {
+    /// Waits until db-1 holds the lease and db-2 has synced from it under
+    /// that epoch; returns the epoch. It is 1 unless db-1's first lease
+    /// lapsed and db-1 took it again (a busy machine can do that; it is not
+    /// a failover), so tests compare later epochs with this one.
+    pub async fn wait_ready(&self) -> u64 {
         let start = Instant::now();
         loop {
             if let Some(e) = self.election().await {
-                let primary = e.lease.as_ref().is_some_and(|l| l.holder == "db-1" && l.epoch == 1);
+                let epoch = e.lease.as_ref().filter(|l| l.holder == "db-1").map(|l| l.epoch);
                 let synced = e.members.iter().any(|m| {
-                    m.member == "db-2" && m.status.as_ref().is_some_and(|s| s.link_up && s.synced_epoch == Some(1))
+                    m.member == "db-2" && m.status.as_ref().is_some_and(|s| s.link_up && s.synced_epoch == epoch)
                 });
-                if primary && synced {
-                    return;
+                if let (Some(epoch), true) = (epoch, synced) {
+                    if epoch > 1 {
+                        eprintln!("db-1 is primary at epoch {epoch}: its first lease lapsed while the pair started");
+                    }
+                    return epoch;
                 }
             }
             assert!(start.elapsed() < Duration::from_secs(30), "pair never got ready: {:?}", self.election().await);
