@@ -173,8 +173,16 @@ impl ServerConfig {
     }
 
     /// Checks every field and the timing relationships.
-    #[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_addresses()?;
+        self.validate_raft_timing()?;
+        self.validate_lease_timing()?;
+        self.validate_snapshots()
+    }
+
+    /// Where to keep data, what to bind, and a peer list naming this node
+    /// once, every address used by one node only.
+    fn validate_addresses(&self) -> Result<(), ConfigError> {
         if self.data_dir.as_os_str().is_empty() {
             return Err(invalid("data_dir", "missing: give --data-dir DIR"));
         }
@@ -204,6 +212,12 @@ impl ServerConfig {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// Heartbeats, elections and the lease bounds: an election must not start
+    /// on two lost heartbeats, nor a lease lapse during every leader change.
+    fn validate_raft_timing(&self) -> Result<(), ConfigError> {
         if self.heartbeat_interval_ms == 0 {
             return Err(invalid("heartbeat_interval_ms", "must be positive"));
         }
@@ -240,6 +254,12 @@ impl ServerConfig {
                 format!("{} ms is below min_lease_ttl_ms ({} ms)", self.max_lease_ttl_ms, self.min_lease_ttl_ms),
             ));
         }
+        Ok(())
+    }
+
+    /// The clock-drift bound and margin must leave a holder valid time for
+    /// at least one renewal of the shortest lease.
+    fn validate_lease_timing(&self) -> Result<(), ConfigError> {
         let timing = self.lease_timing();
         timing.validate().map_err(|e| invalid("max_clock_drift_ppm", e.to_string()))?;
         if timing.holder_valid_for_ms(self.min_lease_ttl_ms) <= timing.renew_interval_ms(self.min_lease_ttl_ms) {
@@ -251,6 +271,11 @@ impl ServerConfig {
                 ),
             ));
         }
+        Ok(())
+    }
+
+    /// Snapshot triggers within their documented ranges.
+    fn validate_snapshots(&self) -> Result<(), ConfigError> {
         if !(1..=MAX_SNAPSHOT_EVERY_ENTRIES).contains(&self.snapshot_every_entries) {
             return Err(invalid(
                 "snapshot_every_entries",

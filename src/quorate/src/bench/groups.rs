@@ -70,7 +70,6 @@ impl std::fmt::Display for GroupsReport {
 }
 
 /// Runs the benchmark against the cluster `client` points at.
-#[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
 pub async fn run(client: &Client, opts: &GroupsOptions) -> Result<GroupsReport, IngestError> {
     let clients = opts.clients.clamp(1, 256);
     let (_own, url) = match &opts.heartbeat_url {
@@ -81,74 +80,14 @@ pub async fn run(client: &Client, opts: &GroupsOptions) -> Result<GroupsReport, 
         }
     };
     let endpoints = client.endpoints().to_vec();
-    let spec = move |g: usize| GroupSpec {
-        name: format!("bench-group-{g}"),
-        members: (0..2)
-            .map(|i| MemberSpec { id: format!("m{i}"), heartbeat: url.clone(), priority: 1, data: None })
-            .collect(),
-        policy: Policy::default(),
-        failover: None,
-    };
-
-    // Creation: `clients` workers take the next group number in turn.
-    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
-    let mut tasks = tokio::task::JoinSet::new();
-    for _ in 0..clients {
-        let c = Client::new(&endpoints)?;
-        let next = next.clone();
-        let count = opts.count;
-        let spec = spec.clone();
-        tasks.spawn(async move {
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
-            loop {
-                let g = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if g >= count {
-                    return (lat, errors);
-                }
-                let t = Instant::now();
-                match c.apply_group(spec_pb(&spec(g))).await {
-                    Ok(_) => lat.push(t.elapsed().as_micros() as u32),
-                    Err(_) => errors += 1,
-                }
-            }
-        });
-    }
-    let (mut create, mut create_errors) = (Vec::new(), 0);
-    while let Some(r) = tasks.join_next().await {
-        let (l, e) = r.map_err(|e| IngestError::Setup(e.to_string()))?;
-        create.extend(l);
-        create_errors += e;
-    }
+    let (mut create, create_errors) = create_groups(&endpoints, clients, opts.count, &url).await?;
     let create_s = started.elapsed().as_secs_f64();
 
     // Renewals with every group in place.
     let applied0 = applied_index(client).await?;
     let t0 = Instant::now();
-    let end = t0 + opts.duration;
-    for i in 0..clients {
-        let c = Client::new(&endpoints)?;
-        tasks.spawn(async move {
-            let (mut lat, mut errors) = (Vec::new(), 0u64);
-            let group = format!("bench-groups-lease-{i}");
-            let Ok(a) = c.acquire(&group, "bench", 10_000, None).await else { return (lat, 1) };
-            let epoch = a.lease.map_or(0, |l| l.epoch);
-            while Instant::now() < end {
-                let t = Instant::now();
-                match c.renew(&group, "bench", epoch).await {
-                    Ok(_) => lat.push(t.elapsed().as_micros() as u32),
-                    Err(_) => errors += 1,
-                }
-            }
-            (lat, errors)
-        });
-    }
-    let (mut renew, mut renew_errors) = (Vec::new(), 0);
-    while let Some(r) = tasks.join_next().await {
-        let (l, e) = r.map_err(|e| IngestError::Setup(e.to_string()))?;
-        renew.extend(l);
-        renew_errors += e;
-    }
+    let (mut renew, renew_errors) = renew_until(&endpoints, clients, t0 + opts.duration).await?;
     let window = t0.elapsed().as_secs_f64();
     let applied1 = applied_index(client).await?;
     let (c50, c99, cmax) = percentiles(&mut create);
@@ -167,4 +106,81 @@ pub async fn run(client: &Client, opts: &GroupsOptions) -> Result<GroupsReport, 
         renew_errors,
         entries_per_s: applied1.saturating_sub(applied0) as f64 / window,
     })
+}
+
+/// Creates groups `bench-group-0..count` (two members beating into `url`),
+/// `clients` workers each taking the next number in turn; returns each
+/// creation's latency in microseconds and the number that failed.
+async fn create_groups(
+    endpoints: &[String],
+    clients: usize,
+    count: usize,
+    url: &str,
+) -> Result<(Vec<u32>, u64), IngestError> {
+    let spec = |g: usize, url: &str| GroupSpec {
+        name: format!("bench-group-{g}"),
+        members: (0..2)
+            .map(|i| MemberSpec { id: format!("m{i}"), heartbeat: url.to_owned(), priority: 1, data: None })
+            .collect(),
+        policy: Policy::default(),
+        failover: None,
+    };
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..clients {
+        let c = Client::new(endpoints)?;
+        let next = next.clone();
+        let url = url.to_owned();
+        tasks.spawn(async move {
+            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            loop {
+                let g = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if g >= count {
+                    return (lat, errors);
+                }
+                let t = Instant::now();
+                match c.apply_group(spec_pb(&spec(g, &url))).await {
+                    Ok(_) => lat.push(t.elapsed().as_micros() as u32),
+                    Err(_) => errors += 1,
+                }
+            }
+        });
+    }
+    gather(tasks).await
+}
+
+/// `clients` workers each hold a lease of their own and renew it in a
+/// closed loop until `end`; returns each renewal's latency in microseconds
+/// and the number that failed.
+async fn renew_until(endpoints: &[String], clients: usize, end: Instant) -> Result<(Vec<u32>, u64), IngestError> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..clients {
+        let c = Client::new(endpoints)?;
+        tasks.spawn(async move {
+            let (mut lat, mut errors) = (Vec::new(), 0u64);
+            let group = format!("bench-groups-lease-{i}");
+            let Ok(a) = c.acquire(&group, "bench", 10_000, None).await else { return (lat, 1) };
+            let epoch = a.lease.map_or(0, |l| l.epoch);
+            while Instant::now() < end {
+                let t = Instant::now();
+                match c.renew(&group, "bench", epoch).await {
+                    Ok(_) => lat.push(t.elapsed().as_micros() as u32),
+                    Err(_) => errors += 1,
+                }
+            }
+            (lat, errors)
+        });
+    }
+    gather(tasks).await
+}
+
+/// Every worker's latencies together, and the sum of their failures.
+async fn gather(mut tasks: tokio::task::JoinSet<(Vec<u32>, u64)>) -> Result<(Vec<u32>, u64), IngestError> {
+    let (mut all, mut errors) = (Vec::new(), 0);
+    while let Some(r) = tasks.join_next().await {
+        let (l, e) = r.map_err(|e| IngestError::Setup(e.to_string()))?;
+        all.extend(l);
+        errors += e;
+    }
+    Ok((all, errors))
 }
