@@ -23,7 +23,8 @@ const LEASE_TTL: Duration = Duration::from_millis(1000);
 /// clients whenever its lease lapses, even one it takes again at once (a
 /// busy machine can cause that; it is not a failover), so the writer
 /// reconnects and goes on under the current epoch, as a client that follows
-/// quorate does. Panics if `member` stops holding the lease for 10 s.
+/// quorate does. Panics if no write to `member` is acknowledged for 10 s
+/// (it lost the lease, or no replica acknowledges).
 async fn write_acked(f: &PairFixture, member: &str, prefix: &str, n: usize) -> Vec<String> {
     let port = f.data_port(member);
     let mut session: Option<(redis::aio::MultiplexedConnection, u64)> = None;
@@ -52,7 +53,11 @@ async fn write_acked(f: &PairFixture, member: &str, prefix: &str, n: usize) -> V
                     failing_since = None;
                     break;
                 }
-                Ok(()) => {}
+                Ok(()) => {
+                    // Written but not replicated within WAIT's second: the
+                    // 10 s bound above catches a replica that never answers.
+                    failing_since.get_or_insert((Instant::now(), "no replica acknowledged the write".into()));
+                }
                 Err(e) => {
                     eprintln!("a write to {member} under epoch {epoch} failed ({e}); reconnecting");
                     failing_since.get_or_insert((Instant::now(), e));
