@@ -1,10 +1,9 @@
 //! The public gRPC service (`quorate.v1.Coordinator`): a translation between
-//! protobuf and the service layer (`crate::service`). The lease operations
-//! are decode → call → encode; groups, reports, matrix, election and watch
-//! still do part of their work here (`groups`, `election`, `watch`) and move
-//! to the service layer next. Validation happens before anything reaches
-//! the log, decisions are the state machine's, and every error leaves
-//! through `status` (the one mapping of [`ServiceError`] to gRPC status).
+//! protobuf and the service layer (`crate::service`). Every operation is
+//! decode → call → encode (leases here; `groups`, `election` and `watch`
+//! beside it); the rules, validation and waiting live in the service layer,
+//! decisions are the state machine's, and every error leaves through
+//! `status` (the one mapping of [`ServiceError`] to gRPC status).
 
 mod election;
 mod groups;
@@ -15,10 +14,8 @@ pub use crate::wire::lease_pb;
 
 use std::pin::Pin;
 
-use futures::Stream;
+use futures::{Stream, StreamExt as _};
 use quorate_core::LeaseTiming;
-use quorate_core::names::NameKind;
-use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
@@ -27,13 +24,9 @@ use crate::pb::v1 as pb;
 use crate::pb::v1::coordinator_server::{Coordinator, CoordinatorServer};
 use crate::service::ServiceError;
 use crate::service::batch;
-use crate::service::leases::check_name;
 use crate::service::leases::{AcquireRequest, Acquired};
 use crate::service::{Node, ReadConsistency};
 use crate::wire::convert::timing_pb;
-
-/// Events buffered per watch stream before the watcher counts as slow.
-const WATCH_BUFFER: usize = 256;
 
 /// Implements `quorate.v1.Coordinator` on one node.
 #[derive(Debug, Clone)]
@@ -87,15 +80,8 @@ impl CoordinatorService {
         Ok(pb::ReleaseResponse { lease: Some(lease_pb(&lease)) })
     }
 
-    /// Confirms a read at the requested consistency; returns what was used.
-    async fn confirm_read(&self, consistency: i32) -> Result<pb::Consistency, ServiceError> {
-        let (read, served) = consistency_of(consistency)?;
-        self.node.confirm_read(read).await?;
-        Ok(served)
-    }
-
     async fn do_get_lease(&self, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ServiceError> {
-        let (read, served) = consistency_of(r.consistency)?;
+        let (read, served) = read_consistency(r.consistency)?;
         let lease = self.node.read_lease(&r.group, read).await?;
         Ok(pb::GetLeaseResponse { lease: Some(lease_pb(&lease)), served_by: self.node.id, consistency: served as i32 })
     }
@@ -131,7 +117,7 @@ impl CoordinatorService {
 }
 
 /// A requested consistency level, and the level that serves it.
-fn consistency_of(consistency: i32) -> Result<(ReadConsistency, pb::Consistency), ServiceError> {
+pub(super) fn read_consistency(consistency: i32) -> Result<(ReadConsistency, pb::Consistency), ServiceError> {
     let consistency = pb::Consistency::try_from(consistency)
         .map_err(|_| ServiceError::InvalidArgument(format!("consistency {consistency} is not a known value")))?;
     Ok(match consistency {
@@ -175,15 +161,11 @@ impl Coordinator for CoordinatorService {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let group = req.into_inner().group;
-        check_name(NameKind::Group, &group)?;
-        // A watch starts from this node's state: not before it caught up.
-        self.node.ensure_caught_up()?;
-        let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let span = info_span!("watch", group = %group, node_id = self.node.id);
-        // The task ends when the client goes away (tx closed) or the node
-        // stops; it owns nothing else.
-        tokio::spawn(watch::watch_loop(self.node.clone(), group, tx).instrument(span));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        // The watch ends when the client goes away (the stream, and with it
+        // the receiver, is dropped) or the node stops.
+        let events = span.in_scope(|| self.node.watch(&group))?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events).map(|ev| Ok(watch::watch_event_pb(ev))))))
     }
 
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
@@ -196,37 +178,36 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ApplyGroupResponse>, Status> {
         let r = req.into_inner();
         let span = info_span!("apply_group", group = r.spec.as_ref().map_or("", |s| s.name.as_str()));
-        Ok(Response::new(self.do_apply_group(r).instrument(span).await?))
+        Ok(Response::new(self.apply_group_pb(r).instrument(span).await?))
     }
 
     async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::GetGroupResponse>, Status> {
-        Ok(Response::new(self.do_get_group(req.into_inner()).await?))
+        Ok(Response::new(self.get_group_pb(req.into_inner()).await?))
     }
 
     async fn list_groups(
         &self,
         _req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        self.node.ensure_caught_up()?;
-        Ok(Response::new(self.do_list_groups()))
+        Ok(Response::new(self.list_groups_pb()?))
     }
 
     async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
         let r = req.into_inner();
         let span = tracing::debug_span!("report", observer = %r.observer, views = r.views.len());
-        Ok(Response::new(self.do_report(r).instrument(span).await?))
+        Ok(Response::new(self.report_pb(r).instrument(span).await?))
     }
 
     async fn get_matrix(&self, req: Request<pb::GetMatrixRequest>) -> Result<Response<pb::Matrix>, Status> {
-        Ok(Response::new(self.do_get_matrix(req.into_inner()).await?))
+        Ok(Response::new(self.get_matrix_pb(req.into_inner()).await?))
     }
 
     async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {
-        Ok(Response::new(self.do_explain(req.into_inner()).await?))
+        Ok(Response::new(self.explain_pb(req.into_inner()).await?))
     }
 
     async fn get_election(&self, req: Request<pb::GetElectionRequest>) -> Result<Response<pb::ElectionStatus>, Status> {
-        Ok(Response::new(self.do_get_election(req.into_inner()).await?))
+        Ok(Response::new(self.get_election_pb(req.into_inner()).await?))
     }
 
     async fn set_maintenance(
@@ -235,7 +216,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ElectionStatus>, Status> {
         let r = req.into_inner();
         let span = info_span!("set_maintenance", group = %r.group, on = r.on);
-        Ok(Response::new(self.do_set_maintenance(r).instrument(span).await?))
+        Ok(Response::new(self.set_maintenance_pb(r).instrument(span).await?))
     }
 
     async fn unblock_failover(
@@ -244,7 +225,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ElectionStatus>, Status> {
         let r = req.into_inner();
         let span = info_span!("unblock_failover", group = %r.group);
-        Ok(Response::new(self.do_unblock(r).instrument(span).await?))
+        Ok(Response::new(self.unblock_pb(r).instrument(span).await?))
     }
 
     async fn switchover(
@@ -253,7 +234,7 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::SwitchoverResponse>, Status> {
         let r = req.into_inner();
         let span = info_span!("switchover", group = %r.group, to = %r.to);
-        Ok(Response::new(self.do_switchover(r).instrument(span).await?))
+        Ok(Response::new(self.switchover_pb(r).instrument(span).await?))
     }
 
     async fn cancel_switchover(
@@ -262,10 +243,10 @@ impl Coordinator for CoordinatorService {
     ) -> Result<Response<pb::ElectionStatus>, Status> {
         let r = req.into_inner();
         let span = info_span!("cancel_switchover", group = %r.group, reason = %r.reason);
-        Ok(Response::new(self.do_cancel_switchover(r).instrument(span).await?))
+        Ok(Response::new(self.cancel_switchover_pb(r).instrument(span).await?))
     }
 
     async fn what_if(&self, req: Request<pb::WhatIfRequest>) -> Result<Response<pb::WhatIfResponse>, Status> {
-        Ok(Response::new(self.do_whatif(req.into_inner()).await?))
+        Ok(Response::new(self.what_if_pb(req.into_inner()).await?))
     }
 }

@@ -41,18 +41,21 @@ type Reply = oneshot::Sender<Result<Outcome, ServiceError>>;
 #[derive(Debug, Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<(Op, Reply)>,
+    node_id: u64,
 }
 
 impl Batcher {
     /// Starts the batching task; it ends when every handle is dropped.
     pub fn start(node: Node) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
+        let node_id = node.id;
         let task = tokio::spawn(run(node, rx).instrument(tracing::info_span!("report_batcher")));
-        (Self { tx }, task)
+        (Self { tx, node_id }, task)
     }
 
     /// Proposes `op` in the next batch and waits for its own outcome.
-    pub async fn propose(&self, op: Op, node_id: u64) -> Result<Outcome, ServiceError> {
+    pub async fn propose(&self, op: Op) -> Result<Outcome, ServiceError> {
+        let node_id = self.node_id;
         let (reply, rx) = oneshot::channel();
         let stopped = || ServiceError::Stopped { node_id, detail: "the report batcher stopped".into() };
         self.tx.send((op, reply)).await.map_err(|_| stopped())?;

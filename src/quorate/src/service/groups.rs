@@ -1,11 +1,16 @@
-//! Group operations of the service layer.
+//! Group operations of the service layer: creating and updating groups,
+//! reading their specs, their observation matrix and verdicts, and why a
+//! member's verdict is what it is.
 
 use quorate_core::Op;
 use quorate_core::group::GroupSpec;
 use quorate_core::machine::Outcome;
+use quorate_core::matrix::{GroupState, RestartEvent};
+use quorate_core::names::NameKind;
+use quorate_core::verdict::{GroupVerdict, MemberVerdict, explain, verdict};
 
-use super::leases::{rejection, unexpected};
-use super::{Node, ServiceError};
+use super::leases::{check_name, rejection, unexpected};
+use super::{Node, ReadConsistency, ServiceError};
 
 /// What applying a spec did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -31,5 +36,101 @@ impl Node {
             Outcome::Rejected(rej) => Err(rejection(rej)),
             other => Err(unexpected("ApplyGroup", &other)),
         }
+    }
+}
+
+/// A group's spec as read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupRead {
+    pub spec: GroupSpec,
+    /// The log index the spec was last applied at.
+    pub revision: u64,
+}
+
+/// A group's whole replicated state with its verdict, as of one read: what
+/// the matrix shows.
+#[derive(Debug, Clone)]
+pub struct MatrixRead {
+    pub state: GroupState,
+    pub verdict: GroupVerdict,
+    /// The coordinators (Raft voters), which observe every member.
+    pub coordinators: Vec<u64>,
+    pub served_by: u64,
+}
+
+/// Why a member's verdict is what it is.
+#[derive(Debug, Clone)]
+pub struct Explanation {
+    /// The verdict in one sentence.
+    pub sentence: String,
+    pub verdict: MemberVerdict,
+    /// The group's state the verdict was computed from (its evidence).
+    pub state: GroupState,
+    /// Restarts of the member the observers saw.
+    pub restarts: Vec<RestartEvent>,
+}
+
+/// The error for a group that does not exist, with how to create one.
+pub(super) fn no_such_group(name: &str) -> ServiceError {
+    ServiceError::NotFound(format!("no group named {name:?}; create it with `quorate group apply FILE.toml`"))
+}
+
+impl Node {
+    /// Runs `f` on a group's state (and the machine's clock) after
+    /// confirming the read.
+    async fn with_group<T>(
+        &self,
+        name: &str,
+        consistency: ReadConsistency,
+        f: impl FnOnce(&GroupState, u64) -> T,
+    ) -> Result<T, ServiceError> {
+        check_name(NameKind::Group, name)?;
+        self.confirm_read(consistency).await?;
+        self.reader.with_machine(|m, _| {
+            let now = self.reader.machine_now(m);
+            m.group(name).map(|g| f(g, now)).ok_or_else(|| no_such_group(name))
+        })
+    }
+
+    /// A group's spec.
+    pub async fn group(&self, name: &str, consistency: ReadConsistency) -> Result<GroupRead, ServiceError> {
+        self.with_group(name, consistency, |g, _| GroupRead { spec: g.spec.clone(), revision: g.spec_revision }).await
+    }
+
+    /// The names of every group (from this node's state, once caught up).
+    pub fn group_names(&self) -> Result<Vec<String>, ServiceError> {
+        self.ensure_caught_up()?;
+        Ok(self.reader.with_machine(|m, _| m.groups().map(|g| g.spec.name.clone()).collect()))
+    }
+
+    /// A group's observation matrix and verdict.
+    pub async fn matrix(&self, name: &str, consistency: ReadConsistency) -> Result<MatrixRead, ServiceError> {
+        let coordinators = self.reader.voters();
+        self.with_group(name, consistency, |g, now| MatrixRead {
+            verdict: verdict(g, &coordinators, now),
+            state: g.clone(),
+            coordinators: coordinators.clone(),
+            served_by: self.id,
+        })
+        .await
+    }
+
+    /// Why `member`'s verdict is what it is (a linearizable read).
+    pub async fn explain(&self, name: &str, member: &str) -> Result<Explanation, ServiceError> {
+        check_name(NameKind::Member, member)?;
+        let voters = self.reader.voters();
+        self.with_group(name, ReadConsistency::Linearizable, |g, now| {
+            let v = verdict(g, &voters, now);
+            let mv = v
+                .member(member)
+                .ok_or_else(|| ServiceError::NotFound(format!("group {:?} has no member {member:?}", g.spec.name)))?;
+            Ok(Explanation {
+                sentence: explain(mv),
+                verdict: mv.clone(),
+                state: g.clone(),
+                restarts: g.restarts.iter().filter(|x| x.member == member).cloned().collect(),
+            })
+        })
+        .await?
     }
 }

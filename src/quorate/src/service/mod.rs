@@ -7,16 +7,24 @@
 //!   command (bounded), confirm a read at a consistency level, say who
 //!   leads. Raft's failures become [`ServiceError`]s here.
 //! - [`leases`]: acquire (with its waiting protocol), renew, release, read.
-//! - [`groups`]: creating and updating groups.
+//! - [`groups`]: creating, updating and reading groups; the matrix and
+//!   verdicts; why a member's verdict is what it is.
+//! - [`election`]: managed groups: election status, maintenance, failover
+//!   blocks, switchover (waiting for the new holder), what-if.
+//! - [`reports`]: observers' reports, checked and batched.
+//! - [`watch`]: a watch's events (lease, election, verdict changes).
 //! - [`batch`]: the report batcher, which packs observers' reports into
 //!   few log entries.
 //! - [`error`]: [`ServiceError`] and the leader hint.
 
 pub mod batch;
+pub mod election;
 pub mod error;
 pub mod groups;
 pub mod leases;
 pub mod node;
+pub mod reports;
+pub mod watch;
 
 pub use self::error::{LeaderHint, ServiceError};
 pub use self::node::{Node, ReadConsistency};
