@@ -32,6 +32,7 @@ pub mod cli;
 pub mod client;
 pub mod config;
 pub mod local;
+pub mod observation;
 pub mod raft;
 pub mod render;
 pub mod server;

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::Redis;
-use quorate::agent::store::{CONNS_PER_STORE, RedisStores, STALLED_AFTER, StoreError, Stores};
+use quorate::observation::store::{CONNS_PER_STORE, RedisStores, STALLED_AFTER, StoreError, Stores};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 

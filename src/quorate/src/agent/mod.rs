@@ -4,7 +4,7 @@
 //!   into the member's own heartbeat store every `heartbeat_interval_ms`
 //!   (a new random incarnation at every start);
 //! - reads every peer's heartbeat key and reports its view to the
-//!   coordinators ([`observer`], the same loop coordinator nodes run);
+//!   coordinators (`crate::observation`, the same loop coordinator nodes run);
 //! - follows changes of the group spec;
 //! - in a managed group, runs the role loop ([`role`]) and its fencer
 //!   ([`fence`]), which stops the data service's writes at the lease
@@ -14,9 +14,7 @@
 
 pub mod driver;
 pub mod fence;
-pub mod observer;
 pub mod role;
-pub mod store;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -30,8 +28,9 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
-use self::store::{RedisStores, Stores};
 use crate::client::{Client, ClientError};
+use crate::observation::Observe;
+use crate::observation::store::{RedisStores, Stores};
 use crate::pb::v1 as pb;
 use crate::wire::convert::spec_from_pb;
 
@@ -209,15 +208,15 @@ pub async fn run_with<S: Stores>(
         tasks.spawn(role.run(stop_tx.subscribe()).instrument(span.clone()));
     }
     tasks.spawn(
-        observer::observe(
-            Observer::Member(config.member.clone()),
+        Observe {
+            observer: Observer::Member(config.member.clone()),
             incarnation,
-            specs_rx,
-            managed.then_some(status_rx),
+            specs: specs_rx,
+            status: managed.then_some(status_rx),
             stores,
-            client.clone(),
-            stop_tx.subscribe(),
-        )
+            sink: client.clone(),
+        }
+        .run(stop_tx.subscribe())
         .instrument(span.clone()),
     );
     tasks.spawn(refresh_spec(config, client, spec_tx, specs_tx, stop_tx.subscribe()).instrument(span));

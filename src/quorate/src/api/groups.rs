@@ -1,28 +1,20 @@
 //! Groups, reports, the matrix and verdicts over gRPC. Decode → call
 //! `service::groups` / `service::reports` → encode.
 
-use quorate_core::machine::GroupView;
-
 use super::{CoordinatorService, read_consistency};
 use crate::pb::v1 as pb;
 use crate::service::ServiceError;
 use crate::service::reports::Report;
 use crate::wire::convert::{
-    evidence_cells, matrix_pb, member_verdict_pb, observation_from_pb, restart_pb, spec_from_pb, spec_pb,
-    status_from_pb,
+    evidence_cells, matrix_pb, member_verdict_pb, restart_pb, spec_from_pb, spec_pb, status_from_pb, views_from_pb,
 };
 
-/// A report from protobuf.
-fn report_from_pb(r: pb::ReportRequest) -> Result<Report, ServiceError> {
-    let mut views = Vec::with_capacity(r.views.len());
-    for v in r.views {
-        let cells = v.cells.iter().map(observation_from_pb).collect::<Result<Vec<_>, _>>()?;
-        views.push(GroupView { group: v.group, cells });
-    }
+/// A report from protobuf (gRPC, and a coordinator's own in-process).
+pub fn report_from_pb(r: pb::ReportRequest) -> Result<Report, ServiceError> {
     Ok(Report {
         observer: r.observer,
         incarnation: r.observer_incarnation,
-        views,
+        views: views_from_pb(r.views)?,
         status: r.status.as_ref().map(status_from_pb),
     })
 }

@@ -10,6 +10,7 @@ mod groups;
 mod status;
 mod watch;
 
+pub use self::groups::report_from_pb;
 pub use crate::wire::lease_pb;
 
 use std::pin::Pin;
@@ -36,10 +37,9 @@ pub struct CoordinatorService {
 }
 
 impl CoordinatorService {
-    /// The service, and the report batcher's task (owned by the caller).
-    pub fn new(node: Node) -> (Self, tokio::task::JoinHandle<()>) {
-        let (reports, task) = batch::Batcher::start(node.clone());
-        (Self { node, reports }, task)
+    /// The service of `node`, whose reports go through `reports`.
+    pub fn new(node: Node, reports: batch::Batcher) -> Self {
+        Self { node, reports }
     }
 
     pub fn into_server(self) -> CoordinatorServer<Self> {

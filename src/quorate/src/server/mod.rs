@@ -31,6 +31,7 @@ use crate::config::ServerConfig;
 use crate::raft::log_store::{StoreError, is_empty, open_database};
 use crate::raft::node::{StartError, Started};
 use crate::raft::{NodeClock, Past, RaftNode, RaftView, Readiness, Role};
+use crate::service::batch::Batcher;
 pub use crate::service::{Node, ReadConsistency};
 
 /// How long shutdown waits for in-flight calls and tasks before it stops
@@ -93,9 +94,10 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
         warn!("UNSAFE test-only setting: leases are granted without waiting for expiry");
     }
 
-    let mut tasks = spawn_tasks(&node, past, appended);
-
-    let (coordinator, batcher) = CoordinatorService::new(node.clone());
+    // One batcher for every report: agents' over gRPC and this node's own.
+    let (reports, batcher) = Batcher::start(node.clone());
+    let mut tasks = spawn_tasks(&node, past, appended, reports.clone());
+    let coordinator = CoordinatorService::new(node.clone(), reports);
     let mut server_stop = node.stopping.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
@@ -161,12 +163,12 @@ fn open_store(config: &ServerConfig) -> Result<(Arc<redb::Database>, Past), Serv
 }
 
 /// Starts every task the server owns; they end when the node stops.
-fn spawn_tasks(node: &Node, past: Past, appended: Arc<AtomicU64>) -> JoinSet<()> {
+fn spawn_tasks(node: &Node, past: Past, appended: Arc<AtomicU64>, reports: Batcher) -> JoinSet<()> {
     let id = node.id;
     let mut tasks = JoinSet::new();
     tasks.spawn(form_cluster(node.clone()).instrument(info_span!("form_cluster", node_id = id)));
     tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
-    tasks.spawn(observers::observe_groups(node.clone()).instrument(info_span!("observers", node_id = id)));
+    tasks.spawn(observers::observe_groups(node.clone(), reports).instrument(info_span!("observers", node_id = id)));
     tasks.spawn(elections::run_elections(node.clone()).instrument(info_span!("elections", node_id = id)));
     tasks.spawn(catchup::catch_up(node.clone()).instrument(info_span!("catch_up", node_id = id)));
     if past == Past::Unknown {

@@ -1,8 +1,10 @@
 //! Coordinator nodes observe every member of every group, like agents do:
-//! the same observation loop, over all groups at once (one read per store
-//! per tick, one report per tick with changes), reporting as
-//! `coordinator-N` through a client that follows the Raft leader (this node
-//! may be a follower). The set of groups follows the replicated state.
+//! the same observation loop (`crate::observation`), over all groups at
+//! once (one read per store per tick, one report per tick with changes),
+//! reporting as `coordinator-N`. While this node leads, it hands its
+//! reports to its own service layer in-process; as a follower it sends them
+//! to the leader through a client (only the leader proposes). The set of
+//! groups follows the replicated state.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,9 +17,13 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, info_span, warn};
 
 use super::Node;
-use crate::agent::observer::observe;
-use crate::agent::store::RedisStores;
-use crate::client::Client;
+use crate::api::report_from_pb;
+use crate::client::{Client, ClientError};
+use crate::observation::store::RedisStores;
+use crate::observation::{Observe, ReportSink};
+use crate::pb::v1 as pb;
+use crate::service::ServiceError;
+use crate::service::batch::Batcher;
 
 /// How often the set of groups is re-read without a change event.
 const RESYNC_EVERY: Duration = Duration::from_secs(1);
@@ -26,15 +32,49 @@ const RESYNC_EVERY: Duration = Duration::from_secs(1);
 /// O(groups), so doing it per change made creating N groups cost O(N²).
 const COALESCE: Duration = Duration::from_millis(200);
 
+/// Where a coordinator's own reports go: its node's batcher while it
+/// leads, else the leader (through `client`).
+struct OwnNode {
+    node: Node,
+    reports: Batcher,
+    client: Client,
+}
+
+/// Why a coordinator's report did not get through.
+#[derive(Debug, thiserror::Error)]
+enum OwnReportError {
+    #[error(transparent)]
+    Local(#[from] ServiceError),
+    #[error(transparent)]
+    Remote(#[from] ClientError),
+}
+
+impl ReportSink for OwnNode {
+    type Error = OwnReportError;
+
+    async fn report(&self, req: pb::ReportRequest) -> Result<(), OwnReportError> {
+        if self.node.raft.is_leader() {
+            match self.reports.report(report_from_pb(req.clone())?).await {
+                Ok(_) => return Ok(()),
+                // Leadership moved meanwhile: the leader takes it.
+                Err(ServiceError::NotLeader { .. }) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        self.client.report_view(req).await?;
+        Ok(())
+    }
+}
+
 fn specs_of(node: &Node) -> Vec<GroupSpec> {
     node.reader.with_machine(|m, _| m.groups().map(|g| g.spec.clone()).collect())
 }
 
 /// Runs until the node stops.
-pub async fn observe_groups(node: Node) {
+pub async fn observe_groups(node: Node, reports: Batcher) {
     let endpoints: Vec<String> = node.peers.values().cloned().collect();
-    let client = match Client::new(&endpoints) {
-        Ok(c) => Arc::new(c),
+    let sink = match Client::new(&endpoints) {
+        Ok(client) => Arc::new(OwnNode { node: node.clone(), reports, client }),
         Err(e) => {
             warn!("cannot observe groups: {e}");
             return;
@@ -45,10 +85,15 @@ pub async fn observe_groups(node: Node) {
     let (stop_tx, stop_rx) = watch::channel(false);
     // Dropping the set (when this task ends or is aborted) aborts the loop.
     let mut task = JoinSet::new();
-    task.spawn(
-        observe(observer.clone(), node.clock.boot_id(), specs_rx, None, Arc::new(RedisStores::new()), client, stop_rx)
-            .instrument(info_span!("observe", observer = %observer)),
-    );
+    let observe = Observe {
+        observer: observer.clone(),
+        incarnation: node.clock.boot_id(),
+        specs: specs_rx,
+        status: None,
+        stores: Arc::new(RedisStores::new()),
+        sink,
+    };
+    task.spawn(observe.run(stop_rx).instrument(info_span!("observe", observer = %observer)));
     let mut changes = node.reader.subscribe();
     let mut stopping = node.stopping.clone();
     loop {

@@ -4,7 +4,7 @@
 
 use quorate_core::election::{Candidate, HistoryEntry, MemberStatus, Role};
 use quorate_core::group::{FailoverPolicy, GroupSpec, MemberSpec, Policy};
-use quorate_core::machine::LeaseState as CoreLeaseState;
+use quorate_core::machine::{GroupView, LeaseState as CoreLeaseState};
 use quorate_core::matrix::{GroupState, Observer, RestartEvent};
 use quorate_core::observe::{ObsState, Observation, Reason};
 use quorate_core::verdict::{GroupVerdict, MemberVerdict, Verdict, explain};
@@ -245,6 +245,17 @@ pub fn observation_from_pb(o: &pb::Observation) -> Result<(String, Observation),
             restarts: o.restarts,
         },
     ))
+}
+
+/// Reported views as core ones; refuses an unknown state or reason.
+pub fn views_from_pb(views: Vec<pb::GroupView>) -> Result<Vec<GroupView>, DecodeError> {
+    views
+        .into_iter()
+        .map(|v| {
+            let cells = v.cells.iter().map(observation_from_pb).collect::<Result<Vec<_>, _>>()?;
+            Ok(GroupView { group: v.group, cells })
+        })
+        .collect()
 }
 
 pub fn verdict_state_pb(v: Verdict) -> pb::VerdictState {

@@ -1,5 +1,5 @@
 //! The observation loop, shared by agents (one group) and coordinator nodes
-//! (every group).
+//! (every group), and the heartbeat stores it reads ([`store`]).
 //!
 //! Every heartbeat interval it reads every target's heartbeat key (one
 //! `MGET` per store across all groups, all stores at once, each bounded by a
@@ -10,7 +10,13 @@
 //! latest view per group, never a backlog), in reports of at most
 //! [`REPORT_CHUNK_BYTES`] sent together, so that a coordinator watching
 //! thousands of groups never writes an entry larger than the cluster takes,
-//! and retries what failed until it gets through, following the Raft leader.
+//! and retries what failed until it gets through.
+//!
+//! Where reports go is a [`ReportSink`]: an agent's [`Client`] sends them
+//! to the cluster, following the Raft leader; a coordinator node hands its
+//! own to its service layer in-process (`server::observers`).
+
+pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
@@ -24,17 +30,21 @@ use tokio::sync::{Notify, watch};
 use tokio::time::Instant;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::store::Stores;
+use self::store::Stores;
 use crate::client::{Client, ClientError};
 use crate::pb::v1 as pb;
 use crate::wire::convert::observation_pb;
 
-/// Where reports go. [`Client`] sends them to the cluster; tests collect them.
+/// Where reports go. [`Client`] sends them to the cluster; a coordinator's
+/// node takes its own; tests collect them.
 pub trait ReportSink: Send + Sync + 'static {
-    fn report(&self, req: pb::ReportRequest) -> impl Future<Output = Result<(), ClientError>> + Send;
+    /// Why a report did not get through (it is retried).
+    type Error: std::fmt::Display + Send;
+    fn report(&self, req: pb::ReportRequest) -> impl Future<Output = Result<(), Self::Error>> + Send;
 }
 
 impl ReportSink for Client {
+    type Error = ClientError;
     async fn report(&self, req: pb::ReportRequest) -> Result<(), ClientError> {
         self.report_view(req).await.map(|_| ())
     }
@@ -115,74 +125,130 @@ impl Pending {
     }
 }
 
-/// Runs the observation loop until `stop` flips to true. `specs` carries
-/// the groups to observe and their changes; `status` (agents only) the
-/// state of the member's own data service, sent with every report and
-/// reported at once when it changes.
-#[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
-pub async fn observe<S: Stores, R: ReportSink>(
-    observer: Observer,
-    incarnation: u64,
-    mut specs: watch::Receiver<Vec<GroupSpec>>,
-    status: Option<watch::Receiver<pb::MemberStatus>>,
-    stores: Arc<S>,
-    sink: Arc<R>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let start = Instant::now();
-    let now_ms = || start.elapsed().as_millis() as u64;
-    let pending = Arc::new(Pending::default());
-    let reporter = tokio::spawn(
-        report_loop(observer.clone(), incarnation, sink, pending.clone(), status.clone(), stop.clone())
-            .in_current_span(),
-    );
-    let mut last_status: Option<pb::MemberStatus> = None;
+/// One observer's observation loop: who observes, what, where it reads and
+/// where its reports go.
+#[derive(Debug)]
+pub struct Observe<S, R> {
+    pub observer: Observer,
+    /// Which start of the observer (random per process start).
+    pub incarnation: u64,
+    /// The groups to observe and their changes.
+    pub specs: watch::Receiver<Vec<GroupSpec>>,
+    /// Agents only: the state of the member's own data service, sent with
+    /// every report and reported at once when it changes.
+    pub status: Option<watch::Receiver<pb::MemberStatus>>,
+    pub stores: Arc<S>,
+    pub sink: Arc<R>,
+}
 
-    let mut current = specs.borrow_and_update().clone();
-    let mut trackers: BTreeMap<(String, String), Tracker> = BTreeMap::new();
-    // When every group's view was last sent. Refreshes go out together, so
-    // a coordinator observing many groups sends one report per interval.
-    let mut last_refresh: Option<Instant> = None;
-    let tick_of = |specs: &[GroupSpec]| {
-        let ms = specs.iter().map(|s| s.policy.heartbeat_interval_ms).min().unwrap_or(100);
-        let mut i = tokio::time::interval(Duration::from_millis(ms));
-        i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-        i
-    };
-    let mut interval = tick_of(&current);
-    loop {
-        tokio::select! {
-            _ = interval.tick() => {}
-            changed = specs.changed() => {
-                if changed.is_err() { break; }
-                current = specs.borrow_and_update().clone();
-                interval = tick_of(&current);
-                debug!(groups = current.len(), "specs changed");
-                continue;
+/// The loop's state between ticks.
+struct Round {
+    observer: Observer,
+    start: Instant,
+    /// The groups as last seen.
+    current: Vec<GroupSpec>,
+    /// One pure tracker per (group, target).
+    trackers: BTreeMap<(String, String), Tracker>,
+    /// When every group's view was last sent. Refreshes go out together, so
+    /// a coordinator observing many groups sends one report per interval.
+    last_refresh: Option<Instant>,
+    last_status: Option<pb::MemberStatus>,
+}
+
+/// A tick of the shortest heartbeat interval of `specs`.
+fn tick_of(specs: &[GroupSpec]) -> tokio::time::Interval {
+    let ms = specs.iter().map(|s| s.policy.heartbeat_interval_ms).min().unwrap_or(100);
+    let mut i = tokio::time::interval(Duration::from_millis(ms));
+    i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    i
+}
+
+impl<S: Stores, R: ReportSink> Observe<S, R> {
+    /// Runs the observation loop until `stop` flips to true.
+    pub async fn run(mut self, mut stop: watch::Receiver<bool>) {
+        let pending = Arc::new(Pending::default());
+        let reporter = tokio::spawn(
+            report_loop(
+                self.observer.clone(),
+                self.incarnation,
+                self.sink.clone(),
+                pending.clone(),
+                self.status.clone(),
+                stop.clone(),
+            )
+            .in_current_span(),
+        );
+        let mut round = Round {
+            observer: self.observer.clone(),
+            start: Instant::now(),
+            current: self.specs.borrow_and_update().clone(),
+            trackers: BTreeMap::new(),
+            last_refresh: None,
+            last_status: None,
+        };
+        let mut interval = tick_of(&round.current);
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {}
+                changed = self.specs.changed() => {
+                    if changed.is_err() { break; }
+                    round.current = self.specs.borrow_and_update().clone();
+                    interval = tick_of(&round.current);
+                    debug!(groups = round.current.len(), "specs changed");
+                    continue;
+                }
+                () = crate::shutdown::stopped(&mut stop) => break,
             }
-            () = crate::shutdown::stopped(&mut stop) => break,
+            round.keep_trackers();
+            let readings = read_round(&round.current, &round.observer, self.stores.as_ref())
+                .instrument(info_span!("read_round"))
+                .await;
+            let changed = round.track(readings);
+            let status_now = self.status.as_ref().map(|s| s.borrow().clone());
+            let views = round.views_to_send(&changed, status_now);
+            if !views.is_empty() {
+                pending.put(views);
+            }
         }
-        // Keep one tracker per current (group, target).
-        let wanted: BTreeMap<(String, String), u64> = current
+        pending.notify.notify_one();
+        let _ = reporter.await;
+    }
+}
+
+impl Round {
+    fn now_ms(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+
+    /// Keeps one tracker per current (group, target), each with its
+    /// group's `down_after_ms`.
+    fn keep_trackers(&mut self) {
+        let wanted: BTreeMap<(String, String), u64> = self
+            .current
             .iter()
             .flat_map(|s| {
-                targets(std::slice::from_ref(s), &observer)
+                targets(std::slice::from_ref(s), &self.observer)
                     .map(|(g, m, _)| ((g.to_owned(), m.to_owned()), s.policy.down_after_ms))
                     .collect::<Vec<_>>()
             })
             .collect();
-        trackers.retain(|k, _| wanted.contains_key(k));
+        self.trackers.retain(|k, _| wanted.contains_key(k));
+        let now = self.now_ms();
         for (k, down_after) in &wanted {
-            trackers
+            self.trackers
                 .entry(k.clone())
-                .or_insert_with(|| Tracker::new(*down_after, now_ms()))
+                .or_insert_with(|| Tracker::new(*down_after, now))
                 .set_down_after(*down_after);
         }
-        let readings = read_round(&current, &observer, stores.as_ref()).instrument(info_span!("read_round")).await;
-        let now = now_ms();
-        let mut changed: BTreeSet<String> = BTreeSet::new();
+    }
+
+    /// Feeds one round of readings to the trackers; the groups whose
+    /// observations changed state.
+    fn track(&mut self, readings: Vec<((String, String), Reading)>) -> BTreeSet<String> {
+        let now = self.now_ms();
+        let mut changed = BTreeSet::new();
         for (key, reading) in readings {
-            if let Some(t) = trackers.get_mut(&key)
+            if let Some(t) = self.trackers.get_mut(&key)
                 && let Some(tr) = t.observe(now, reading)
             {
                 let (group, target) = &key;
@@ -196,35 +262,41 @@ pub async fn observe<S: Stores, R: ReportSink>(
                 }
             }
         }
-        let refresh_every = current.iter().map(|s| s.policy.report_interval_ms).min().unwrap_or(1_000);
-        let status_now = status.as_ref().map(|s| s.borrow().clone());
-        let status_changed = status_now.is_some() && status_now != last_status;
+        changed
+    }
+
+    /// The views to report now: the changed groups', or every group's when
+    /// the refresh interval has passed or the member's status changed.
+    fn views_to_send(
+        &mut self,
+        changed: &BTreeSet<String>,
+        status_now: Option<pb::MemberStatus>,
+    ) -> Vec<pb::GroupView> {
+        let refresh_every = self.current.iter().map(|s| s.policy.report_interval_ms).min().unwrap_or(1_000);
+        let status_changed = status_now.is_some() && status_now != self.last_status;
         if status_changed {
-            last_status = status_now;
+            self.last_status = status_now;
         }
         let refresh =
-            status_changed || last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_millis(refresh_every));
+            status_changed || self.last_refresh.is_none_or(|t| t.elapsed() >= Duration::from_millis(refresh_every));
         if refresh {
-            last_refresh = Some(Instant::now());
+            self.last_refresh = Some(Instant::now());
         }
-        let views: Vec<pb::GroupView> = current
+        let now = self.now_ms();
+        self.current
             .iter()
             .filter(|s| refresh || changed.contains(&s.name))
             .map(|s| pb::GroupView {
                 group: s.name.clone(),
-                cells: trackers
+                cells: self
+                    .trackers
                     .range((s.name.clone(), String::new())..)
                     .take_while(|((g, _), _)| *g == s.name)
                     .map(|((_, id), t)| observation_pb(id, &t.observation(now)))
                     .collect(),
             })
-            .collect();
-        if !views.is_empty() {
-            pending.put(views);
-        }
+            .collect()
     }
-    pending.notify.notify_one();
-    let _ = reporter.await;
 }
 
 /// One read of every target's key: one MGET per store, all stores at once.
@@ -330,7 +402,7 @@ mod tests {
     use quorate_core::group::{MemberSpec, Policy};
 
     use super::*;
-    use crate::agent::store::MemStores;
+    use crate::observation::store::MemStores;
 
     #[derive(Default)]
     struct Collect {
@@ -389,6 +461,7 @@ mod tests {
     }
 
     impl ReportSink for Collect {
+        type Error = ClientError;
         async fn report(&self, req: pb::ReportRequest) -> Result<(), ClientError> {
             self.reports.lock().unwrap().push((Instant::now(), req));
             Ok(())
@@ -443,15 +516,15 @@ mod tests {
             tokio::time::sleep(Duration::from_secs(4)).await;
             s2.set_down("redis://s2:1", true);
         });
-        let looping = tokio::spawn(observe(
-            Observer::Coordinator(1),
-            1,
-            specs_rx,
-            None,
-            Arc::new(stores.clone()),
-            sink.clone(),
-            stop_rx,
-        ));
+        let observe = Observe {
+            observer: Observer::Coordinator(1),
+            incarnation: 1,
+            specs: specs_rx,
+            status: None,
+            stores: Arc::new(stores.clone()),
+            sink: sink.clone(),
+        };
+        let looping = tokio::spawn(observe.run(stop_rx));
         tokio::time::sleep(Duration::from_secs(7)).await;
         let _ = stop_tx.send(true);
         looping.await.unwrap();
