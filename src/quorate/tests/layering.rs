@@ -2,7 +2,8 @@
 //!
 //! - no import circle between the top-level modules of either crate;
 //! - no openraft outside `src/quorate/src/raft/`;
-//! - the client and the agent import no server-side module;
+//! - the client, the agent, the wire module and the observation loop import
+//!   no server-side module, and the server side imports no agent module;
 //! - the decision core depends on no I/O crate.
 //!
 //! Run alone: `cargo test -p quorate --test layering`.
@@ -204,10 +205,21 @@ fn client_and_agent_import_no_server_side_module() {
     let src = crate_src("quorate");
     let g = graph(&src, &top_modules(&src));
     let server_side: BTreeSet<&str> = ["server", "api", "raft", "service", "cli", "local", "bench"].into();
-    for side in ["client", "agent", "wire"] {
+    for side in ["client", "agent", "wire", "observation"] {
         let bad: Vec<&String> =
             g.get(side).into_iter().flatten().filter(|m| server_side.contains(m.as_str())).collect();
         assert!(bad.is_empty(), "{side} imports {bad:?}");
+    }
+}
+
+#[test]
+fn the_server_side_imports_no_agent_module() {
+    // What agents and coordinators share (the observation loop, stores)
+    // lives in `observation`, not in `agent`.
+    let src = crate_src("quorate");
+    let g = graph(&src, &top_modules(&src));
+    for side in ["server", "api", "raft", "service"] {
+        assert!(!g.get(side).is_some_and(|m| m.contains("agent")), "{side} imports agent: {:?}", g.get(side));
     }
 }
 
