@@ -1,16 +1,19 @@
-//! The configuration of a `quorate server` process: one struct, validated at
+//! The configuration of each process: [`ServerConfig`] for `quorate server`,
+//! [`AgentConfig`] for `quorate agent`. One struct per process, validated at
 //! start-up, units in every name.
 //!
 //! Sources, lowest precedence first: built-in defaults, the TOML file given
-//! with `--config`, command-line flags. [`ServerConfig::validate`] checks each
-//! value and the timing relationships between them, and names the field in
-//! every error.
+//! with `--config`, command-line flags; [`load`] is the one merge both
+//! processes use. `validate` checks each value (and, for the server, the
+//! timing relationships between them) and names the field in every error.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use quorate_core::LeaseTiming;
+use quorate_core::names::{self, NameKind};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// Everything a coordinator node needs to run.
@@ -144,13 +147,29 @@ fn check_host_port(field: &'static str, addr: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// Reads a TOML file (every key optional; unknown keys are an error).
+pub fn from_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+}
+
+/// The one merge of a process's sources: the defaults, overlaid by the TOML
+/// file when one is given, overlaid by `flags` (which sets only the flags the
+/// user gave). Not yet validated: the caller validates the result once.
+pub fn load<T: Default + DeserializeOwned>(file: Option<&Path>, flags: impl FnOnce(&mut T)) -> Result<T, ConfigError> {
+    let mut config = match file {
+        Some(p) => from_file(p)?,
+        None => T::default(),
+    };
+    flags(&mut config);
+    Ok(config)
+}
+
 impl ServerConfig {
     /// Reads a TOML file (every key optional; unknown keys are an error).
     pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        toml::from_str(&text)
-            .map_err(|e| ConfigError::Parse { path: path.display().to_string(), message: e.to_string() })
+        from_file(path)
     }
 
     /// The parsed peer map. Only valid after [`Self::validate`].
@@ -304,6 +323,99 @@ impl ServerConfig {
     }
 }
 
+/// Which role driver an agent runs for a managed group.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DriverKind {
+    /// `redis` when the member has a data URL in the group spec, else `none`.
+    #[default]
+    Auto,
+    /// Promote, demote and fence the member's Redis (`REPLICAOF`, `CLIENT PAUSE`).
+    Redis,
+    /// Run the configured hooks ([`ExecHooks`]).
+    Exec,
+    /// Act on nothing: the agent only heartbeats, reports and holds the lease.
+    None,
+}
+
+impl DriverKind {
+    /// Every kind, in the order the help text lists them.
+    pub const ALL: [DriverKind; 4] = [DriverKind::Auto, DriverKind::Redis, DriverKind::Exec, DriverKind::None];
+
+    /// The name used in files and flags.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DriverKind::Auto => "auto",
+            DriverKind::Redis => "redis",
+            DriverKind::Exec => "exec",
+            DriverKind::None => "none",
+        }
+    }
+}
+
+impl std::fmt::Display for DriverKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for DriverKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL.into_iter().find(|k| k.as_str() == s).ok_or_else(|| {
+            let names: Vec<&str> = Self::ALL.iter().map(|k| k.as_str()).collect();
+            format!("{s:?} is not one of {}", names.join(", "))
+        })
+    }
+}
+
+/// Commands the exec driver runs; each may be empty. Each runs with
+/// `QUORATE_GROUP`, `QUORATE_MEMBER`, `QUORATE_EPOCH` and `QUORATE_ROLE` set.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ExecHooks {
+    /// Run on promotion to primary.
+    pub promote: String,
+    /// Run on demotion to replica.
+    pub demote: String,
+    /// Run to fence (stop acting as primary at once), at the lease deadline.
+    pub fence: String,
+}
+
+/// Everything an agent process needs to run.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AgentConfig {
+    /// The failover group.
+    pub group: String,
+    /// This member's id in the group.
+    pub member: String,
+    /// Coordinator endpoints, HOST:PORT separated by commas.
+    pub endpoints: String,
+    /// Role driver for a managed group.
+    pub driver: DriverKind,
+    /// Commands of the exec driver.
+    pub hooks: ExecHooks,
+    /// UNSAFE, for the fault suite's negative control only: never fence.
+    #[serde(skip)]
+    pub test_only_no_deadline_fence: bool,
+}
+
+impl AgentConfig {
+    /// Checks every field; the error names the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        names::validate(NameKind::Group, &self.group).map_err(|e| invalid("group", e.to_string()))?;
+        names::validate(NameKind::Member, &self.member).map_err(|e| invalid("member", e.to_string()))?;
+        if self.endpoints.trim().is_empty() {
+            return Err(invalid("endpoints", "missing: give --endpoints HOST:PORT,..."));
+        }
+        if self.driver == DriverKind::Exec && self.hooks == ExecHooks::default() {
+            return Err(invalid("hooks", "the exec driver needs at least one of promote, demote, fence"));
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -373,5 +485,55 @@ mod tests {
         std::fs::write(&p, "node_id = 1\nlease_ttl = 5\n").unwrap();
         let e = ServerConfig::from_file(&p).unwrap_err().to_string();
         assert!(e.contains("unknown field `lease_ttl`"), "{e}");
+    }
+
+    fn good_agent() -> AgentConfig {
+        AgentConfig {
+            group: "g".into(),
+            member: "m1".into(),
+            endpoints: "127.0.0.1:7101,127.0.0.1:7102".into(),
+            ..AgentConfig::default()
+        }
+    }
+
+    #[test]
+    fn agent_config_mistakes_are_named() {
+        good_agent().validate().unwrap();
+        assert_eq!(good_agent().driver, DriverKind::Auto, "auto is the default");
+        let e = |c: AgentConfig| c.validate().unwrap_err().to_string();
+        assert!(e(AgentConfig { group: String::new(), ..good_agent() }).starts_with("group:"));
+        assert!(e(AgentConfig { member: "a b".into(), ..good_agent() }).starts_with("member:"));
+        assert!(e(AgentConfig { endpoints: " ".into(), ..good_agent() }).starts_with("endpoints: missing"));
+        assert_eq!(
+            e(AgentConfig { driver: DriverKind::Exec, ..good_agent() }),
+            "hooks: the exec driver needs at least one of promote, demote, fence"
+        );
+        let hooks = ExecHooks { fence: "true".into(), ..ExecHooks::default() };
+        AgentConfig { driver: DriverKind::Exec, hooks, ..good_agent() }.validate().unwrap();
+    }
+
+    #[test]
+    fn driver_names_parse_and_print_both_ways() {
+        for k in DriverKind::ALL {
+            assert_eq!(k.as_str().parse::<DriverKind>().unwrap(), k);
+        }
+        assert_eq!("systemd".parse::<DriverKind>().unwrap_err(), r#""systemd" is not one of auto, redis, exec, none"#);
+    }
+
+    #[test]
+    fn agent_file_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("agent.toml");
+        std::fs::write(&p, "group = \"g\"\nmember = \"m1\"\ndriver = \"exec\"\n[hooks]\nfence = \"true\"\n").unwrap();
+        let c: AgentConfig = load(Some(&p), |c: &mut AgentConfig| c.member = "m2".into()).unwrap();
+        assert_eq!(
+            (c.group.as_str(), c.member.as_str(), c.driver),
+            ("g", "m2", DriverKind::Exec),
+            "a flag wins over the file"
+        );
+        assert_eq!(c.hooks.fence, "true");
+        std::fs::write(&p, "driver = \"systemd\"\n").unwrap();
+        let e = load::<AgentConfig>(Some(&p), |_| {}).unwrap_err().to_string();
+        assert!(e.contains("agent.toml") && e.contains("unknown variant `systemd`"), "{e}");
     }
 }

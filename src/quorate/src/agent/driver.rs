@@ -13,6 +13,7 @@
 //! [`FenceOps`]. A promotion therefore leaves writes as they were (a fenced
 //! service stays paused) until the fencer opens them under a valid lease.
 
+use crate::config::ExecHooks;
 use crate::wire::keys::lease_key;
 use std::future::Future;
 use std::time::Duration;
@@ -203,15 +204,6 @@ impl RoleDriver for RedisDriver {
             .map_err(|e| DriverError(format!("{other_data}: {e}")))?;
         Ok(parse_info(&info).offset)
     }
-}
-
-/// Hooks run by [`ExecDriver`]; each may be empty.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct ExecHooks {
-    pub promote: String,
-    pub demote: String,
-    pub fence: String,
 }
 
 /// The role an exec driver last put its service in, shared with its

@@ -21,14 +21,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use quorate_core::group::{GroupSpec, heartbeat_key};
 use quorate_core::matrix::Observer;
-use quorate_core::names::{self, NameKind};
 use quorate_core::observe::Beat;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::client::{Client, ClientError};
+use crate::config::{AgentConfig, ConfigError, DriverKind};
 use crate::observation::Observe;
 use crate::observation::store::{RedisStores, Stores};
 use crate::pb::v1 as pb;
@@ -51,52 +50,13 @@ pub fn agent_call_timeout(spec: &GroupSpec) -> Duration {
     Duration::from_millis((ttl_ms / 6).clamp(50, 1_000))
 }
 
-/// The configuration of one agent process.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(default, deny_unknown_fields)]
-pub struct AgentConfig {
-    /// The failover group.
-    pub group: String,
-    /// This member's id in the group.
-    pub member: String,
-    /// Coordinator endpoints, HOST:PORT separated by commas.
-    pub endpoints: String,
-    /// Role driver for a managed group: "auto" (redis when the member has a
-    /// data URL, else none), "redis", "exec" or "none".
-    pub driver: String,
-    /// Commands of the exec driver.
-    pub hooks: driver::ExecHooks,
-    /// UNSAFE, for the fault suite's negative control only: never fence.
-    #[serde(skip)]
-    pub test_only_no_deadline_fence: bool,
-}
-
 /// Why an agent could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("{0}")]
-    Config(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error(transparent)]
     Client(#[from] ClientError),
-}
-
-impl AgentConfig {
-    pub fn validate(&self) -> Result<(), AgentError> {
-        names::validate(NameKind::Group, &self.group).map_err(|e| AgentError::Config(format!("group: {e}")))?;
-        names::validate(NameKind::Member, &self.member).map_err(|e| AgentError::Config(format!("member: {e}")))?;
-        if self.endpoints.trim().is_empty() {
-            return Err(AgentError::Config("endpoints: missing: give --endpoints HOST:PORT,...".into()));
-        }
-        if !matches!(self.driver.as_str(), "" | "auto" | "redis" | "exec" | "none") {
-            return Err(AgentError::Config(format!("driver: {:?} is not one of auto, redis, exec, none", self.driver)));
-        }
-        if self.driver == "exec" && self.hooks == driver::ExecHooks::default() {
-            return Err(AgentError::Config(
-                "hooks: the exec driver needs at least one of promote, demote, fence".into(),
-            ));
-        }
-        Ok(())
-    }
 }
 
 /// Fetches the group spec, retrying (bounded by `stop`) until the group
@@ -132,19 +92,22 @@ async fn fetch_spec(client: &Client, config: &AgentConfig) -> Result<GroupSpec, 
 /// The driver for this member, from the config and the group spec.
 fn make_driver(config: &AgentConfig, spec: &GroupSpec) -> Result<driver::AnyDriver, AgentError> {
     let data = spec.member(&config.member).and_then(|m| m.data.clone());
-    Ok(match (config.driver.as_str(), data) {
-        ("exec", _) => {
+    Ok(match (config.driver, data) {
+        (DriverKind::Exec, _) => {
             driver::AnyDriver::Exec(driver::ExecDriver::new(&config.group, &config.member, config.hooks.clone()))
         }
-        ("none", _) => driver::AnyDriver::None(driver::NoDriver),
-        ("redis", None) => {
-            return Err(AgentError::Config(format!(
-                "driver redis: member {} has no data URL in group {}",
-                config.member, config.group
-            )));
+        (DriverKind::None, _) => driver::AnyDriver::None(driver::NoDriver),
+        (DriverKind::Redis, None) => {
+            return Err(ConfigError::Invalid {
+                field: "driver",
+                message: format!("redis: member {} has no data URL in group {}", config.member, config.group),
+            }
+            .into());
         }
-        (_, Some(url)) => driver::AnyDriver::Redis(driver::RedisDriver::new(&config.group, &url)),
-        (_, None) => driver::AnyDriver::None(driver::NoDriver),
+        (DriverKind::Redis | DriverKind::Auto, Some(url)) => {
+            driver::AnyDriver::Redis(driver::RedisDriver::new(&config.group, &url))
+        }
+        (DriverKind::Auto, None) => driver::AnyDriver::None(driver::NoDriver),
     })
 }
 

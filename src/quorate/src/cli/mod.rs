@@ -17,7 +17,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde_json::json;
 
 use crate::client::Client;
-use crate::config::ServerConfig;
+use crate::config::{AgentConfig, DriverKind, ServerConfig};
 use crate::pb::v1 as pb;
 
 /// The endpoints of `quorate local up` with its default ports.
@@ -155,32 +155,45 @@ pub struct ServerArgs {
     pub test_only_skip_lease_wait: bool,
 }
 
+/// Sets each config field whose flag was given (`Some`): `flag` into the
+/// field of the same name, or `flag => field.path` into another. The one
+/// overlay of flags on a file that every process's arguments use (with
+/// [`crate::config::load`]).
+macro_rules! overlay {
+    ($args:expr, $c:expr; $($flag:ident $(=> $($dst:ident).+)?),* $(,)?) => {
+        $( overlay!(@one $args, $c, $flag $(=> $($dst).+)?); )*
+    };
+    (@one $args:expr, $c:expr, $flag:ident) => {
+        if let Some(v) = &$args.$flag {
+            $c.$flag = v.clone();
+        }
+    };
+    (@one $args:expr, $c:expr, $flag:ident => $($dst:ident).+) => {
+        if let Some(v) = &$args.$flag {
+            $c.$($dst).+ = v.clone();
+        }
+    };
+}
+
 impl ServerArgs {
     /// Defaults, then the file, then flags. Not yet validated.
     pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
-        let mut c = match &self.config {
-            Some(p) => ServerConfig::from_file(p)?,
-            None => ServerConfig::default(),
-        };
-        macro_rules! set {
-            ($($f:ident),*) => { $( if let Some(v) = &self.$f { c.$f = v.clone(); } )* };
-        }
-        set!(
-            node_id,
-            listen,
-            data_dir,
-            peers,
-            heartbeat_interval_ms,
-            election_timeout_min_ms,
-            election_timeout_max_ms,
-            min_lease_ttl_ms,
-            max_lease_ttl_ms,
-            max_clock_drift_ppm,
-            lease_margin_ms
-        );
-        if self.test_only_skip_lease_wait {
-            c.test_only_skip_lease_wait = true;
-        }
+        let c = crate::config::load(self.config.as_deref(), |c: &mut ServerConfig| {
+            overlay!(self, c;
+                node_id,
+                listen,
+                data_dir,
+                peers,
+                heartbeat_interval_ms,
+                election_timeout_min_ms,
+                election_timeout_max_ms,
+                min_lease_ttl_ms,
+                max_lease_ttl_ms,
+                max_clock_drift_ppm,
+                lease_margin_ms,
+            );
+            c.test_only_skip_lease_wait |= self.test_only_skip_lease_wait;
+        })?;
         if self.node_id.is_none() && self.config.is_none() {
             anyhow::bail!("node_id: missing: give --node-id N (one of the ids in --peers)");
         }
@@ -225,7 +238,7 @@ pub struct AgentArgs {
     pub member: Option<String>,
     /// Role driver: auto (redis if the member has a data URL), redis, exec, none.
     #[arg(long)]
-    pub driver: Option<String>,
+    pub driver: Option<DriverKind>,
     /// exec driver: command run on promotion (env: QUORATE_GROUP, QUORATE_MEMBER, QUORATE_EPOCH, QUORATE_ROLE).
     #[arg(long)]
     pub on_promote: Option<String>,
@@ -242,39 +255,27 @@ pub struct AgentArgs {
 }
 
 impl AgentArgs {
-    fn to_config(&self, endpoints: &str) -> anyhow::Result<crate::agent::AgentConfig> {
-        let mut c = match &self.config {
-            Some(p) => {
-                let text = std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?;
-                toml::from_str(&text).with_context(|| format!("{} is not a valid agent config", p.display()))?
+    /// Defaults, then the file, then flags (the global `--endpoints` wins
+    /// over the file only when given or set in the environment). Not yet
+    /// validated.
+    fn to_config(&self, endpoints: &str) -> anyhow::Result<AgentConfig> {
+        Ok(crate::config::load(self.config.as_deref(), |c: &mut AgentConfig| {
+            overlay!(self, c;
+                group,
+                member,
+                driver,
+                on_promote => hooks.promote,
+                on_demote => hooks.demote,
+                on_fence => hooks.fence,
+            );
+            c.test_only_no_deadline_fence |= self.test_only_no_deadline_fence;
+            if c.endpoints.is_empty()
+                || std::env::var_os("QUORATE_ENDPOINTS").is_some()
+                || endpoints != DEFAULT_ENDPOINTS
+            {
+                c.endpoints = endpoints.to_owned();
             }
-            None => crate::agent::AgentConfig::default(),
-        };
-        if let Some(g) = &self.group {
-            c.group = g.clone();
-        }
-        if let Some(m) = &self.member {
-            c.member = m.clone();
-        }
-        if let Some(d) = &self.driver {
-            c.driver = d.clone();
-        }
-        if let Some(h) = &self.on_promote {
-            c.hooks.promote = h.clone();
-        }
-        if let Some(h) = &self.on_demote {
-            c.hooks.demote = h.clone();
-        }
-        if let Some(h) = &self.on_fence {
-            c.hooks.fence = h.clone();
-        }
-        if self.test_only_no_deadline_fence {
-            c.test_only_no_deadline_fence = true;
-        }
-        if c.endpoints.is_empty() || std::env::var_os("QUORATE_ENDPOINTS").is_some() || endpoints != DEFAULT_ENDPOINTS {
-            c.endpoints = endpoints.to_owned();
-        }
-        Ok(c)
+        })?)
     }
 }
 
