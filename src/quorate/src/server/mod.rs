@@ -59,19 +59,32 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// Runs a server until `shutdown` completes.
+/// Runs a server until `shutdown` completes, listening on `config.listen`.
 pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
+    config.validate()?;
+    // Bind first: a port conflict is the most common start-up failure and
+    // should be reported before anything else happens.
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
+    run_with_listener(config, listener, shutdown).await
+}
+
+/// Runs a server on a listener the caller bound (tests bind port 0 first,
+/// so that every peer's address is known before any node starts, and run
+/// whole clusters in one process). `config.listen` must be the listener's
+/// address as peers reach it.
+pub async fn run_with_listener(
+    config: ServerConfig,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     config.validate()?;
     let config = Arc::new(config);
     let id = config.node_id;
     let peers = config.peer_map();
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
-    // Bind first: a port conflict is the most common start-up failure and
-    // should be reported before anything else happens.
-    let listener = TcpListener::bind(&config.listen)
-        .await
-        .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
 
     let (db, past) = open_store(&config)?;
     let clock = NodeClock::new(id);
