@@ -5,9 +5,10 @@
 //!
 //! ## Layout
 //!
-//! - [`config`]: one validated configuration struct per process.
-//! - [`raft`]: openraft behind a boundary: redb log store, state machine
-//!   adapter, Raft RPCs over tonic.
+//! - [`config`]: one validated configuration struct per process (server,
+//!   agent) and the one merge of defaults, file and flags.
+//! - [`raft`]: openraft behind one facade ([`raft::RaftNode`]): redb log
+//!   store, state machine adapter, Raft RPCs over tonic.
 //! - [`server`]: a `quorate server` node: Raft plus the gRPC API, start-up,
 //!   cluster formation and clean shutdown.
 //! - [`service`]: the service layer: every coordinator operation once, on
@@ -15,8 +16,10 @@
 //! - [`api`]: the public gRPC service, a thin translation between protobuf
 //!   and the service layer, with the one place that maps errors to gRPC
 //!   status.
-//! - [`agent`]: `quorate agent`: heartbeat publisher, the observation loop
-//!   (shared with coordinator nodes), reporter.
+//! - [`observation`]: the observation loop (read every member's heartbeat,
+//!   report views) that agents and coordinator nodes share, and its stores.
+//! - [`agent`]: `quorate agent`: heartbeat publisher, role runtime, fencer,
+//!   drivers.
 //! - [`client`]: the Rust client: endpoints, leader following, lease keeper.
 //! - [`cli`]: the `quorate` subcommands (no logic of their own).
 //! - [`render`]: text and JSON renderings shared by the CLI and the demo.
@@ -24,6 +27,7 @@
 //! - [`bench`]: the load generator behind `quorate bench`.
 //! - [`wire`]: what travels between processes (protobuf conversions,
 //!   header names, channels, Redis key formats), shared by every side.
+//! - [`shutdown`]: the shutdown signal every process waits on.
 
 pub mod agent;
 pub mod api;
