@@ -40,7 +40,6 @@ impl Drop for LocalGuard<'_> {
 }
 
 #[test]
-#[expect(clippy::cognitive_complexity, clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
 fn local_cluster_status_lease_watch_and_restart() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -49,8 +48,38 @@ fn local_cluster_status_lease_watch_and_restart() {
     let base = free_base_port().to_string();
     let _guard = LocalGuard(&dir);
 
+    let eps = up_and_check_cluster_file(&dir, &base);
+    check_status(&eps);
+
+    // lease get on a free group: holder null.
+    let (code, out, _) = run_cli(&["lease", "get", "G", "--json"], &eps);
+    assert_eq!(code, 0);
+    let free = json(&out);
+    assert_eq!(free["group"], "G");
+    assert_eq!(free["holder"], Value::Null);
+    assert_eq!(free["epoch"], 0);
+
+    watch_acquisition_and_expiry(&eps, tmp.path());
+
+    // down, then up again on the same data: the epoch is still there.
+    let (code, out, err) = run_cli(&["--json", "local", "down", "--dir", &dir_s], "");
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["stopped"].as_array().unwrap().len(), 3);
+    let (code, _, err) = run_cli(&["status", "--json"], &eps);
+    assert_ne!(code, 0, "status succeeded with every node down: {err}");
+    let (code, _, err) = run_cli(&["local", "up", "--nodes", "3", "--dir", &dir_s], "");
+    assert_eq!(code, 0, "restart failed: {err}");
+    let (code, out, err) = run_cli(&["lease", "get", "G", "--json"], &eps);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(json(&out)["epoch"], 1);
+}
+
+/// `local up` of three nodes in `dir` from port `base`: what it prints is
+/// the cluster file, and the file names every node. Returns the endpoints.
+fn up_and_check_cluster_file(dir: &Path, base: &str) -> String {
+    let dir_s = dir.display().to_string();
     let (code, out, err) =
-        run_cli(&["--json", "local", "up", "--nodes", "3", "--dir", &dir_s, "--base-port", &base], "");
+        run_cli(&["--json", "local", "up", "--nodes", "3", "--dir", &dir_s, "--base-port", base], "");
     assert_eq!(code, 0, "local up failed: {err}");
     let up = json(&out);
     let file: Value = serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
@@ -65,9 +94,12 @@ fn local_cluster_status_lease_watch_and_restart() {
         assert!(n["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert!(n["data_dir"].as_str().unwrap().ends_with(&format!("node-{}", i + 1)));
     }
+    eps
+}
 
-    // status --json: {"leader":1,"term":5,"nodes":[{"id":1,"addr":..,"role":"leader","reachable":true}]}
-    let (code, out, err) = run_cli(&["status", "--json"], &eps);
+/// status --json: {"leader":1,"term":5,"nodes":[{"id":1,"addr":..,"role":"leader","reachable":true}]}
+fn check_status(eps: &str) {
+    let (code, out, err) = run_cli(&["status", "--json"], eps);
     assert_eq!(code, 0, "{err}");
     let status = json(&out);
     let leader = status["leader"].as_u64().expect("a leader");
@@ -77,25 +109,16 @@ fn local_cluster_status_lease_watch_and_restart() {
     assert!(snodes.iter().all(|n| n["reachable"] == true));
     assert_eq!(snodes.iter().filter(|n| n["role"] == "leader").count(), 1);
     assert!(snodes.iter().any(|n| n["id"] == leader && n["role"] == "leader"));
+}
 
-    // lease get on a free group: holder null.
-    let (code, out, _) = run_cli(&["lease", "get", "G", "--json"], &eps);
-    assert_eq!(code, 0);
-    let free = json(&out);
-    assert_eq!(free["group"], "G");
-    assert_eq!(free["holder"], Value::Null);
-    assert_eq!(free["epoch"], 0);
-
-    // watch sees the current state, the acquisition and the expiry.
-    let watch = CliProc::spawn("watch", &["--json", "watch", "G"], &eps, tmp.path());
+/// watch sees the current state, the acquisition and the expiry (a holder
+/// of G acquires, renews, and is killed).
+fn watch_acquisition_and_expiry(eps: &str, tmp: &Path) {
+    let watch = CliProc::spawn("watch", &["--json", "watch", "G"], eps, tmp);
     let (_, ev) = watch.next_json(Duration::from_secs(10)).expect("watch printed nothing");
     assert_eq!(ev["event"], "current");
-    let mut holder = CliProc::spawn(
-        "holder",
-        &["--json", "lease", "acquire", "G", "--holder", "h1", "--ttl-ms", "1000"],
-        &eps,
-        tmp.path(),
-    );
+    let mut holder =
+        CliProc::spawn("holder", &["--json", "lease", "acquire", "G", "--holder", "h1", "--ttl-ms", "1000"], eps, tmp);
     let (_, acq) = holder.next_json(Duration::from_secs(10)).expect("acquire printed nothing");
     assert_eq!(acq["event"], "acquired", "{acq}");
     assert_eq!(
@@ -104,7 +127,7 @@ fn local_cluster_status_lease_watch_and_restart() {
     );
     let (_, ren) = holder.next_json(Duration::from_secs(5)).expect("no renewal");
     assert_eq!(ren["event"], "renewed", "{ren}");
-    let (code, out, _) = run_cli(&["lease", "get", "G", "--json"], &eps);
+    let (code, out, _) = run_cli(&["lease", "get", "G", "--json"], eps);
     assert_eq!(code, 0);
     let held = json(&out);
     assert_eq!((held["holder"].as_str(), held["epoch"].as_u64()), (Some("h1"), Some(1)));
@@ -123,22 +146,9 @@ fn local_cluster_status_lease_watch_and_restart() {
     }
     assert_eq!(kinds.first().map(String::as_str), Some("acquired"), "{kinds:?}");
     assert_eq!(kinds.last().map(String::as_str), Some("expired"), "{kinds:?}");
-
-    // down, then up again on the same data: the epoch is still there.
-    let (code, out, err) = run_cli(&["--json", "local", "down", "--dir", &dir_s], "");
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(json(&out)["stopped"].as_array().unwrap().len(), 3);
-    let (code, _, err) = run_cli(&["status", "--json"], &eps);
-    assert_ne!(code, 0, "status succeeded with every node down: {err}");
-    let (code, _, err) = run_cli(&["local", "up", "--nodes", "3", "--dir", &dir_s], "");
-    assert_eq!(code, 0, "restart failed: {err}");
-    let (code, out, err) = run_cli(&["lease", "get", "G", "--json"], &eps);
-    assert_eq!(code, 0, "{err}");
-    assert_eq!(json(&out)["epoch"], 1);
 }
 
 #[test]
-#[expect(clippy::cognitive_complexity, reason = "not yet split by what it does (issue 10)")]
 fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
     let _serial = serial();
     let tmp = tempfile::tempdir().unwrap();
@@ -166,10 +176,26 @@ fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
         assert_eq!(m["heartbeat_redis_addr"], format!("127.0.0.1:{}", base + 100 + i as u16));
     }
 
-    // The matrix fills in: every member up, seen by 4 observers, quorum 3.
+    check_matrix(&eps);
+
+    // The human grid and the explanation.
+    let (code, out, _) = run_cli(&["matrix", "cache"], &eps);
+    assert_eq!(code, 0);
+    assert!(out.contains("OBSERVER") && out.contains("VERDICT") && out.contains("legend:"), "{out}");
+    let (code, out, _) = run_cli(&["explain", "cache", "cache-1", "--json"], &eps);
+    assert_eq!(code, 0);
+    let e = json(&out);
+    assert!(e["sentence"].as_str().unwrap().starts_with("cache-1 is UP"), "{e}");
+    assert_eq!(e["evidence"].as_array().unwrap().len(), 4);
+
+    check_spec_and_a_bad_one(&eps, tmp.path());
+}
+
+/// The matrix fills in: every member up, seen by 4 observers, quorum 3.
+fn check_matrix(eps: &str) {
     let start = std::time::Instant::now();
     let matrix = loop {
-        let (code, out, _) = run_cli(&["matrix", "cache", "--json"], &eps);
+        let (code, out, _) = run_cli(&["matrix", "cache", "--json"], eps);
         if code == 0 {
             let m = json(&out);
             if m["verdicts"]["cache-1"]["state"] == "up" && m["verdicts"]["cache-2"]["state"] == "up" {
@@ -190,28 +216,21 @@ fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
     }
     let v = &matrix["verdicts"]["cache-2"];
     assert_eq!((v["up_votes"].as_u64(), v["down_votes"].as_u64(), v["quorum"].as_u64()), (Some(4), Some(0), Some(3)));
+}
 
-    // The human grid and the explanation.
-    let (code, out, _) = run_cli(&["matrix", "cache"], &eps);
-    assert_eq!(code, 0);
-    assert!(out.contains("OBSERVER") && out.contains("VERDICT") && out.contains("legend:"), "{out}");
-    let (code, out, _) = run_cli(&["explain", "cache", "cache-1", "--json"], &eps);
-    assert_eq!(code, 0);
-    let e = json(&out);
-    assert!(e["sentence"].as_str().unwrap().starts_with("cache-1 is UP"), "{e}");
-    assert_eq!(e["evidence"].as_array().unwrap().len(), 4);
-
-    // The spec, and a bad spec refused with the field named.
-    let (code, out, _) = run_cli(&["group", "get", "cache", "--json"], &eps);
+/// The spec, and a bad spec (written into `tmp`) refused with the field
+/// named.
+fn check_spec_and_a_bad_one(eps: &str, tmp: &Path) {
+    let (code, out, _) = run_cli(&["group", "get", "cache", "--json"], eps);
     assert_eq!(code, 0);
     assert_eq!(json(&out)["policy"]["down_after_ms"], 500);
-    let bad = tmp.path().join("bad.toml");
+    let bad = tmp.join("bad.toml");
     std::fs::write(
         &bad,
         "name = \"x\"\n[policy]\nheartbeat_interval_ms = 100\ndown_after_ms = 150\n\n[[members]]\nid = \"a\"\nheartbeat = \"redis://127.0.0.1:1\"\n",
     )
     .unwrap();
-    let (code, _, err) = run_cli(&["group", "apply", &bad.display().to_string()], &eps);
+    let (code, _, err) = run_cli(&["group", "apply", &bad.display().to_string()], eps);
     assert_eq!(code, 1);
     assert!(err.contains("policy.down_after_ms"), "{err}");
 }

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{Cluster, serial};
+use quorate::client::Client;
 use quorate::pb::v1 as pb;
 use tonic::Code;
 
@@ -127,46 +128,17 @@ async fn a_report_too_large_for_one_entry_is_refused_and_writes_keep_committing(
 }
 
 /// What a node that lost its data must show, for either way of losing it.
-#[expect(clippy::cognitive_complexity, clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
 async fn lost_data_is_caught_up(wipe_whole_dir: bool) {
     let _serial = serial();
     let mut cluster = Cluster::start(3);
     cluster.wait_for_leader(LEADER_WAIT).await;
     let client = cluster.client();
     let first = client.acquire("marker", "h0", 60_000, None).await.unwrap().lease.unwrap();
-    // Node 3 has the marker before it goes down.
-    let started = Instant::now();
-    loop {
-        let mut raw = client.raw(&cluster.node(3).addr).unwrap();
-        let seen = raw.get_lease(pb::GetLeaseRequest { group: "marker".into(), consistency: stale() as i32 }).await;
-        if let Ok(r) = seen
-            && r.into_inner().lease.is_some_and(|l| l.epoch == first.epoch)
-        {
-            break;
-        }
-        assert!(started.elapsed() < Duration::from_secs(10), "node 3 never applied the marker");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until_node_3_has(&cluster, &client, first.epoch).await;
     cluster.kill(3);
 
-    // 10,000+ entries while node 3 is down (more than a snapshot interval,
-    // so it is caught up by snapshot), then a newer marker.
     let client = Arc::new(cluster.client());
-    let writers = (0..16).map(|w| {
-        let client = client.clone();
-        async move {
-            let lease = client.acquire(&format!("load-{w}"), "h", 60_000, None).await.unwrap().lease.unwrap();
-            for _ in 0..640 {
-                client.renew(&format!("load-{w}"), "h", lease.epoch).await.expect("renew while node 3 is down");
-            }
-        }
-    });
-    let wrote = Instant::now();
-    futures::future::join_all(writers).await;
-    println!("10,240 renewals in {:?}", wrote.elapsed());
-    client.release("marker", "h0", first.epoch).await.unwrap();
-    let newest = client.acquire("marker", "h1", 60_000, None).await.unwrap().lease.unwrap();
-
+    let newest = write_while_node_3_is_down(&client, first.epoch).await;
     let data_dir = cluster.node(3).data_dir.clone();
     if wipe_whole_dir {
         std::fs::remove_dir_all(&data_dir).unwrap();
@@ -182,10 +154,65 @@ async fn lost_data_is_caught_up(wipe_whole_dir: bool) {
     };
     assert!(leader_applied >= 10_000, "only {leader_applied} entries were written");
     cluster.start_node(3);
-    let restarted = Instant::now();
+    reads_stay_fresh_until_caught_up(&cluster, &client, newest.epoch, leader_applied).await;
+    let log = log_text(&cluster, 3);
+    let expected = if wipe_whole_dir { "cluster it belongs to has history" } else { "its Raft store is empty" };
+    assert!(log.contains(expected), "node 3 did not say it lost its data ({expected:?})");
+    assert!(log.contains("caught up after losing its data"), "node 3 did not say it caught up");
 
-    // Until node 3 says it has caught up, every stale read it answers shows
-    // the newest marker; after that too.
+    // It is a full member again: with node 1 down, nodes 2 and 3 elect a
+    // leader that has everything.
+    cluster.kill(1);
+    cluster.wait_for_leader(LEADER_WAIT).await;
+    let client = cluster.client();
+    let lease = client.get_lease("marker", pb::Consistency::Linearizable).await.unwrap().lease.unwrap();
+    assert_eq!((lease.holder.as_str(), lease.epoch), ("h1", newest.epoch));
+    client.acquire("after", "h", 5_000, None).await.expect("writes with node 3 in the quorum");
+}
+
+/// Waits (up to 10 s) until node 3 has applied the marker at `epoch`, so
+/// that it has it before it goes down.
+async fn wait_until_node_3_has(cluster: &Cluster, client: &Client, epoch: u64) {
+    let started = Instant::now();
+    loop {
+        let mut raw = client.raw(&cluster.node(3).addr).unwrap();
+        let seen = raw.get_lease(pb::GetLeaseRequest { group: "marker".into(), consistency: stale() as i32 }).await;
+        if let Ok(r) = seen
+            && r.into_inner().lease.is_some_and(|l| l.epoch == epoch)
+        {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "node 3 never applied the marker");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// 10,000+ entries while node 3 is down (more than a snapshot interval, so
+/// it is caught up by snapshot), then a newer marker (holder h1) in place
+/// of the one at `first_epoch`; returns the newer marker's lease.
+async fn write_while_node_3_is_down(client: &Arc<Client>, first_epoch: u64) -> pb::Lease {
+    let writers = (0..16).map(|w| {
+        let client = client.clone();
+        async move {
+            let lease = client.acquire(&format!("load-{w}"), "h", 60_000, None).await.unwrap().lease.unwrap();
+            for _ in 0..640 {
+                client.renew(&format!("load-{w}"), "h", lease.epoch).await.expect("renew while node 3 is down");
+            }
+        }
+    });
+    let wrote = Instant::now();
+    futures::future::join_all(writers).await;
+    println!("10,240 renewals in {:?}", wrote.elapsed());
+    client.release("marker", "h0", first_epoch).await.unwrap();
+    client.acquire("marker", "h1", 60_000, None).await.unwrap().lease.unwrap()
+}
+
+/// Until node 3 (just restarted) says it has caught up to
+/// `leader_applied`, every stale read it answers shows the newest marker
+/// (epoch `newest_epoch` or later, holder h1); after that too. Panics
+/// unless it catches up within 30 s of its restart.
+async fn reads_stay_fresh_until_caught_up(cluster: &Cluster, client: &Client, newest_epoch: u64, leader_applied: u64) {
+    let restarted = Instant::now();
     let mut refused = 0u32;
     let mut caught_up_after = None;
     while restarted.elapsed() < Duration::from_secs(30) {
@@ -195,9 +222,9 @@ async fn lost_data_is_caught_up(wipe_whole_dir: bool) {
             Ok(Ok(r)) => {
                 let lease = r.into_inner().lease.unwrap_or_default();
                 assert!(
-                    lease.epoch >= newest.epoch && lease.holder == "h1",
+                    lease.epoch >= newest_epoch && lease.holder == "h1",
                     "node 3 served a stale read older than the cluster's state when it started: {lease:?} (newest: epoch {})",
-                    newest.epoch
+                    newest_epoch
                 );
             }
             Ok(Err(status)) => {
@@ -221,19 +248,6 @@ async fn lost_data_is_caught_up(wipe_whole_dir: bool) {
         panic!("node 3 not caught up within 30 s of its restart");
     };
     println!("node 3 caught up {leader_applied}+ entries in {took:?}; {refused} reads refused before");
-    let log = log_text(&cluster, 3);
-    let expected = if wipe_whole_dir { "cluster it belongs to has history" } else { "its Raft store is empty" };
-    assert!(log.contains(expected), "node 3 did not say it lost its data ({expected:?})");
-    assert!(log.contains("caught up after losing its data"), "node 3 did not say it caught up");
-
-    // It is a full member again: with node 1 down, nodes 2 and 3 elect a
-    // leader that has everything.
-    cluster.kill(1);
-    cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = cluster.client();
-    let lease = client.get_lease("marker", pb::Consistency::Linearizable).await.unwrap().lease.unwrap();
-    assert_eq!((lease.holder.as_str(), lease.epoch), ("h1", newest.epoch));
-    client.acquire("after", "h", 5_000, None).await.expect("writes with node 3 in the quorum");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -192,7 +192,6 @@ async fn publish_all(
 }
 
 /// Runs the ingestion benchmark against the cluster `client` points at.
-#[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
 pub async fn run(client: &Client, opts: &IngestOptions) -> Result<IngestReport, IngestError> {
     let k = opts.group_size.max(1);
     let groups = opts.members.div_ceil(k);
@@ -204,19 +203,7 @@ pub async fn run(client: &Client, opts: &IngestOptions) -> Result<IngestReport, 
         }
     };
     let policy = Policy::default();
-    let specs: Vec<GroupSpec> = (0..groups)
-        .map(|g| GroupSpec {
-            name: format!("ingest-{g}"),
-            members: (0..k)
-                .map(|i| MemberSpec { id: format!("m{g}-{i}"), heartbeat: url.clone(), priority: 1, data: None })
-                .collect(),
-            policy,
-            failover: None,
-        })
-        .collect();
-    for s in &specs {
-        client.apply_group(spec_pb(s)).await?;
-    }
+    let specs = create_groups(client, groups, k, &url, policy).await?;
     let keys: Vec<String> =
         specs.iter().flat_map(|s| s.members.iter().map(|m| heartbeat_key(&s.name, &m.id))).collect();
     // Keep members beating a little past the window, so the freshness check
@@ -234,119 +221,210 @@ pub async fn run(client: &Client, opts: &IngestOptions) -> Result<IngestReport, 
         policy.heartbeat_ttl_ms(),
         until,
     ));
-
-    // Simulated agents: each member reports its view of its peers once per
-    // report interval, spread over the interval, through a few connections.
-    let endpoints = client.endpoints().to_vec();
-    let conns: Vec<Arc<Client>> = (0..8).map(|_| Client::new(&endpoints).map(Arc::new)).collect::<Result<_, _>>()?;
-    let failed = Arc::new(AtomicU64::new(0));
-    let in_flight = Arc::new(Semaphore::new(128));
-    let members: Vec<(String, String, Vec<String>)> = specs
-        .iter()
-        .flat_map(|s| {
-            s.members.iter().map(|m| {
-                let peers = s.members.iter().filter(|p| p.id != m.id).map(|p| p.id.clone()).collect();
-                (s.name.clone(), m.id.clone(), peers)
-            })
-        })
-        .collect();
-    let agents = {
-        let failed = failed.clone();
-        tokio::spawn(async move {
-            let per_member = Duration::from_millis(policy.report_interval_ms) / members.len().max(1) as u32;
-            let mut tick = tokio::time::interval(per_member.max(Duration::from_micros(50)));
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut i = 0usize;
-            while Instant::now() < until {
-                tick.tick().await;
-                let (group, member, peers) = &members[i % members.len()];
-                i += 1;
-                let cells = peers
-                    .iter()
-                    .map(|p| {
-                        observation_pb(
-                            p,
-                            &Observation {
-                                state: ObsState::Up,
-                                reason: Reason::Advancing,
-                                state_age_ms: 1_000,
-                                incarnation: Some(incarnation),
-                                seq: Some(i as u64),
-                                restarts: 0,
-                            },
-                        )
-                    })
-                    .collect();
-                let req = pb::ReportRequest {
-                    observer: member.clone(),
-                    observer_incarnation: incarnation,
-                    views: vec![pb::GroupView { group: group.clone(), cells }],
-                    status: None,
-                };
-                let Ok(permit) = in_flight.clone().acquire_owned().await else { break };
-                let c = conns[i % conns.len()].clone();
-                let failed = failed.clone();
-                tokio::spawn(async move {
-                    if c.report_view(req).await.is_err() {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                    }
-                    drop(permit);
-                });
-            }
-        })
-    };
+    let agents = Agents::new(client, &specs, policy, incarnation, until)?;
+    let failed = agents.failed.clone();
+    let agents = tokio::spawn(agents.run());
 
     tokio::time::sleep(opts.warmup).await;
-    let pids = server_pids();
-    let coordinators = pids.len();
-    let cpu0: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-    let applied0 = applied_index(client).await?;
-    let failed0 = failed.load(Ordering::Relaxed);
-    let t0 = Instant::now();
-    tokio::time::sleep(opts.duration).await;
-    let window = t0.elapsed().as_secs_f64();
-    let cpu1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
-    let applied1 = applied_index(client).await?;
-    let failed_reports = failed.load(Ordering::Relaxed) - failed0;
-
-    // Freshness: every member of a sample of groups has a fresh report from
-    // every configured observer.
+    let window = Window::measure(client, opts.duration, &failed).await?;
     let sample: Vec<&GroupSpec> = specs.iter().step_by((groups / 20).max(1)).collect();
+    let fresh_groups = count_fresh(client, &sample).await?;
+    let _ = agents.await;
+    publisher.await.map_err(|e| IngestError::Setup(e.to_string()))??;
+
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cpu_s = window.cpu_ticks as f64 / clock_ticks_per_s();
+    let cpu_pct_machine = 100.0 * cpu_s / window.secs / cores as f64;
+    let entries_per_s = window.applied as f64 / window.secs;
+    // Agents: one view of K-1 peers per member per interval; coordinators:
+    // one view of every member per interval each.
+    let per_interval = (opts.members * (k - 1) + window.coordinators * opts.members) as f64;
+    let observations_per_s = per_interval / (policy.report_interval_ms as f64 / 1000.0);
+    let cpu_pct_core = 100.0 * cpu_s / window.secs;
+    Ok(IngestReport {
+        members: opts.members,
+        groups,
+        coordinators: window.coordinators,
+        heartbeat_interval_ms: policy.heartbeat_interval_ms,
+        report_interval_ms: policy.report_interval_ms,
+        window_s: window.secs,
+        entries_per_s,
+        observations_per_s,
+        coordinator_cpu_pct_of_machine: cpu_pct_machine,
+        cpu_pct_of_core_per_1000_obs_per_s: cpu_pct_core / (observations_per_s / 1000.0),
+        agent_reports_failed: window.failed_reports,
+        fresh_groups,
+        sampled_groups: sample.len(),
+        cores,
+    })
+}
+
+/// Creates groups `ingest-0..groups` of `k` members each, every member
+/// beating into `url`.
+async fn create_groups(
+    client: &Client,
+    groups: usize,
+    k: usize,
+    url: &str,
+    policy: Policy,
+) -> Result<Vec<GroupSpec>, IngestError> {
+    let specs: Vec<GroupSpec> = (0..groups)
+        .map(|g| GroupSpec {
+            name: format!("ingest-{g}"),
+            members: (0..k)
+                .map(|i| MemberSpec { id: format!("m{g}-{i}"), heartbeat: url.to_owned(), priority: 1, data: None })
+                .collect(),
+            policy,
+            failover: None,
+        })
+        .collect();
+    for s in &specs {
+        client.apply_group(spec_pb(s)).await?;
+    }
+    Ok(specs)
+}
+
+/// Simulated agents: each member reports its view of its peers once per
+/// report interval, spread over the interval, through a few connections.
+struct Agents {
+    conns: Vec<Arc<Client>>,
+    /// (group, member, the member's peers) for every member.
+    members: Vec<(String, String, Vec<String>)>,
+    report_interval: Duration,
+    incarnation: u64,
+    until: Instant,
+    in_flight: Arc<Semaphore>,
+    /// Reports that failed.
+    failed: Arc<AtomicU64>,
+}
+
+impl Agents {
+    fn new(
+        client: &Client,
+        specs: &[GroupSpec],
+        policy: Policy,
+        incarnation: u64,
+        until: Instant,
+    ) -> Result<Self, IngestError> {
+        let endpoints = client.endpoints().to_vec();
+        let conns: Vec<Arc<Client>> =
+            (0..8).map(|_| Client::new(&endpoints).map(Arc::new)).collect::<Result<_, _>>()?;
+        let members = specs
+            .iter()
+            .flat_map(|s| {
+                s.members.iter().map(|m| {
+                    let peers = s.members.iter().filter(|p| p.id != m.id).map(|p| p.id.clone()).collect();
+                    (s.name.clone(), m.id.clone(), peers)
+                })
+            })
+            .collect();
+        Ok(Self {
+            conns,
+            members,
+            report_interval: Duration::from_millis(policy.report_interval_ms),
+            incarnation,
+            until,
+            in_flight: Arc::new(Semaphore::new(128)),
+            failed: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Sends reports until `until`, at most 128 in flight.
+    async fn run(self) {
+        let members = &self.members;
+        let per_member = self.report_interval / members.len().max(1) as u32;
+        let mut tick = tokio::time::interval(per_member.max(Duration::from_micros(50)));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        let mut i = 0usize;
+        while Instant::now() < self.until {
+            tick.tick().await;
+            let (group, member, peers) = &members[i % members.len()];
+            i += 1;
+            let req = self.report(group, member, peers, i as u64);
+            let Ok(permit) = self.in_flight.clone().acquire_owned().await else { break };
+            let c = self.conns[i % self.conns.len()].clone();
+            let failed = self.failed.clone();
+            tokio::spawn(async move {
+                if c.report_view(req).await.is_err() {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                }
+                drop(permit);
+            });
+        }
+    }
+
+    /// `member`'s report: every peer up, heartbeat advancing at `seq`.
+    fn report(&self, group: &str, member: &str, peers: &[String], seq: u64) -> pb::ReportRequest {
+        let cells = peers
+            .iter()
+            .map(|p| {
+                observation_pb(
+                    p,
+                    &Observation {
+                        state: ObsState::Up,
+                        reason: Reason::Advancing,
+                        state_age_ms: 1_000,
+                        incarnation: Some(self.incarnation),
+                        seq: Some(seq),
+                        restarts: 0,
+                    },
+                )
+            })
+            .collect();
+        pb::ReportRequest {
+            observer: member.to_owned(),
+            observer_incarnation: self.incarnation,
+            views: vec![pb::GroupView { group: group.to_owned(), cells }],
+            status: None,
+        }
+    }
+}
+
+/// What the coordinators did over the measured window.
+struct Window {
+    /// `quorate server` processes on this machine.
+    coordinators: usize,
+    /// Their CPU time together, in clock ticks.
+    cpu_ticks: u64,
+    /// Raft entries applied.
+    applied: u64,
+    failed_reports: u64,
+    secs: f64,
+}
+
+impl Window {
+    /// Measures over `duration` from now.
+    async fn measure(client: &Client, duration: Duration, failed: &AtomicU64) -> Result<Self, IngestError> {
+        let pids = server_pids();
+        let cpu0: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        let applied0 = applied_index(client).await?;
+        let failed0 = failed.load(Ordering::Relaxed);
+        let t0 = Instant::now();
+        tokio::time::sleep(duration).await;
+        let secs = t0.elapsed().as_secs_f64();
+        let cpu1: u64 = pids.iter().map(|p| cpu_ticks(*p)).sum();
+        let applied1 = applied_index(client).await?;
+        Ok(Self {
+            coordinators: pids.len(),
+            cpu_ticks: cpu1 - cpu0,
+            applied: applied1 - applied0,
+            failed_reports: failed.load(Ordering::Relaxed) - failed0,
+            secs,
+        })
+    }
+}
+
+/// Freshness: how many of `sample` have every member with a fresh report
+/// from every configured observer.
+async fn count_fresh(client: &Client, sample: &[&GroupSpec]) -> Result<usize, IngestError> {
     let mut fresh_groups = 0;
-    for s in &sample {
+    for s in sample {
         let m = client.get_matrix(&s.name, pb::Consistency::Stale).await?;
         if m.verdicts.iter().all(|v| v.silent == 0 && v.state == pb::VerdictState::VerdictUp as i32) {
             fresh_groups += 1;
         }
     }
-    let _ = agents.await;
-    publisher.await.map_err(|e| IngestError::Setup(e.to_string()))??;
-
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let cpu_s = (cpu1 - cpu0) as f64 / clock_ticks_per_s();
-    let cpu_pct_machine = 100.0 * cpu_s / window / cores as f64;
-    let entries_per_s = (applied1 - applied0) as f64 / window;
-    // Agents: one view of K-1 peers per member per interval; coordinators:
-    // one view of every member per interval each.
-    let per_interval = (opts.members * (k - 1) + coordinators * opts.members) as f64;
-    let observations_per_s = per_interval / (policy.report_interval_ms as f64 / 1000.0);
-    let cpu_pct_core = 100.0 * cpu_s / window;
-    Ok(IngestReport {
-        members: opts.members,
-        groups,
-        coordinators,
-        heartbeat_interval_ms: policy.heartbeat_interval_ms,
-        report_interval_ms: policy.report_interval_ms,
-        window_s: window,
-        entries_per_s,
-        observations_per_s,
-        coordinator_cpu_pct_of_machine: cpu_pct_machine,
-        cpu_pct_of_core_per_1000_obs_per_s: cpu_pct_core / (observations_per_s / 1000.0),
-        agent_reports_failed: failed_reports,
-        fresh_groups,
-        sampled_groups: sample.len(),
-        cores,
-    })
+    Ok(fresh_groups)
 }
 
 pub(super) async fn applied_index(client: &Client) -> Result<u64, ClientError> {

@@ -244,7 +244,6 @@ async fn renew_hedged<S: LeaseService>(
 /// lease is lost. Events go to `events`; a closed receiver stops nothing.
 ///
 /// Returns an error only when the lease could not be acquired at all.
-#[expect(clippy::cognitive_complexity, reason = "not yet split by what it does (issue 10)")]
 pub async fn keep<S: LeaseService>(
     client: &S,
     spec: &KeeperSpec,
@@ -252,109 +251,167 @@ pub async fn keep<S: LeaseService>(
     stop: impl Future<Output = ()>,
 ) -> Result<(), ClientError> {
     tokio::pin!(stop);
-    let emit = |ev: KeeperEvent| async move {
-        debug!(?ev, "lease keeper");
-        let _ = events.send(ev).await;
-    };
+    let keeper = Keeper { client, spec, events };
+    let Some(held) = keeper.acquire(&mut stop).await? else { return Ok(()) };
+    let Some(held) = keeper.confirm(held, &mut stop).await else { return Ok(()) };
+    keeper.emit(KeeperEvent::Acquired { epoch: held.epoch, valid_until: held.valid_until }).await;
+    keeper.hold(held, &mut stop).await;
+    Ok(())
+}
 
-    // Acquire.
-    let (epoch, deadline, t_acquire) = loop {
-        let t_send = Instant::now();
-        let wait = spec.wait.then(|| client.acquire_slice());
-        let resp = tokio::select! {
-            r = client.acquire(&spec.group, &spec.holder, spec.ttl_ms, wait) => r?,
-            () = &mut stop => return Ok(()),
-        };
-        let lease = resp.lease.unwrap_or_default();
-        if resp.acquired {
-            let deadline = Deadline { timing: timing_of(resp.timing), ttl_ms: spec.ttl_ms };
-            break (lease.epoch, deadline, t_send);
+/// One keeper's fixed inputs: the service it calls, the lease it holds and
+/// where its events go. Its steps are [`Keeper::acquire`],
+/// [`Keeper::confirm`] and [`Keeper::hold`], in that order; each that ends
+/// the keeper has sent its last event already.
+struct Keeper<'a, S> {
+    client: &'a S,
+    spec: &'a KeeperSpec,
+    events: &'a mpsc::Sender<KeeperEvent>,
+}
+
+/// A lease the keeper holds, with its deadline and next renewal on this
+/// process's clock.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: u64,
+    deadline: Deadline,
+    valid_until: Instant,
+    next_renew: Instant,
+}
+
+impl Held {
+    /// A lease granted by an Acquire sent at `t_send`.
+    fn granted(epoch: u64, deadline: Deadline, t_send: Instant) -> Self {
+        Self {
+            epoch,
+            deadline,
+            valid_until: deadline.valid_until(t_send),
+            next_renew: t_send + deadline.renew_interval(),
         }
-        if !spec.wait {
-            let holder = (!lease.holder.is_empty()).then_some(lease.holder);
-            emit(KeeperEvent::Busy { holder, epoch: lease.epoch, retry_after_ms: resp.retry_after_ms }).await;
-            return Ok(());
-        }
-    };
-    let mut valid_until = deadline.valid_until(t_acquire);
-    let mut next_renew = t_acquire + deadline.renew_interval();
-    if deadline.loss_at(valid_until) <= Instant::now() + deadline.renew_interval() {
-        // A long server-side wait: the deadline computed from the Acquire's
-        // send time is (nearly) gone, though the grant itself is recent.
-        // Confirm with a renewal sent now before acting as holder.
-        let until = Instant::now() + Duration::from_millis(deadline.timing.holder_valid_for_ms(spec.ttl_ms)) / 2;
-        let res = tokio::select! {
-            r = renew_hedged(client, spec, epoch, deadline.hedge_after(), until) => r,
-            () = &mut stop => return release(client, spec, epoch, &emit).await,
-        };
-        let t_send = match res {
-            Ok(t_send) => t_send,
-            Err(e) => {
-                let reason = format!("acquired after a long wait, but the confirming renewal failed: {e}");
-                emit(KeeperEvent::Lost { epoch, reason }).await;
-                return Ok(());
-            }
-        };
-        valid_until = deadline.valid_until(t_send);
-        next_renew = t_send + deadline.renew_interval();
     }
-    emit(KeeperEvent::Acquired { epoch, valid_until }).await;
-
-    loop {
-        let loss_at = deadline.loss_at(valid_until);
-        if Instant::now() >= loss_at {
-            emit(KeeperEvent::Lost { epoch, reason: "the lease could not be renewed before its deadline".into() })
-                .await;
-            return Ok(());
-        }
-        tokio::select! {
-            () = tokio::time::sleep_until(next_renew.min(loss_at)) => {}
-            () = &mut stop => return release(client, spec, epoch, &emit).await,
-        }
-        let now = Instant::now();
-        if now >= loss_at || now < next_renew {
-            continue;
-        }
-        let res = tokio::select! {
-            r = renew_hedged(client, spec, epoch, deadline.hedge_after(), loss_at) => r,
-            () = &mut stop => return release(client, spec, epoch, &emit).await,
-        };
-        match res {
-            Ok(t_send) => {
-                valid_until = deadline.valid_until(t_send);
-                next_renew = t_send + deadline.renew_interval();
-                emit(KeeperEvent::Renewed { epoch, valid_until }).await;
-            }
-            Err(ClientError::Status { code: Code::FailedPrecondition, message, .. }) => {
-                emit(KeeperEvent::Lost { epoch, reason: message }).await;
-                return Ok(());
-            }
-            Err(e) => {
-                warn!(group = %spec.group, epoch, "renewal failed, retrying until the deadline: {e}");
-                next_renew = Instant::now() + deadline.retry_delay();
-            }
-        }
+    /// The lease counts from `t_send` again: the send time of a successful
+    /// renewal.
+    fn counted_from(&mut self, t_send: Instant) {
+        *self = Self::granted(self.epoch, self.deadline, t_send);
     }
 }
 
-async fn release<S: LeaseService, F, Fut>(
-    client: &S,
-    spec: &KeeperSpec,
-    epoch: u64,
-    emit: &F,
-) -> Result<(), ClientError>
-where
-    F: Fn(KeeperEvent) -> Fut,
-    Fut: Future<Output = ()>,
-{
-    match tokio::time::timeout(RELEASE_TIMEOUT, client.release(&spec.group, &spec.holder, epoch)).await {
-        Ok(Ok(_)) => emit(KeeperEvent::Released { epoch }).await,
-        Ok(Err(e)) => {
-            emit(KeeperEvent::Lost { epoch, reason: format!("release failed ({e}); the lease will expire") }).await
-        }
-        Err(_) => emit(KeeperEvent::Lost { epoch, reason: "release timed out; the lease will expire".into() }).await,
+impl<S: LeaseService> Keeper<'_, S> {
+    async fn emit(&self, ev: KeeperEvent) {
+        debug!(?ev, "lease keeper");
+        let _ = self.events.send(ev).await;
     }
-    Ok(())
+
+    /// Acquires the lease, in server-side wait slices while `spec.wait`.
+    /// `None` when stopped first, or when somebody else holds it and we do
+    /// not wait (then [`KeeperEvent::Busy`] is sent).
+    async fn acquire(&self, stop: &mut (impl Future<Output = ()> + Unpin)) -> Result<Option<Held>, ClientError> {
+        let spec = self.spec;
+        loop {
+            let t_send = Instant::now();
+            let wait = spec.wait.then(|| self.client.acquire_slice());
+            let resp = tokio::select! {
+                r = self.client.acquire(&spec.group, &spec.holder, spec.ttl_ms, wait) => r?,
+                () = &mut *stop => return Ok(None),
+            };
+            let lease = resp.lease.unwrap_or_default();
+            if resp.acquired {
+                let deadline = Deadline { timing: timing_of(resp.timing), ttl_ms: spec.ttl_ms };
+                return Ok(Some(Held::granted(lease.epoch, deadline, t_send)));
+            }
+            if !spec.wait {
+                let holder = (!lease.holder.is_empty()).then_some(lease.holder);
+                self.emit(KeeperEvent::Busy { holder, epoch: lease.epoch, retry_after_ms: resp.retry_after_ms }).await;
+                return Ok(None);
+            }
+        }
+    }
+
+    /// After a long server-side wait the deadline computed from the
+    /// Acquire's send time is (nearly) gone, though the grant itself is
+    /// recent: confirm with a renewal sent now before acting as holder.
+    /// `None` when the confirmation failed (then [`KeeperEvent::Lost`] is
+    /// sent) or `stop` came first (then the lease is released).
+    async fn confirm(&self, mut held: Held, stop: &mut (impl Future<Output = ()> + Unpin)) -> Option<Held> {
+        let deadline = held.deadline;
+        if deadline.loss_at(held.valid_until) > Instant::now() + deadline.renew_interval() {
+            return Some(held);
+        }
+        let until = Instant::now() + Duration::from_millis(deadline.timing.holder_valid_for_ms(self.spec.ttl_ms)) / 2;
+        let res = tokio::select! {
+            r = renew_hedged(self.client, self.spec, held.epoch, deadline.hedge_after(), until) => r,
+            () = &mut *stop => {
+                self.release(held.epoch).await;
+                return None;
+            }
+        };
+        match res {
+            Ok(t_send) => {
+                held.counted_from(t_send);
+                Some(held)
+            }
+            Err(e) => {
+                let reason = format!("acquired after a long wait, but the confirming renewal failed: {e}");
+                self.emit(KeeperEvent::Lost { epoch: held.epoch, reason }).await;
+                None
+            }
+        }
+    }
+
+    /// Renews every renew interval, retrying failures until the loss
+    /// signal is due; returns once the lease is lost (announced) or, on
+    /// `stop`, released.
+    async fn hold(&self, mut held: Held, stop: &mut (impl Future<Output = ()> + Unpin)) {
+        let (epoch, deadline) = (held.epoch, held.deadline);
+        loop {
+            let loss_at = deadline.loss_at(held.valid_until);
+            if Instant::now() >= loss_at {
+                let reason = "the lease could not be renewed before its deadline".into();
+                self.emit(KeeperEvent::Lost { epoch, reason }).await;
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(held.next_renew.min(loss_at)) => {}
+                () = &mut *stop => return self.release(epoch).await,
+            }
+            let now = Instant::now();
+            if now >= loss_at || now < held.next_renew {
+                continue;
+            }
+            let res = tokio::select! {
+                r = renew_hedged(self.client, self.spec, epoch, deadline.hedge_after(), loss_at) => r,
+                () = &mut *stop => return self.release(epoch).await,
+            };
+            match res {
+                Ok(t_send) => {
+                    held.counted_from(t_send);
+                    self.emit(KeeperEvent::Renewed { epoch, valid_until: held.valid_until }).await;
+                }
+                Err(ClientError::Status { code: Code::FailedPrecondition, message, .. }) => {
+                    self.emit(KeeperEvent::Lost { epoch, reason: message }).await;
+                    return;
+                }
+                Err(e) => {
+                    warn!(group = %self.spec.group, epoch, "renewal failed, retrying until the deadline: {e}");
+                    held.next_renew = Instant::now() + deadline.retry_delay();
+                }
+            }
+        }
+    }
+
+    async fn release(&self, epoch: u64) {
+        let spec = self.spec;
+        match tokio::time::timeout(RELEASE_TIMEOUT, self.client.release(&spec.group, &spec.holder, epoch)).await {
+            Ok(Ok(_)) => self.emit(KeeperEvent::Released { epoch }).await,
+            Ok(Err(e)) => {
+                let reason = format!("release failed ({e}); the lease will expire");
+                self.emit(KeeperEvent::Lost { epoch, reason }).await;
+            }
+            Err(_) => {
+                self.emit(KeeperEvent::Lost { epoch, reason: "release timed out; the lease will expire".into() }).await;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -269,7 +269,8 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoSummary, DemoError> {
     result
 }
 
-#[expect(clippy::cognitive_complexity, clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
+/// Plays the scenarios in order on the cluster `local up` started, with the
+/// writer running throughout.
 async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Result<DemoSummary, DemoError> {
     let client = Client::from_list(&file.endpoints).map_err(|e| DemoError::Step(e.to_string()))?;
     let first = format!("{GROUP}-1");
@@ -287,152 +288,20 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
     story.at(&format!("{first} is primary at epoch 1, {second} replicates from it"));
     story.show(&matrix_text(&client).await);
 
-    // The writer.
     let data: BTreeMap<String, String> =
         file.members.iter().filter_map(|m| Some((m.id.clone(), m.data_redis_addr.clone()?))).collect();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let writer = Writer {
-        client: Client::from_list(&file.endpoints).map_err(|e| DemoError::Step(e.to_string()))?,
-        data: data.clone(),
-        conns: BTreeMap::new(),
-        primary: None,
-        log: log.clone(),
-    };
-    let writer_task = tokio::spawn(writer.run(stop_rx));
-    story.step("a writer starts: fenced SET with the lease epoch (deploy/redis/fenced_set.lua), then WAIT 1");
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let acked_now = |log: &Arc<Mutex<Vec<WriteRecord>>>| {
-        log.lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .filter(|r| matches!(r.outcome, WriteOutcome::Accepted { replicas, .. } if replicas >= 1))
-            .count()
-    };
-    story.at(&format!("{} writes acknowledged so far", acked_now(&log)));
-
+    let writer = RunningWriter::start(story, file, data.clone()).await?;
+    let stage = Stage { story, client, first, second, log: writer.log.clone() };
     let mut results = Vec::new();
-
-    // 1. Failover.
-    story.step(&format!("scenario 1: kill -9 of {first} (data Redis, heartbeat store and agent)"));
-    let victim = file
-        .members
-        .iter()
-        .find(|m| m.id == first)
-        .cloned()
-        .ok_or_else(|| DemoError::Step("no first member".into()))?;
-    let killed_at = Instant::now();
-    for pid in [Some(victim.agent_pid), Some(victim.heartbeat_redis_pid), victim.data_redis_pid].into_iter().flatten() {
-        signal(pid, Signal::SIGKILL);
-    }
-    story.at(&format!("killed {first}"));
-    let promoted = wait_for(&client, Duration::from_secs(15), |e| {
-        e.lease.as_ref().is_some_and(|l| l.holder == second && l.epoch >= 2)
-    })
-    .await;
-    let first_write_on_new = {
-        let start = Instant::now();
-        loop {
-            let hit = log.lock().unwrap_or_else(|p| p.into_inner()).iter().find_map(|r| match &r.outcome {
-                WriteOutcome::Accepted { member, .. } if *member == second && r.at > killed_at => Some(r.at),
-                _ => None,
-            });
-            if hit.is_some() || start.elapsed() > Duration::from_secs(15) {
-                break hit;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
-    let failover_ms = first_write_on_new.map(|t| (t - killed_at).as_millis() as u64);
-    if let Some(p) = promoted {
-        story.at(&format!("quorate's lease names {second} (epoch 2) {} ms after the kill", p.as_millis()));
-    }
-    if let Some(ms) = failover_ms {
-        story.at(&format!("the writer's first write on {second} succeeded {ms} ms after the kill"));
-    }
-    let refused = log.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|r| r.at > killed_at).find_map(|r| {
-        match &r.outcome {
-            WriteOutcome::Failed(why) => Some(why.clone()),
-            WriteOutcome::Accepted { .. } => None,
-        }
-    });
-    if let Some(why) = refused {
-        story.at(&format!("meanwhile the writer's attempts failed, e.g.: {why}"));
-    }
-    story.show(&matrix_text(&client).await);
-    let e = election(&client).await;
-    if let Some(h) = e.as_ref().and_then(|e| e.history.last()) {
-        story.show(&format!("decision (revision {}): {}", h.revision, h.reason));
-    }
-    results.push(ScenarioResult {
-        name: "failover after kill -9 of the primary".into(),
-        ok: promoted.is_some() && failover_ms.is_some_and(|ms| ms <= 2_500),
-        detail: format!("new primary writable after {failover_ms:?} ms (bound 2500)"),
-    });
-
-    // 2. The old primary returns.
-    story.step(&format!("scenario 2: {first} comes back (empty: no persistence)"));
-    *file = super::up(up).await?;
-    let rejoined = wait_for(&client, Duration::from_secs(20), |e| member_synced(e, &first, 2)).await;
-    story.at(&format!(
-        "{first} {}",
-        if rejoined.is_some() {
-            "rejoined as a replica of the new primary and resynced"
-        } else {
-            "did not rejoin in time"
-        }
-    ));
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let still = holder(&client).await;
-    story.show(&matrix_text(&client).await);
-    results.push(ScenarioResult {
-        name: "the old primary rejoins as a replica".into(),
-        ok: rejoined.is_some() && still.as_ref().is_some_and(|(h, ep)| *h == second && *ep == 2),
-        detail: format!("primary after its return: {still:?} (expected {second} at epoch 2)"),
-    });
-
-    // 3. Switchover back.
-    story.step(&format!("scenario 3: planned switchover back to {first} (quorate switchover {GROUP} --to {first})"));
-    let sw = client.switchover(GROUP, Some(&first), Duration::from_secs(30)).await;
-    let switchover_ms = sw.as_ref().ok().map(|r| r.took_ms);
-    match &sw {
-        Ok(r) => story.at(&format!("{} holds the lease at epoch {} after {} ms", r.to, r.epoch, r.took_ms)),
-        Err(e) => story.at(&format!("switchover failed: {e}")),
-    }
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    results.push(ScenarioResult {
-        name: "planned switchover back".into(),
-        ok: sw.as_ref().is_ok_and(|r| r.to == first && r.epoch == 3),
-        detail: match &sw {
-            Ok(r) => format!("{} at epoch {} in {} ms", r.to, r.epoch, r.took_ms),
-            Err(e) => e.to_string(),
-        },
-    });
-
-    // 4. A short pause of the primary's agent.
-    story.step(&format!("scenario 4: SIGSTOP {first}'s agent for 300 ms (< down_after_ms 500)"));
-    let before = election(&client).await.map(|e| e.history.len());
-    let agent = file.members.iter().find(|m| m.id == first).map(|m| m.agent_pid).unwrap_or(0);
-    signal(agent, Signal::SIGSTOP);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    signal(agent, Signal::SIGCONT);
-    story.at("resumed; watching for 3 s");
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let after = election(&client).await;
-    let unchanged = after.as_ref().is_some_and(|e| {
-        Some(e.history.len()) == before && e.lease.as_ref().is_some_and(|l| l.holder == first && l.epoch == 3)
-    });
-    story.at(if unchanged { "no failover" } else { "the primary moved!" });
-    results.push(ScenarioResult {
-        name: "a short agent pause causes no failover".into(),
-        ok: unchanged,
-        detail: format!("primary after the pause: {:?}", after.and_then(|e| e.lease).map(|l| (l.holder, l.epoch))),
-    });
+    let (failover, failover_ms) = stage.failover(file).await?;
+    results.push(failover);
+    results.push(stage.rejoin(up, file).await?);
+    let (switchover, switchover_ms) = stage.switchover_back().await;
+    results.push(switchover);
+    results.push(stage.short_pause(file).await);
 
     // Stop writing; check every acknowledged write on the final primary.
-    let _ = stop_tx.send(true);
-    let _ = writer_task.await;
-    let records = log.lock().unwrap_or_else(|p| p.into_inner()).clone();
+    let records = writer.stop().await;
     let acked: Vec<u64> = records
         .iter()
         .filter_map(|r| match r.outcome {
@@ -440,33 +309,236 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
             _ => None,
         })
         .collect();
-    let mut epochs: Vec<u64> = Vec::new();
-    for r in &records {
-        if let WriteOutcome::Accepted { epoch, .. } = r.outcome
-            && epochs.last() != Some(&epoch)
-        {
-            epochs.push(epoch);
-        }
-    }
-    let lost = count_missing(&data, &client, &acked).await?;
+    let lost = count_missing(&data, &stage.client, &acked).await?;
     story.step("summary");
     let summary = DemoSummary {
         failover_ms,
         switchover_ms,
         acked_writes: acked.len() as u64,
         acked_writes_lost: lost,
-        epochs,
+        epochs: epochs_written(&records),
         scenarios: results,
     };
     if story.on {
-        println!("failover: {} ms, switchover: {} ms", fmt_opt(summary.failover_ms), fmt_opt(summary.switchover_ms));
-        println!("epochs written under: {:?}", summary.epochs);
-        println!("acknowledged writes: {}, lost: {}", summary.acked_writes, summary.acked_writes_lost);
-        for s in &summary.scenarios {
-            println!("  [{}] {}: {}", if s.ok { "ok" } else { "FAILED" }, s.name, s.detail);
-        }
+        print_summary(&summary);
     }
     Ok(summary)
+}
+
+/// The writer running in the background, and its log.
+struct RunningWriter {
+    log: Arc<Mutex<Vec<WriteRecord>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningWriter {
+    /// Starts the writer and lets it write for 2 s, so that the scenarios
+    /// begin with writes acknowledged.
+    async fn start(story: &Story, file: &ClusterFile, data: BTreeMap<String, String>) -> Result<Self, DemoError> {
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let (stop, stop_rx) = tokio::sync::watch::channel(false);
+        let writer = Writer {
+            client: Client::from_list(&file.endpoints).map_err(|e| DemoError::Step(e.to_string()))?,
+            data,
+            conns: BTreeMap::new(),
+            primary: None,
+            log: log.clone(),
+        };
+        let task = tokio::spawn(writer.run(stop_rx));
+        story.step("a writer starts: fenced SET with the lease epoch (deploy/redis/fenced_set.lua), then WAIT 1");
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let acked_now = log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|r| matches!(r.outcome, WriteOutcome::Accepted { replicas, .. } if replicas >= 1))
+            .count();
+        story.at(&format!("{acked_now} writes acknowledged so far"));
+        Ok(Self { log, stop, task })
+    }
+
+    /// Stops the writer; returns every write it made.
+    async fn stop(self) -> Vec<WriteRecord> {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+        self.log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+/// What every scenario works with: the story, quorate, the two members
+/// (`first` is primary at the start) and the writer's log.
+struct Stage<'a> {
+    story: &'a Story,
+    client: Client,
+    first: String,
+    second: String,
+    log: Arc<Mutex<Vec<WriteRecord>>>,
+}
+
+impl Stage<'_> {
+    /// Scenario 1: kill -9 of the primary; returns the result and the time
+    /// from the kill to the first write accepted by the new primary.
+    async fn failover(&self, file: &ClusterFile) -> Result<(ScenarioResult, Option<u64>), DemoError> {
+        let (story, client, first, second) = (self.story, &self.client, &self.first, &self.second);
+        story.step(&format!("scenario 1: kill -9 of {first} (data Redis, heartbeat store and agent)"));
+        let victim = file
+            .members
+            .iter()
+            .find(|m| m.id == *first)
+            .cloned()
+            .ok_or_else(|| DemoError::Step("no first member".into()))?;
+        let killed_at = Instant::now();
+        for pid in
+            [Some(victim.agent_pid), Some(victim.heartbeat_redis_pid), victim.data_redis_pid].into_iter().flatten()
+        {
+            signal(pid, Signal::SIGKILL);
+        }
+        story.at(&format!("killed {first}"));
+        let promoted = wait_for(client, Duration::from_secs(15), |e| {
+            e.lease.as_ref().is_some_and(|l| l.holder == *second && l.epoch >= 2)
+        })
+        .await;
+        let failover_ms = self.first_write_on(second, killed_at).await.map(|t| (t - killed_at).as_millis() as u64);
+        if let Some(p) = promoted {
+            story.at(&format!("quorate's lease names {second} (epoch 2) {} ms after the kill", p.as_millis()));
+        }
+        if let Some(ms) = failover_ms {
+            story.at(&format!("the writer's first write on {second} succeeded {ms} ms after the kill"));
+        }
+        let refused = self.log.lock().unwrap_or_else(|p| p.into_inner()).iter().filter(|r| r.at > killed_at).find_map(
+            |r| match &r.outcome {
+                WriteOutcome::Failed(why) => Some(why.clone()),
+                WriteOutcome::Accepted { .. } => None,
+            },
+        );
+        if let Some(why) = refused {
+            story.at(&format!("meanwhile the writer's attempts failed, e.g.: {why}"));
+        }
+        story.show(&matrix_text(client).await);
+        let e = election(client).await;
+        if let Some(h) = e.as_ref().and_then(|e| e.history.last()) {
+            story.show(&format!("decision (revision {}): {}", h.revision, h.reason));
+        }
+        let result = ScenarioResult {
+            name: "failover after kill -9 of the primary".into(),
+            ok: promoted.is_some() && failover_ms.is_some_and(|ms| ms <= 2_500),
+            detail: format!("new primary writable after {failover_ms:?} ms (bound 2500)"),
+        };
+        Ok((result, failover_ms))
+    }
+
+    /// When the writer's first write accepted by `member` after `since`
+    /// was made; waits up to 15 s for one.
+    async fn first_write_on(&self, member: &str, since: Instant) -> Option<Instant> {
+        let start = Instant::now();
+        loop {
+            let hit = self.log.lock().unwrap_or_else(|p| p.into_inner()).iter().find_map(|r| match &r.outcome {
+                WriteOutcome::Accepted { member: m, .. } if m == member && r.at > since => Some(r.at),
+                _ => None,
+            });
+            if hit.is_some() || start.elapsed() > Duration::from_secs(15) {
+                return hit;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Scenario 2: the old primary comes back (restarted by `local up`,
+    /// which refreshes `file`); it must rejoin as a replica, with no
+    /// failover back.
+    async fn rejoin(&self, up: &UpOptions, file: &mut ClusterFile) -> Result<ScenarioResult, DemoError> {
+        let (story, client, first, second) = (self.story, &self.client, &self.first, &self.second);
+        story.step(&format!("scenario 2: {first} comes back (empty: no persistence)"));
+        *file = super::up(up).await?;
+        let rejoined = wait_for(client, Duration::from_secs(20), |e| member_synced(e, first, 2)).await;
+        story.at(&format!(
+            "{first} {}",
+            if rejoined.is_some() {
+                "rejoined as a replica of the new primary and resynced"
+            } else {
+                "did not rejoin in time"
+            }
+        ));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let still = holder(client).await;
+        story.show(&matrix_text(client).await);
+        Ok(ScenarioResult {
+            name: "the old primary rejoins as a replica".into(),
+            ok: rejoined.is_some() && still.as_ref().is_some_and(|(h, ep)| h == second && *ep == 2),
+            detail: format!("primary after its return: {still:?} (expected {second} at epoch 2)"),
+        })
+    }
+
+    /// Scenario 3: a planned switchover back to the first member; returns
+    /// the result and the switchover's duration.
+    async fn switchover_back(&self) -> (ScenarioResult, Option<u64>) {
+        let (story, first) = (self.story, &self.first);
+        story
+            .step(&format!("scenario 3: planned switchover back to {first} (quorate switchover {GROUP} --to {first})"));
+        let sw = self.client.switchover(GROUP, Some(first), Duration::from_secs(30)).await;
+        let switchover_ms = sw.as_ref().ok().map(|r| r.took_ms);
+        match &sw {
+            Ok(r) => story.at(&format!("{} holds the lease at epoch {} after {} ms", r.to, r.epoch, r.took_ms)),
+            Err(e) => story.at(&format!("switchover failed: {e}")),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let result = ScenarioResult {
+            name: "planned switchover back".into(),
+            ok: sw.as_ref().is_ok_and(|r| r.to == *first && r.epoch == 3),
+            detail: match &sw {
+                Ok(r) => format!("{} at epoch {} in {} ms", r.to, r.epoch, r.took_ms),
+                Err(e) => e.to_string(),
+            },
+        };
+        (result, switchover_ms)
+    }
+
+    /// Scenario 4: the primary's agent paused for less than
+    /// `down_after_ms`; nothing must move.
+    async fn short_pause(&self, file: &ClusterFile) -> ScenarioResult {
+        let (story, client, first) = (self.story, &self.client, &self.first);
+        story.step(&format!("scenario 4: SIGSTOP {first}'s agent for 300 ms (< down_after_ms 500)"));
+        let before = election(client).await.map(|e| e.history.len());
+        let agent = file.members.iter().find(|m| m.id == *first).map(|m| m.agent_pid).unwrap_or(0);
+        signal(agent, Signal::SIGSTOP);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        signal(agent, Signal::SIGCONT);
+        story.at("resumed; watching for 3 s");
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let after = election(client).await;
+        let unchanged = after.as_ref().is_some_and(|e| {
+            Some(e.history.len()) == before && e.lease.as_ref().is_some_and(|l| l.holder == *first && l.epoch == 3)
+        });
+        story.at(if unchanged { "no failover" } else { "the primary moved!" });
+        ScenarioResult {
+            name: "a short agent pause causes no failover".into(),
+            ok: unchanged,
+            detail: format!("primary after the pause: {:?}", after.and_then(|e| e.lease).map(|l| (l.holder, l.epoch))),
+        }
+    }
+}
+
+/// Every epoch the writer wrote under, in order.
+fn epochs_written(records: &[WriteRecord]) -> Vec<u64> {
+    let mut epochs: Vec<u64> = Vec::new();
+    for r in records {
+        if let WriteOutcome::Accepted { epoch, .. } = r.outcome
+            && epochs.last() != Some(&epoch)
+        {
+            epochs.push(epoch);
+        }
+    }
+    epochs
+}
+
+fn print_summary(summary: &DemoSummary) {
+    println!("failover: {} ms, switchover: {} ms", fmt_opt(summary.failover_ms), fmt_opt(summary.switchover_ms));
+    println!("epochs written under: {:?}", summary.epochs);
+    println!("acknowledged writes: {}, lost: {}", summary.acked_writes, summary.acked_writes_lost);
+    for s in &summary.scenarios {
+        println!("  [{}] {}: {}", if s.ok { "ok" } else { "FAILED" }, s.name, s.detail);
+    }
 }
 
 fn fmt_opt(v: Option<u64>) -> String {
