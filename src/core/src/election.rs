@@ -17,13 +17,15 @@
 //! replicated from a primary and lags by at most `max_lag_bytes`; the group
 //! is not in maintenance; the minimum interval since the last failover has
 //! passed; and the leader has been in office long enough to have fresh views
-//! of its own. Among eligible candidates: highest priority, then most data.
+//! of its own. Among eligible candidates: the best by [`crate::ranking`]
+//! (highest priority, then most data, then name).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::group::GroupSpec;
+use crate::ranking::Rank;
 use crate::verdict::{GroupVerdict, Verdict, explain};
 
 pub use crate::designation::{Election, HistoryEntry, MAX_HISTORY, MemberStatus, MoveKind, Role, Switchover};
@@ -44,10 +46,21 @@ impl Candidate {
     pub fn eligible(&self) -> bool {
         self.why_not.is_none()
     }
+
+    /// Where this candidate stands in [`crate::ranking`]'s order.
+    pub fn rank(&self) -> Rank<'_> {
+        Rank {
+            eligible: self.eligible(),
+            priority: self.priority,
+            offset: self.offset.unwrap_or(0),
+            member: &self.member,
+        }
+    }
 }
 
-/// Every member but `exclude`, assessed and sorted best first: eligible
-/// before ineligible, then highest priority, then most data, then name.
+/// Every member but `exclude`, assessed and sorted best first by
+/// [`crate::ranking`]: eligible before ineligible, then highest priority,
+/// then most data, then name.
 pub fn candidates(
     spec: &GroupSpec,
     statuses: &BTreeMap<String, MemberStatus>,
@@ -82,13 +95,7 @@ pub fn candidates(
             Candidate { member: m.id.clone(), priority: m.priority, verdict: v, offset, lag_bytes, why_not }
         })
         .collect();
-    out.sort_by(|a, b| {
-        b.eligible()
-            .cmp(&a.eligible())
-            .then(b.priority.cmp(&a.priority))
-            .then(b.offset.unwrap_or(0).cmp(&a.offset.unwrap_or(0)))
-            .then(a.member.cmp(&b.member))
-    });
+    out.sort_by(|a, b| a.rank().cmp(&b.rank()));
     out
 }
 

@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::names::{self, NameError, NameKind};
+use crate::ranking::{self, Rank};
 
 /// The most members a group may have (the matrix is members x observers).
 pub const MAX_MEMBERS: usize = 32;
@@ -36,7 +37,8 @@ pub struct FailoverPolicy {
     /// clear the block).
     pub min_failover_interval_ms: u64,
     /// The primary when the group is created; default: the member with the
-    /// highest priority (the first one on a tie).
+    /// highest priority (the first by name on a tie, see
+    /// [`crate::ranking`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initial_primary: Option<String>,
 }
@@ -205,14 +207,19 @@ impl GroupSpec {
         self.failover.is_some()
     }
 
-    /// The primary a new managed group starts with.
+    /// The primary a new managed group starts with: `initial_primary` if
+    /// given, else the best member by [`crate::ranking`] among those with a
+    /// priority above 0; `None` for an unmanaged group.
     pub fn initial_primary(&self) -> Option<&str> {
         let f = self.failover.as_ref()?;
         if let Some(p) = &f.initial_primary {
             return Some(p);
         }
-        let best = self.members.iter().map(|m| m.priority).max()?;
-        self.members.iter().find(|m| m.priority == best && m.priority > 0).map(|m| m.id.as_str())
+        // No member has reported data yet: the ranking falls to priority,
+        // then name.
+        let may_lead = self.members.iter().filter(|m| m.priority > 0);
+        ranking::best(may_lead, |m| Rank { eligible: true, priority: m.priority, offset: 0, member: &m.id })
+            .map(|m| m.id.as_str())
     }
 
     pub fn member(&self, id: &str) -> Option<&MemberSpec> {
@@ -382,6 +389,23 @@ mod tests {
         s.members[0].priority = 0;
         s.members[1].priority = 0;
         assert!(err(s).starts_with("failover.members: a managed group needs a member with priority above 0"));
+    }
+
+    #[test]
+    fn the_initial_primary_is_the_best_by_the_one_ranking() {
+        let mut s = spec(&["b", "a", "c"]);
+        assert_eq!(s.initial_primary(), None, "unmanaged");
+        s.failover = Some(FailoverPolicy::default());
+        // A tie of priorities goes by name, not by list order.
+        assert_eq!(s.initial_primary(), Some("a"));
+        s.members[2].priority = 150;
+        assert_eq!(s.initial_primary(), Some("c"));
+        for m in &mut s.members {
+            m.priority = 0;
+        }
+        assert_eq!(s.initial_primary(), None, "nobody may be primary");
+        s.failover.as_mut().unwrap().initial_primary = Some("b".into());
+        assert_eq!(s.initial_primary(), Some("b"), "the configured one, unchecked here");
     }
 
     #[test]

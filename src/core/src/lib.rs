@@ -47,6 +47,7 @@ pub mod matrix;
 pub mod names;
 pub mod observe;
 pub mod quorum;
+pub mod ranking;
 pub mod role;
 pub mod verdict;
 

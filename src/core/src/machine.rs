@@ -23,6 +23,7 @@ use crate::lease::LeaseTiming;
 use crate::matrix::{GroupState, Observer, RestartEvent};
 use crate::names::{self, NameError, NameKind};
 use crate::observe::Observation;
+use crate::ranking::{self, Rank};
 
 /// The proposing leader's identity and clock, stamped on every command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -718,10 +719,14 @@ impl Machine {
                     None => return Err(Rejection::InvalidTarget(format!("{t:?} is not a member of {group:?}"))),
                 },
                 None => {
-                    // The best other member: highest priority, then most data.
-                    let best = g.spec.members.iter().filter(|m| m.id != current && m.priority > 0).max_by(|a, b| {
-                        let off = |id: &str| g.statuses.get(id).map_or(0, |s| s.offset);
-                        a.priority.cmp(&b.priority).then(off(&a.id).cmp(&off(&b.id))).then(b.id.cmp(&a.id))
+                    // The best other member that may be primary, by the one
+                    // ranking (highest priority, then most data, then name).
+                    let others = g.spec.members.iter().filter(|m| m.id != current && m.priority > 0);
+                    let best = ranking::best(others, |m| Rank {
+                        eligible: true,
+                        priority: m.priority,
+                        offset: g.statuses.get(&m.id).map_or(0, |s| s.offset),
+                        member: &m.id,
                     });
                     match best {
                         Some(m) => m.id.clone(),
