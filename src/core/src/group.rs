@@ -96,11 +96,67 @@ impl Default for Policy {
     }
 }
 
+/// The shortest bound on a heartbeat store call, whatever the interval: a
+/// round trip to a store needs a few ms even when heartbeats are 1 ms apart.
+pub const MIN_STORE_TIMEOUT_MS: u64 = 20;
+
+/// The shortest election tick: the leader's election loop never spins
+/// faster than this, however short a group's heartbeat interval.
+pub const MIN_ELECTION_TICK_MS: u64 = 10;
+
 impl Policy {
     /// The TTL of a heartbeat key: it disappears once the member has not
     /// published for `down_after_ms`.
     pub fn heartbeat_ttl_ms(&self) -> u64 {
         self.down_after_ms
+    }
+
+    /// How often an observer reads its targets' heartbeats: once per
+    /// heartbeat interval, so that it sees every beat's progress.
+    pub fn read_interval_ms(&self) -> u64 {
+        self.heartbeat_interval_ms
+    }
+
+    /// The bound on one heartbeat store call (an observer's read round):
+    /// four fifths of the heartbeat interval, so that a slow store cannot
+    /// stall the next round, and at least [`MIN_STORE_TIMEOUT_MS`].
+    pub fn store_timeout_ms(&self) -> u64 {
+        (self.heartbeat_interval_ms * 4 / 5).max(MIN_STORE_TIMEOUT_MS)
+    }
+
+    /// How often an observer re-sends its whole view even without changes:
+    /// every report interval, so that the view's freshness is known.
+    pub fn refresh_interval_ms(&self) -> u64 {
+        self.report_interval_ms
+    }
+
+    /// How often the Raft leader decides about a managed group: once per
+    /// heartbeat interval (no verdict changes faster than the readings it
+    /// comes from), and no faster than [`MIN_ELECTION_TICK_MS`].
+    pub fn election_tick_ms(&self) -> u64 {
+        self.heartbeat_interval_ms.max(MIN_ELECTION_TICK_MS)
+    }
+
+    /// The policy one loop serving several groups runs by: each field the
+    /// shortest of `policies`, so that every group is served at least as
+    /// often as its own policy asks; [`Policy::default`] when there is no
+    /// group, so that an idle loop still ticks at the usual pace.
+    ///
+    /// Every derived timing above is non-decreasing in the fields it reads,
+    /// so a timing of the tightest policy is the shortest of the groups'
+    /// timings. The tightest of valid policies is valid: each bound that
+    /// [`Policy::validate`] checks holds for the minima too.
+    pub fn tightest<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Policy {
+        policies
+            .into_iter()
+            .copied()
+            .reduce(|a, b| Policy {
+                heartbeat_interval_ms: a.heartbeat_interval_ms.min(b.heartbeat_interval_ms),
+                down_after_ms: a.down_after_ms.min(b.down_after_ms),
+                report_interval_ms: a.report_interval_ms.min(b.report_interval_ms),
+                freshness_ms: a.freshness_ms.min(b.freshness_ms),
+            })
+            .unwrap_or_default()
     }
 }
 
@@ -406,6 +462,54 @@ mod tests {
         assert_eq!(s.initial_primary(), None, "nobody may be primary");
         s.failover.as_mut().unwrap().initial_primary = Some("b".into());
         assert_eq!(s.initial_primary(), Some("b"), "the configured one, unchecked here");
+    }
+
+    #[test]
+    fn derived_timings_follow_the_heartbeat_and_report_intervals() {
+        let p = Policy::default();
+        assert_eq!(
+            (p.read_interval_ms(), p.store_timeout_ms(), p.refresh_interval_ms(), p.election_tick_ms()),
+            (100, 80, 1_000, 100)
+        );
+        let p = Policy { heartbeat_interval_ms: 250, report_interval_ms: 2_000, ..Policy::default() };
+        assert_eq!(
+            (p.read_interval_ms(), p.store_timeout_ms(), p.refresh_interval_ms(), p.election_tick_ms()),
+            (250, 200, 2_000, 250)
+        );
+        // The floors of very short intervals.
+        let p = Policy { heartbeat_interval_ms: 24, ..Policy::default() };
+        assert_eq!((p.store_timeout_ms(), p.election_tick_ms()), (MIN_STORE_TIMEOUT_MS, 24));
+        let p = Policy { heartbeat_interval_ms: 3, ..Policy::default() };
+        assert_eq!((p.store_timeout_ms(), p.election_tick_ms()), (MIN_STORE_TIMEOUT_MS, MIN_ELECTION_TICK_MS));
+    }
+
+    #[test]
+    fn the_tightest_policy_serves_every_group_and_defaults_when_there_is_none() {
+        assert_eq!(Policy::tightest([]), Policy::default());
+        let a =
+            Policy { heartbeat_interval_ms: 50, down_after_ms: 900, report_interval_ms: 1_000, freshness_ms: 2_000 };
+        let b = Policy { heartbeat_interval_ms: 200, down_after_ms: 400, report_interval_ms: 200, freshness_ms: 5_000 };
+        let t = Policy::tightest([&a, &b]);
+        assert_eq!(
+            t,
+            Policy { heartbeat_interval_ms: 50, down_after_ms: 400, report_interval_ms: 200, freshness_ms: 2_000 }
+        );
+        t.validate().unwrap();
+        assert_eq!(Policy::tightest([&b]), b);
+        // A timing of the tightest policy is the shortest of the groups'.
+        let intervals = [1, 3, 12, 24, 25, 26, 99, 100, 101, 1_000];
+        for &x in &intervals {
+            for &y in &intervals {
+                let ps =
+                    [x, y].map(|h| Policy { heartbeat_interval_ms: h, report_interval_ms: h * 3, ..Policy::default() });
+                let t = Policy::tightest(&ps);
+                let min = |f: fn(&Policy) -> u64| ps.iter().map(f).min().unwrap();
+                assert_eq!(t.read_interval_ms(), min(Policy::read_interval_ms));
+                assert_eq!(t.store_timeout_ms(), min(Policy::store_timeout_ms));
+                assert_eq!(t.refresh_interval_ms(), min(Policy::refresh_interval_ms));
+                assert_eq!(t.election_tick_ms(), min(Policy::election_tick_ms));
+            }
+        }
     }
 
     #[test]
