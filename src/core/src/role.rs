@@ -197,28 +197,20 @@ impl RoleMachine {
     }
 
     /// Feeds one event at `now_ms`; returns the actions to perform, in order.
-    #[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
+    ///
+    /// Each event first updates the state (edge-triggered: only what that
+    /// event says); the events that can change what is owed then run
+    /// [`Self::decide`] (level-triggered: everything the state asks for).
     pub fn step(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
         let decide = match event {
             Event::Tick => true,
             Event::Acquired { epoch, valid_until_ms } => {
-                // The fencer learns the deadline before the service becomes
-                // primary, so there is never a writable primary without one.
-                self.held = Some(Held { epoch, valid_until_ms, promoted: false });
-                self.fence_owed = false;
-                self.synced_epoch = Some(epoch);
-                out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
+                self.on_acquired(epoch, valid_until_ms, &mut out);
                 true
             }
             Event::Renewed { epoch, valid_until_ms } => {
-                if let Some(h) = self.held.as_mut()
-                    && h.epoch == epoch
-                    && valid_until_ms >= h.valid_until_ms
-                {
-                    h.valid_until_ms = valid_until_ms;
-                    out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
-                }
+                self.on_renewed(epoch, valid_until_ms, &mut out);
                 false
             }
             Event::Lost { epoch } | Event::Released { epoch } => {
@@ -234,62 +226,13 @@ impl RoleMachine {
                 }
                 true
             }
-            Event::Election(view) => {
-                if self.election.as_ref().is_some_and(|e| view.revision < e.revision) {
-                    return out;
-                }
-                self.election = Some(view);
-                true
-            }
+            Event::Election(view) => self.on_election(view),
             Event::Service(svc) => {
-                if !svc.run_id.is_empty() && !self.service.run_id.is_empty() && svc.run_id != self.service.run_id {
-                    // Restarted (perhaps empty): it must resync first.
-                    self.synced_epoch = None;
-                    self.following_epoch = None;
-                    self.unheld_primary_fenced = false;
-                }
-                if svc.run_id.is_empty() && !self.service.run_id.is_empty() {
-                    // Unreachable: keep the last known run id.
-                    self.service = ServiceView { run_id: self.service.run_id.clone(), ..svc };
-                } else {
-                    self.service = svc;
-                }
-                if self.held.is_none()
-                    && self.service.role == Some(Role::Replica)
-                    && self.service.link_up
-                    && let Some(e) = self.following_epoch
-                {
-                    self.synced_epoch = Some(e);
-                }
-                if self.held.is_none()
-                    && self.service.reachable
-                    && self.service.role == Some(Role::Primary)
-                    && !self.unheld_primary_fenced
-                {
-                    // Writable, perhaps, with nobody's lease behind it.
-                    self.fence_owed = true;
-                }
+                self.on_service(svc);
                 false
             }
             Event::Done { action, ok } => {
-                match (action, ok) {
-                    (ActionKind::Promote, true) => {
-                        if let Some(h) = self.held.as_mut() {
-                            h.promoted = true;
-                        }
-                        self.unheld_primary_fenced = false;
-                    }
-                    (ActionKind::Fence, true) => {
-                        self.fence_owed = false;
-                        self.unheld_primary_fenced = self.held.is_none();
-                    }
-                    (ActionKind::Follow, true) => {
-                        self.fence_owed = false;
-                        self.unheld_primary_fenced = false;
-                        self.following_epoch = self.election.as_ref().map(|e| e.epoch);
-                    }
-                    _ => {}
-                }
+                self.on_done(action, ok);
                 false
             }
         };
@@ -297,6 +240,94 @@ impl RoleMachine {
             self.decide(now_ms, &mut out);
         }
         out
+    }
+
+    fn on_acquired(&mut self, epoch: u64, valid_until_ms: u64, out: &mut Vec<Action>) {
+        // The fencer learns the deadline before the service becomes
+        // primary, so there is never a writable primary without one.
+        self.held = Some(Held { epoch, valid_until_ms, promoted: false });
+        self.fence_owed = false;
+        self.synced_epoch = Some(epoch);
+        out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
+    }
+
+    /// A renewal of the lease held moves the fence's deadline on; one of
+    /// another epoch, or an earlier deadline, is ignored.
+    fn on_renewed(&mut self, epoch: u64, valid_until_ms: u64, out: &mut Vec<Action>) {
+        if let Some(h) = self.held.as_mut()
+            && h.epoch == epoch
+            && valid_until_ms >= h.valid_until_ms
+        {
+            h.valid_until_ms = valid_until_ms;
+            out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
+        }
+    }
+
+    /// Keeps `view` unless a newer one was seen; true if kept. A stale
+    /// view is ignored and decides nothing: acting on it could follow or
+    /// take the lease for an outdated designation.
+    fn on_election(&mut self, view: ElectionView) -> bool {
+        if self.election.as_ref().is_some_and(|e| view.revision < e.revision) {
+            return false;
+        }
+        self.election = Some(view);
+        true
+    }
+
+    /// Takes in the data service's state: a restart forgets its sync, a
+    /// replica linked to the holder it follows has synced, and a primary
+    /// with no lease held here is owed a fence.
+    fn on_service(&mut self, svc: ServiceView) {
+        if !svc.run_id.is_empty() && !self.service.run_id.is_empty() && svc.run_id != self.service.run_id {
+            // Restarted (perhaps empty): it must resync first.
+            self.synced_epoch = None;
+            self.following_epoch = None;
+            self.unheld_primary_fenced = false;
+        }
+        if svc.run_id.is_empty() && !self.service.run_id.is_empty() {
+            // Unreachable: keep the last known run id.
+            self.service = ServiceView { run_id: self.service.run_id.clone(), ..svc };
+        } else {
+            self.service = svc;
+        }
+        if self.held.is_none()
+            && self.service.role == Some(Role::Replica)
+            && self.service.link_up
+            && let Some(e) = self.following_epoch
+        {
+            self.synced_epoch = Some(e);
+        }
+        if self.held.is_none()
+            && self.service.reachable
+            && self.service.role == Some(Role::Primary)
+            && !self.unheld_primary_fenced
+        {
+            // Writable, perhaps, with nobody's lease behind it.
+            self.fence_owed = true;
+        }
+    }
+
+    /// Records what a successful action achieved; a failed one is simply
+    /// retried by later decisions.
+    fn on_done(&mut self, action: ActionKind, ok: bool) {
+        match (action, ok) {
+            (ActionKind::Promote, true) => {
+                if let Some(h) = self.held.as_mut() {
+                    h.promoted = true;
+                }
+                self.unheld_primary_fenced = false;
+            }
+            (ActionKind::Fence, true) => {
+                self.fence_owed = false;
+                self.unheld_primary_fenced = self.held.is_none();
+            }
+            (ActionKind::Follow, true) => {
+                self.fence_owed = false;
+                self.unheld_primary_fenced = false;
+                self.following_epoch = self.election.as_ref().map(|e| e.epoch);
+            }
+            _ => {}
+        }
     }
 
     fn lose(&mut self) {
