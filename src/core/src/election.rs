@@ -33,16 +33,22 @@ pub use crate::designation::{Election, HistoryEntry, MAX_HISTORY, MemberStatus, 
 /// One member assessed as a candidate for the primary role.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
+    /// The member's name.
     pub member: String,
+    /// Its configured priority (0 = never primary).
     pub priority: u32,
+    /// Its quorum verdict: only an up member may take over.
     pub verdict: Verdict,
+    /// Its reported replication offset; `None` before its agent reports.
     pub offset: Option<u64>,
+    /// How far it is behind the most advanced member, in bytes.
     pub lag_bytes: Option<u64>,
     /// `None` when eligible, else why not.
     pub why_not: Option<String>,
 }
 
 impl Candidate {
+    /// Whether it may be designated now.
     pub fn eligible(&self) -> bool {
         self.why_not.is_none()
     }
@@ -106,16 +112,35 @@ pub enum Decision {
     /// managed).
     Keep,
     /// Designate `to` (commit it with the reason and evidence).
-    Designate { kind: MoveKind, from: Option<String>, to: String, reason: String, evidence: Vec<String> },
+    Designate {
+        /// Why the designation moves.
+        kind: MoveKind,
+        /// The member designated now (the decision is stale if it changed).
+        from: Option<String>,
+        /// The member to designate.
+        to: String,
+        /// The decision in words.
+        reason: String,
+        /// What it was based on, committed with it.
+        evidence: Vec<String>,
+    },
     /// The primary is down but something prevents a failover.
-    Blocked { reason: String, candidates: Vec<Candidate> },
+    Blocked {
+        /// What prevents it, in words.
+        reason: String,
+        /// Every candidate as assessed, best first.
+        candidates: Vec<Candidate>,
+    },
 }
 
 /// Everything [`decide`] looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct DecisionInput<'a> {
+    /// The group's spec: members, priorities, failover policy.
     pub spec: &'a GroupSpec,
+    /// Its replicated election state (designated member, blocks).
     pub election: &'a Election,
+    /// What each member's agent last reported of its data service.
     pub statuses: &'a BTreeMap<String, MemberStatus>,
     /// The verdict over views reported in the current leader's term only.
     pub verdict: &'a GroupVerdict,

@@ -15,8 +15,11 @@ pub const MAX_MEMBERS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupSpec {
+    /// The group's name, unique in the cluster (and its lease's name).
     pub name: String,
+    /// Its members, at most [`MAX_MEMBERS`].
     pub members: Vec<MemberSpec>,
+    /// The timing its observers follow.
     #[serde(default)]
     pub policy: Policy,
     /// Present for a *managed* group: quorate picks its primary.
@@ -163,26 +166,78 @@ impl Policy {
 /// An invalid group spec, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum SpecError {
+    /// The group's name is not a valid name.
     #[error("name: {0}")]
     Name(NameError),
+    /// A group without members has nothing to observe.
     #[error("members: a group needs at least one member")]
     NoMembers,
+    /// More members than [`MAX_MEMBERS`] (the matrix grows as their square).
     #[error("members: {count} members is more than the limit of {max}", max = MAX_MEMBERS)]
-    TooManyMembers { count: usize },
+    TooManyMembers {
+        /// How many the spec lists.
+        count: usize,
+    },
+    /// A member's name is not a valid name.
     #[error("members[{index}].id: {error}")]
-    MemberId { index: usize, error: NameError },
+    MemberId {
+        /// The member's place in the list.
+        index: usize,
+        /// What is wrong with the name.
+        error: NameError,
+    },
+    /// A member's name would pass for a coordinator observer's.
     #[error("members[{index}].id: {id:?} starts with \"coordinator-\", which names coordinator observers")]
-    ReservedMemberId { index: usize, id: String },
+    ReservedMemberId {
+        /// The member's place in the list.
+        index: usize,
+        /// The name.
+        id: String,
+    },
+    /// Two members share a name.
     #[error("members[{index}].id: {id:?} appears twice")]
-    DuplicateMember { index: usize, id: String },
+    DuplicateMember {
+        /// The second one's place in the list.
+        index: usize,
+        /// The name.
+        id: String,
+    },
+    /// A heartbeat store's URL does not parse.
     #[error("members[{index}].heartbeat: {url:?}: {reason}")]
-    BadUrl { index: usize, url: String, reason: String },
+    BadUrl {
+        /// The member's place in the list.
+        index: usize,
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A timing of the policy breaks one of its bounds.
     #[error("policy.{field}: {reason}")]
-    Policy { field: String, reason: String },
+    Policy {
+        /// The field at fault.
+        field: String,
+        /// The bound it breaks.
+        reason: String,
+    },
+    /// A data service's URL does not parse.
     #[error("members[{index}].data: {url:?}: {reason}")]
-    BadDataUrl { index: usize, url: String, reason: String },
+    BadDataUrl {
+        /// The member's place in the list.
+        index: usize,
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The failover section does not fit the group.
     #[error("failover.{field}: {reason}")]
-    Failover { field: String, reason: String },
+    Failover {
+        /// The field at fault.
+        field: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl GroupSpec {
@@ -278,16 +333,19 @@ impl GroupSpec {
             .map(|m| m.id.as_str())
     }
 
+    /// The member named `id`.
     pub fn member(&self, id: &str) -> Option<&MemberSpec> {
         self.members.iter().find(|m| m.id == id)
     }
 
+    /// The members' names, in list order.
     pub fn member_ids(&self) -> impl Iterator<Item = &str> {
         self.members.iter().map(|m| m.id.as_str())
     }
 }
 
 impl Policy {
+    /// Checks the bounds between the timings; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |field: &str, reason: String| Err(SpecError::Policy { field: field.to_owned(), reason });
         if self.heartbeat_interval_ms == 0 {
@@ -329,9 +387,13 @@ impl Policy {
 /// The parts of a Redis URL quorate needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisAddr {
+    /// `rediss://`: connect with TLS.
     pub tls: bool,
+    /// Host name or address.
     pub host: String,
+    /// TCP port, 1-65535.
     pub port: u16,
+    /// Database number (0 when not given).
     pub db: u32,
 }
 
