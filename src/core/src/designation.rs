@@ -14,12 +14,16 @@ pub const MAX_HISTORY: usize = 64;
 /// The data role a member's agent reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Role {
+    /// It accepts writes (or would, unfenced).
     Primary,
+    /// It replicates from a primary.
     Replica,
+    /// Unreachable, or a role quorate does not know.
     Unknown,
 }
 
 impl Role {
+    /// The role in words, as the CLI and logs show it.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Primary => "primary",
@@ -32,6 +36,7 @@ impl Role {
 /// What a member's agent reports about its own data service.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberStatus {
+    /// The role the data service reports for itself.
     pub role: Role,
     /// Replication offset (bytes of the replication stream applied).
     pub offset: u64,
@@ -59,6 +64,7 @@ pub enum MoveKind {
 }
 
 impl MoveKind {
+    /// The kind in words, as history and logs show it.
     pub fn as_str(self) -> &'static str {
         match self {
             MoveKind::Initial => "initial",
@@ -73,11 +79,15 @@ impl MoveKind {
 pub struct HistoryEntry {
     /// Raft log index of the decision.
     pub revision: u64,
+    /// Why the designation moved.
     pub kind: MoveKind,
+    /// The member designated before; `None` for a group's first.
     pub from: Option<String>,
+    /// The member designated by this entry.
     pub to: String,
     /// The epoch `to` acquired the lease at (filled in when it does).
     pub epoch: Option<u64>,
+    /// The decision in words, for people reading the history.
     pub reason: String,
     /// The evidence the decision used (verdict explanations, candidates).
     pub evidence: Vec<String>,
@@ -88,7 +98,9 @@ pub struct HistoryEntry {
 /// A planned switchover in progress.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Switchover {
+    /// The member that takes over once the primary releases its lease.
     pub to: String,
+    /// The Raft log index of the request, so history can name it.
     pub requested_revision: u64,
 }
 
@@ -101,11 +113,16 @@ pub struct Election {
     pub maintenance: bool,
     /// When the last automatic failover was decided, on the machine's clock.
     pub last_failover_ms: Option<i64>,
+    /// A planned switchover waiting for the primary to release its lease.
     pub switchover: Option<Switchover>,
+    /// The latest moves of the designation, oldest first, at most
+    /// [`MAX_HISTORY`].
     pub history: VecDeque<HistoryEntry>,
 }
 
 impl Election {
+    /// Appends a move to the history, dropping the oldest beyond
+    /// [`MAX_HISTORY`] so the replicated state stays bounded.
     pub fn record(&mut self, entry: HistoryEntry) {
         if self.history.len() == MAX_HISTORY {
             self.history.pop_front();

@@ -17,13 +17,15 @@
 //! replicated from a primary and lags by at most `max_lag_bytes`; the group
 //! is not in maintenance; the minimum interval since the last failover has
 //! passed; and the leader has been in office long enough to have fresh views
-//! of its own. Among eligible candidates: highest priority, then most data.
+//! of its own. Among eligible candidates: the best by [`crate::ranking`]
+//! (highest priority, then most data, then name).
 
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
 use crate::group::GroupSpec;
+use crate::ranking::Rank;
 use crate::verdict::{GroupVerdict, Verdict, explain};
 
 pub use crate::designation::{Election, HistoryEntry, MAX_HISTORY, MemberStatus, MoveKind, Role, Switchover};
@@ -31,23 +33,40 @@ pub use crate::designation::{Election, HistoryEntry, MAX_HISTORY, MemberStatus, 
 /// One member assessed as a candidate for the primary role.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Candidate {
+    /// The member's name.
     pub member: String,
+    /// Its configured priority (0 = never primary).
     pub priority: u32,
+    /// Its quorum verdict: only an up member may take over.
     pub verdict: Verdict,
+    /// Its reported replication offset; `None` before its agent reports.
     pub offset: Option<u64>,
+    /// How far it is behind the most advanced member, in bytes.
     pub lag_bytes: Option<u64>,
     /// `None` when eligible, else why not.
     pub why_not: Option<String>,
 }
 
 impl Candidate {
+    /// Whether it may be designated now.
     pub fn eligible(&self) -> bool {
         self.why_not.is_none()
     }
+
+    /// Where this candidate stands in [`crate::ranking`]'s order.
+    pub fn rank(&self) -> Rank<'_> {
+        Rank {
+            eligible: self.eligible(),
+            priority: self.priority,
+            offset: self.offset.unwrap_or(0),
+            member: &self.member,
+        }
+    }
 }
 
-/// Every member but `exclude`, assessed and sorted best first: eligible
-/// before ineligible, then highest priority, then most data, then name.
+/// Every member but `exclude`, assessed and sorted best first by
+/// [`crate::ranking`]: eligible before ineligible, then highest priority,
+/// then most data, then name.
 pub fn candidates(
     spec: &GroupSpec,
     statuses: &BTreeMap<String, MemberStatus>,
@@ -82,13 +101,7 @@ pub fn candidates(
             Candidate { member: m.id.clone(), priority: m.priority, verdict: v, offset, lag_bytes, why_not }
         })
         .collect();
-    out.sort_by(|a, b| {
-        b.eligible()
-            .cmp(&a.eligible())
-            .then(b.priority.cmp(&a.priority))
-            .then(b.offset.unwrap_or(0).cmp(&a.offset.unwrap_or(0)))
-            .then(a.member.cmp(&b.member))
-    });
+    out.sort_by(|a, b| a.rank().cmp(&b.rank()));
     out
 }
 
@@ -99,16 +112,35 @@ pub enum Decision {
     /// managed).
     Keep,
     /// Designate `to` (commit it with the reason and evidence).
-    Designate { kind: MoveKind, from: Option<String>, to: String, reason: String, evidence: Vec<String> },
+    Designate {
+        /// Why the designation moves.
+        kind: MoveKind,
+        /// The member designated now (the decision is stale if it changed).
+        from: Option<String>,
+        /// The member to designate.
+        to: String,
+        /// The decision in words.
+        reason: String,
+        /// What it was based on, committed with it.
+        evidence: Vec<String>,
+    },
     /// The primary is down but something prevents a failover.
-    Blocked { reason: String, candidates: Vec<Candidate> },
+    Blocked {
+        /// What prevents it, in words.
+        reason: String,
+        /// Every candidate as assessed, best first.
+        candidates: Vec<Candidate>,
+    },
 }
 
 /// Everything [`decide`] looks at.
 #[derive(Debug, Clone, Copy)]
 pub struct DecisionInput<'a> {
+    /// The group's spec: members, priorities, failover policy.
     pub spec: &'a GroupSpec,
+    /// Its replicated election state (designated member, blocks).
     pub election: &'a Election,
+    /// What each member's agent last reported of its data service.
     pub statuses: &'a BTreeMap<String, MemberStatus>,
     /// The verdict over views reported in the current leader's term only.
     pub verdict: &'a GroupVerdict,

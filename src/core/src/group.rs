@@ -6,6 +6,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::names::{self, NameError, NameKind};
+use crate::ranking::{self, Rank};
 
 /// The most members a group may have (the matrix is members x observers).
 pub const MAX_MEMBERS: usize = 32;
@@ -14,8 +15,11 @@ pub const MAX_MEMBERS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GroupSpec {
+    /// The group's name, unique in the cluster (and its lease's name).
     pub name: String,
+    /// Its members, at most [`MAX_MEMBERS`].
     pub members: Vec<MemberSpec>,
+    /// The timing its observers follow.
     #[serde(default)]
     pub policy: Policy,
     /// Present for a *managed* group: quorate picks its primary.
@@ -36,7 +40,8 @@ pub struct FailoverPolicy {
     /// clear the block).
     pub min_failover_interval_ms: u64,
     /// The primary when the group is created; default: the member with the
-    /// highest priority (the first one on a tie).
+    /// highest priority (the first by name on a tie, see
+    /// [`crate::ranking`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub initial_primary: Option<String>,
 }
@@ -94,37 +99,145 @@ impl Default for Policy {
     }
 }
 
+/// The shortest bound on a heartbeat store call, whatever the interval: a
+/// round trip to a store needs a few ms even when heartbeats are 1 ms apart.
+pub const MIN_STORE_TIMEOUT_MS: u64 = 20;
+
+/// The shortest election tick: the leader's election loop never spins
+/// faster than this, however short a group's heartbeat interval.
+pub const MIN_ELECTION_TICK_MS: u64 = 10;
+
 impl Policy {
     /// The TTL of a heartbeat key: it disappears once the member has not
     /// published for `down_after_ms`.
     pub fn heartbeat_ttl_ms(&self) -> u64 {
         self.down_after_ms
     }
+
+    /// How often an observer reads its targets' heartbeats: once per
+    /// heartbeat interval, so that it sees every beat's progress.
+    pub fn read_interval_ms(&self) -> u64 {
+        self.heartbeat_interval_ms
+    }
+
+    /// The bound on one heartbeat store call (an observer's read round):
+    /// four fifths of the heartbeat interval, so that a slow store cannot
+    /// stall the next round, and at least [`MIN_STORE_TIMEOUT_MS`].
+    pub fn store_timeout_ms(&self) -> u64 {
+        (self.heartbeat_interval_ms * 4 / 5).max(MIN_STORE_TIMEOUT_MS)
+    }
+
+    /// How often an observer re-sends its whole view even without changes:
+    /// every report interval, so that the view's freshness is known.
+    pub fn refresh_interval_ms(&self) -> u64 {
+        self.report_interval_ms
+    }
+
+    /// How often the Raft leader decides about a managed group: once per
+    /// heartbeat interval (no verdict changes faster than the readings it
+    /// comes from), and no faster than [`MIN_ELECTION_TICK_MS`].
+    pub fn election_tick_ms(&self) -> u64 {
+        self.heartbeat_interval_ms.max(MIN_ELECTION_TICK_MS)
+    }
+
+    /// The policy one loop serving several groups runs by: each field the
+    /// shortest of `policies`, so that every group is served at least as
+    /// often as its own policy asks; [`Policy::default`] when there is no
+    /// group, so that an idle loop still ticks at the usual pace.
+    ///
+    /// Every derived timing above is non-decreasing in the fields it reads,
+    /// so a timing of the tightest policy is the shortest of the groups'
+    /// timings. The tightest of valid policies is valid: each bound that
+    /// [`Policy::validate`] checks holds for the minima too.
+    pub fn tightest<'a>(policies: impl IntoIterator<Item = &'a Policy>) -> Policy {
+        policies
+            .into_iter()
+            .copied()
+            .reduce(|a, b| Policy {
+                heartbeat_interval_ms: a.heartbeat_interval_ms.min(b.heartbeat_interval_ms),
+                down_after_ms: a.down_after_ms.min(b.down_after_ms),
+                report_interval_ms: a.report_interval_ms.min(b.report_interval_ms),
+                freshness_ms: a.freshness_ms.min(b.freshness_ms),
+            })
+            .unwrap_or_default()
+    }
 }
 
 /// An invalid group spec, naming the field.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum SpecError {
+    /// The group's name is not a valid name.
     #[error("name: {0}")]
     Name(NameError),
+    /// A group without members has nothing to observe.
     #[error("members: a group needs at least one member")]
     NoMembers,
+    /// More members than [`MAX_MEMBERS`] (the matrix grows as their square).
     #[error("members: {count} members is more than the limit of {max}", max = MAX_MEMBERS)]
-    TooManyMembers { count: usize },
+    TooManyMembers {
+        /// How many the spec lists.
+        count: usize,
+    },
+    /// A member's name is not a valid name.
     #[error("members[{index}].id: {error}")]
-    MemberId { index: usize, error: NameError },
+    MemberId {
+        /// The member's place in the list.
+        index: usize,
+        /// What is wrong with the name.
+        error: NameError,
+    },
+    /// A member's name would pass for a coordinator observer's.
     #[error("members[{index}].id: {id:?} starts with \"coordinator-\", which names coordinator observers")]
-    ReservedMemberId { index: usize, id: String },
+    ReservedMemberId {
+        /// The member's place in the list.
+        index: usize,
+        /// The name.
+        id: String,
+    },
+    /// Two members share a name.
     #[error("members[{index}].id: {id:?} appears twice")]
-    DuplicateMember { index: usize, id: String },
+    DuplicateMember {
+        /// The second one's place in the list.
+        index: usize,
+        /// The name.
+        id: String,
+    },
+    /// A heartbeat store's URL does not parse.
     #[error("members[{index}].heartbeat: {url:?}: {reason}")]
-    BadUrl { index: usize, url: String, reason: String },
+    BadUrl {
+        /// The member's place in the list.
+        index: usize,
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A timing of the policy breaks one of its bounds.
     #[error("policy.{field}: {reason}")]
-    Policy { field: String, reason: String },
+    Policy {
+        /// The field at fault.
+        field: String,
+        /// The bound it breaks.
+        reason: String,
+    },
+    /// A data service's URL does not parse.
     #[error("members[{index}].data: {url:?}: {reason}")]
-    BadDataUrl { index: usize, url: String, reason: String },
+    BadDataUrl {
+        /// The member's place in the list.
+        index: usize,
+        /// The URL as given.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// The failover section does not fit the group.
     #[error("failover.{field}: {reason}")]
-    Failover { field: String, reason: String },
+    Failover {
+        /// The field at fault.
+        field: String,
+        /// Why.
+        reason: String,
+    },
 }
 
 impl GroupSpec {
@@ -205,26 +318,34 @@ impl GroupSpec {
         self.failover.is_some()
     }
 
-    /// The primary a new managed group starts with.
+    /// The primary a new managed group starts with: `initial_primary` if
+    /// given, else the best member by [`crate::ranking`] among those with a
+    /// priority above 0; `None` for an unmanaged group.
     pub fn initial_primary(&self) -> Option<&str> {
         let f = self.failover.as_ref()?;
         if let Some(p) = &f.initial_primary {
             return Some(p);
         }
-        let best = self.members.iter().map(|m| m.priority).max()?;
-        self.members.iter().find(|m| m.priority == best && m.priority > 0).map(|m| m.id.as_str())
+        // No member has reported data yet: the ranking falls to priority,
+        // then name.
+        let may_lead = self.members.iter().filter(|m| m.priority > 0);
+        ranking::best(may_lead, |m| Rank { eligible: true, priority: m.priority, offset: 0, member: &m.id })
+            .map(|m| m.id.as_str())
     }
 
+    /// The member named `id`.
     pub fn member(&self, id: &str) -> Option<&MemberSpec> {
         self.members.iter().find(|m| m.id == id)
     }
 
+    /// The members' names, in list order.
     pub fn member_ids(&self) -> impl Iterator<Item = &str> {
         self.members.iter().map(|m| m.id.as_str())
     }
 }
 
 impl Policy {
+    /// Checks the bounds between the timings; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |field: &str, reason: String| Err(SpecError::Policy { field: field.to_owned(), reason });
         if self.heartbeat_interval_ms == 0 {
@@ -266,9 +387,13 @@ impl Policy {
 /// The parts of a Redis URL quorate needs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RedisAddr {
+    /// `rediss://`: connect with TLS.
     pub tls: bool,
+    /// Host name or address.
     pub host: String,
+    /// TCP port, 1-65535.
     pub port: u16,
+    /// Database number (0 when not given).
     pub db: u32,
 }
 
@@ -382,6 +507,71 @@ mod tests {
         s.members[0].priority = 0;
         s.members[1].priority = 0;
         assert!(err(s).starts_with("failover.members: a managed group needs a member with priority above 0"));
+    }
+
+    #[test]
+    fn the_initial_primary_is_the_best_by_the_one_ranking() {
+        let mut s = spec(&["b", "a", "c"]);
+        assert_eq!(s.initial_primary(), None, "unmanaged");
+        s.failover = Some(FailoverPolicy::default());
+        // A tie of priorities goes by name, not by list order.
+        assert_eq!(s.initial_primary(), Some("a"));
+        s.members[2].priority = 150;
+        assert_eq!(s.initial_primary(), Some("c"));
+        for m in &mut s.members {
+            m.priority = 0;
+        }
+        assert_eq!(s.initial_primary(), None, "nobody may be primary");
+        s.failover.as_mut().unwrap().initial_primary = Some("b".into());
+        assert_eq!(s.initial_primary(), Some("b"), "the configured one, unchecked here");
+    }
+
+    #[test]
+    fn derived_timings_follow_the_heartbeat_and_report_intervals() {
+        let p = Policy::default();
+        assert_eq!(
+            (p.read_interval_ms(), p.store_timeout_ms(), p.refresh_interval_ms(), p.election_tick_ms()),
+            (100, 80, 1_000, 100)
+        );
+        let p = Policy { heartbeat_interval_ms: 250, report_interval_ms: 2_000, ..Policy::default() };
+        assert_eq!(
+            (p.read_interval_ms(), p.store_timeout_ms(), p.refresh_interval_ms(), p.election_tick_ms()),
+            (250, 200, 2_000, 250)
+        );
+        // The floors of very short intervals.
+        let p = Policy { heartbeat_interval_ms: 24, ..Policy::default() };
+        assert_eq!((p.store_timeout_ms(), p.election_tick_ms()), (MIN_STORE_TIMEOUT_MS, 24));
+        let p = Policy { heartbeat_interval_ms: 3, ..Policy::default() };
+        assert_eq!((p.store_timeout_ms(), p.election_tick_ms()), (MIN_STORE_TIMEOUT_MS, MIN_ELECTION_TICK_MS));
+    }
+
+    #[test]
+    fn the_tightest_policy_serves_every_group_and_defaults_when_there_is_none() {
+        assert_eq!(Policy::tightest([]), Policy::default());
+        let a =
+            Policy { heartbeat_interval_ms: 50, down_after_ms: 900, report_interval_ms: 1_000, freshness_ms: 2_000 };
+        let b = Policy { heartbeat_interval_ms: 200, down_after_ms: 400, report_interval_ms: 200, freshness_ms: 5_000 };
+        let t = Policy::tightest([&a, &b]);
+        assert_eq!(
+            t,
+            Policy { heartbeat_interval_ms: 50, down_after_ms: 400, report_interval_ms: 200, freshness_ms: 2_000 }
+        );
+        t.validate().unwrap();
+        assert_eq!(Policy::tightest([&b]), b);
+        // A timing of the tightest policy is the shortest of the groups'.
+        let intervals = [1, 3, 12, 24, 25, 26, 99, 100, 101, 1_000];
+        for &x in &intervals {
+            for &y in &intervals {
+                let ps =
+                    [x, y].map(|h| Policy { heartbeat_interval_ms: h, report_interval_ms: h * 3, ..Policy::default() });
+                let t = Policy::tightest(&ps);
+                let min = |f: fn(&Policy) -> u64| ps.iter().map(f).min().unwrap();
+                assert_eq!(t.read_interval_ms(), min(Policy::read_interval_ms));
+                assert_eq!(t.store_timeout_ms(), min(Policy::store_timeout_ms));
+                assert_eq!(t.refresh_interval_ms(), min(Policy::refresh_interval_ms));
+                assert_eq!(t.election_tick_ms(), min(Policy::election_tick_ms));
+            }
+        }
     }
 
     #[test]

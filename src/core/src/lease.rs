@@ -52,12 +52,17 @@ impl Default for LeaseTiming {
 /// Why a [`LeaseTiming`] or a TTL cannot be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TimingError {
+    /// A drift bound of half a clock's rate or more leaves no lease valid.
     #[error("max_clock_drift_ppm must be below 500000 (50%), got {0}")]
     DriftTooLarge(u64),
+    /// The drift and the margin eat the whole TTL.
     #[error(
         "a lease of {ttl_ms} ms leaves the holder no valid time: ttl * (1 - drift) - lease_margin_ms <= 0; use a longer TTL or a smaller margin"
     )]
-    TtlTooShort { ttl_ms: u64 },
+    TtlTooShort {
+        /// The TTL asked for.
+        ttl_ms: u64,
+    },
 }
 
 impl LeaseTiming {

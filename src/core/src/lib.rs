@@ -7,29 +7,20 @@
 //!
 //! ## Layout
 //!
-//! - [`lease`]: lease arithmetic on both sides of a lease. The holder's
-//!   deadline (`send + ttl * (1 - drift) - margin`) and the grantor's wait
-//!   before a new holder (`renewed + ttl * (1 + drift) + margin`).
-//! - [`names`]: validation of group and holder names (shared by the API layer
-//!   and the state machine, so both refuse the same inputs).
-//! - [`role`]: the role decisions of a member's agent (when to take the
-//!   lease, arm and apply the fence, promote, follow), as a state machine
-//!   whose actions the agent's runtime performs.
-//! - [`observe`]: one observer's view of one member (up, down, unknown,
-//!   why), from heartbeat readings.
-//! - [`quorum`]: quorum sizes and three-valued quorum answers.
-//! - [`group`]: a group's spec (members, priorities, policy) and its
-//!   validation.
-//! - [`designation`]: the replicated election state of a managed group, as
-//!   data (designated member, history, member statuses).
-//! - [`matrix`]: every observer's latest view of every member of a group,
-//!   and the rest of a group's replicated state.
-//! - [`verdict`]: the quorum verdict per member over the matrix.
-//! - [`election`]: the decisions over verdicts: candidates, failover,
-//!   switchover.
-//! - [`machine`]: the replicated state machine. Commands carry the proposing
-//!   leader's clock reading; `apply` is deterministic and returns its decision
-//!   as data ([`machine::Outcome`]) together with the change to publish.
+//! One line per module, in the order they build on each other:
+//!
+//! - [`names`]: the rules for group, holder and member names, shared by the API and the machine.
+//! - [`lease`]: lease arithmetic: the holder's deadline and the grantor's wait, with drift and margin.
+//! - [`quorum`]: majorities over all configured voters, with three answers (yes, no, not enough information).
+//! - [`ranking`]: the one order of members for the primary role, and its tie-break.
+//! - [`group`]: a group's spec (members, priorities, timing policy, failover policy) and its validation.
+//! - [`observe`]: one observer's judgement of one member (up, down, unknown, why) from heartbeat reads.
+//! - [`designation`]: a managed group's replicated election state, as data (designated member, history, statuses).
+//! - [`matrix`]: a group's replicated state: every observer's latest view of every member, and the rest.
+//! - [`verdict`]: the quorum verdict per member over the matrix, with its evidence.
+//! - [`election`]: the leader's decisions over verdicts: candidates, failover, what-if.
+//! - [`role`]: a member agent's role decisions (take the lease, fence, promote, follow) as a state machine.
+//! - [`machine`]: the replicated state machine: deterministic `apply`, its decision returned as data.
 //!
 //! ## The one rule
 //!
@@ -37,6 +28,8 @@
 //! verdict. The epoch of a group (its fencing token) is strictly increasing and
 //! never reused, and a new holder is only granted once the previous lease has
 //! expired with the drift margin on the granting leader's clock.
+
+#![deny(missing_docs)]
 
 pub mod designation;
 pub mod election;
@@ -47,6 +40,7 @@ pub mod matrix;
 pub mod names;
 pub mod observe;
 pub mod quorum;
+pub mod ranking;
 pub mod role;
 pub mod verdict;
 

@@ -23,6 +23,7 @@ use crate::lease::LeaseTiming;
 use crate::matrix::{GroupState, Observer, RestartEvent};
 use crate::names::{self, NameError, NameKind};
 use crate::observe::Observation;
+use crate::ranking::{self, Rank};
 
 /// The proposing leader's identity and clock, stamped on every command.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,7 +44,9 @@ pub struct LeaderStamp {
 /// A command as it is written to the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Command {
+    /// Who proposed it and when, on whose clock.
     pub stamp: LeaderStamp,
+    /// What it asks for.
     pub op: Op,
 }
 
@@ -62,33 +65,92 @@ pub enum Op {
     /// Take the group's lease for `holder`. Granted when the lease is free,
     /// released, expired with the margin on the leader's clock, or already
     /// held by `holder` (then with a fresh epoch).
-    Acquire { group: String, holder: String, ttl_ms: u64 },
+    Acquire {
+        /// The group (and its lease).
+        group: String,
+        /// Who wants it.
+        holder: String,
+        /// How long it lasts from the grant unless renewed.
+        ttl_ms: u64,
+    },
     /// Extend the lease `holder` holds at `epoch` by its TTL from now.
-    Renew { group: String, holder: String, epoch: u64 },
+    Renew {
+        /// The group (and its lease).
+        group: String,
+        /// Who holds it.
+        holder: String,
+        /// The epoch it was granted at: a renewal of an older grant fails.
+        epoch: u64,
+    },
     /// Give the lease up at once; the next acquirer needs no wait.
-    Release { group: String, holder: String, epoch: u64 },
+    Release {
+        /// The group (and its lease).
+        group: String,
+        /// Who holds it.
+        holder: String,
+        /// The epoch it was granted at.
+        epoch: u64,
+    },
     /// Create or change a failover group.
-    ApplyGroup { spec: GroupSpec },
+    ApplyGroup {
+        /// The spec to store; validated on apply.
+        spec: GroupSpec,
+    },
     /// One observer's views of the members of one or more groups (a
     /// coordinator reports all its groups in one command). A member's agent
     /// also reports the state of its own data service.
     Report {
+        /// Who observed.
         observer: Observer,
+        /// Which start of the observer (restarts are told apart by it).
         observer_incarnation: u64,
+        /// Its view of each group.
         views: Vec<GroupView>,
+        /// A member's agent only: its own data service's state.
         #[serde(default)]
         status: Option<MemberStatus>,
     },
     /// The leader's decision to move a managed group's designation.
-    Designate { group: String, kind: MoveKind, from: Option<String>, to: String, reason: String, evidence: Vec<String> },
+    Designate {
+        /// The managed group.
+        group: String,
+        /// Why the designation moves.
+        kind: MoveKind,
+        /// The member the decision saw designated: refused if it changed.
+        from: Option<String>,
+        /// The member to designate.
+        to: String,
+        /// The decision in words, for the history.
+        reason: String,
+        /// What the decision was based on, for the history.
+        evidence: Vec<String>,
+    },
     /// Maintenance on or off: no automatic failover while on.
-    SetMaintenance { group: String, on: bool },
+    SetMaintenance {
+        /// The managed group.
+        group: String,
+        /// On or off.
+        on: bool,
+    },
     /// Lift the minimum interval after the last failover.
-    UnblockFailover { group: String },
+    UnblockFailover {
+        /// The managed group.
+        group: String,
+    },
     /// Start a planned switchover to `to` (or the best candidate).
-    Switchover { group: String, to: Option<String> },
+    Switchover {
+        /// The managed group.
+        group: String,
+        /// The member to hand over to; `None` for the best other one.
+        to: Option<String>,
+    },
     /// Give a pending switchover up.
-    CancelSwitchover { group: String, reason: String },
+    CancelSwitchover {
+        /// The managed group.
+        group: String,
+        /// Why, for the logs.
+        reason: String,
+    },
     /// Several commands in one log entry, applied in order at the same time
     /// (the leader batches concurrent reports). Not nested.
     Batch(Vec<Op>),
@@ -97,6 +159,7 @@ pub enum Op {
 /// An observer's view of one group's members.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupView {
+    /// The group viewed.
     pub group: String,
     /// Its observation of each target, by member id.
     pub cells: Vec<(String, Observation)>,
@@ -105,7 +168,9 @@ pub struct GroupView {
 /// Where an entry sits in the Raft log, as far as the machine needs to know.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LogPosition {
+    /// The entry's log index (revisions are log indexes).
     pub index: u64,
+    /// The Raft term it was proposed in.
     pub term: u64,
     /// The node that led `term` (and so proposed the entry).
     pub leader_node_id: u64,
@@ -115,8 +180,11 @@ pub struct LogPosition {
 /// with readings of the same clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ClockBase {
+    /// The term the leader led.
     pub term: u64,
+    /// The leader's Raft node id.
     pub node_id: u64,
+    /// The leader process's start (a restart is a new clock).
     pub boot_id: u64,
 }
 
@@ -127,6 +195,7 @@ pub struct LeaseRecord {
     pub holder: Option<String>,
     /// The fencing token: bumped by every grant, never reused.
     pub epoch: u64,
+    /// The TTL of the grant; each renewal extends it by as much.
     pub ttl_ms: u64,
     /// When the lease was last granted or renewed, on the clock in
     /// [`Machine::clock`].
@@ -152,15 +221,20 @@ pub enum LeaseState {
 /// A lease as readers see it at one moment.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LeaseView {
+    /// The lease's (and its group's) name.
     pub group: String,
     /// `None` when the lease is free (never taken, released, or expired past
     /// the margin).
     pub holder: Option<String>,
+    /// The fencing token of the latest grant.
     pub epoch: u64,
+    /// The TTL of the latest grant.
     pub ttl_ms: u64,
     /// Time left before the holder's TTL runs out (0 when free or expiring).
     pub remaining_ms: u64,
+    /// Free, held or expiring.
     pub state: LeaseState,
+    /// Log index of the last change to the lease.
     pub revision: u64,
 }
 
@@ -178,48 +252,123 @@ pub enum ReaderClock {
 /// Why a command had no effect. Deterministic: every replica rejects alike.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum Rejection {
+    /// A group or holder name is not a valid name.
     #[error(transparent)]
     InvalidName(#[from] NameError),
+    /// A lease of no time.
     #[error("ttl_ms must be positive")]
     ZeroTtl,
+    /// The drift and margin of the lease timing eat the whole TTL.
     #[error("ttl_ms {ttl_ms} leaves the holder no valid time under the lease timing")]
-    TtlTooShort { ttl_ms: u64 },
+    TtlTooShort {
+        /// The TTL asked for.
+        ttl_ms: u64,
+    },
+    /// A renewal or release by someone not holding the lease at that epoch.
     #[error("{holder:?} does not hold lease {group:?} at epoch {epoch}: {current}")]
-    NotHolder { group: String, holder: String, epoch: u64, current: CurrentHolder },
+    NotHolder {
+        /// The lease.
+        group: String,
+        /// Who asked.
+        holder: String,
+        /// The epoch it asked at.
+        epoch: u64,
+        /// Who does hold it, so the caller can tell a stale epoch.
+        current: CurrentHolder,
+    },
+    /// A renewal after the TTL ran out: the holder must have fenced itself.
     #[error("lease {group:?} at epoch {epoch} has expired; acquire it again")]
-    Expired { group: String, epoch: u64 },
+    Expired {
+        /// The lease.
+        group: String,
+        /// The epoch of the expired grant.
+        epoch: u64,
+    },
+    /// The epoch reached `u64::MAX`: no fresh fencing token is left.
     #[error("epoch of lease {group:?} is exhausted")]
-    EpochExhausted { group: String },
+    EpochExhausted {
+        /// The lease.
+        group: String,
+    },
+    /// An entry stamped by a node that did not lead its term.
     #[error("command stamped by node {stamped} in a term led by node {leader}")]
-    ForeignStamp { stamped: u64, leader: u64 },
+    ForeignStamp {
+        /// The node id in the stamp.
+        stamped: u64,
+        /// The node that led the entry's term.
+        leader: u64,
+    },
+    /// A batch inside a batch.
     #[error("batches cannot be nested")]
     NestedBatch,
+    /// An election command for a group without a failover section.
     #[error("group {group:?} is not managed (its spec has no [failover] section)")]
-    NotManaged { group: String },
+    NotManaged {
+        /// The group.
+        group: String,
+    },
+    /// The lease of a managed group asked for by a member not designated.
     #[error("{holder:?} is not the designated primary of {group:?} (designated: {})", designated.as_deref().unwrap_or("nobody"))]
-    NotDesignated { group: String, holder: String, designated: Option<String> },
+    NotDesignated {
+        /// The group.
+        group: String,
+        /// Who asked.
+        holder: String,
+        /// Who is designated.
+        designated: Option<String>,
+    },
+    /// A designation decided on a state that has changed since.
     #[error("stale decision: expected {expected:?} to be designated, but it is {actual:?}")]
-    StaleDecision { expected: Option<String>, actual: Option<String> },
+    StaleDecision {
+        /// The designated member the decision saw.
+        expected: Option<String>,
+        /// The one designated now.
+        actual: Option<String>,
+    },
+    /// An automatic failover within `min_failover_interval_ms` of the last.
     #[error(
         "automatic failover of {group:?} is blocked for another {remaining_ms} ms (min_failover_interval_ms); `quorate failover unblock` lifts it"
     )]
-    FailoverBlocked { group: String, remaining_ms: u64 },
+    FailoverBlocked {
+        /// The group.
+        group: String,
+        /// How long the block lasts still.
+        remaining_ms: u64,
+    },
+    /// An automatic failover of a group in maintenance.
     #[error("group {group:?} is in maintenance: no automatic failover")]
-    InMaintenance { group: String },
+    InMaintenance {
+        /// The group.
+        group: String,
+    },
+    /// A designation or switchover to a member that cannot be primary.
     #[error("{0}")]
     InvalidTarget(String),
+    /// A group spec that does not validate.
     #[error("invalid group spec: {0}")]
     InvalidSpec(SpecError),
+    /// A command for a group that does not exist.
     #[error("no group named {group:?}; create it with `quorate group apply`")]
-    UnknownGroup { group: String },
+    UnknownGroup {
+        /// The name asked for.
+        group: String,
+    },
+    /// A report by a member's agent about a group it is not in.
     #[error("{observer} is not a member of group {group:?}")]
-    UnknownObserver { group: String, observer: Observer },
+    UnknownObserver {
+        /// The group.
+        group: String,
+        /// The observer.
+        observer: Observer,
+    },
 }
 
 /// Who holds a lease, for [`Rejection::NotHolder`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct CurrentHolder {
+    /// The holder; `None` when nobody holds the lease.
     pub holder: Option<String>,
+    /// The current epoch.
     pub epoch: u64,
 }
 
@@ -235,54 +384,74 @@ impl std::fmt::Display for CurrentHolder {
 /// The decision `apply` made.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Outcome {
+    /// The new leader's clock is the machine's clock.
     LeaderStarted,
     /// The lease was granted with a new epoch.
     Granted(LeaseView),
+    /// The lease was extended by its TTL from now.
     Renewed(LeaseView),
+    /// The lease is free; the next acquirer gets it at once.
     Released(LeaseView),
     /// Somebody else holds the lease; it may be granted at `grantable_at_ms`
     /// on the machine's clock, unless it is renewed or released first.
     Held {
+        /// The lease as it stands.
         current: LeaseView,
+        /// When it may go to someone else, on the machine's clock.
         grantable_at_ms: u64,
     },
     /// The group spec is stored (created or changed) at `revision`.
     GroupApplied {
+        /// The log index of the spec.
         revision: u64,
+        /// New, rather than changed.
         created: bool,
     },
     /// The views are stored; they revealed these restarts. Views of unknown
     /// groups (or groups the observer is not in) are `rejected`, the others
     /// still stored.
     Reported {
+        /// Members seen with a new incarnation.
         restarts: Vec<RestartEvent>,
+        /// Why views were not stored.
         rejected: Vec<Rejection>,
     },
     /// One outcome per command of a batch, in order.
     Batch(Vec<Outcome>),
     /// The designation moved (or maintenance/blocks changed, switchover started).
     ElectionChanged {
+        /// The designated member after the change.
         designated: Option<String>,
     },
+    /// The command had no effect, and why.
     Rejected(Rejection),
 }
 
 /// A change watchers are told about.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Change {
+    /// The group (and lease) changed.
     pub group: String,
+    /// What changed.
     pub kind: ChangeKind,
     /// The lease after the change, for lease changes.
     pub lease: Option<LeaseView>,
 }
 
+/// What a [`Change`] is about, so watchers can filter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChangeKind {
+    /// A lease was granted.
     Acquired,
+    /// A lease was renewed.
     Renewed,
+    /// A lease was released.
     Released,
+    /// A group spec was stored.
     GroupApplied,
+    /// An observer's view of the group was stored.
     ViewReported,
+    /// The group's election state changed.
     ElectionChanged,
 }
 
@@ -295,7 +464,9 @@ impl Change {
 /// What `apply` returns: the decision and the change to publish, if any.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Applied {
+    /// The decision, for the proposer.
     pub outcome: Outcome,
+    /// What changed, for watchers, in order.
     pub changes: Vec<Change>,
 }
 
@@ -318,6 +489,7 @@ pub struct Machine {
 }
 
 impl Machine {
+    /// An empty state: no clock, no leases, no groups.
     pub fn new() -> Self {
         Self::default()
     }
@@ -718,10 +890,14 @@ impl Machine {
                     None => return Err(Rejection::InvalidTarget(format!("{t:?} is not a member of {group:?}"))),
                 },
                 None => {
-                    // The best other member: highest priority, then most data.
-                    let best = g.spec.members.iter().filter(|m| m.id != current && m.priority > 0).max_by(|a, b| {
-                        let off = |id: &str| g.statuses.get(id).map_or(0, |s| s.offset);
-                        a.priority.cmp(&b.priority).then(off(&a.id).cmp(&off(&b.id))).then(b.id.cmp(&a.id))
+                    // The best other member that may be primary, by the one
+                    // ranking (highest priority, then most data, then name).
+                    let others = g.spec.members.iter().filter(|m| m.id != current && m.priority > 0);
+                    let best = ranking::best(others, |m| Rank {
+                        eligible: true,
+                        priority: m.priority,
+                        offset: g.statuses.get(&m.id).map_or(0, |s| s.offset),
+                        member: &m.id,
                     });
                     match best {
                         Some(m) => m.id.clone(),

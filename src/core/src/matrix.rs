@@ -18,7 +18,9 @@ pub const MAX_RESTART_EVENTS: usize = 32;
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(into = "String", from = "String")]
 pub enum Observer {
+    /// A coordinator node, by its Raft node id.
     Coordinator(u64),
+    /// A member's agent, by the member's name.
     Member(String),
 }
 
@@ -70,8 +72,11 @@ pub struct StoredView {
 /// A member seen coming back with a new incarnation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RestartEvent {
+    /// The member that restarted.
     pub member: String,
+    /// The incarnation it had before.
     pub from_incarnation: u64,
+    /// The incarnation it came back with.
     pub to_incarnation: u64,
     /// The observer whose report first showed it.
     pub seen_by: Observer,
@@ -82,9 +87,11 @@ pub struct RestartEvent {
 /// A group in the replicated state: its spec and its matrix.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupState {
+    /// The group's spec as last applied.
     pub spec: GroupSpec,
     /// Log index of the last spec change.
     pub spec_revision: u64,
+    /// Every observer's latest view of the members.
     pub views: BTreeMap<Observer, StoredView>,
     /// The latest incarnation of each member, as reported.
     pub incarnations: BTreeMap<String, u64>,
@@ -101,6 +108,8 @@ pub struct GroupState {
 }
 
 impl GroupState {
+    /// A group just created at log index `revision`: no views yet, nobody
+    /// designated.
     pub fn new(spec: GroupSpec, revision: u64) -> Self {
         Self {
             spec,

@@ -15,8 +15,11 @@ pub const COORDINATOR_PREFIX: &str = "coordinator-";
 /// What a name names, for error messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum NameKind {
+    /// A group's (and its lease's) name.
     Group,
+    /// A lease holder's name.
     Holder,
+    /// A group member's name.
     Member,
 }
 
@@ -33,12 +36,31 @@ impl std::fmt::Display for NameKind {
 /// Why a name is refused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 pub enum NameError {
+    /// The name is empty.
     #[error("{kind} name must not be empty")]
-    Empty { kind: NameKind },
+    Empty {
+        /// What the name names.
+        kind: NameKind,
+    },
+    /// The name is longer than [`MAX_NAME_LEN`] bytes.
     #[error("{kind} name is {len} bytes long; the limit is {max} bytes", max = MAX_NAME_LEN)]
-    TooLong { kind: NameKind, len: usize },
+    TooLong {
+        /// What the name names.
+        kind: NameKind,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// The name has a character outside the allowed set (names go into
+    /// Redis keys, log lines and URLs unquoted).
     #[error("{kind} name {name:?} contains {bad:?}; use letters, digits and . _ - : @ only")]
-    BadCharacter { kind: NameKind, name: String, bad: char },
+    BadCharacter {
+        /// What the name names.
+        kind: NameKind,
+        /// The name as given.
+        name: String,
+        /// The first character refused.
+        bad: char,
+    },
 }
 
 /// Checks a group or holder name.

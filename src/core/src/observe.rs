@@ -12,12 +12,16 @@ use serde::{Deserialize, Serialize};
 /// What an observer says about a target.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub enum ObsState {
+    /// Its heartbeat advanced within `down_after_ms`.
     Up,
+    /// No progress for `down_after_ms`.
     Down,
+    /// Not read for long enough to tell.
     Unknown,
 }
 
 impl ObsState {
+    /// The state in words, as the matrix and logs show it.
     pub fn as_str(self) -> &'static str {
         match self {
             ObsState::Up => "up",
@@ -45,6 +49,7 @@ pub enum Reason {
 }
 
 impl Reason {
+    /// The reason in words, as explanations and logs show it.
     pub fn as_str(self) -> &'static str {
         match self {
             Reason::Advancing => "heartbeat advancing",
@@ -70,10 +75,13 @@ pub struct Beat {
 }
 
 impl Beat {
+    /// The value as stored in the heartbeat key.
     pub fn encode(&self) -> String {
         format!("{:016x}:{}:{}", self.incarnation, self.seq, self.unix_ms)
     }
 
+    /// Reads a stored value back; `None` for anything but
+    /// `incarnation:seq:unix_ms` (a reading of [`Reading::Garbled`]).
     pub fn parse(s: &str) -> Option<Beat> {
         let mut parts = s.split(':');
         let incarnation = u64::from_str_radix(parts.next()?, 16).ok()?;
@@ -86,22 +94,29 @@ impl Beat {
 /// The outcome of one read of a target's heartbeat key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reading {
+    /// The key holds a beat.
     Present(Beat),
+    /// The key is absent (never written, or expired).
     Missing,
+    /// The key holds something that is not a beat.
     Garbled,
+    /// The store did not answer in time.
     Unreachable,
 }
 
 /// Everything an observer reports about one target.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Observation {
+    /// What the observer says of the target.
     pub state: ObsState,
+    /// Why.
     pub reason: Reason,
     /// How long the observer has held `state`, in ms, at the time of the
     /// report.
     pub state_age_ms: u64,
     /// The target's incarnation as last seen.
     pub incarnation: Option<u64>,
+    /// The target's sequence number as last seen.
     pub seq: Option<u64>,
     /// Incarnation changes this observer has seen.
     pub restarts: u64,
@@ -123,13 +138,16 @@ pub struct Tracker {
 /// A change [`Tracker::observe`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Transition {
+    /// The state before the reading.
     pub from: ObsState,
+    /// The state after it (the same when only a restart is reported).
     pub to: ObsState,
     /// Set when the target came back with a new incarnation.
     pub restarted: Option<(u64, u64)>,
 }
 
 impl Tracker {
+    /// A tracker that has read nothing yet: unknown since `now_ms`.
     pub fn new(down_after_ms: u64, now_ms: u64) -> Self {
         Self {
             down_after_ms,
@@ -143,6 +161,7 @@ impl Tracker {
         }
     }
 
+    /// The current judgement.
     pub fn state(&self) -> ObsState {
         self.state
     }

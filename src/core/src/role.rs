@@ -56,7 +56,9 @@ pub struct ElectionView {
 /// What the agent sees of its own data service.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ServiceView {
+    /// The agent could talk to it.
     pub reachable: bool,
+    /// The role it reports; `None` when not known.
     pub role: Option<Role>,
     /// For a replica: its link to the primary is up.
     pub link_up: bool,
@@ -67,9 +69,13 @@ pub struct ServiceView {
 /// Actions that can fail and are retried until they succeed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ActionKind {
+    /// [`Action::Promote`].
     Promote,
+    /// [`Action::FenceNow`].
     Fence,
+    /// [`Action::Follow`].
     Follow,
+    /// [`Action::Switchover`].
     Switchover,
 }
 
@@ -79,13 +85,29 @@ pub enum Event {
     /// Time passed (the runtime ticks every heartbeat interval).
     Tick,
     /// The keeper acquired the lease; it is valid until `valid_until_ms`.
-    Acquired { epoch: u64, valid_until_ms: u64 },
+    Acquired {
+        /// The epoch of the grant (the fencing token).
+        epoch: u64,
+        /// The keeper's deadline, on the agent's clock.
+        valid_until_ms: u64,
+    },
     /// The keeper renewed the lease.
-    Renewed { epoch: u64, valid_until_ms: u64 },
+    Renewed {
+        /// The epoch of the grant (the fencing token).
+        epoch: u64,
+        /// The new deadline, on the agent's clock.
+        valid_until_ms: u64,
+    },
     /// The keeper lost the lease (refused, or its deadline is near).
-    Lost { epoch: u64 },
+    Lost {
+        /// The epoch of the grant (the fencing token).
+        epoch: u64,
+    },
     /// The keeper released the lease (switchover).
-    Released { epoch: u64 },
+    Released {
+        /// The epoch of the grant (the fencing token).
+        epoch: u64,
+    },
     /// The keeper task ended (after a loss or release, or it failed).
     KeeperEnded,
     /// A view of the group's election.
@@ -93,7 +115,12 @@ pub enum Event {
     /// The data service's state.
     Service(ServiceView),
     /// An action finished.
-    Done { action: ActionKind, ok: bool },
+    Done {
+        /// Which action.
+        action: ActionKind,
+        /// Whether it succeeded; a failure is retried.
+        ok: bool,
+    },
 }
 
 /// What the runtime must do, in order.
@@ -103,23 +130,42 @@ pub enum Action {
     StartKeeper,
     /// Tell the fencer the lease's deadline: it stops writes then unless a
     /// later deadline arrives first (and keeps the lease key until then).
-    ArmFence { epoch: u64, deadline_ms: u64 },
+    ArmFence {
+        /// The epoch of the lease the deadline belongs to.
+        epoch: u64,
+        /// When writes must stop, on the agent's clock.
+        deadline_ms: u64,
+    },
     /// Stop writes now (the lease is lost, released or past its deadline).
     FenceNow,
     /// Make the data service primary under `epoch`; writes may be opened
     /// only before `deadline_ms`.
-    Promote { epoch: u64, deadline_ms: u64 },
+    Promote {
+        /// The epoch of the lease it serves under.
+        epoch: u64,
+        /// The lease's deadline, on the agent's clock.
+        deadline_ms: u64,
+    },
     /// Replicate from `holder` (this ends a fence: a replica refuses
     /// writes by itself). The fencer is disarmed first.
-    Follow { holder: String, epoch: u64 },
+    Follow {
+        /// The lease holder (the primary).
+        holder: String,
+        /// The holder's epoch, so the follow can be matched to its view.
+        epoch: u64,
+    },
     /// Hand the primary role to `target` (pause, wait for it to catch up,
     /// release the lease, follow it).
-    Switchover { target: String },
+    Switchover {
+        /// The member that takes over.
+        target: String,
+    },
 }
 
 /// The lease as this agent holds it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Held {
+    /// The epoch of the grant (the fencing token).
     pub epoch: u64,
     /// The keeper's deadline, on the agent's clock.
     pub valid_until_ms: u64,
@@ -156,6 +202,8 @@ pub struct RoleMachine {
 }
 
 impl RoleMachine {
+    /// The machine of the agent of member `me`, before any event: no
+    /// lease, no view, nothing owed.
     pub fn new(me: &str) -> Self {
         Self {
             me: me.to_owned(),
@@ -183,10 +231,12 @@ impl RoleMachine {
         self.synced_epoch
     }
 
+    /// Whether a lease keeper is running (started and not yet ended).
     pub fn keeper_running(&self) -> bool {
         self.keeper_running
     }
 
+    /// Whether a fence is owed (retried until an action reports it done).
     pub fn fence_owed(&self) -> bool {
         self.fence_owed
     }
@@ -197,28 +247,20 @@ impl RoleMachine {
     }
 
     /// Feeds one event at `now_ms`; returns the actions to perform, in order.
-    #[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
+    ///
+    /// Each event first updates the state (edge-triggered: only what that
+    /// event says); the events that can change what is owed then run
+    /// `decide` (level-triggered: everything the state asks for).
     pub fn step(&mut self, now_ms: u64, event: Event) -> Vec<Action> {
         let mut out = Vec::new();
         let decide = match event {
             Event::Tick => true,
             Event::Acquired { epoch, valid_until_ms } => {
-                // The fencer learns the deadline before the service becomes
-                // primary, so there is never a writable primary without one.
-                self.held = Some(Held { epoch, valid_until_ms, promoted: false });
-                self.fence_owed = false;
-                self.synced_epoch = Some(epoch);
-                out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
+                self.on_acquired(epoch, valid_until_ms, &mut out);
                 true
             }
             Event::Renewed { epoch, valid_until_ms } => {
-                if let Some(h) = self.held.as_mut()
-                    && h.epoch == epoch
-                    && valid_until_ms >= h.valid_until_ms
-                {
-                    h.valid_until_ms = valid_until_ms;
-                    out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
-                }
+                self.on_renewed(epoch, valid_until_ms, &mut out);
                 false
             }
             Event::Lost { epoch } | Event::Released { epoch } => {
@@ -234,62 +276,13 @@ impl RoleMachine {
                 }
                 true
             }
-            Event::Election(view) => {
-                if self.election.as_ref().is_some_and(|e| view.revision < e.revision) {
-                    return out;
-                }
-                self.election = Some(view);
-                true
-            }
+            Event::Election(view) => self.on_election(view),
             Event::Service(svc) => {
-                if !svc.run_id.is_empty() && !self.service.run_id.is_empty() && svc.run_id != self.service.run_id {
-                    // Restarted (perhaps empty): it must resync first.
-                    self.synced_epoch = None;
-                    self.following_epoch = None;
-                    self.unheld_primary_fenced = false;
-                }
-                if svc.run_id.is_empty() && !self.service.run_id.is_empty() {
-                    // Unreachable: keep the last known run id.
-                    self.service = ServiceView { run_id: self.service.run_id.clone(), ..svc };
-                } else {
-                    self.service = svc;
-                }
-                if self.held.is_none()
-                    && self.service.role == Some(Role::Replica)
-                    && self.service.link_up
-                    && let Some(e) = self.following_epoch
-                {
-                    self.synced_epoch = Some(e);
-                }
-                if self.held.is_none()
-                    && self.service.reachable
-                    && self.service.role == Some(Role::Primary)
-                    && !self.unheld_primary_fenced
-                {
-                    // Writable, perhaps, with nobody's lease behind it.
-                    self.fence_owed = true;
-                }
+                self.on_service(svc);
                 false
             }
             Event::Done { action, ok } => {
-                match (action, ok) {
-                    (ActionKind::Promote, true) => {
-                        if let Some(h) = self.held.as_mut() {
-                            h.promoted = true;
-                        }
-                        self.unheld_primary_fenced = false;
-                    }
-                    (ActionKind::Fence, true) => {
-                        self.fence_owed = false;
-                        self.unheld_primary_fenced = self.held.is_none();
-                    }
-                    (ActionKind::Follow, true) => {
-                        self.fence_owed = false;
-                        self.unheld_primary_fenced = false;
-                        self.following_epoch = self.election.as_ref().map(|e| e.epoch);
-                    }
-                    _ => {}
-                }
+                self.on_done(action, ok);
                 false
             }
         };
@@ -297,6 +290,94 @@ impl RoleMachine {
             self.decide(now_ms, &mut out);
         }
         out
+    }
+
+    fn on_acquired(&mut self, epoch: u64, valid_until_ms: u64, out: &mut Vec<Action>) {
+        // The fencer learns the deadline before the service becomes
+        // primary, so there is never a writable primary without one.
+        self.held = Some(Held { epoch, valid_until_ms, promoted: false });
+        self.fence_owed = false;
+        self.synced_epoch = Some(epoch);
+        out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
+    }
+
+    /// A renewal of the lease held moves the fence's deadline on; one of
+    /// another epoch, or an earlier deadline, is ignored.
+    fn on_renewed(&mut self, epoch: u64, valid_until_ms: u64, out: &mut Vec<Action>) {
+        if let Some(h) = self.held.as_mut()
+            && h.epoch == epoch
+            && valid_until_ms >= h.valid_until_ms
+        {
+            h.valid_until_ms = valid_until_ms;
+            out.push(Action::ArmFence { epoch, deadline_ms: valid_until_ms });
+        }
+    }
+
+    /// Keeps `view` unless a newer one was seen; true if kept. A stale
+    /// view is ignored and decides nothing: acting on it could follow or
+    /// take the lease for an outdated designation.
+    fn on_election(&mut self, view: ElectionView) -> bool {
+        if self.election.as_ref().is_some_and(|e| view.revision < e.revision) {
+            return false;
+        }
+        self.election = Some(view);
+        true
+    }
+
+    /// Takes in the data service's state: a restart forgets its sync, a
+    /// replica linked to the holder it follows has synced, and a primary
+    /// with no lease held here is owed a fence.
+    fn on_service(&mut self, svc: ServiceView) {
+        if !svc.run_id.is_empty() && !self.service.run_id.is_empty() && svc.run_id != self.service.run_id {
+            // Restarted (perhaps empty): it must resync first.
+            self.synced_epoch = None;
+            self.following_epoch = None;
+            self.unheld_primary_fenced = false;
+        }
+        if svc.run_id.is_empty() && !self.service.run_id.is_empty() {
+            // Unreachable: keep the last known run id.
+            self.service = ServiceView { run_id: self.service.run_id.clone(), ..svc };
+        } else {
+            self.service = svc;
+        }
+        if self.held.is_none()
+            && self.service.role == Some(Role::Replica)
+            && self.service.link_up
+            && let Some(e) = self.following_epoch
+        {
+            self.synced_epoch = Some(e);
+        }
+        if self.held.is_none()
+            && self.service.reachable
+            && self.service.role == Some(Role::Primary)
+            && !self.unheld_primary_fenced
+        {
+            // Writable, perhaps, with nobody's lease behind it.
+            self.fence_owed = true;
+        }
+    }
+
+    /// Records what a successful action achieved; a failed one is simply
+    /// retried by later decisions.
+    fn on_done(&mut self, action: ActionKind, ok: bool) {
+        match (action, ok) {
+            (ActionKind::Promote, true) => {
+                if let Some(h) = self.held.as_mut() {
+                    h.promoted = true;
+                }
+                self.unheld_primary_fenced = false;
+            }
+            (ActionKind::Fence, true) => {
+                self.fence_owed = false;
+                self.unheld_primary_fenced = self.held.is_none();
+            }
+            (ActionKind::Follow, true) => {
+                self.fence_owed = false;
+                self.unheld_primary_fenced = false;
+                self.following_epoch = self.election.as_ref().map(|e| e.epoch);
+            }
+            _ => {}
+        }
     }
 
     fn lose(&mut self) {

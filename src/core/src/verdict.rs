@@ -26,13 +26,18 @@ use crate::quorum::{QuorumResult, majority, majority_of};
 /// A member's verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Verdict {
+    /// A quorum of fresh reports say up and none says down.
     Up,
+    /// Some observers see it, but not all that report, or not yet a quorum.
     Partial,
+    /// A quorum of fresh reports say down: the only verdict that fails over.
     Down,
+    /// Nobody freshly sees it, and not a quorum says down.
     Unknown,
 }
 
 impl Verdict {
+    /// The verdict in words, as the CLI and explanations show it.
     pub fn as_str(self) -> &'static str {
         match self {
             Verdict::Up => "up",
@@ -46,9 +51,11 @@ impl Verdict {
 /// What one configured observer contributed to a member's verdict.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Evidence {
+    /// The observer.
     pub observer: Observer,
     /// `None` when this observer has no report about the member at all.
     pub state: Option<ObsState>,
+    /// Why it says so, as it reported.
     pub reason: Option<Reason>,
     /// Age of the observer's view, in ms.
     pub view_age_ms: Option<u64>,
@@ -61,9 +68,13 @@ pub struct Evidence {
 /// One member's verdict with its evidence.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct MemberVerdict {
+    /// The member judged.
     pub member: String,
+    /// The verdict.
     pub state: Verdict,
+    /// Fresh reports that say up.
     pub up_votes: usize,
+    /// Fresh reports that say down.
     pub down_votes: usize,
     /// Fresh reports that say unknown.
     pub unknown_votes: usize,
@@ -71,17 +82,22 @@ pub struct MemberVerdict {
     pub silent: usize,
     /// Number of configured observers.
     pub observers: usize,
+    /// Votes a quorum needs: a majority of the configured observers.
     pub quorum: usize,
-    /// Is a quorum saying down? Is a quorum saying up?
+    /// Is a quorum saying down?
     pub quorum_down: QuorumResult,
+    /// Is a quorum saying up?
     pub quorum_up: QuorumResult,
+    /// Each configured observer's contribution, for explanations.
     pub evidence: Vec<Evidence>,
 }
 
 /// An observer that loses a member a quorum sees.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct CutLink {
+    /// The observer that loses it.
     pub observer: Observer,
+    /// The member it loses.
     pub target: String,
 }
 
@@ -90,12 +106,14 @@ pub struct CutLink {
 pub struct GroupVerdict {
     /// In spec order.
     pub members: Vec<MemberVerdict>,
+    /// Observers that lose a member a quorum sees.
     pub cut_links: Vec<CutLink>,
     /// Observers that lose every member a quorum sees.
     pub isolated: Vec<Observer>,
 }
 
 impl GroupVerdict {
+    /// The verdict of the member named `id`.
     pub fn member(&self, id: &str) -> Option<&MemberVerdict> {
         self.members.iter().find(|m| m.member == id)
     }

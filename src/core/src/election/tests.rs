@@ -255,6 +255,19 @@ fn a_switchover_moves_the_designation_when_the_primary_releases() {
     );
 }
 
+#[test]
+fn the_initial_primary_and_a_switchover_target_follow_the_one_ranking() {
+    // Equal priorities, listed against name order: the name decides, not
+    // the list.
+    let mut s = spec(&[100, 100, 100]);
+    s.members.reverse();
+    let mut m = Machine::new();
+    run(&mut m, 1, 0, Op::ApplyGroup { spec: s });
+    assert_eq!(m.group("db").unwrap().election.designated.as_deref(), Some("db-1"));
+    run(&mut m, 2, 10, Op::Switchover { group: "db".into(), to: None });
+    assert_eq!(m.group("db").unwrap().election.switchover.as_ref().map(|s| s.to.as_str()), Some("db-2"));
+}
+
 // ---- property: designations never bypass the lease ---------------------------
 
 #[derive(Debug, Clone)]

@@ -23,7 +23,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use quorate_core::group::{GroupSpec, heartbeat_key};
+use quorate_core::group::{GroupSpec, Policy, heartbeat_key};
 use quorate_core::matrix::Observer;
 use quorate_core::observe::{Beat, Reading, Tracker};
 use tokio::sync::{Notify, watch};
@@ -78,10 +78,15 @@ fn chunks(views: Vec<pb::GroupView>) -> Vec<Vec<pb::GroupView>> {
     out
 }
 
-/// Bound on one read round: four fifths of the shortest heartbeat interval.
+/// The policy the loop runs by over `specs`: the tightest of theirs, so
+/// that every group is read and refreshed at least as often as it asks.
+fn loop_policy(specs: &[GroupSpec]) -> Policy {
+    Policy::tightest(specs.iter().map(|s| &s.policy))
+}
+
+/// Bound on one read round ([`Policy::store_timeout_ms`]).
 fn read_timeout(specs: &[GroupSpec]) -> Duration {
-    let interval = specs.iter().map(|s| s.policy.heartbeat_interval_ms).min().unwrap_or(100);
-    Duration::from_millis((interval * 4 / 5).max(20))
+    Duration::from_millis(loop_policy(specs).store_timeout_ms())
 }
 
 /// The (group, member, store) triples `observer` watches: the other members
@@ -155,9 +160,9 @@ struct Round {
     last_status: Option<pb::MemberStatus>,
 }
 
-/// A tick of the shortest heartbeat interval of `specs`.
+/// A tick of the shortest read interval of `specs` ([`Policy::read_interval_ms`]).
 fn tick_of(specs: &[GroupSpec]) -> tokio::time::Interval {
-    let ms = specs.iter().map(|s| s.policy.heartbeat_interval_ms).min().unwrap_or(100);
+    let ms = loop_policy(specs).read_interval_ms();
     let mut i = tokio::time::interval(Duration::from_millis(ms));
     i.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     i
@@ -272,7 +277,7 @@ impl Round {
         changed: &BTreeSet<String>,
         status_now: Option<pb::MemberStatus>,
     ) -> Vec<pb::GroupView> {
-        let refresh_every = self.current.iter().map(|s| s.policy.report_interval_ms).min().unwrap_or(1_000);
+        let refresh_every = loop_policy(&self.current).refresh_interval_ms();
         let status_changed = status_now.is_some() && status_now != self.last_status;
         if status_changed {
             self.last_status = status_now;

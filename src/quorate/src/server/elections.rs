@@ -11,18 +11,21 @@ use std::time::Duration;
 
 use quorate_core::Op;
 use quorate_core::election::{Decision, decide_for};
+use quorate_core::group::Policy;
 use quorate_core::machine::Outcome;
 use quorate_core::verdict::verdict_since;
 use tracing::{info, warn};
 
 use super::Node;
 
-/// The shortest heartbeat interval of any managed group, default 100 ms.
+/// The shortest election tick of any managed group
+/// ([`Policy::election_tick_ms`] of the tightest of their policies; the
+/// default policy's when there is none).
 fn tick_of(node: &Node) -> Duration {
-    let ms = node.reader.with_machine(|m, _| {
-        m.groups().filter(|g| g.spec.is_managed()).map(|g| g.spec.policy.heartbeat_interval_ms).min()
-    });
-    Duration::from_millis(ms.unwrap_or(100).max(10))
+    let policy = node
+        .reader
+        .with_machine(|m, _| Policy::tightest(m.groups().filter(|g| g.spec.is_managed()).map(|g| &g.spec.policy)));
+    Duration::from_millis(policy.election_tick_ms())
 }
 
 /// Every managed group's decision now; empty unless the machine runs on
