@@ -46,6 +46,17 @@ pub struct FailoverPolicy {
     pub initial_primary: Option<String>,
 }
 
+impl FailoverPolicy {
+    /// The bound on each coordinator call of an agent, in ms: a sixth of the
+    /// lease TTL (166 ms for the default one-second lease), within
+    /// 50..=1000 ms. Below the renewal interval (a quarter of the TTL), so a
+    /// call to an unreachable coordinator never holds up what comes after it
+    /// for as long as one renewal.
+    pub fn agent_call_timeout_ms(&self) -> u64 {
+        (self.lease_ttl_ms / 6).clamp(50, 1_000)
+    }
+}
+
 impl Default for FailoverPolicy {
     fn default() -> Self {
         Self { lease_ttl_ms: 1_000, max_lag_bytes: 1 << 20, min_failover_interval_ms: 30_000, initial_primary: None }
@@ -313,6 +324,12 @@ impl GroupSpec {
         Ok(())
     }
 
+    /// [`FailoverPolicy::agent_call_timeout_ms`] of this group's failover
+    /// policy, or of the default one for a group quorate does not manage.
+    pub fn agent_call_timeout_ms(&self) -> u64 {
+        self.failover.clone().unwrap_or_default().agent_call_timeout_ms()
+    }
+
     /// Whether quorate picks this group's primary.
     pub fn is_managed(&self) -> bool {
         self.failover.is_some()
@@ -479,6 +496,17 @@ mod tests {
         assert!(err(s.clone()).starts_with("policy.report_interval_ms:"));
         s.name = String::new();
         assert!(err(s).starts_with("name: group name must not be empty"));
+    }
+
+    #[test]
+    fn an_agent_call_is_bounded_by_a_sixth_of_the_lease() {
+        let mut s = spec(&["a", "b"]);
+        assert_eq!(s.agent_call_timeout_ms(), 166, "unmanaged: the default lease's");
+        let ttl = |ms| FailoverPolicy { lease_ttl_ms: ms, ..FailoverPolicy::default() };
+        s.failover = Some(ttl(3_000));
+        assert_eq!(s.agent_call_timeout_ms(), 500);
+        assert_eq!(ttl(120).agent_call_timeout_ms(), 50, "at least 50 ms");
+        assert_eq!(ttl(60_000).agent_call_timeout_ms(), 1_000, "at most a second");
     }
 
     #[test]

@@ -36,18 +36,17 @@ use crate::wire::convert::spec_from_pb;
 /// How often the agent re-reads its group's spec.
 const SPEC_REFRESH: Duration = Duration::from_secs(2);
 
-/// The bound on each coordinator call of the agent: a sixth of the lease
-/// TTL (166 ms for the default one-second lease), below its renewal
-/// interval (a quarter), so a call to an unreachable coordinator never holds
-/// up what comes after it for as long as one renewal. Renewals are bounded
+/// The bound on each coordinator call of the agent
+/// ([`GroupSpec::agent_call_timeout_ms`]: a sixth of the lease TTL, below
+/// its renewal interval, so a call to an unreachable coordinator never holds
+/// up what comes after it for as long as one renewal). Renewals are bounded
 /// by the keeper's own deadline. The one call that waits by design is the
 /// designated member's Acquire (for the old lease to expire): it waits
 /// server-side 250 ms at a time, with a second more for its commit, and is
 /// then asked again; nothing time-critical waits on it (the fencer and the
 /// role loop run apart).
 pub fn agent_call_timeout(spec: &GroupSpec) -> Duration {
-    let ttl_ms = spec.failover.as_ref().map_or(1_000, |f| f.lease_ttl_ms);
-    Duration::from_millis((ttl_ms / 6).clamp(50, 1_000))
+    Duration::from_millis(spec.agent_call_timeout_ms())
 }
 
 /// Why an agent could not run.
@@ -212,7 +211,7 @@ async fn publish<S: Stores>(
             seq += 1;
             let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let value = Beat { incarnation, seq, unix_ms }.encode();
-            let timeout = Duration::from_millis((policy.heartbeat_interval_ms * 4 / 5).max(20));
+            let timeout = Duration::from_millis(policy.store_timeout_ms());
             match stores.set(&url, &key, &value, policy.heartbeat_ttl_ms(), timeout).await {
                 Ok(()) if failing => {
                     info!("heartbeats published again");
