@@ -44,48 +44,78 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Run a profile (or one scenario of it).
-    Run {
-        /// quick (CI, under 20 min) or full.
-        #[arg(long, default_value = "quick")]
-        profile: String,
-        /// Seed for every random choice (default: from the clock, printed).
-        #[arg(long)]
-        seed: Option<u64>,
-        /// Run only this scenario.
-        #[arg(long)]
-        scenario: Option<String>,
-        /// Run the selected scenarios this many times, each time with the
-        /// next seed, each run in its own subdirectory (run-1, run-2, ...).
-        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
-        repeat: u32,
-        /// Where histories, logs and summary.json go.
-        #[arg(long)]
-        out: PathBuf,
-        /// The quorate binary (default: next to this one, built if missing).
-        #[arg(long)]
-        quorate: Option<PathBuf>,
-    },
+    Run(RunArgs),
     /// Delete namespaces and processes left by a killed run.
     Clean,
     /// Internal: the client workloads, run inside the client namespace.
     #[command(hide = true)]
-    Worker {
-        #[arg(long)]
-        endpoints: String,
-        #[arg(long)]
-        out: PathBuf,
-        #[arg(long)]
-        duration_ms: u64,
-        #[arg(long)]
-        seed: u64,
-        #[arg(long, default_value_t = 0)]
-        skew_ppm: u64,
-        #[arg(long)]
-        register: String,
-        /// member=HOST:PORT,...
-        #[arg(long)]
-        data: String,
-    },
+    Worker(WorkerArgs),
+}
+
+// The arguments of `run`. (No doc comment: clap would show it as the
+// subcommand's description.)
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// quick (CI, under 20 min) or full.
+    #[arg(long, default_value = "quick")]
+    profile: String,
+    /// Seed for every random choice (default: from the clock, printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Run only this scenario.
+    #[arg(long)]
+    scenario: Option<String>,
+    /// Run the selected scenarios this many times, each time with the
+    /// next seed, each run in its own subdirectory (run-1, run-2, ...).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+    /// Where histories, logs and summary.json go.
+    #[arg(long)]
+    out: PathBuf,
+    /// The quorate binary (default: next to this one, built if missing).
+    #[arg(long)]
+    quorate: Option<PathBuf>,
+}
+
+// The arguments of the internal `worker`.
+#[derive(Debug, clap::Args)]
+struct WorkerArgs {
+    #[arg(long)]
+    endpoints: String,
+    #[arg(long)]
+    out: PathBuf,
+    #[arg(long)]
+    duration_ms: u64,
+    #[arg(long)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    skew_ppm: u64,
+    #[arg(long)]
+    register: String,
+    /// member=HOST:PORT,...
+    #[arg(long)]
+    data: String,
+}
+
+impl WorkerArgs {
+    fn options(self) -> worker::WorkerOptions {
+        let data = self
+            .data
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        worker::WorkerOptions {
+            endpoints: self.endpoints,
+            out: self.out,
+            duration: Duration::from_millis(self.duration_ms),
+            seed: self.seed,
+            lease_clients: 3,
+            skew_ppm: self.skew_ppm,
+            register: self.register,
+            data,
+        }
+    }
 }
 
 /// The quorate binary: given, or built next to this one.
@@ -115,13 +145,19 @@ fn quorate_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     Ok(sibling)
 }
 
+/// What `prepare` made for a run.
+#[derive(Debug)]
+struct Prepared {
+    seed: u64,
+    /// The output directory, canonical.
+    out: PathBuf,
+    quorate: PathBuf,
+    net: std::sync::Arc<net::Net>,
+}
+
 /// Everything a run needs before its async part: preflight, cleanup, the
 /// binary, the network. The calling thread ends up in the client namespace.
-fn prepare(
-    seed: Option<u64>,
-    out: &std::path::Path,
-    quorate: Option<PathBuf>,
-) -> anyhow::Result<(u64, PathBuf, PathBuf, std::sync::Arc<net::Net>)> {
+fn prepare(seed: Option<u64>, out: &std::path::Path, quorate: Option<PathBuf>) -> anyhow::Result<Prepared> {
     net::preflight()?;
     let stale = net::clean_stale()?;
     if stale > 0 {
@@ -133,7 +169,19 @@ fn prepare(
     let out = out.canonicalize()?;
     let net = net::Net::create(&format!("{:x}", seed % 0xffff), &system::System::host_names())?;
     net.enter(system::CLIENT)?;
-    Ok((seed, out, quorate, std::sync::Arc::new(net)))
+    Ok(Prepared { seed, out, quorate, net: std::sync::Arc::new(net) })
+}
+
+/// `prepare`, or exit with status 2 (after removing whatever it made).
+fn prepare_or_exit(args: &RunArgs) -> Prepared {
+    match prepare(args.seed, &args.out, args.quorate.clone()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            let _ = net::clean_stale();
+            std::process::exit(2);
+        }
+    }
 }
 
 async fn run(
@@ -484,7 +532,6 @@ fn short(check: &str) -> &'static str {
     }
 }
 
-#[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
 fn main() {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -494,83 +541,15 @@ fn main() {
     // The network is made before the runtime, and this thread moves into the
     // client namespace, so every runtime thread starts there.
     let prepared = match &cli.command {
-        Cmd::Run { seed, out, quorate, .. } => match prepare(*seed, out, quorate.clone()) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!("error: {e:#}");
-                let _ = net::clean_stale();
-                std::process::exit(2);
-            }
-        },
+        Cmd::Run(args) => Some(prepare_or_exit(args)),
         _ => None,
     };
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     let code = rt.block_on(async {
         match cli.command {
-            Cmd::Clean => match net::clean_stale() {
-                Ok(n) => {
-                    println!("removed {n} namespaces");
-                    0
-                }
-                Err(e) => {
-                    eprintln!("error: {e:#}");
-                    1
-                }
-            },
-            Cmd::Worker { endpoints, out, duration_ms, seed, skew_ppm, register, data } => {
-                let data = data
-                    .split(',')
-                    .filter_map(|kv| kv.split_once('='))
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect();
-                let opts = worker::WorkerOptions {
-                    endpoints,
-                    out,
-                    duration: Duration::from_millis(duration_ms),
-                    seed,
-                    lease_clients: 3,
-                    skew_ppm,
-                    register,
-                    data,
-                };
-                match worker::run(opts).await {
-                    Ok(()) => 0,
-                    Err(e) => {
-                        eprintln!("worker: {e:#}");
-                        1
-                    }
-                }
-            }
-            Cmd::Run { profile, scenario, repeat, .. } => {
-                let (seed, out, quorate, net) = prepared.expect("prepared above");
-                // Ctrl-C or SIGTERM (`timeout`, a CI runner giving up) drops
-                // the run: every System and the Net clean up.
-                let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(s) => s,
-                    Err(e) => {
-                        eprintln!("error: cannot listen for SIGTERM: {e}");
-                        return 2;
-                    }
-                };
-                tokio::select! {
-                    res = run(profile, seed, scenario, repeat, out, quorate, net) => match res {
-                        Ok(true) => 0,
-                        Ok(false) => 1,
-                        Err(e) => {
-                            eprintln!("error: {e:#}");
-                            2
-                        }
-                    },
-                    _ = tokio::signal::ctrl_c() => {
-                        eprintln!("interrupted: cleaning up");
-                        130
-                    }
-                    _ = term.recv() => {
-                        eprintln!("terminated: cleaning up");
-                        143
-                    }
-                }
-            }
+            Cmd::Clean => clean(),
+            Cmd::Worker(args) => run_worker(args).await,
+            Cmd::Run(args) => run_until_signal(args, prepared.expect("prepared above")).await,
         }
     });
     drop(rt);
@@ -578,4 +557,60 @@ fn main() {
         let _ = net::clean_stale();
     }
     std::process::exit(code);
+}
+
+/// `clean`: the exit status.
+fn clean() -> i32 {
+    match net::clean_stale() {
+        Ok(n) => {
+            println!("removed {n} namespaces");
+            0
+        }
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            1
+        }
+    }
+}
+
+/// `worker`: the exit status.
+async fn run_worker(args: WorkerArgs) -> i32 {
+    match worker::run(args.options()).await {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("worker: {e:#}");
+            1
+        }
+    }
+}
+
+/// `run`, ended early by Ctrl-C or SIGTERM (`timeout`, a CI runner giving
+/// up): the exit status. An interrupted run is dropped, and every System
+/// and the Net clean up.
+async fn run_until_signal(args: RunArgs, p: Prepared) -> i32 {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: cannot listen for SIGTERM: {e}");
+            return 2;
+        }
+    };
+    tokio::select! {
+        res = run(args.profile, p.seed, args.scenario, args.repeat, p.out, p.quorate, p.net) => match res {
+            Ok(true) => 0,
+            Ok(false) => 1,
+            Err(e) => {
+                eprintln!("error: {e:#}");
+                2
+            }
+        },
+        _ = tokio::signal::ctrl_c() => {
+            eprintln!("interrupted: cleaning up");
+            130
+        }
+        _ = term.recv() => {
+            eprintln!("terminated: cleaning up");
+            143
+        }
+    }
 }

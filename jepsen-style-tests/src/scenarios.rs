@@ -349,170 +349,266 @@ pub async fn run_one(ctx: &RunContext, sc: &Scenario, index: usize) -> ScenarioR
     report
 }
 
-#[expect(clippy::cognitive_complexity, clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
+/// One scenario, step by step: a fresh system, warm-up under the workload,
+/// the fault, healing, settling, the final state, the checks.
 async fn run_inner(
     ctx: &RunContext,
     sc: &Scenario,
     seed: u64,
     dir: &Path,
 ) -> anyhow::Result<(BTreeMap<String, CheckResult>, Measured)> {
-    // A fresh directory: an earlier run's data must not leak in.
-    if dir.exists() {
-        std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
-    }
-    std::fs::create_dir_all(dir)?;
-    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let opts = SystemOptions {
-        skip_lease_wait: sc.control == Some(Control::SkipLeaseWait),
-        no_deadline_fence: sc.control == Some(Control::NoDeadlineFence),
-    };
-    let mut sys = System::start(ctx.net.clone(), dir, &ctx.quorate, &opts).await.context("starting the system")?;
-    let nem = Recorder::create(&dir.join("nemesis.jsonl"))?;
-    let client = Client::from_list(&sys.endpoints())?;
-    wait_pair_ready(&client).await?;
-
+    let mut live = Live::start(ctx, sc, seed, dir).await?;
     let t = ctx.timing;
-    let total = t.warmup + t.fault + t.settle;
-    let data: Vec<String> = MEMBERS.iter().map(|m| format!("{m}={}", sys.data_addr(m))).collect();
-    let mut worker = KillOnDrop(sys.spawn_worker(
-        &ctx.me,
-        &[
-            "worker".into(),
-            "--endpoints".into(),
-            sys.endpoints(),
-            "--out".into(),
-            dir.join("worker.jsonl").display().to_string(),
-            "--duration-ms".into(),
-            total.as_millis().to_string(),
-            "--seed".into(),
-            seed.to_string(),
-            "--skew-ppm".into(),
-            sc.skew_ppm.to_string(),
-            "--register".into(),
-            sys.register_addr(),
-            "--data".into(),
-            data.join(","),
-        ],
-    )?);
+    let mut worker = KillOnDrop(live.sys.spawn_worker(&ctx.me, &worker_args(&live.sys, sc, seed, dir, t))?);
     tokio::time::sleep(t.warmup).await;
 
     // The fault.
-    let all: Vec<String> = COORDINATORS.iter().chain(MEMBERS.iter()).map(|s| (*s).to_owned()).collect();
-    let everyone: Vec<String> = System::host_names().iter().map(|s| (*s).to_owned()).collect();
-    let coordinators: Vec<String> = COORDINATORS.iter().map(|s| (*s).to_owned()).collect();
-    let info = |f: &str, v: serde_json::Value| {
-        nem.op("nemesis", OpType::Info, f, v);
-    };
-    let primary = current_primary(&client).await.unwrap_or_else(|| "m1".into());
-    let replica = MEMBERS.iter().find(|m| **m != primary).map(|s| (*s).to_owned()).unwrap_or_default();
-    // Who a partition targets, for the nemesis record.
-    let mut about = json!({});
-    let grudge: Option<Grudge> = match &sc.fault {
-        Fault::IsolatePrimary => Some(grudges::isolate(&all, &primary)),
-        Fault::IsolateRaftLeader => {
-            let leader = leader_now(&sys).await;
-            about = json!({"isolated": leader, "role": "raft-leader"});
-            Some(grudges::isolate(&everyone, &leader))
-        }
-        Fault::IsolateFollowerCoordinator => {
-            let leader = leader_now(&sys).await;
-            let followers: Vec<&String> = coordinators.iter().filter(|c| **c != leader).collect();
-            let victim = followers.choose(&mut rng).map(|c| (*c).clone()).unwrap_or_else(|| "c3".into());
-            about = json!({"isolated": victim, "role": "follower", "leader": leader});
-            Some(grudges::isolate(&everyone, &victim))
-        }
-        // INPUT drops on c1..c3 of the primary's packets.
-        Fault::CoordinatorsDropPrimary => {
-            about = json!({"primary": primary});
-            Some(grudges::drops_from(&coordinators, std::slice::from_ref(&primary)))
-        }
-        // INPUT drops on the primary of every coordinator's packets.
-        Fault::PrimaryDropsCoordinators => {
-            about = json!({"primary": primary});
-            Some(grudges::drops_from(std::slice::from_ref(&primary), &coordinators))
-        }
-        Fault::RandomHalves => {
-            let mut shuffled = all.clone();
-            shuffled.shuffle(&mut rng);
-            let (a, b) = shuffled.split_at(shuffled.len() / 2);
-            Some(grudges::complete(&[a.to_vec(), b.to_vec()]))
-        }
-        Fault::MajoritiesRing => {
-            let mut shuffled = all.clone();
-            shuffled.shuffle(&mut rng);
-            Some(grudges::majorities_ring(&shuffled))
-        }
-        Fault::Bridge => {
-            let b = all.choose(&mut rng).cloned().unwrap_or_default();
-            Some(grudges::bridge(&all, &b))
-        }
-        Fault::OneWayReplicaBlind => Some(grudges::one_way(&primary, &replica)),
-        Fault::PrimaryReplicaLink => Some(grudges::complete(&[vec![primary.clone()], vec![replica.clone()]])),
-        _ => None,
-    };
-    let mut restart: Vec<String> = Vec::new();
-    let mut paused: Vec<String> = Vec::new();
+    let targets = Targets::now(&live.client).await;
+    let (grudge, about) = live.grudge(&sc.fault, &targets).await;
     let fault_started = std::time::Instant::now();
-    match &sc.fault {
-        Fault::None => info("none", json!({})),
-        Fault::KillPrimaryHost => {
-            // Cycles: kill the current primary's host, bring it back after a
-            // third of the window, then kill whoever is primary next. The
-            // last victim comes back at healing.
-            let cycles = (t.fault.as_secs() / 15).max(1) * 2;
-            let step = t.fault / (cycles as u32 * 2);
-            for cycle in 0..cycles {
-                let victim = current_primary(&client).await.unwrap_or_else(|| primary.clone());
-                let procs = sys.procs_of(&victim);
+    let healing = live.act(&sc.fault, &targets, t.fault).await?;
+    if let Some(g) = &grudge {
+        live.partition(g, &about)?;
+    }
+    tokio::time::sleep(t.fault.saturating_sub(fault_started.elapsed())).await;
+
+    live.heal(&healing)?;
+    tokio::time::sleep(t.settle).await;
+    let _ = tokio::task::spawn_blocking(move || worker.0.wait()).await;
+
+    let ops = live.final_history(dir).await?;
+    let fences = deadline_fences(&live.sys);
+    Ok(check(&ops, sc, &fences))
+}
+
+/// A scenario's running system, a client of it, the nemesis history and the
+/// scenario's random choices. (Fields in this order so that they drop in
+/// the order the scenario made them, newest first.)
+struct Live {
+    client: Client,
+    nem: Recorder,
+    sys: System,
+    rng: rand::rngs::StdRng,
+}
+
+/// The hosts a fault can target, with the primary as it was when the fault
+/// started.
+#[derive(Debug)]
+struct Targets {
+    /// The coordinators and the members.
+    all: Vec<String>,
+    /// Every host, the client host included.
+    everyone: Vec<String>,
+    coordinators: Vec<String>,
+    primary: String,
+    replica: String,
+}
+
+impl Targets {
+    async fn now(client: &Client) -> Self {
+        let primary = current_primary(client).await.unwrap_or_else(|| "m1".into());
+        let replica = MEMBERS.iter().find(|m| **m != primary).map(|s| (*s).to_owned()).unwrap_or_default();
+        Self {
+            all: COORDINATORS.iter().chain(MEMBERS.iter()).map(|s| (*s).to_owned()).collect(),
+            everyone: System::host_names().iter().map(|s| (*s).to_owned()).collect(),
+            coordinators: COORDINATORS.iter().map(|s| (*s).to_owned()).collect(),
+            primary,
+            replica,
+        }
+    }
+}
+
+/// What healing undoes besides the network: processes a fault killed (to
+/// restart) and paused (to resume).
+#[derive(Debug, Default)]
+struct Healing {
+    restart: Vec<String>,
+    paused: Vec<String>,
+}
+
+/// The worker's command line: the workload runs for warm-up, fault and
+/// settling, against this system, with the scenario's seed and skew.
+fn worker_args(sys: &System, sc: &Scenario, seed: u64, dir: &Path, t: Timing) -> Vec<String> {
+    let total = t.warmup + t.fault + t.settle;
+    let data: Vec<String> = MEMBERS.iter().map(|m| format!("{m}={}", sys.data_addr(m))).collect();
+    vec![
+        "worker".into(),
+        "--endpoints".into(),
+        sys.endpoints(),
+        "--out".into(),
+        dir.join("worker.jsonl").display().to_string(),
+        "--duration-ms".into(),
+        total.as_millis().to_string(),
+        "--seed".into(),
+        seed.to_string(),
+        "--skew-ppm".into(),
+        sc.skew_ppm.to_string(),
+        "--register".into(),
+        sys.register_addr(),
+        "--data".into(),
+        data.join(","),
+    ]
+}
+
+impl Live {
+    /// A fresh directory and a fresh system in it, with its Redis pair
+    /// ready.
+    async fn start(ctx: &RunContext, sc: &Scenario, seed: u64, dir: &Path) -> anyhow::Result<Self> {
+        // A fresh directory: an earlier run's data must not leak in.
+        if dir.exists() {
+            std::fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(dir)?;
+        let rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let opts = SystemOptions {
+            skip_lease_wait: sc.control == Some(Control::SkipLeaseWait),
+            no_deadline_fence: sc.control == Some(Control::NoDeadlineFence),
+        };
+        let sys = System::start(ctx.net.clone(), dir, &ctx.quorate, &opts).await.context("starting the system")?;
+        let nem = Recorder::create(&dir.join("nemesis.jsonl"))?;
+        let client = Client::from_list(&sys.endpoints())?;
+        wait_pair_ready(&client).await?;
+        Ok(Self { client, nem, sys, rng })
+    }
+
+    /// Records a nemesis event.
+    fn info(&self, f: &str, v: serde_json::Value) {
+        self.nem.op("nemesis", OpType::Info, f, v);
+    }
+
+    /// The partition `fault` makes, if it is one, and whom it targets (for
+    /// the nemesis record).
+    async fn grudge(&mut self, fault: &Fault, t: &Targets) -> (Option<Grudge>, serde_json::Value) {
+        let mut about = json!({});
+        let grudge = match fault {
+            Fault::IsolatePrimary => Some(grudges::isolate(&t.all, &t.primary)),
+            Fault::IsolateRaftLeader => {
+                let leader = leader_now(&self.sys).await;
+                about = json!({"isolated": leader, "role": "raft-leader"});
+                Some(grudges::isolate(&t.everyone, &leader))
+            }
+            Fault::IsolateFollowerCoordinator => {
+                let (leader, victim) = self.random_follower(&t.coordinators).await;
+                about = json!({"isolated": victim, "role": "follower", "leader": leader});
+                Some(grudges::isolate(&t.everyone, &victim))
+            }
+            // INPUT drops on c1..c3 of the primary's packets.
+            Fault::CoordinatorsDropPrimary => {
+                about = json!({"primary": t.primary});
+                Some(grudges::drops_from(&t.coordinators, std::slice::from_ref(&t.primary)))
+            }
+            // INPUT drops on the primary of every coordinator's packets.
+            Fault::PrimaryDropsCoordinators => {
+                about = json!({"primary": t.primary});
+                Some(grudges::drops_from(std::slice::from_ref(&t.primary), &t.coordinators))
+            }
+            Fault::RandomHalves => {
+                let mut shuffled = t.all.clone();
+                shuffled.shuffle(&mut self.rng);
+                let (a, b) = shuffled.split_at(shuffled.len() / 2);
+                Some(grudges::complete(&[a.to_vec(), b.to_vec()]))
+            }
+            Fault::MajoritiesRing => {
+                let mut shuffled = t.all.clone();
+                shuffled.shuffle(&mut self.rng);
+                Some(grudges::majorities_ring(&shuffled))
+            }
+            Fault::Bridge => {
+                let b = t.all.choose(&mut self.rng).cloned().unwrap_or_default();
+                Some(grudges::bridge(&t.all, &b))
+            }
+            Fault::OneWayReplicaBlind => Some(grudges::one_way(&t.primary, &t.replica)),
+            Fault::PrimaryReplicaLink => Some(grudges::complete(&[vec![t.primary.clone()], vec![t.replica.clone()]])),
+            _ => None,
+        };
+        (grudge, about)
+    }
+
+    /// The Raft leader now, and a coordinator other than it, picked at
+    /// random.
+    async fn random_follower(&mut self, coordinators: &[String]) -> (String, String) {
+        let leader = leader_now(&self.sys).await;
+        let followers: Vec<&String> = coordinators.iter().filter(|c| **c != leader).collect();
+        let victim = followers.choose(&mut self.rng).map(|c| (*c).clone()).unwrap_or_else(|| "c3".into());
+        (leader, victim)
+    }
+
+    /// What `fault` does besides a partition, within `window`; returns what
+    /// healing must undo.
+    async fn act(&mut self, fault: &Fault, t: &Targets, window: Duration) -> anyhow::Result<Healing> {
+        let mut healing = Healing::default();
+        match fault {
+            Fault::None => self.info("none", json!({})),
+            Fault::KillPrimaryHost => healing.restart = self.kill_primary_cycles(&t.primary, window).await?,
+            Fault::KillRaftLeader => {
+                let leader = self.sys.leader().await.unwrap_or_else(|| "c1".into());
+                self.sys.kill(&leader);
+                healing.restart.push(leader.clone());
+                self.info("kill", json!({"target": leader, "primary": false}));
+            }
+            Fault::PausePrimaryAgent => {
+                let a = format!("{}-agent", t.primary);
+                self.sys.pause(&a);
+                healing.paused.push(a.clone());
+                self.info("pause", json!({"target": a}));
+            }
+            Fault::PauseObserver { ms } => {
+                self.sys.pause("c2");
+                self.info("pause", json!({"target": "c2", "ms": ms}));
+                tokio::time::sleep(Duration::from_millis(*ms)).await;
+                self.sys.resume("c2");
+                self.info("resume", json!({"target": "c2"}));
+            }
+            Fault::Loss { percent } => {
+                self.sys.net.loss(f64::from(*percent) / 100.0)?;
+                self.info("loss", json!({"percent": percent}));
+            }
+            Fault::WipeFollowerUnderLoss { percent } => {
+                let (_, victim) = self.random_follower(&t.coordinators).await;
+                let nem = &self.nem;
+                let info = |f: &str, v: serde_json::Value| {
+                    nem.op("nemesis", OpType::Info, f, v);
+                };
+                wipe_and_catch_up(&mut self.sys, &self.client, &victim, *percent, window, &info).await?;
+            }
+            _ => {}
+        }
+        Ok(healing)
+    }
+
+    /// Kills the primary's host in cycles, over `window`: kill the current
+    /// primary's host, bring it back after a step (window / (2 × cycles),
+    /// 3.75 s in both profiles), let it resync for a step, then kill
+    /// whoever is primary next. Returns the last victim's processes: they
+    /// come back at healing.
+    async fn kill_primary_cycles(&mut self, primary: &str, window: Duration) -> anyhow::Result<Vec<String>> {
+        let cycles = (window.as_secs() / 15).max(1) * 2;
+        let step = window / (cycles as u32 * 2);
+        let mut down = Vec::new();
+        for cycle in 0..cycles {
+            let victim = current_primary(&self.client).await.unwrap_or_else(|| primary.to_owned());
+            let procs = self.sys.procs_of(&victim);
+            for p in &procs {
+                self.sys.kill(p);
+            }
+            self.info("kill", json!({"target": victim, "primary": true, "member": victim, "cycle": cycle}));
+            tokio::time::sleep(step).await;
+            if cycle + 1 < cycles {
                 for p in &procs {
-                    sys.kill(p);
+                    self.sys.start_proc(p)?;
                 }
-                info("kill", json!({"target": victim, "primary": true, "member": victim, "cycle": cycle}));
+                self.info("restart", json!({"target": victim}));
+                // Let it resync before the next victim is chosen.
                 tokio::time::sleep(step).await;
-                if cycle + 1 < cycles {
-                    for p in &procs {
-                        sys.start_proc(p)?;
-                    }
-                    info("restart", json!({"target": victim}));
-                    // Let it resync before the next victim is chosen.
-                    tokio::time::sleep(step).await;
-                } else {
-                    restart.extend(procs);
-                }
+            } else {
+                down = procs;
             }
         }
-        Fault::KillRaftLeader => {
-            let leader = sys.leader().await.unwrap_or_else(|| "c1".into());
-            sys.kill(&leader);
-            restart.push(leader.clone());
-            info("kill", json!({"target": leader, "primary": false}));
-        }
-        Fault::PausePrimaryAgent => {
-            let a = format!("{primary}-agent");
-            sys.pause(&a);
-            paused.push(a.clone());
-            info("pause", json!({"target": a}));
-        }
-        Fault::PauseObserver { ms } => {
-            sys.pause("c2");
-            info("pause", json!({"target": "c2", "ms": ms}));
-            tokio::time::sleep(Duration::from_millis(*ms)).await;
-            sys.resume("c2");
-            info("resume", json!({"target": "c2"}));
-        }
-        Fault::Loss { percent } => {
-            sys.net.loss(f64::from(*percent) / 100.0)?;
-            info("loss", json!({"percent": percent}));
-        }
-        Fault::WipeFollowerUnderLoss { percent } => {
-            let leader = leader_now(&sys).await;
-            let followers: Vec<&String> = coordinators.iter().filter(|c| **c != leader).collect();
-            let victim = followers.choose(&mut rng).map(|c| (*c).clone()).unwrap_or_else(|| "c3".into());
-            wipe_and_catch_up(&mut sys, &client, &victim, *percent, t.fault, &info).await?;
-        }
-        _ => {}
+        Ok(down)
     }
-    if let Some(g) = &grudge {
+
+    /// Puts `g` in force and records it, with `about`.
+    fn partition(&self, g: &Grudge, about: &serde_json::Value) -> anyhow::Result<()> {
         let shown: BTreeMap<&String, Vec<&String>> = g.iter().map(|(k, v)| (k, v.iter().collect())).collect();
         let mut value = json!({"grudge": shown});
         if let (Some(v), Some(a)) = (value.as_object_mut(), about.as_object()) {
@@ -521,36 +617,45 @@ async fn run_inner(
         // Stamped before the rules go in: the cut may begin with the first
         // rule, and the checkers treat it as in force from this moment.
         let op = Op::new("nemesis", OpType::Info, "partition", value);
-        sys.net.partition(g)?;
-        nem.record(&op);
+        self.sys.net.partition(g)?;
+        self.nem.record(&op);
+        Ok(())
     }
-    tokio::time::sleep(t.fault.saturating_sub(fault_started.elapsed())).await;
 
-    // Heal.
-    sys.net.heal()?;
-    for p in &paused {
-        sys.resume(p);
+    /// Heals the network, resumes what the fault paused and restarts what
+    /// it killed.
+    fn heal(&mut self, h: &Healing) -> anyhow::Result<()> {
+        self.sys.net.heal()?;
+        for p in &h.paused {
+            self.sys.resume(p);
+        }
+        for p in &h.restart {
+            self.sys.start_proc(p)?;
+        }
+        self.info("heal", json!({"restarted": h.restart, "resumed": h.paused}));
+        Ok(())
     }
-    for p in &restart {
-        sys.start_proc(p)?;
+
+    /// Records the final state, stops the system, and writes the merged
+    /// history (worker, nemesis, final) to `history.jsonl`; returns it.
+    async fn final_history(&mut self, dir: &Path) -> anyhow::Result<Vec<Op>> {
+        let fin = Recorder::create(&dir.join("final.jsonl"))?;
+        let worker_ops = history::read(&[&dir.join("worker.jsonl")])?;
+        final_state(&self.sys, &self.client, &fin, &worker_ops).await;
+        fin.flush();
+        self.nem.flush();
+        self.sys.stop_all();
+
+        let ops = history::read(&[&dir.join("worker.jsonl"), &dir.join("nemesis.jsonl"), &dir.join("final.jsonl")])?;
+        let merged = ops.iter().map(|o| serde_json::to_string(o).unwrap_or_default()).collect::<Vec<_>>().join("\n");
+        std::fs::write(dir.join("history.jsonl"), merged + "\n")?;
+        Ok(ops)
     }
-    info("heal", json!({"restarted": restart, "resumed": paused}));
-    tokio::time::sleep(t.settle).await;
-    let _ = tokio::task::spawn_blocking(move || worker.0.wait()).await;
+}
 
-    // Final state.
-    let fin = Recorder::create(&dir.join("final.jsonl"))?;
-    let worker_ops = history::read(&[&dir.join("worker.jsonl")])?;
-    final_state(&sys, &client, &fin, &worker_ops).await;
-    fin.flush();
-    nem.flush();
-    sys.stop_all();
-
-    let ops = history::read(&[&dir.join("worker.jsonl"), &dir.join("nemesis.jsonl"), &dir.join("final.jsonl")])?;
-    let merged = ops.iter().map(|o| serde_json::to_string(o).unwrap_or_default()).collect::<Vec<_>>().join("\n");
-    std::fs::write(dir.join("history.jsonl"), merged + "\n")?;
-    // The agents' own account of their deadline fences (their logs append
-    // across restarts, so every incarnation is there).
+/// The agents' own account of their deadline fences (their logs append
+/// across restarts, so every incarnation is there).
+fn deadline_fences(sys: &System) -> Vec<DeadlineFence> {
     let mut fences = Vec::new();
     for m in MEMBERS {
         if let Some(path) = sys.log_path(&format!("{m}-agent"))
@@ -559,7 +664,7 @@ async fn run_inner(
             fences.extend(checkers::parse_deadline_fences(m, &String::from_utf8_lossy(&bytes)));
         }
     }
-    Ok(check(&ops, sc, &fences))
+    fences
 }
 
 /// How long a wiped coordinator may take to catch up under loss.

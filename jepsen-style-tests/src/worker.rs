@@ -112,119 +112,212 @@ pub async fn run(opts: WorkerOptions) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[expect(clippy::too_many_lines, reason = "not yet split by what it does (issue 10)")]
+/// One lease client: who it is, its random choices and its register
+/// connection, which last across its incarnations.
+struct LeaseClient {
+    process: String,
+    opts: WorkerOptions,
+    rec: Arc<Recorder>,
+    client: Arc<Client>,
+    rng: rand::rngs::StdRng,
+    register: Option<MultiplexedConnection>,
+    until: Instant,
+}
+
+/// The lease an incarnation holds, as its client sees it.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    epoch: u64,
+    start_ns: u64,
+    /// When the client believes the lease ends, by its own clock.
+    believed: Instant,
+    /// The keeper said it is lost (or released).
+    lost: bool,
+}
+
+/// One incarnation: a fresh holder name with a keeper of its own, holding
+/// for a while and then releasing or walking away.
+struct Incarnation {
+    holder: String,
+    keeper: tokio::task::JoinHandle<()>,
+    /// Asks the keeper to release; taken when sent.
+    stop: Option<oneshot::Sender<()>>,
+    hold_for: Duration,
+    /// Some holds end by walking away: the client stops renewing without
+    /// releasing and acts until its own deadline, as a holder whose
+    /// renewals stopped reaching the cluster would. The next holder then
+    /// gets the lease only by expiry.
+    abandon: bool,
+    abandoned: bool,
+    held: Option<Held>,
+    /// When this hold is to end; set when the lease is acquired.
+    hold_deadline: Option<Instant>,
+}
+
+impl Incarnation {
+    fn hold_due(&self, now: Instant) -> bool {
+        self.hold_deadline.is_some_and(|d| now >= d)
+    }
+
+    fn release(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+    }
+}
+
+/// Takes turns at the lease, one incarnation after another, until `until`.
 async fn lease_client(i: usize, opts: WorkerOptions, rec: Arc<Recorder>, until: Instant) {
     let process = format!("lease-{i}");
     let Ok(client) = Client::from_list(&opts.endpoints) else { return };
-    let client = Arc::new(client.with_call_timeout(Duration::from_secs(2)));
-    let mut rng = rand::rngs::StdRng::seed_from_u64(opts.seed.wrapping_add(i as u64));
-    let mut register: Option<MultiplexedConnection> = None;
-    let slow = |valid_for: Duration| {
-        // A clock running slow by skew_ppm sees valid_for pass later.
-        valid_for.mul_f64(1e6 / (1e6 - opts.skew_ppm.min(900_000) as f64))
+    let mut me = LeaseClient {
+        process,
+        client: Arc::new(client.with_call_timeout(Duration::from_secs(2))),
+        rng: rand::rngs::StdRng::seed_from_u64(opts.seed.wrapping_add(i as u64)),
+        register: None,
+        opts,
+        rec,
+        until,
     };
     let mut incarnation = 0;
     while Instant::now() < until {
         incarnation += 1;
-        let holder = format!("{process}-{incarnation}");
-        let (tx, mut events) = mpsc::channel(64);
+        me.incarnation(incarnation).await;
+        tokio::time::sleep(Duration::from_millis(me.rng.random_range(50..400))).await;
+    }
+}
+
+impl LeaseClient {
+    /// Where the client believes a lease valid until `valid_until` ends: a
+    /// clock running slow by skew_ppm sees the time left pass later.
+    fn believed(&self, valid_until: Instant) -> Instant {
+        let slow = |valid_for: Duration| valid_for.mul_f64(1e6 / (1e6 - self.opts.skew_ppm.min(900_000) as f64));
+        Instant::now() + slow(valid_until.saturating_duration_since(Instant::now()))
+    }
+
+    /// Starts a keeper for `holder`: its events, and the sender that asks
+    /// it to release.
+    fn spawn_keeper(
+        &self,
+        holder: &str,
+    ) -> (tokio::task::JoinHandle<()>, mpsc::Receiver<KeeperEvent>, oneshot::Sender<()>) {
+        let (tx, events) = mpsc::channel(64);
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
-        let spec = KeeperSpec { group: LEASE_GROUP.into(), holder: holder.clone(), ttl_ms: 1_500, wait: true };
-        let kc = client.clone();
+        let spec = KeeperSpec { group: LEASE_GROUP.into(), holder: holder.to_owned(), ttl_ms: 1_500, wait: true };
+        let kc = self.client.clone();
         let keeper = tokio::spawn(async move {
             let stop = async {
                 let _ = stop_rx.await;
             };
             let _ = keeper::keep(kc.as_ref(), &spec, &tx, stop).await;
         });
-        let mut stop_tx = Some(stop_tx);
-        let hold_for = Duration::from_millis(rng.random_range(800..2_500));
-        // Some holds end by walking away: the client stops renewing without
-        // releasing and acts until its own deadline, as a holder whose
-        // renewals stopped reaching the cluster would. The next holder then
-        // gets the lease only by expiry.
-        let abandon = rng.random_bool(0.3);
-        let mut abandoned = false;
-        // (epoch, start_ns, believed deadline, lost)
-        let mut held: Option<(u64, u64, Instant, bool)> = None;
-        let mut hold_deadline: Option<Instant> = None;
+        (keeper, events, stop_tx)
+    }
+
+    /// Incarnation `n`: acquires, holds and acts, stops; returns once its
+    /// keeper has ended.
+    async fn incarnation(&mut self, n: u32) {
+        let holder = format!("{}-{n}", self.process);
+        let (keeper, mut events, stop_tx) = self.spawn_keeper(&holder);
+        let mut inc = Incarnation {
+            holder,
+            keeper,
+            stop: Some(stop_tx),
+            hold_for: Duration::from_millis(self.rng.random_range(800..2_500)),
+            abandon: self.rng.random_bool(0.3),
+            abandoned: false,
+            held: None,
+            hold_deadline: None,
+        };
         let mut tick = tokio::time::interval(Duration::from_millis(30));
         let mut events_open = true;
         loop {
             tokio::select! {
                 ev = events.recv(), if events_open => match ev {
-                    Some(KeeperEvent::Acquired { epoch, valid_until }) => {
-                        let start = now_ns();
-                        rec.op(&process, OpType::Ok, "acquire", json!({"group": LEASE_GROUP, "holder": holder, "epoch": epoch}));
-                        held = Some((epoch, start, Instant::now() + slow(valid_until.saturating_duration_since(Instant::now())), false));
-                        hold_deadline = Some(Instant::now() + hold_for);
-                    }
-                    Some(KeeperEvent::Renewed { valid_until, .. }) => {
-                        if let Some(h) = held.as_mut() {
-                            h.2 = Instant::now() + slow(valid_until.saturating_duration_since(Instant::now()));
-                        }
-                    }
-                    Some(KeeperEvent::Lost { .. }) | Some(KeeperEvent::Released { .. }) => {
-                        if let Some(h) = held.as_mut() {
-                            h.3 = true;
-                        }
-                    }
-                    Some(KeeperEvent::Busy { .. }) => {}
+                    Some(ev) => self.on_event(&mut inc, ev),
                     // The keeper is gone (it ended, or we walked away): act
                     // out the hold on the tick.
                     None => events_open = false,
                 },
                 _ = tick.tick() => {}
             }
-            let now = Instant::now();
-            // The hold ends at the last instant the client was entitled to
-            // act: now, or its believed deadline if that came first.
-            let end_hold = |held: &mut Option<(u64, u64, Instant, bool)>| {
-                if let Some((epoch, start, believed, _)) = held.take() {
-                    let late = now.saturating_duration_since(believed).as_nanos() as u64;
-                    let end = now_ns().saturating_sub(late).max(start);
-                    rec.op(
-                        &process,
-                        OpType::Ok,
-                        "hold",
-                        json!({"group": LEASE_GROUP, "holder": holder, "epoch": epoch, "start": start, "end": end}),
-                    );
-                }
-            };
-            if hold_deadline.is_some_and(|d| now >= d) && abandon && held.is_some() && !abandoned {
-                keeper.abort();
-                abandoned = true;
-                hold_deadline = None;
-            }
-            // Done holding (or done altogether): stop acting first, then
-            // release.
-            if hold_deadline.is_some_and(|d| now >= d) || now >= until {
-                end_hold(&mut held);
-                if let Some(s) = stop_tx.take() {
-                    let _ = s.send(());
-                }
-                hold_deadline = None;
-            }
-            if let Some((epoch, _, believed, lost)) = held {
-                // An honest client stops at the keeper's loss signal; one
-                // that walked away, or whose clock is skewed, trusts its own
-                // deadline.
-                if now < believed && (!lost || opts.skew_ppm > 0 || abandoned) {
-                    write_register(&process, &opts.register, &mut register, &rec, epoch, &holder).await;
-                } else {
-                    end_hold(&mut held);
-                    if let Some(s) = stop_tx.take() {
-                        let _ = s.send(());
-                    }
-                }
-            }
-            if keeper.is_finished() && held.is_none() {
+            if self.step(&mut inc, Instant::now()).await {
                 break;
             }
         }
-        let _ = keeper.await;
-        drop(stop_tx);
-        tokio::time::sleep(Duration::from_millis(rng.random_range(50..400))).await;
+        let _ = inc.keeper.await;
+        drop(inc.stop);
+    }
+
+    /// What the keeper reports changes what the client believes it holds.
+    fn on_event(&self, inc: &mut Incarnation, ev: KeeperEvent) {
+        match ev {
+            KeeperEvent::Acquired { epoch, valid_until } => {
+                let start_ns = now_ns();
+                let value = json!({"group": LEASE_GROUP, "holder": inc.holder, "epoch": epoch});
+                self.rec.op(&self.process, OpType::Ok, "acquire", value);
+                inc.held = Some(Held { epoch, start_ns, believed: self.believed(valid_until), lost: false });
+                inc.hold_deadline = Some(Instant::now() + inc.hold_for);
+            }
+            KeeperEvent::Renewed { valid_until, .. } => {
+                if let Some(h) = inc.held.as_mut() {
+                    h.believed = self.believed(valid_until);
+                }
+            }
+            KeeperEvent::Lost { .. } | KeeperEvent::Released { .. } => {
+                if let Some(h) = inc.held.as_mut() {
+                    h.lost = true;
+                }
+            }
+            KeeperEvent::Busy { .. } => {}
+        }
+    }
+
+    /// After every event and tick: walk away, end the hold, or act on it
+    /// with a register write. True once the incarnation is over (its keeper
+    /// ended and nothing is held).
+    async fn step(&mut self, inc: &mut Incarnation, now: Instant) -> bool {
+        if inc.hold_due(now) && inc.abandon && inc.held.is_some() && !inc.abandoned {
+            inc.keeper.abort();
+            inc.abandoned = true;
+            inc.hold_deadline = None;
+        }
+        // Done holding (or done altogether): stop acting first, then
+        // release.
+        if inc.hold_due(now) || now >= self.until {
+            self.end_hold(inc, now);
+            inc.release();
+            inc.hold_deadline = None;
+        }
+        if let Some(h) = inc.held {
+            // An honest client stops at the keeper's loss signal; one that
+            // walked away, or whose clock is skewed, trusts its own
+            // deadline.
+            if now < h.believed && (!h.lost || self.opts.skew_ppm > 0 || inc.abandoned) {
+                write_register(&self.process, &self.opts.register, &mut self.register, &self.rec, h.epoch, &inc.holder)
+                    .await;
+            } else {
+                self.end_hold(inc, now);
+                inc.release();
+            }
+        }
+        inc.keeper.is_finished() && inc.held.is_none()
+    }
+
+    /// Records the hold, if any, and forgets it. The hold ends at the last
+    /// instant the client was entitled to act: `now`, or its believed
+    /// deadline if that came first.
+    fn end_hold(&self, inc: &mut Incarnation, now: Instant) {
+        if let Some(h) = inc.held.take() {
+            let late = now.saturating_duration_since(h.believed).as_nanos() as u64;
+            let end = now_ns().saturating_sub(late).max(h.start_ns);
+            self.rec.op(
+                &self.process,
+                OpType::Ok,
+                "hold",
+                json!({"group": LEASE_GROUP, "holder": inc.holder, "epoch": h.epoch, "start": h.start_ns, "end": end}),
+            );
+        }
     }
 }
 
