@@ -10,6 +10,7 @@
 //! One line per module, in the order they build on each other:
 //!
 //! - [`names`]: the rules for group, holder and member names, shared by the API and the machine.
+//! - [`access`]: identities (from certificates) and the one check of what each may do.
 //! - [`lease`]: lease arithmetic: the holder's deadline and the grantor's wait, with drift and margin.
 //! - [`quorum`]: majorities over all configured voters, with three answers (yes, no, not enough information).
 //! - [`ranking`]: the one order of members for the primary role, and its tie-break.
@@ -31,6 +32,7 @@
 
 #![deny(missing_docs)]
 
+pub mod access;
 pub mod designation;
 pub mod election;
 pub mod group;
