@@ -11,6 +11,13 @@ use crate::ranking::{self, Rank};
 /// The most members a group may have (the matrix is members x observers).
 pub const MAX_MEMBERS: usize = 32;
 
+/// The longest heartbeat or data URL, in bytes.
+pub const MAX_URL_LEN: usize = 256;
+
+/// The shortest heartbeat interval: every observer reads every member this
+/// often, so a shorter one only turns CPU into noise.
+pub const MIN_HEARTBEAT_INTERVAL_MS: u64 = 10;
+
 /// A failover group as configured.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +248,16 @@ pub enum SpecError {
         /// What is wrong with it.
         reason: String,
     },
+    /// A URL longer than [`MAX_URL_LEN`] (not echoed back).
+    #[error("members[{index}].{field}: the URL is {len} bytes; the limit is {max} bytes", max = MAX_URL_LEN)]
+    UrlTooLong {
+        /// The member's place in the list.
+        index: usize,
+        /// `heartbeat` or `data`.
+        field: String,
+        /// Its length.
+        len: usize,
+    },
     /// The failover section does not fit the group.
     #[error("failover.{field}: {reason}")]
     Failover {
@@ -270,13 +287,19 @@ impl GroupSpec {
             if !seen.insert(m.id.as_str()) {
                 return Err(SpecError::DuplicateMember { index, id: m.id.clone() });
             }
+            if m.heartbeat.len() > MAX_URL_LEN {
+                return Err(SpecError::UrlTooLong { index, field: "heartbeat".into(), len: m.heartbeat.len() });
+            }
             check_redis_url(&m.heartbeat).map_err(|reason| SpecError::BadUrl {
                 index,
-                url: m.heartbeat.clone(),
+                url: redacted(&m.heartbeat),
                 reason,
             })?;
             if let Some(data) = &m.data {
-                check_redis_url(data).map_err(|reason| SpecError::BadDataUrl { index, url: data.clone(), reason })?;
+                if data.len() > MAX_URL_LEN {
+                    return Err(SpecError::UrlTooLong { index, field: "data".into(), len: data.len() });
+                }
+                check_redis_url(data).map_err(|reason| SpecError::BadDataUrl { index, url: redacted(data), reason })?;
             }
         }
         self.policy.validate()?;
@@ -365,8 +388,11 @@ impl Policy {
     /// Checks the bounds between the timings; the error names the field.
     pub fn validate(&self) -> Result<(), SpecError> {
         let bad = |field: &str, reason: String| Err(SpecError::Policy { field: field.to_owned(), reason });
-        if self.heartbeat_interval_ms == 0 {
-            return bad("heartbeat_interval_ms", "must be positive".into());
+        if self.heartbeat_interval_ms < MIN_HEARTBEAT_INTERVAL_MS {
+            return bad(
+                "heartbeat_interval_ms",
+                format!("{} ms is below the minimum of {MIN_HEARTBEAT_INTERVAL_MS} ms", self.heartbeat_interval_ms),
+            );
         }
         if self.down_after_ms < 2 * self.heartbeat_interval_ms {
             return bad(
@@ -437,6 +463,19 @@ pub fn parse_redis_url(url: &str) -> Result<RedisAddr, String> {
     Ok(RedisAddr { tls, host: host.to_owned(), port, db })
 }
 
+/// `url` with any password replaced by `***`, for messages and logs: a
+/// Redis URL may carry credentials, which are never echoed.
+pub fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    match rest.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split_once(':').map_or(userinfo, |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_owned(),
+    }
+}
+
 fn check_redis_url(url: &str) -> Result<(), String> {
     parse_redis_url(url).map(|_| ())
 }
@@ -496,6 +535,24 @@ mod tests {
         assert!(err(s.clone()).starts_with("policy.report_interval_ms:"));
         s.name = String::new();
         assert!(err(s).starts_with("name: group name must not be empty"));
+    }
+
+    #[test]
+    fn urls_and_intervals_are_bounded_and_passwords_never_echoed() {
+        let err = |s: GroupSpec| s.validate().unwrap_err().to_string();
+        let mut s = spec(&["a"]);
+        s.members[0].heartbeat = format!("redis://{}:1", "h".repeat(MAX_URL_LEN));
+        let e = err(s.clone());
+        assert!(e.starts_with("members[0].heartbeat: the URL is 266 bytes; the limit is 256"), "{e}");
+        assert!(!e.contains("hhhh"), "a long URL is not echoed: {e}");
+        s.members[0].heartbeat = "redis://user:s3cret@host".into();
+        let e = err(s.clone());
+        assert!(e.contains("user:***@host") && !e.contains("s3cret"), "{e}");
+        assert_eq!(redacted("rediss://:pw@h:1/2"), "rediss://:***@h:1/2");
+        assert_eq!(redacted("redis://h:1"), "redis://h:1");
+        let mut s = spec(&["a"]);
+        s.policy = Policy { heartbeat_interval_ms: 5, down_after_ms: 10, ..Policy::default() };
+        assert_eq!(err(s), "policy.heartbeat_interval_ms: 5 ms is below the minimum of 10 ms");
     }
 
     #[test]
