@@ -42,6 +42,7 @@ pub mod render;
 pub mod server;
 pub mod service;
 pub mod shutdown;
+pub mod tls;
 pub mod wire;
 
 /// Generated protobuf and gRPC code.
