@@ -14,6 +14,8 @@ use std::path::{Path, PathBuf};
 use quorate_core::LeaseTiming;
 use quorate_core::names::{self, NameKind};
 use serde::de::DeserializeOwned;
+
+use crate::tls::config::TlsFiles;
 use serde::{Deserialize, Serialize};
 
 /// Everything a coordinator node needs to run.
@@ -55,6 +57,19 @@ pub struct ServerConfig {
     /// applied since. The three bound the log on disk and what a restart
     /// or a follower that fell behind must replay.
     pub snapshot_every_ms: u64,
+    /// The most groups this cluster holds; creating one more is refused
+    /// with RESOURCE_EXHAUSTED (every coordinator observes every group, so
+    /// this bounds the work of each round and the replicated state).
+    pub max_groups: u64,
+    /// The cluster CA's certificate (PEM): every client and peer must
+    /// present a certificate it signed. With `tls_cert` and `tls_key`;
+    /// without all three the node serves plain text.
+    pub tls_ca: PathBuf,
+    /// This node's certificate (PEM, `quorate certs issue --role node`),
+    /// valid for its listen address.
+    pub tls_cert: PathBuf,
+    /// This node's private key (PEM).
+    pub tls_key: PathBuf,
     /// UNSAFE, for the fault suite's negative control only: grant leases
     /// without waiting for the previous holder's to expire.
     pub test_only_skip_lease_wait: bool,
@@ -89,6 +104,10 @@ impl Default for ServerConfig {
             snapshot_every_entries: 5_000,
             snapshot_max_log_bytes: 64 << 20,
             snapshot_every_ms: 300_000,
+            max_groups: DEFAULT_MAX_GROUPS,
+            tls_ca: PathBuf::new(),
+            tls_cert: PathBuf::new(),
+            tls_key: PathBuf::new(),
             test_only_skip_lease_wait: false,
         }
     }
@@ -101,6 +120,9 @@ const MIN_SNAPSHOT_LOG_BYTES: u64 = 1 << 20;
 const MAX_SNAPSHOT_LOG_BYTES: u64 = 4 << 30;
 const MIN_SNAPSHOT_EVERY_MS: u64 = 1_000;
 const MAX_SNAPSHOT_EVERY_MS: u64 = 86_400_000;
+
+/// The default bound on the number of groups.
+pub const DEFAULT_MAX_GROUPS: u64 = 2048;
 
 /// A configuration that cannot be used, with the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +169,20 @@ fn check_host_port(field: &'static str, addr: &str) -> Result<(), ConfigError> {
     }
 }
 
+/// The TLS files of a process: all three paths, or none (plain text).
+pub fn tls_files(ca: &Path, cert: &Path, key: &Path) -> Result<Option<TlsFiles>, ConfigError> {
+    let given = [("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)];
+    let missing: Vec<&str> = given.iter().filter(|(_, p)| p.as_os_str().is_empty()).map(|(f, _)| *f).collect();
+    match missing.len() {
+        3 => Ok(None),
+        0 => Ok(Some(TlsFiles { ca: ca.to_owned(), cert: cert.to_owned(), key: key.to_owned() })),
+        _ => Err(invalid(
+            missing[0],
+            format!("missing: TLS needs all of tls_ca, tls_cert, tls_key (missing: {})", missing.join(", ")),
+        )),
+    }
+}
+
 /// Reads a TOML file (every key optional; unknown keys are an error).
 pub fn from_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -172,6 +208,12 @@ impl ServerConfig {
         from_file(path)
     }
 
+    /// The TLS files, when all three are given; an error naming the missing
+    /// ones when only some are.
+    pub fn tls_files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        tls_files(&self.tls_ca, &self.tls_cert, &self.tls_key)
+    }
+
     /// The parsed peer map. Only valid after [`Self::validate`].
     pub fn peer_map(&self) -> BTreeMap<u64, String> {
         parse_peers(&self.peers).unwrap_or_default()
@@ -194,6 +236,10 @@ impl ServerConfig {
     /// Checks every field and the timing relationships.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_addresses()?;
+        self.tls_files()?;
+        if self.max_groups == 0 {
+            return Err(invalid("max_groups", "must be at least 1"));
+        }
         self.validate_raft_timing()?;
         self.validate_lease_timing()?;
         self.validate_snapshots()
@@ -396,6 +442,13 @@ pub struct AgentConfig {
     pub driver: DriverKind,
     /// Commands of the exec driver.
     pub hooks: ExecHooks,
+    /// The cluster CA's certificate (PEM); with `tls_cert` and `tls_key`
+    /// every call to the coordinators is mutual TLS.
+    pub tls_ca: PathBuf,
+    /// This member's certificate (`quorate certs issue --role member`).
+    pub tls_cert: PathBuf,
+    /// Its private key.
+    pub tls_key: PathBuf,
     /// UNSAFE, for the fault suite's negative control only: never fence.
     #[serde(skip)]
     pub test_only_no_deadline_fence: bool,
@@ -409,6 +462,7 @@ impl AgentConfig {
         if self.endpoints.trim().is_empty() {
             return Err(invalid("endpoints", "missing: give --endpoints HOST:PORT,..."));
         }
+        tls_files(&self.tls_ca, &self.tls_cert, &self.tls_key)?;
         if self.driver == DriverKind::Exec && self.hooks == ExecHooks::default() {
             return Err(invalid("hooks", "the exec driver needs at least one of promote, demote, fence"));
         }

@@ -27,10 +27,12 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::client::{Client, ClientError};
-use crate::config::{AgentConfig, ConfigError, DriverKind};
+use crate::config::{AgentConfig, ConfigError, DriverKind, tls_files};
 use crate::observation::Observe;
 use crate::observation::store::{RedisStores, Stores};
 use crate::pb::v1 as pb;
+use crate::tls::config::Tls;
+use crate::tls::transport::Transport;
 use crate::wire::convert::spec_from_pb;
 
 /// How often the agent re-reads its group's spec.
@@ -56,6 +58,8 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error(transparent)]
     Client(#[from] ClientError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::config::TlsError),
 }
 
 /// Fetches the group spec, retrying (bounded by `stop`) until the group
@@ -118,13 +122,21 @@ pub fn new_incarnation() -> u64 {
 /// Runs the agent until `shutdown` completes.
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     config.validate()?;
-    let first = Client::from_list(&config.endpoints)?.with_call_timeout(Duration::from_millis(250));
+    let transport = match tls_files(&config.tls_ca, &config.tls_cert, &config.tls_key)? {
+        Some(files) => Transport::Tls(Tls::load(files)?),
+        None => {
+            warn!("talking to the coordinators in plain text");
+            Transport::Insecure
+        }
+    };
+    let endpoints: Vec<String> = config.endpoints.split(',').map(str::to_owned).collect();
+    let first = Client::new_with(&endpoints, transport.clone())?.with_call_timeout(Duration::from_millis(250));
     tokio::pin!(shutdown);
     let spec = tokio::select! {
         s = fetch_spec(&first, &config) => s?,
         () = &mut shutdown => return Ok(()),
     };
-    let client = Arc::new(Client::from_list(&config.endpoints)?.with_call_timeout(agent_call_timeout(&spec)));
+    let client = Arc::new(Client::new_with(&endpoints, transport)?.with_call_timeout(agent_call_timeout(&spec)));
     run_with(config, spec, client, Arc::new(RedisStores::new()), shutdown).await
 }
 

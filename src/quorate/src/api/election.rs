@@ -5,6 +5,7 @@ use super::{CoordinatorService, read_consistency};
 use crate::pb::v1 as pb;
 use crate::service::ServiceError;
 use crate::service::election::{ElectionStatus, WhatIf};
+use crate::tls::caller::Caller;
 use crate::wire::convert::{candidate_pb, history_pb, lease_pb, status_pb};
 
 /// The election status as protobuf.
@@ -37,36 +38,54 @@ fn what_if_pb(w: &WhatIf) -> pb::WhatIfResponse {
 }
 
 impl CoordinatorService {
-    pub(super) async fn get_election_pb(&self, r: pb::GetElectionRequest) -> Result<pb::ElectionStatus, ServiceError> {
+    pub(super) async fn get_election_pb(
+        &self,
+        c: &Caller,
+        r: pb::GetElectionRequest,
+    ) -> Result<pb::ElectionStatus, ServiceError> {
         let (consistency, _) = read_consistency(r.consistency)?;
-        Ok(election_pb(self.node.election_status(&r.group, consistency).await?))
+        Ok(election_pb(self.node.election_status(c, &r.group, consistency).await?))
     }
 
     pub(super) async fn set_maintenance_pb(
         &self,
+        c: &Caller,
         r: pb::SetMaintenanceRequest,
     ) -> Result<pb::ElectionStatus, ServiceError> {
-        Ok(election_pb(self.node.set_maintenance(&r.group, r.on).await?))
+        Ok(election_pb(self.node.set_maintenance(c, &r.group, r.on).await?))
     }
 
-    pub(super) async fn unblock_pb(&self, r: pb::UnblockFailoverRequest) -> Result<pb::ElectionStatus, ServiceError> {
-        Ok(election_pb(self.node.unblock_failover(&r.group).await?))
+    pub(super) async fn unblock_pb(
+        &self,
+        c: &Caller,
+        r: pb::UnblockFailoverRequest,
+    ) -> Result<pb::ElectionStatus, ServiceError> {
+        Ok(election_pb(self.node.unblock_failover(c, &r.group).await?))
     }
 
     pub(super) async fn cancel_switchover_pb(
         &self,
+        c: &Caller,
         r: pb::CancelSwitchoverRequest,
     ) -> Result<pb::ElectionStatus, ServiceError> {
-        Ok(election_pb(self.node.cancel_switchover(&r.group, &r.reason).await?))
+        Ok(election_pb(self.node.cancel_switchover(c, &r.group, &r.reason).await?))
     }
 
-    pub(super) async fn switchover_pb(&self, r: pb::SwitchoverRequest) -> Result<pb::SwitchoverResponse, ServiceError> {
+    pub(super) async fn switchover_pb(
+        &self,
+        c: &Caller,
+        r: pb::SwitchoverRequest,
+    ) -> Result<pb::SwitchoverResponse, ServiceError> {
         let to = (!r.to.is_empty()).then_some(r.to.as_str());
-        let s = self.node.switchover(&r.group, to, r.wait_timeout_ms).await?;
+        let s = self.node.switchover(c, &r.group, to, r.wait_timeout_ms).await?;
         Ok(pb::SwitchoverResponse { to: s.to, epoch: s.epoch, took_ms: s.took_ms })
     }
 
-    pub(super) async fn what_if_pb(&self, r: pb::WhatIfRequest) -> Result<pb::WhatIfResponse, ServiceError> {
-        Ok(what_if_pb(&self.node.what_if(&r.group, &r.down).await?))
+    pub(super) async fn what_if_pb(
+        &self,
+        c: &Caller,
+        r: pb::WhatIfRequest,
+    ) -> Result<pb::WhatIfResponse, ServiceError> {
+        Ok(what_if_pb(&self.node.what_if(c, &r.group, &r.down).await?))
     }
 }

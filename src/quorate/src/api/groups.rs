@@ -5,6 +5,7 @@ use super::{CoordinatorService, read_consistency};
 use crate::pb::v1 as pb;
 use crate::service::ServiceError;
 use crate::service::reports::Report;
+use crate::tls::caller::Caller;
 use crate::wire::convert::{
     evidence_cells, matrix_pb, member_verdict_pb, restart_pb, spec_from_pb, spec_pb, status_from_pb, views_from_pb,
 };
@@ -22,39 +23,48 @@ pub fn report_from_pb(r: pb::ReportRequest) -> Result<Report, ServiceError> {
 impl CoordinatorService {
     pub(super) async fn apply_group_pb(
         &self,
+        c: &Caller,
         r: pb::ApplyGroupRequest,
     ) -> Result<pb::ApplyGroupResponse, ServiceError> {
         let spec = spec_from_pb(r.spec.ok_or_else(|| ServiceError::InvalidArgument("spec: missing".into()))?);
-        let applied = self.node.apply_group(spec).await?;
+        let applied = self.node.apply_group(c, spec).await?;
         Ok(pb::ApplyGroupResponse { created: applied.created, revision: applied.revision })
     }
 
-    pub(super) async fn get_group_pb(&self, r: pb::GetGroupRequest) -> Result<pb::GetGroupResponse, ServiceError> {
+    pub(super) async fn get_group_pb(
+        &self,
+        c: &Caller,
+        r: pb::GetGroupRequest,
+    ) -> Result<pb::GetGroupResponse, ServiceError> {
         let (consistency, _) = read_consistency(r.consistency)?;
-        let g = self.node.group(&r.name, consistency).await?;
+        let g = self.node.group(c, &r.name, consistency).await?;
         Ok(pb::GetGroupResponse { spec: Some(spec_pb(&g.spec)), revision: g.revision })
     }
 
-    pub(super) fn list_groups_pb(&self) -> Result<pb::ListGroupsResponse, ServiceError> {
-        Ok(pb::ListGroupsResponse { names: self.node.group_names()? })
+    pub(super) fn list_groups_pb(&self, c: &Caller) -> Result<pb::ListGroupsResponse, ServiceError> {
+        Ok(pb::ListGroupsResponse { names: self.node.group_names(c)? })
     }
 
-    pub(super) async fn report_pb(&self, r: pb::ReportRequest) -> Result<pb::ReportResponse, ServiceError> {
-        let reported = self.reports.report(report_from_pb(r)?).await?;
+    pub(super) async fn report_pb(&self, c: &Caller, r: pb::ReportRequest) -> Result<pb::ReportResponse, ServiceError> {
+        let reported = self.reports.report(c, report_from_pb(r)?).await?;
         Ok(pb::ReportResponse {
             restarts: reported.restarts.iter().map(restart_pb).collect(),
             rejected: reported.rejected.iter().map(ToString::to_string).collect(),
         })
     }
 
-    pub(super) async fn get_matrix_pb(&self, r: pb::GetMatrixRequest) -> Result<pb::Matrix, ServiceError> {
+    pub(super) async fn get_matrix_pb(&self, c: &Caller, r: pb::GetMatrixRequest) -> Result<pb::Matrix, ServiceError> {
         let (consistency, _) = read_consistency(r.consistency)?;
-        let m = self.node.matrix(&r.group, consistency).await?;
+        let m = self.node.matrix(c, &r.group, consistency).await?;
         Ok(matrix_pb(&m.state, &m.verdict, &m.coordinators, m.served_by))
     }
 
-    pub(super) async fn explain_pb(&self, r: pb::ExplainRequest) -> Result<pb::ExplainResponse, ServiceError> {
-        let e = self.node.explain(&r.group, &r.member).await?;
+    pub(super) async fn explain_pb(
+        &self,
+        c: &Caller,
+        r: pb::ExplainRequest,
+    ) -> Result<pb::ExplainResponse, ServiceError> {
+        let e = self.node.explain(c, &r.group, &r.member).await?;
         Ok(pb::ExplainResponse {
             evidence: evidence_cells(&e.verdict, &e.state),
             verdict: Some(member_verdict_pb(&e.verdict)),

@@ -27,7 +27,9 @@ use crate::service::ServiceError;
 use crate::service::batch;
 use crate::service::leases::{AcquireRequest, Acquired};
 use crate::service::{Node, ReadConsistency};
+use crate::tls::caller::Caller;
 use crate::wire::convert::timing_pb;
+use quorate_core::access::Action;
 
 /// Implements `quorate.v1.Coordinator` on one node.
 #[derive(Debug, Clone)]
@@ -59,7 +61,7 @@ impl CoordinatorService {
         }
     }
 
-    async fn do_acquire(&self, r: pb::AcquireRequest) -> Result<pb::AcquireResponse, ServiceError> {
+    async fn do_acquire(&self, c: &Caller, r: pb::AcquireRequest) -> Result<pb::AcquireResponse, ServiceError> {
         let req = AcquireRequest {
             group: r.group,
             holder: r.holder,
@@ -67,22 +69,22 @@ impl CoordinatorService {
             wait: r.wait,
             wait_timeout_ms: r.wait_timeout_ms,
         };
-        Ok(self.acquired(&self.node.acquire(req).await?))
+        Ok(self.acquired(&self.node.acquire(c, req).await?))
     }
 
-    async fn do_renew(&self, r: pb::RenewRequest) -> Result<pb::RenewResponse, ServiceError> {
-        let lease = self.node.renew(r.group, r.holder, r.epoch).await?;
+    async fn do_renew(&self, c: &Caller, r: pb::RenewRequest) -> Result<pb::RenewResponse, ServiceError> {
+        let lease = self.node.renew(c, r.group, r.holder, r.epoch).await?;
         Ok(pb::RenewResponse { lease: Some(lease_pb(&lease)), timing: Some(timing_pb(self.timing())) })
     }
 
-    async fn do_release(&self, r: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, ServiceError> {
-        let lease = self.node.release(r.group, r.holder, r.epoch).await?;
+    async fn do_release(&self, c: &Caller, r: pb::ReleaseRequest) -> Result<pb::ReleaseResponse, ServiceError> {
+        let lease = self.node.release(c, r.group, r.holder, r.epoch).await?;
         Ok(pb::ReleaseResponse { lease: Some(lease_pb(&lease)) })
     }
 
-    async fn do_get_lease(&self, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ServiceError> {
+    async fn do_get_lease(&self, c: &Caller, r: pb::GetLeaseRequest) -> Result<pb::GetLeaseResponse, ServiceError> {
         let (read, served) = read_consistency(r.consistency)?;
-        let lease = self.node.read_lease(&r.group, read).await?;
+        let lease = self.node.read_lease(c, &r.group, read).await?;
         Ok(pb::GetLeaseResponse { lease: Some(lease_pb(&lease)), served_by: self.node.id, consistency: served as i32 })
     }
 
@@ -134,41 +136,47 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + S
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
     async fn acquire(&self, req: Request<pb::AcquireRequest>) -> Result<Response<pb::AcquireResponse>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = info_span!("acquire", group = %r.group, holder = %r.holder, node_id = self.node.id);
-        Ok(Response::new(self.do_acquire(r).instrument(span).await?))
+        Ok(Response::new(self.do_acquire(&c, r).instrument(span).await?))
     }
 
     async fn renew(&self, req: Request<pb::RenewRequest>) -> Result<Response<pb::RenewResponse>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = info_span!("renew", group = %r.group, holder = %r.holder, epoch = r.epoch);
-        Ok(Response::new(self.do_renew(r).instrument(span).await?))
+        Ok(Response::new(self.do_renew(&c, r).instrument(span).await?))
     }
 
     async fn release(&self, req: Request<pb::ReleaseRequest>) -> Result<Response<pb::ReleaseResponse>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = info_span!("release", group = %r.group, holder = %r.holder, epoch = r.epoch);
-        Ok(Response::new(self.do_release(r).instrument(span).await?))
+        Ok(Response::new(self.do_release(&c, r).instrument(span).await?))
     }
 
     async fn get_lease(&self, req: Request<pb::GetLeaseRequest>) -> Result<Response<pb::GetLeaseResponse>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = tracing::debug_span!("get_lease", group = %r.group);
-        Ok(Response::new(self.do_get_lease(r).instrument(span).await?))
+        Ok(Response::new(self.do_get_lease(&c, r).instrument(span).await?))
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        let c = Caller::of_request(&req);
         let group = req.into_inner().group;
         let span = info_span!("watch", group = %group, node_id = self.node.id);
         // The watch ends when the client goes away (the stream, and with it
         // the receiver, is dropped) or the node stops.
-        let events = span.in_scope(|| self.node.watch(&group))?;
+        let events = span.in_scope(|| self.node.watch(&c, &group))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events).map(|ev| Ok(watch::watch_event_pb(ev))))))
     }
 
-    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+    async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        Caller::of_request(&req).check(Action::Read).map_err(ServiceError::from)?;
         Ok(Response::new(self.do_status()))
     }
 
@@ -176,77 +184,83 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ApplyGroupRequest>,
     ) -> Result<Response<pb::ApplyGroupResponse>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = info_span!("apply_group", group = r.spec.as_ref().map_or("", |s| s.name.as_str()));
-        Ok(Response::new(self.apply_group_pb(r).instrument(span).await?))
+        Ok(Response::new(self.apply_group_pb(&c, r).instrument(span).await?))
     }
 
     async fn get_group(&self, req: Request<pb::GetGroupRequest>) -> Result<Response<pb::GetGroupResponse>, Status> {
-        Ok(Response::new(self.get_group_pb(req.into_inner()).await?))
+        Ok(Response::new(self.get_group_pb(&Caller::of_request(&req), req.into_inner()).await?))
     }
 
     async fn list_groups(
         &self,
-        _req: Request<pb::ListGroupsRequest>,
+        req: Request<pb::ListGroupsRequest>,
     ) -> Result<Response<pb::ListGroupsResponse>, Status> {
-        Ok(Response::new(self.list_groups_pb()?))
+        Ok(Response::new(self.list_groups_pb(&Caller::of_request(&req))?))
     }
 
     async fn report(&self, req: Request<pb::ReportRequest>) -> Result<Response<pb::ReportResponse>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = tracing::debug_span!("report", observer = %r.observer, views = r.views.len());
-        Ok(Response::new(self.report_pb(r).instrument(span).await?))
+        Ok(Response::new(self.report_pb(&c, r).instrument(span).await?))
     }
 
     async fn get_matrix(&self, req: Request<pb::GetMatrixRequest>) -> Result<Response<pb::Matrix>, Status> {
-        Ok(Response::new(self.get_matrix_pb(req.into_inner()).await?))
+        Ok(Response::new(self.get_matrix_pb(&Caller::of_request(&req), req.into_inner()).await?))
     }
 
     async fn explain(&self, req: Request<pb::ExplainRequest>) -> Result<Response<pb::ExplainResponse>, Status> {
-        Ok(Response::new(self.explain_pb(req.into_inner()).await?))
+        Ok(Response::new(self.explain_pb(&Caller::of_request(&req), req.into_inner()).await?))
     }
 
     async fn get_election(&self, req: Request<pb::GetElectionRequest>) -> Result<Response<pb::ElectionStatus>, Status> {
-        Ok(Response::new(self.get_election_pb(req.into_inner()).await?))
+        Ok(Response::new(self.get_election_pb(&Caller::of_request(&req), req.into_inner()).await?))
     }
 
     async fn set_maintenance(
         &self,
         req: Request<pb::SetMaintenanceRequest>,
     ) -> Result<Response<pb::ElectionStatus>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = info_span!("set_maintenance", group = %r.group, on = r.on);
-        Ok(Response::new(self.set_maintenance_pb(r).instrument(span).await?))
+        Ok(Response::new(self.set_maintenance_pb(&c, r).instrument(span).await?))
     }
 
     async fn unblock_failover(
         &self,
         req: Request<pb::UnblockFailoverRequest>,
     ) -> Result<Response<pb::ElectionStatus>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = info_span!("unblock_failover", group = %r.group);
-        Ok(Response::new(self.unblock_pb(r).instrument(span).await?))
+        Ok(Response::new(self.unblock_pb(&c, r).instrument(span).await?))
     }
 
     async fn switchover(
         &self,
         req: Request<pb::SwitchoverRequest>,
     ) -> Result<Response<pb::SwitchoverResponse>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = info_span!("switchover", group = %r.group, to = %r.to);
-        Ok(Response::new(self.switchover_pb(r).instrument(span).await?))
+        Ok(Response::new(self.switchover_pb(&c, r).instrument(span).await?))
     }
 
     async fn cancel_switchover(
         &self,
         req: Request<pb::CancelSwitchoverRequest>,
     ) -> Result<Response<pb::ElectionStatus>, Status> {
+        let c = Caller::of_request(&req);
         let r = req.into_inner();
         let span = info_span!("cancel_switchover", group = %r.group, reason = %r.reason);
-        Ok(Response::new(self.cancel_switchover_pb(r).instrument(span).await?))
+        Ok(Response::new(self.cancel_switchover_pb(&c, r).instrument(span).await?))
     }
 
     async fn what_if(&self, req: Request<pb::WhatIfRequest>) -> Result<Response<pb::WhatIfResponse>, Status> {
-        Ok(Response::new(self.what_if_pb(req.into_inner()).await?))
+        Ok(Response::new(self.what_if_pb(&Caller::of_request(&req), req.into_inner()).await?))
     }
 }

@@ -29,6 +29,8 @@ fn status_of(e: ServiceError) -> Status {
             Status::failed_precondition(message)
         }
         ServiceError::OutcomeUnknown { .. } => Status::deadline_exceeded(message),
+        ServiceError::PermissionDenied(_) => Status::permission_denied(message),
+        ServiceError::ResourceExhausted(_) => Status::resource_exhausted(message),
         ServiceError::Internal(_) => Status::internal(message),
     };
     let md = status.metadata_mut();

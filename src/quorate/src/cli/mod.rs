@@ -19,6 +19,8 @@ use serde_json::json;
 use crate::client::Client;
 use crate::config::{AgentConfig, DriverKind, ServerConfig};
 use crate::pb::v1 as pb;
+use crate::tls::config::Tls;
+use crate::tls::transport::Transport;
 
 /// The endpoints of `quorate local up` with its default ports.
 pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103";
@@ -27,6 +29,20 @@ pub const DEFAULT_ENDPOINTS: &str = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:710
 #[derive(Debug, Parser)]
 #[command(name = "quorate", version, about, long_about = None)]
 pub struct Cli {
+    /// Where the cluster is and how to reach it.
+    #[command(flatten)]
+    pub conn: ConnArgs,
+    /// Print one JSON object per line instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// How a command reaches the cluster: its endpoints and, for mutual TLS,
+/// the CA, certificate and key.
+#[derive(Debug, Clone, Args)]
+pub struct ConnArgs {
     /// Coordinator endpoints, HOST:PORT separated by commas.
     #[arg(
         long,
@@ -35,11 +51,16 @@ pub struct Cli {
         default_value = "127.0.0.1:7101,127.0.0.1:7102,127.0.0.1:7103"
     )]
     pub endpoints: String,
-    /// Print one JSON object per line instead of text.
-    #[arg(long, global = true)]
-    pub json: bool,
-    #[command(subcommand)]
-    pub command: Command,
+    /// The cluster CA's certificate (PEM). With --cert and --key, every
+    /// call to the cluster is mutual TLS.
+    #[arg(long, global = true, env = "QUORATE_CA")]
+    pub ca: Option<PathBuf>,
+    /// This caller's certificate (`quorate certs issue`).
+    #[arg(long, global = true, env = "QUORATE_CERT")]
+    pub cert: Option<PathBuf>,
+    /// This caller's private key.
+    #[arg(long, global = true, env = "QUORATE_KEY")]
+    pub key: Option<PathBuf>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -101,6 +122,9 @@ pub enum Command {
     /// Start or stop a local cluster of background processes.
     #[command(subcommand)]
     Local(LocalCommand),
+    /// A cluster CA and the certificates it issues (see README: security).
+    #[command(subcommand)]
+    Certs(CertsCommand),
     /// The main job: a live local cluster doing real Redis failovers.
     Demo {
         /// Directory for data and logs.
@@ -149,6 +173,16 @@ pub struct ServerArgs {
     pub max_clock_drift_ppm: Option<u64>,
     #[arg(long)]
     pub lease_margin_ms: Option<u64>,
+    /// The cluster CA's certificate (PEM); with --tls-cert and --tls-key
+    /// the node speaks mutual TLS only.
+    #[arg(long)]
+    pub tls_ca: Option<PathBuf>,
+    /// This node's certificate (`quorate certs issue --role node`).
+    #[arg(long)]
+    pub tls_cert: Option<PathBuf>,
+    /// This node's private key.
+    #[arg(long)]
+    pub tls_key: Option<PathBuf>,
     /// UNSAFE: grant leases without waiting for expiry. Only for the fault
     /// suite's negative control, which must detect the overlap.
     #[arg(long, hide = true)]
@@ -191,6 +225,9 @@ impl ServerArgs {
                 max_lease_ttl_ms,
                 max_clock_drift_ppm,
                 lease_margin_ms,
+                tls_ca,
+                tls_cert,
+                tls_key,
             );
             c.test_only_skip_lease_wait |= self.test_only_skip_lease_wait;
         })?;
@@ -213,6 +250,32 @@ pub enum FailoverCommand {
     Status { group: String },
     /// Lift the min_failover_interval_ms block after a failover.
     Unblock { group: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CertsCommand {
+    /// Create a CA in DIR (ca.crt, ca.key); refuses to replace one.
+    Init { dir: PathBuf },
+    /// Issue DIR/NAME.crt and DIR/NAME.key, signed by the CA in DIR
+    /// (re-issuing under the same name rotates them).
+    Issue {
+        dir: PathBuf,
+        /// The identity's name; node-N for a node (N its Raft id).
+        #[arg(long)]
+        name: String,
+        /// node, member, client, reader or admin.
+        #[arg(long)]
+        role: quorate_core::access::Role,
+        /// A member's group; a client's groups (repeatable, '*' for all).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// A DNS name or IP the certificate serves as (repeatable).
+        #[arg(long = "san")]
+        sans: Vec<String>,
+        /// Days it is valid for.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,8 +321,10 @@ impl AgentArgs {
     /// Defaults, then the file, then flags (the global `--endpoints` wins
     /// over the file only when given or set in the environment). Not yet
     /// validated.
-    fn to_config(&self, endpoints: &str) -> anyhow::Result<AgentConfig> {
+    fn to_config(&self, cli: &ConnArgs) -> anyhow::Result<AgentConfig> {
+        let endpoints = cli.endpoints.as_str();
         Ok(crate::config::load(self.config.as_deref(), |c: &mut AgentConfig| {
+            overlay!(cli, c; ca => tls_ca, cert => tls_cert, key => tls_key);
             overlay!(self, c;
                 group,
                 member,
@@ -412,47 +477,40 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::server::run(config, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Status => status::run(&cli.endpoints, json_mode).await,
-        Command::Lease(cmd) => lease::run(client(&cli.endpoints)?, cmd, json_mode).await,
-        Command::Watch { group } => lease::watch(client(&cli.endpoints)?, &group, json_mode).await,
-        Command::Group(GroupCommand::Apply { file }) => groups::apply(&client(&cli.endpoints)?, &file, json_mode).await,
-        Command::Group(GroupCommand::Get { name }) => groups::get(&client(&cli.endpoints)?, &name, json_mode).await,
-        Command::Group(GroupCommand::List) => groups::list(&client(&cli.endpoints)?, json_mode).await,
+        Command::Status => status::run(&client(&cli.conn)?, json_mode).await,
+        Command::Lease(cmd) => lease::run(client(&cli.conn)?, cmd, json_mode).await,
+        Command::Watch { group } => lease::watch(client(&cli.conn)?, &group, json_mode).await,
+        Command::Group(GroupCommand::Apply { file }) => groups::apply(&client(&cli.conn)?, &file, json_mode).await,
+        Command::Group(GroupCommand::Get { name }) => groups::get(&client(&cli.conn)?, &name, json_mode).await,
+        Command::Group(GroupCommand::List) => groups::list(&client(&cli.conn)?, json_mode).await,
         Command::Matrix { group, consistency } => {
-            groups::matrix(&client(&cli.endpoints)?, &group, consistency.to_pb(), json_mode).await
+            groups::matrix(&client(&cli.conn)?, &group, consistency.to_pb(), json_mode).await
         }
-        Command::Explain { group, member } => {
-            groups::explain(&client(&cli.endpoints)?, &group, &member, json_mode).await
-        }
-        Command::History { group } => election::history(&client(&cli.endpoints)?, &group, json_mode).await,
+        Command::Explain { group, member } => groups::explain(&client(&cli.conn)?, &group, &member, json_mode).await,
+        Command::History { group } => election::history(&client(&cli.conn)?, &group, json_mode).await,
         Command::Switchover { group, to, wait_s } => {
-            election::switchover(
-                &client(&cli.endpoints)?,
-                &group,
-                to.as_deref(),
-                Duration::from_secs(wait_s),
-                json_mode,
-            )
-            .await
+            election::switchover(&client(&cli.conn)?, &group, to.as_deref(), Duration::from_secs(wait_s), json_mode)
+                .await
         }
         Command::Maintenance { group, state } => {
-            election::maintenance(&client(&cli.endpoints)?, &group, matches!(state, OnOff::On), json_mode).await
+            election::maintenance(&client(&cli.conn)?, &group, matches!(state, OnOff::On), json_mode).await
         }
-        Command::Whatif { group, down } => election::whatif(&client(&cli.endpoints)?, &group, &down, json_mode).await,
+        Command::Whatif { group, down } => election::whatif(&client(&cli.conn)?, &group, &down, json_mode).await,
         Command::Failover(FailoverCommand::Status { group }) => {
-            election::status(&client(&cli.endpoints)?, &group, json_mode).await
+            election::status(&client(&cli.conn)?, &group, json_mode).await
         }
         Command::Failover(FailoverCommand::Unblock { group }) => {
-            election::unblock(&client(&cli.endpoints)?, &group, json_mode).await
+            election::unblock(&client(&cli.conn)?, &group, json_mode).await
         }
         Command::Agent(args) => {
-            let config = args.to_config(&cli.endpoints)?;
+            let config = args.to_config(&cli.conn)?;
             crate::agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
         Command::Local(cmd) => local(cmd, json_mode).await,
+        Command::Certs(cmd) => certs(cmd, json_mode),
         Command::Demo { dir, base_port, keep_running } => demo(dir, base_port, keep_running, json_mode).await,
-        Command::Bench(args) => bench(&cli.endpoints, args, json_mode).await,
+        Command::Bench(args) => bench(&cli.conn, args, json_mode).await,
     }
 }
 
@@ -506,8 +564,8 @@ async fn demo(dir: PathBuf, base_port: u16, keep_running: bool, json_mode: bool)
 
 /// `quorate bench`: the groups and ingest benchmarks have options of their
 /// own; the others are closed loops of one kind of call.
-async fn bench(endpoints: &str, args: BenchArgs, json_mode: bool) -> anyhow::Result<()> {
-    let client = client(endpoints)?;
+async fn bench(conn: &ConnArgs, args: BenchArgs, json_mode: bool) -> anyhow::Result<()> {
+    let client = client(conn)?;
     match args.kind {
         crate::bench::BenchKind::Groups => {
             let opts = crate::bench::groups::GroupsOptions {
@@ -547,8 +605,47 @@ async fn bench(endpoints: &str, args: BenchArgs, json_mode: bool) -> anyhow::Res
     }
 }
 
-fn client(endpoints: &str) -> anyhow::Result<Client> {
-    Client::from_list(endpoints).context("cannot create a client")
+/// The transport the global `--ca/--cert/--key` ask for: mutual TLS when
+/// all three are given, plain text when none is.
+fn transport(cli: &ConnArgs) -> anyhow::Result<Transport> {
+    let path = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
+    Ok(match crate::config::tls_files(&path(&cli.ca), &path(&cli.cert), &path(&cli.key))? {
+        Some(files) => Transport::Tls(Tls::load(files)?),
+        None => Transport::Insecure,
+    })
+}
+
+fn client(cli: &ConnArgs) -> anyhow::Result<Client> {
+    let endpoints: Vec<String> = cli.endpoints.split(',').map(str::to_owned).collect();
+    Client::new_with(&endpoints, transport(cli)?).context("cannot create a client")
 }
 
 pub use crate::shutdown::signal as shutdown_signal;
+
+fn certs(cmd: CertsCommand, json_mode: bool) -> anyhow::Result<()> {
+    use crate::tls::certs::{self as c, IssueRequest};
+    match cmd {
+        CertsCommand::Init { dir } => {
+            let ca = c::init(&dir)?;
+            if json_mode {
+                println!("{}", json!({ "ca": ca }));
+            } else {
+                println!("created a CA: {} (keep {} secret)", ca.display(), dir.join(c::CA_KEY).display());
+            }
+        }
+        CertsCommand::Issue { dir, name, role, groups, sans, days } => {
+            let mut req = IssueRequest::new(&name, role);
+            req.not_after = req.not_before + time::Duration::days(i64::from(days));
+            req.groups = groups;
+            req.sans = sans;
+            let identity = req.identity()?;
+            let (cert, key) = c::issue(&dir, &req)?;
+            if json_mode {
+                println!("{}", json!({ "cert": cert, "key": key, "identity": identity.uri() }));
+            } else {
+                println!("issued {} ({identity}, {}) and {}", cert.display(), identity.uri(), key.display());
+            }
+        }
+    }
+    Ok(())
+}

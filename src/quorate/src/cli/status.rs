@@ -6,9 +6,8 @@ use super::emit;
 use crate::client::Client;
 use crate::client::cluster::cluster_view;
 
-pub async fn run(endpoints: &str, json_mode: bool) -> anyhow::Result<()> {
-    let client = Client::from_list(endpoints)?;
-    let view = cluster_view(&client).await;
+pub async fn run(client: &Client, json_mode: bool) -> anyhow::Result<()> {
+    let view = cluster_view(client).await;
     let value = json!(view);
     emit(json_mode, &value, || {
         let mut out = match view.leader {
@@ -33,7 +32,7 @@ pub async fn run(endpoints: &str, json_mode: bool) -> anyhow::Result<()> {
         out
     });
     if view.nodes.iter().all(|n| !n.reachable) {
-        anyhow::bail!("no node answered at {endpoints}");
+        anyhow::bail!("no node answered at {}", client.endpoints().join(","));
     }
     Ok(())
 }

@@ -232,7 +232,7 @@ async fn renew_hedged<S: LeaseService>(
                 None => {
                     // Nothing in flight: every attempt so far failed.
                     let budget = until.saturating_duration_since(now);
-                    return Err(last_err.unwrap_or(ClientError::Timeout(budget)));
+                    return Err(last_err.unwrap_or(ClientError::Timeout { budget, last: None }));
                 }
             },
             () = tokio::time::sleep_until(next_hedge), if hedge_pending => {}
@@ -516,7 +516,7 @@ mod tests {
             self.attempts.lock().unwrap()[lane] += 1;
             if self.stalled_lanes.lock().unwrap().contains(&lane) {
                 tokio::time::sleep(budget).await;
-                return Err(ClientError::Timeout(budget));
+                return Err(ClientError::Timeout { budget, last: None });
             }
             if self.unreachable() {
                 tokio::time::sleep(budget.min(Duration::from_millis(50))).await;

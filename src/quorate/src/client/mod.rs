@@ -26,7 +26,8 @@ use tonic::{Code, Status};
 
 use crate::pb::v1 as pb;
 use crate::pb::v1::coordinator_client::CoordinatorClient;
-use crate::wire::{CURRENT_EPOCH_HEADER, LEADER_ADDR_HEADER, lazy_channel};
+use crate::tls::transport::Transport;
+use crate::wire::{CURRENT_EPOCH_HEADER, LEADER_ADDR_HEADER, lazy_channel_with};
 
 /// The default bound on one attempt of a call.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -91,8 +92,15 @@ pub enum ClientError {
     /// No endpoint could serve the call within the bounded attempts.
     #[error("no node could serve the call ({attempts} attempts); last error: {last}")]
     Unavailable { attempts: usize, last: String },
-    #[error("the call did not complete within {0:?}; a write may still take effect")]
-    Timeout(Duration),
+    /// The call's budget ran out; `last` is the last failure seen before,
+    /// if any (a refused TLS handshake, an unreachable node), so that the
+    /// cause is not lost behind the timeout.
+    #[error("the call did not complete within {budget:?}{}; a write may still take effect", last_text(.last))]
+    Timeout { budget: Duration, last: Option<String> },
+}
+
+fn last_text(last: &Option<String>) -> String {
+    last.as_ref().map(|l| format!(" (last error: {l})")).unwrap_or_default()
 }
 
 impl ClientError {
@@ -101,7 +109,7 @@ impl ClientError {
         match self {
             ClientError::Status { code, .. } => *code,
             ClientError::Unavailable { .. } => Code::Unavailable,
-            ClientError::Timeout(_) => Code::DeadlineExceeded,
+            ClientError::Timeout { .. } => Code::DeadlineExceeded,
             ClientError::NoEndpoints | ClientError::BadEndpoint { .. } => Code::InvalidArgument,
         }
     }
@@ -129,11 +137,20 @@ pub struct Client {
     /// the other lanes keep going to it first).
     slow: Mutex<HashMap<String, tokio::time::Instant>>,
     call_timeout: Duration,
+    /// Plain text or mutual TLS, for every connection this client opens.
+    transport: Transport,
 }
 
 impl Client {
-    /// A client for `endpoints` (HOST:PORT each). Connects lazily.
+    /// A client for `endpoints` (HOST:PORT each) over plain text. Connects
+    /// lazily.
     pub fn new(endpoints: &[String]) -> Result<Self, ClientError> {
+        Self::new_with(endpoints, Transport::Insecure)
+    }
+
+    /// A client for `endpoints` (HOST:PORT each) over `transport`. Connects
+    /// lazily.
+    pub fn new_with(endpoints: &[String], transport: Transport) -> Result<Self, ClientError> {
         let endpoints: Vec<String> = endpoints.iter().map(|e| e.trim().to_owned()).filter(|e| !e.is_empty()).collect();
         if endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
@@ -145,6 +162,7 @@ impl Client {
             suspects: Mutex::new(HashMap::new()),
             slow: Mutex::new(HashMap::new()),
             call_timeout: DEFAULT_CALL_TIMEOUT,
+            transport,
         };
         for e in client.endpoints.clone() {
             client.channel(&e, 0)?;
@@ -179,8 +197,8 @@ impl Client {
         if let Some(c) = channels.get(&key) {
             return Ok(c.clone());
         }
-        let c =
-            lazy_channel(addr).map_err(|e| ClientError::BadEndpoint { addr: addr.into(), message: e.to_string() })?;
+        let c = lazy_channel_with(addr, &self.transport)
+            .map_err(|e| ClientError::BadEndpoint { addr: addr.into(), message: e.to_string() })?;
         channels.insert(key, c.clone());
         Ok(c)
     }
@@ -306,7 +324,8 @@ impl Client {
                 Err(_) => {
                     self.suspect(&addr);
                     if attempt_until >= deadline {
-                        return Err(ClientError::Timeout(budget));
+                        let last = (attempts > 1).then(|| last.clone());
+                        return Err(ClientError::Timeout { budget, last });
                     }
                     last = format!("{addr}: no answer within {attempt:?}");
                     if !unanswered.contains(&addr) {

@@ -33,6 +33,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use self::store::Stores;
 use crate::client::{Client, ClientError};
 use crate::pb::v1 as pb;
+use crate::wire::MAX_VIEWS_PER_REPORT;
 use crate::wire::convert::observation_pb;
 
 /// Where reports go. [`Client`] sends them to the cluster; a coordinator's
@@ -56,8 +57,8 @@ impl ReportSink for Client {
 /// one entry anyway.
 pub const REPORT_CHUNK_BYTES: usize = 64 << 10;
 
-/// Splits `views` into runs of at most [`REPORT_CHUNK_BYTES`] (a single
-/// larger view goes alone).
+/// Splits `views` into runs of at most [`REPORT_CHUNK_BYTES`] and
+/// [`MAX_VIEWS_PER_REPORT`] views (a single larger view goes alone).
 fn chunks(views: Vec<pb::GroupView>) -> Vec<Vec<pb::GroupView>> {
     use prost::Message as _;
     let mut out: Vec<Vec<pb::GroupView>> = Vec::new();
@@ -65,7 +66,7 @@ fn chunks(views: Vec<pb::GroupView>) -> Vec<Vec<pb::GroupView>> {
     for v in views {
         let size = v.encoded_len();
         match out.last_mut() {
-            Some(last) if bytes + size <= REPORT_CHUNK_BYTES => {
+            Some(last) if bytes + size <= REPORT_CHUNK_BYTES && last.len() < MAX_VIEWS_PER_REPORT => {
                 bytes += size;
                 last.push(v);
             }

@@ -32,7 +32,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::transport::Channel;
 
-use crate::wire::lazy_channel;
+use crate::tls::transport::Transport;
+use crate::wire::lazy_channel_with;
 
 use super::{Snapshot, TypeConfig, Vote, encoded_len};
 use crate::pb::raft::raft_client::RaftClient;
@@ -89,8 +90,8 @@ struct Lanes {
 }
 
 impl Lanes {
-    fn new(addr: &str) -> Result<Self, tonic::transport::Error> {
-        let channels = (0..LANES).map(|_| lazy_channel(addr)).collect::<Result<Vec<_>, _>>()?;
+    fn new(addr: &str, transport: &Transport) -> Result<Self, tonic::transport::Error> {
+        let channels = (0..LANES).map(|_| lazy_channel_with(addr, transport)).collect::<Result<Vec<_>, _>>()?;
         Ok(Self { channels: channels.into(), current: Arc::new(AtomicUsize::new(0)) })
     }
 
@@ -111,12 +112,13 @@ impl Lanes {
 #[derive(Debug)]
 pub struct NetworkFactory {
     self_id: u64,
+    transport: Transport,
     lanes: HashMap<(u64, String), Lanes>,
 }
 
 impl NetworkFactory {
-    pub fn new(self_id: u64) -> Self {
-        Self { self_id, lanes: HashMap::new() }
+    pub fn new(self_id: u64, transport: Transport) -> Self {
+        Self { self_id, transport, lanes: HashMap::new() }
     }
 }
 
@@ -128,7 +130,7 @@ impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
         let key = (target, node.addr.clone());
         let lanes = match self.lanes.get(&key) {
             Some(l) => Ok(l.clone()),
-            None => Lanes::new(&node.addr).inspect(|l| {
+            None => Lanes::new(&node.addr, &self.transport).inspect(|l| {
                 self.lanes.insert(key, l.clone());
             }),
         };
@@ -393,7 +395,7 @@ mod tests {
             }
         };
 
-        let mut factory = NetworkFactory::new(1);
+        let mut factory = NetworkFactory::new(1, Transport::Insecure);
         let mut peer = factory.new_client(2, &BasicNode { addr: addr.clone() }).await;
         let option = RPCOption::new(Duration::from_millis(200));
         let req = || VoteRequest::<TypeConfig>::new(Vote::new(1, 1), None);

@@ -25,6 +25,7 @@ use super::service::RaftService;
 use super::state_machine::{SmReader, StateMachineStore};
 use super::{NodeClock, Raft, TypeConfig};
 use crate::config::ServerConfig;
+use crate::tls::transport::Transport;
 
 /// A node's Raft role.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,9 +151,11 @@ pub struct Started {
 }
 
 impl RaftNode {
-    /// Starts openraft on `db` with the server's configuration.
+    /// Starts openraft on `db` with the server's configuration; peers are
+    /// dialled over `transport`.
     pub async fn start(
         config: &ServerConfig,
+        transport: Transport,
         db: Arc<redb::Database>,
         clock: NodeClock,
     ) -> Result<Started, StartError> {
@@ -161,7 +164,7 @@ impl RaftNode {
         let reader = sm.reader();
         let log_store = LogStore::new(db);
         let appended = log_store.appended_bytes();
-        let raft = Raft::new(id, Arc::new(openraft_config(config)?), NetworkFactory::new(id), log_store, sm)
+        let raft = Raft::new(id, Arc::new(openraft_config(config)?), NetworkFactory::new(id, transport), log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let node = Self { raft, id, election_timeout_max: Duration::from_millis(config.election_timeout_max_ms) };

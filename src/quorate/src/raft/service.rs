@@ -1,8 +1,13 @@
-//! The server side of Raft RPCs: decode, check the target, hand to openraft
-//! (votes only when this node may vote, see [`Readiness`]).
+//! The server side of Raft RPCs: check the sender (a node certificate, and
+//! the node its messages claim to come from), decode, check the target,
+//! hand to openraft (votes only when this node may vote, see
+//! [`Readiness`]).
 
+use crate::tls::caller::Caller;
 use futures::StreamExt;
 use openraft::raft::{AppendEntriesRequest, VoteRequest};
+use openraft::vote::RaftLeaderId as _;
+use quorate_core::access::{Action, Identity};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use tonic::{Request, Response, Status, Streaming};
@@ -50,6 +55,31 @@ impl RaftService {
         raft_server::RaftServer::new(self).max_decoding_message_size(64 << 20)
     }
 
+    /// Only node certificates reach the Raft service; returns the node the
+    /// certificate names (`None` over plain text).
+    fn check_sender<T>(req: &Request<T>) -> Result<Option<u64>, Status> {
+        let caller = Caller::of_request(req);
+        caller.check(Action::Raft).map_err(|d| Status::permission_denied(d.to_string()))?;
+        Ok(match caller {
+            Caller::Known(Identity::Node { id }) => Some(id),
+            _ => None,
+        })
+    }
+
+    /// Defence in depth: a message whose vote names a leader or candidate
+    /// other than the node its certificate names is refused before openraft
+    /// sees it (a compromised node cannot speak for another).
+    fn check_claim(sender: Option<u64>, claimed: u64, what: &str) -> Result<(), Status> {
+        match sender {
+            Some(id) if id != claimed => {
+                let d = format!("node {id} may not send {what} in the name of node {claimed}");
+                tracing::warn!("permission denied: {d}");
+                Err(Status::permission_denied(d))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Refuses requests meant for another node: a leader must never
     /// replicate to itself or to a node that took over a stale address.
     fn check_target<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -80,26 +110,32 @@ fn reply<T: Serialize, E: std::fmt::Display>(res: Result<T, E>) -> Result<Respon
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let sender = Self::check_sender(&req)?;
         self.check_target(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        Self::check_claim(sender, *rpc.vote.leader_id().node_id(), "AppendEntries")?;
         reply(self.raft.append_entries(rpc).await)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let sender = Self::check_sender(&req)?;
         self.check_target(&req)?;
         if let Some(refused) = self.vote_refusal() {
             return refused;
         }
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        Self::check_claim(sender, *rpc.vote.leader_id().node_id(), "a vote request")?;
         reply(self.raft.vote(rpc).await)
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
+        let sender = Self::check_sender(&req)?;
         self.check_target(&req)?;
         if let Some(refused) = self.vote_refusal() {
             return refused;
         }
         let rpc: VoteRequest<TypeConfig> = decode(&req.into_inner().data)?;
+        Self::check_claim(sender, *rpc.vote.leader_id().node_id(), "a pre-vote request")?;
         reply(self.raft.pre_vote(rpc).await)
     }
 
@@ -109,10 +145,12 @@ impl raft_server::Raft for RaftService {
             vote: Vote,
             meta: SnapshotMeta,
         }
+        let sender = Self::check_sender(&req)?;
         self.check_target(&req)?;
         let mut stream = req.into_inner();
         let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;
         let head: Head = decode(&first.meta)?;
+        Self::check_claim(sender, *head.vote.leader_id().node_id(), "a snapshot")?;
         let mut data = first.data;
         while let Some(chunk) = stream.next().await {
             data.extend_from_slice(&chunk?.data);

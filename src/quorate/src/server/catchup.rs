@@ -33,7 +33,8 @@ use super::Node;
 use crate::pb::v1::StatusRequest;
 use crate::pb::v1::coordinator_client::CoordinatorClient;
 use crate::raft::Past;
-use crate::wire::lazy_channel;
+use crate::tls::transport::Transport;
+use crate::wire::lazy_channel_with;
 
 /// The file beside the Raft store that says which node the directory
 /// belongs to and that it once held data.
@@ -177,7 +178,7 @@ pub async fn probe_peers(node: Node) {
     let mut stopping = node.stopping.clone();
     let peers: Vec<String> = node.peers.iter().filter(|(id, _)| **id != node.id).map(|(_, a)| a.clone()).collect();
     while readiness.past() == Past::Unknown && !readiness.caught_up() {
-        let answers = futures::future::join_all(peers.iter().map(|a| ask(a))).await;
+        let answers = futures::future::join_all(peers.iter().map(|a| ask(a, &node.transport))).await;
         match past_from_answers(&answers) {
             Past::Lost => {
                 error!(
@@ -204,8 +205,8 @@ pub async fn probe_peers(node: Node) {
 }
 
 /// Asks one peer for its status; `None` when it does not answer in time.
-pub(super) async fn ask(addr: &str) -> Option<PeerAnswer> {
-    let channel = lazy_channel(addr).ok()?;
+pub(super) async fn ask(addr: &str, transport: &Transport) -> Option<PeerAnswer> {
+    let channel = lazy_channel_with(addr, transport).ok()?;
     let mut client = CoordinatorClient::new(channel);
     let mut req = tonic::Request::new(StatusRequest {});
     req.set_timeout(PROBE_TIMEOUT);

@@ -22,7 +22,6 @@ use quorate_core::Op;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use self::catchup::IdentityError;
@@ -33,6 +32,8 @@ use crate::raft::node::{StartError, Started};
 use crate::raft::{NodeClock, Past, RaftNode, RaftView, Readiness, Role};
 use crate::service::batch::Batcher;
 pub use crate::service::{Node, ReadConsistency};
+use crate::tls::config::Tls;
+use crate::tls::transport::{Transport, incoming};
 
 /// How long shutdown waits for in-flight calls and tasks before it stops
 /// waiting.
@@ -53,6 +54,8 @@ pub enum ServerError {
     Identity(#[from] IdentityError),
     #[error("Raft stopped: {0}; exiting so that the supervisor restarts this node")]
     RaftStopped(String),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::config::TlsError),
     #[error("cannot listen on {addr}: {source}")]
     Bind { addr: String, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
@@ -62,12 +65,19 @@ pub enum ServerError {
 /// Runs a server until `shutdown` completes, listening on `config.listen`.
 pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     config.validate()?;
+    let transport = match config.tls_files()? {
+        Some(files) => Transport::Tls(Tls::load(files)?),
+        None => {
+            warn!("serving in plain text: anyone who can reach {} can do anything", config.listen);
+            Transport::Insecure
+        }
+    };
     // Bind first: a port conflict is the most common start-up failure and
     // should be reported before anything else happens.
     let listener = TcpListener::bind(&config.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
-    run_with_listener(config, listener, shutdown).await
+    run_with_listener(config, listener, transport, shutdown).await
 }
 
 /// Runs a server on a listener the caller bound (tests bind port 0 first,
@@ -77,6 +87,7 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
 pub async fn run_with_listener(
     config: ServerConfig,
     listener: TcpListener,
+    transport: Transport,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     config.validate()?;
@@ -88,7 +99,7 @@ pub async fn run_with_listener(
 
     let (db, past) = open_store(&config)?;
     let clock = NodeClock::new(id);
-    let Started { raft, reader, appended } = RaftNode::start(&config, db, clock.clone()).await?;
+    let Started { raft, reader, appended } = RaftNode::start(&config, transport.clone(), db, clock.clone()).await?;
 
     let (stop_tx, stopping) = watch::channel(false);
     let readiness = Arc::new(Readiness::new(past));
@@ -101,6 +112,7 @@ pub async fn run_with_listener(
         peers,
         stopping,
         readiness: readiness.clone(),
+        transport: transport.clone(),
     };
     info!(node_id = id, listen = %config.listen, data_dir = %config.data_dir.display(), past = ?past, "quorate server starting");
     if config.test_only_skip_lease_wait {
@@ -117,7 +129,7 @@ pub async fn run_with_listener(
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .add_service(raft.service(readiness))
         .add_service(coordinator.into_server())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+        .serve_with_incoming_shutdown(incoming(listener, transport), async move {
             crate::shutdown::stopped(&mut server_stop).await;
         });
     // Boxed so it can be dropped (with every service handle in it) below.
@@ -210,7 +222,7 @@ async fn form_cluster(node: Node) {
         }
     }
     for (id, addr) in node.peers.iter().filter(|(id, _)| **id != node.id) {
-        if catchup::ask(addr).await.is_some_and(|a| a.initialized) {
+        if catchup::ask(addr, &node.transport).await.is_some_and(|a| a.initialized) {
             warn!(peer = id, "peer already belongs to a formed cluster; not initializing, waiting to be contacted");
             return;
         }

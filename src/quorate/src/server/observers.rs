@@ -6,6 +6,7 @@
 //! to the leader through a client (only the leader proposes). The set of
 //! groups follows the replicated state.
 
+use crate::tls::caller::Caller;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -54,7 +55,7 @@ impl ReportSink for OwnNode {
 
     async fn report(&self, req: pb::ReportRequest) -> Result<(), OwnReportError> {
         if self.node.raft.is_leader() {
-            match self.reports.report(report_from_pb(req.clone())?).await {
+            match self.reports.report(&Caller::Internal, report_from_pb(req.clone())?).await {
                 Ok(_) => return Ok(()),
                 // Leadership moved meanwhile: the leader takes it.
                 Err(ServiceError::NotLeader { .. }) => {}
@@ -73,7 +74,7 @@ fn specs_of(node: &Node) -> Vec<GroupSpec> {
 /// Runs until the node stops.
 pub async fn observe_groups(node: Node, reports: Batcher) {
     let endpoints: Vec<String> = node.peers.values().cloned().collect();
-    let sink = match Client::new(&endpoints) {
+    let sink = match Client::new_with(&endpoints, node.transport.clone()) {
         Ok(client) => Arc::new(OwnNode { node: node.clone(), reports, client }),
         Err(e) => {
             warn!("cannot observe groups: {e}");

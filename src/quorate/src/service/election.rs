@@ -6,6 +6,8 @@
 //! one waiting protocol: a switchover call returns when the target holds
 //! the lease, or says why it never will.
 
+use crate::tls::caller::Caller;
+use quorate_core::access::Action;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
@@ -89,9 +91,11 @@ impl Node {
     /// The election status of managed group `group`.
     pub async fn election_status(
         &self,
+        caller: &Caller,
         group: &str,
         consistency: ReadConsistency,
     ) -> Result<ElectionStatus, ServiceError> {
+        caller.check(Action::Read)?;
         check_name(NameKind::Group, group)?;
         self.confirm_read(consistency).await?;
         let voters = self.reader.voters();
@@ -129,21 +133,34 @@ impl Node {
             Outcome::Rejected(r) => return Err(rejection(r)),
             other => return Err(unexpected("an election command", &other)),
         }
-        self.election_status(group, ReadConsistency::Stale).await
+        self.election_status(&Caller::Internal, group, ReadConsistency::Stale).await
     }
 
     /// Turns maintenance (no automatic failover) on or off.
-    pub async fn set_maintenance(&self, group: &str, on: bool) -> Result<ElectionStatus, ServiceError> {
+    pub async fn set_maintenance(
+        &self,
+        caller: &Caller,
+        group: &str,
+        on: bool,
+    ) -> Result<ElectionStatus, ServiceError> {
+        caller.check(Action::Steer)?;
         self.election_op(group, Op::SetMaintenance { group: group.to_owned(), on }).await
     }
 
     /// Lifts the block on automatic failover after a recent one.
-    pub async fn unblock_failover(&self, group: &str) -> Result<ElectionStatus, ServiceError> {
+    pub async fn unblock_failover(&self, caller: &Caller, group: &str) -> Result<ElectionStatus, ServiceError> {
+        caller.check(Action::Steer)?;
         self.election_op(group, Op::UnblockFailover { group: group.to_owned() }).await
     }
 
     /// Cancels a pending switchover.
-    pub async fn cancel_switchover(&self, group: &str, reason: &str) -> Result<ElectionStatus, ServiceError> {
+    pub async fn cancel_switchover(
+        &self,
+        caller: &Caller,
+        group: &str,
+        reason: &str,
+    ) -> Result<ElectionStatus, ServiceError> {
+        caller.check(Action::Steer)?;
         self.election_op(group, Op::CancelSwitchover { group: group.to_owned(), reason: reason.to_owned() }).await
     }
 
@@ -152,10 +169,12 @@ impl Node {
     /// [`MAX_SWITCHOVER_WAIT`]) for the target to hold the lease.
     pub async fn switchover(
         &self,
+        caller: &Caller,
         group: &str,
         to: Option<&str>,
         wait_timeout_ms: u64,
     ) -> Result<Switched, ServiceError> {
+        caller.check(Action::Steer)?;
         check_name(NameKind::Group, group)?;
         if let Some(to) = to {
             check_name(NameKind::Member, to)?;
@@ -217,7 +236,8 @@ impl Node {
 
     /// What the leader would decide if every observer judged the members in
     /// `down` down (a linearizable read; nothing is written).
-    pub async fn what_if(&self, group: &str, down: &[String]) -> Result<WhatIf, ServiceError> {
+    pub async fn what_if(&self, caller: &Caller, group: &str, down: &[String]) -> Result<WhatIf, ServiceError> {
+        caller.check(Action::WhatIf)?;
         check_name(NameKind::Group, group)?;
         for m in down {
             check_name(NameKind::Member, m)?;

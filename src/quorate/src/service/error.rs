@@ -53,6 +53,14 @@ pub enum ServiceError {
         "{what} encodes to {bytes} bytes as a Raft log entry; the limit is {limit} bytes (MAX_ENTRY_BYTES): split it into smaller requests"
     )]
     TooLarge { what: String, bytes: usize, limit: usize },
+    /// A limit on the size or number of something was reached; the message
+    /// names the limit.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The caller's identity may not do this; the message names the
+    /// identity, what it may not do, and why.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A bug or an impossible state; the message says what.
     #[error("internal error: {0}")]
     Internal(String),
@@ -67,6 +75,12 @@ fn hint_text(leader: &Option<LeaderHint>) -> String {
 
 fn unknown_text(unknown: bool) -> &'static str {
     if unknown { "; the write may or may not take effect" } else { "; nothing was written" }
+}
+
+impl From<quorate_core::access::Denied> for ServiceError {
+    fn from(d: quorate_core::access::Denied) -> Self {
+        ServiceError::PermissionDenied(d.to_string())
+    }
 }
 
 impl From<crate::wire::DecodeError> for ServiceError {

@@ -2,7 +2,9 @@
 //! reading their specs, their observation matrix and verdicts, and why a
 //! member's verdict is what it is.
 
+use crate::tls::caller::Caller;
 use quorate_core::Op;
+use quorate_core::access::Action;
 use quorate_core::group::GroupSpec;
 use quorate_core::machine::Outcome;
 use quorate_core::matrix::{GroupState, RestartEvent};
@@ -24,7 +26,15 @@ impl Node {
     /// Creates or updates a group. Refuses an invalid spec, and a managed
     /// group whose `failover.lease_ttl_ms` this server could never grant
     /// (outside `min_lease_ttl_ms..=max_lease_ttl_ms`), naming the field.
-    pub async fn apply_group(&self, spec: GroupSpec) -> Result<Applied, ServiceError> {
+    pub async fn apply_group(&self, caller: &Caller, spec: GroupSpec) -> Result<Applied, ServiceError> {
+        caller.check(Action::ApplyGroup)?;
+        let (exists, count) = self.reader.with_machine(|m, _| (m.group(&spec.name).is_some(), m.groups().count()));
+        if !exists && count as u64 >= self.config.max_groups {
+            return Err(ServiceError::ResourceExhausted(format!(
+                "the cluster holds {count} groups; the limit is {} (max_groups)",
+                self.config.max_groups
+            )));
+        }
         spec.validate().map_err(|e| ServiceError::InvalidArgument(e.to_string()))?;
         if let Some(f) = &spec.failover {
             self.check_ttl(f.lease_ttl_ms).map_err(|e| {
@@ -93,18 +103,31 @@ impl Node {
     }
 
     /// A group's spec.
-    pub async fn group(&self, name: &str, consistency: ReadConsistency) -> Result<GroupRead, ServiceError> {
+    pub async fn group(
+        &self,
+        caller: &Caller,
+        name: &str,
+        consistency: ReadConsistency,
+    ) -> Result<GroupRead, ServiceError> {
+        caller.check(Action::Read)?;
         self.with_group(name, consistency, |g, _| GroupRead { spec: g.spec.clone(), revision: g.spec_revision }).await
     }
 
     /// The names of every group (from this node's state, once caught up).
-    pub fn group_names(&self) -> Result<Vec<String>, ServiceError> {
+    pub fn group_names(&self, caller: &Caller) -> Result<Vec<String>, ServiceError> {
+        caller.check(Action::Read)?;
         self.ensure_caught_up()?;
         Ok(self.reader.with_machine(|m, _| m.groups().map(|g| g.spec.name.clone()).collect()))
     }
 
     /// A group's observation matrix and verdict.
-    pub async fn matrix(&self, name: &str, consistency: ReadConsistency) -> Result<MatrixRead, ServiceError> {
+    pub async fn matrix(
+        &self,
+        caller: &Caller,
+        name: &str,
+        consistency: ReadConsistency,
+    ) -> Result<MatrixRead, ServiceError> {
+        caller.check(Action::Read)?;
         let coordinators = self.reader.voters();
         self.with_group(name, consistency, |g, now| MatrixRead {
             verdict: verdict(g, &coordinators, now),
@@ -116,7 +139,8 @@ impl Node {
     }
 
     /// Why `member`'s verdict is what it is (a linearizable read).
-    pub async fn explain(&self, name: &str, member: &str) -> Result<Explanation, ServiceError> {
+    pub async fn explain(&self, caller: &Caller, name: &str, member: &str) -> Result<Explanation, ServiceError> {
+        caller.check(Action::Read)?;
         check_name(NameKind::Member, member)?;
         let voters = self.reader.voters();
         self.with_group(name, ReadConsistency::Linearizable, |g, now| {

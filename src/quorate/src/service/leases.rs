@@ -7,6 +7,8 @@
 //! machine's own clock) or until a change to the group could free it
 //! sooner, instead of writing a refused Acquire to the log every time.
 
+use crate::tls::caller::Caller;
+use quorate_core::access::Action;
 use std::time::{Duration, Instant};
 
 use quorate_core::machine::{ChangeKind, Outcome, ReaderClock, Rejection};
@@ -118,9 +120,10 @@ impl Node {
 
     /// Acquires `r.group`'s lease for `r.holder`, waiting while somebody
     /// else holds it if asked to.
-    pub async fn acquire(&self, r: AcquireRequest) -> Result<Acquired, ServiceError> {
+    pub async fn acquire(&self, caller: &Caller, r: AcquireRequest) -> Result<Acquired, ServiceError> {
         check_name(NameKind::Group, &r.group)?;
         check_name(NameKind::Holder, &r.holder)?;
+        caller.check(Action::Lease { group: &r.group, holder: &r.holder })?;
         self.check_ttl(r.ttl_ms)?;
         let wait_for = match r.wait_timeout_ms {
             0 => DEFAULT_ACQUIRE_WAIT,
@@ -194,9 +197,16 @@ impl Node {
     }
 
     /// Renews `holder`'s lease of `group` at `epoch`.
-    pub async fn renew(&self, group: String, holder: String, epoch: u64) -> Result<LeaseView, ServiceError> {
+    pub async fn renew(
+        &self,
+        caller: &Caller,
+        group: String,
+        holder: String,
+        epoch: u64,
+    ) -> Result<LeaseView, ServiceError> {
         check_name(NameKind::Group, &group)?;
         check_name(NameKind::Holder, &holder)?;
+        caller.check(Action::Lease { group: &group, holder: &holder })?;
         match self.propose(Op::Renew { group, holder, epoch }).await? {
             Outcome::Renewed(lease) => Ok(lease),
             Outcome::Rejected(rej) => Err(rejection(rej)),
@@ -205,9 +215,16 @@ impl Node {
     }
 
     /// Releases `holder`'s lease of `group` at `epoch`.
-    pub async fn release(&self, group: String, holder: String, epoch: u64) -> Result<LeaseView, ServiceError> {
+    pub async fn release(
+        &self,
+        caller: &Caller,
+        group: String,
+        holder: String,
+        epoch: u64,
+    ) -> Result<LeaseView, ServiceError> {
         check_name(NameKind::Group, &group)?;
         check_name(NameKind::Holder, &holder)?;
+        caller.check(Action::Lease { group: &group, holder: &holder })?;
         match self.propose(Op::Release { group, holder, epoch }).await? {
             Outcome::Released(lease) => Ok(lease),
             Outcome::Rejected(rej) => Err(rejection(rej)),
@@ -216,7 +233,13 @@ impl Node {
     }
 
     /// `group`'s lease, read at `consistency`.
-    pub async fn read_lease(&self, group: &str, consistency: ReadConsistency) -> Result<LeaseView, ServiceError> {
+    pub async fn read_lease(
+        &self,
+        caller: &Caller,
+        group: &str,
+        consistency: ReadConsistency,
+    ) -> Result<LeaseView, ServiceError> {
+        caller.check(Action::Read)?;
         check_name(NameKind::Group, group)?;
         self.confirm_read(consistency).await?;
         Ok(self.reader.lease(group))

@@ -17,6 +17,7 @@ use super::error::{LeaderHint, ServiceError};
 use crate::config::ServerConfig;
 use crate::raft::state_machine::SmReader;
 use crate::raft::{MAX_ENTRY_BYTES, NodeClock, RaftFailure, RaftNode, ReadConfirm, Readiness, encoded_len};
+use crate::tls::transport::Transport;
 
 /// The longest a write may stay pending while the leader still has its
 /// quorum; past it the outcome is reported as unknown.
@@ -44,6 +45,8 @@ pub struct Node {
     pub stopping: watch::Receiver<bool>,
     /// Whether this node has caught up since it started (reads, votes).
     pub readiness: Arc<Readiness>,
+    /// How this node dials its peers (plain text or mutual TLS).
+    pub transport: Transport,
 }
 
 impl std::fmt::Debug for Node {

@@ -10,6 +10,8 @@
 //! with the passage of time (views go stale), so they are recomputed on
 //! every change of the group and on a short timer.
 
+use crate::tls::caller::Caller;
+use quorate_core::access::Action;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -79,7 +81,8 @@ impl Node {
     /// Starts watching `group` from this node's state (not before it has
     /// caught up). The watch ends when the receiver is dropped or the node
     /// stops; the caller owns nothing else.
-    pub fn watch(&self, group: &str) -> Result<mpsc::Receiver<WatchEvent>, ServiceError> {
+    pub fn watch(&self, caller: &Caller, group: &str) -> Result<mpsc::Receiver<WatchEvent>, ServiceError> {
+        caller.check(Action::Read)?;
         check_name(NameKind::Group, group)?;
         self.ensure_caught_up()?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);

@@ -12,6 +12,8 @@ use std::time::Duration;
 
 use tonic::transport::{Channel, Endpoint};
 
+use crate::tls::transport::{Transport, connect_tls};
+
 pub use self::convert::lease_pb;
 
 /// Metadata key carrying the leader's node id.
@@ -21,19 +23,42 @@ pub const LEADER_ADDR_HEADER: &str = "x-quorate-leader-addr";
 /// Metadata key carrying a lease's current epoch on FAILED_PRECONDITION.
 pub const CURRENT_EPOCH_HEADER: &str = "x-quorate-current-epoch";
 
+/// The most group views one report carries: the observation loop never
+/// sends more, and the service layer refuses more (a report is one proposal,
+/// and the views in it are checked one by one).
+pub const MAX_VIEWS_PER_REPORT: usize = 1024;
+
 /// How long a TCP connect may take before the node counts as unreachable.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// Builds one lazily connecting channel to a node's gRPC address
-/// (`HOST:PORT`), as every client of a node does: no Nagle delay, HTTP/2
-/// keep-alives so a dead connection is noticed within seconds.
+/// (`HOST:PORT`) over plain TCP; see [`lazy_channel_with`].
 pub fn lazy_channel(addr: &str) -> Result<Channel, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(format!("http://{addr}"))?
+    lazy_channel_with(addr, &Transport::Insecure)
+}
+
+/// Builds one lazily connecting channel to a node's gRPC address
+/// (`HOST:PORT`), as every client of a node does: no Nagle delay, HTTP/2
+/// keep-alives so a dead connection is noticed within seconds, and with
+/// TLS a new handshake (with the certificates as they are on disk then)
+/// for every new connection.
+pub fn lazy_channel_with(addr: &str, transport: &Transport) -> Result<Channel, tonic::transport::Error> {
+    let scheme = if transport.is_tls() { "https" } else { "http" };
+    let endpoint = Endpoint::from_shared(format!("{scheme}://{addr}"))?
         .connect_timeout(CONNECT_TIMEOUT)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .connect_lazy())
+        .keep_alive_timeout(Duration::from_secs(5));
+    Ok(match transport {
+        Transport::Insecure => endpoint.connect_lazy(),
+        Transport::Tls(tls) => {
+            let (tls, addr) = (tls.clone(), addr.to_owned());
+            endpoint.connect_with_connector_lazy(tower::service_fn(move |_: http::Uri| {
+                let (tls, addr) = (tls.clone(), addr.clone());
+                async move { connect_tls(&tls, &addr).await.map(hyper_util::rt::TokioIo::new) }
+            }))
+        }
+    })
 }
 
 /// A protobuf message that does not decode into a core value.
