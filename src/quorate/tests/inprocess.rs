@@ -14,11 +14,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
+use std::path::Path;
+
 use common::serial;
 use quorate::client::Client;
 use quorate::client::cluster::cluster_view;
 use quorate::config::ServerConfig;
 use quorate::pb::v1 as pb;
+use quorate::tls::certs::{self, IssueRequest};
+use quorate::tls::config::{Tls, TlsFiles};
+use quorate::tls::transport::Transport;
+use quorate_core::access::Role;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -45,6 +51,16 @@ struct InCluster {
 
 impl InCluster {
     async fn start(n: u64) -> Self {
+        Self::start_over(n, |_| Transport::Insecure).await
+    }
+
+    /// With mutual TLS: a CA in `certs`, and node-N's certificate for each
+    /// node, valid for 127.0.0.1.
+    async fn start_tls(n: u64, certs: &Path) -> Self {
+        Self::start_over(n, |id| Transport::Tls(tls_for(certs, &format!("node-{id}"), Role::Node, &[]))).await
+    }
+
+    async fn start_over(n: u64, transport: impl Fn(u64) -> Transport) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = Vec::new();
         for _ in 0..n {
@@ -63,7 +79,7 @@ impl InCluster {
                 ..ServerConfig::default()
             };
             let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(quorate::server::run_with_listener(config, listener, async move {
+            let task = tokio::spawn(quorate::server::run_with_listener(config, listener, transport(id), async move {
                 let _ = stopped.await;
             }));
             nodes.push(InNode { id, addr: addrs[i].clone(), stop: Some(stop), task: Some(task) });
@@ -72,14 +88,22 @@ impl InCluster {
     }
 
     fn client(&self) -> Client {
+        self.client_over(Transport::Insecure)
+    }
+
+    fn client_over(&self, transport: Transport) -> Client {
         let endpoints: Vec<String> = self.nodes.iter().filter(|n| n.task.is_some()).map(|n| n.addr.clone()).collect();
-        Client::new(&endpoints).unwrap()
+        Client::new_with(&endpoints, transport).unwrap().with_call_timeout(Duration::from_secs(2))
     }
 
     async fn wait_for_leader(&self) -> u64 {
+        self.wait_for_leader_over(Transport::Insecure).await
+    }
+
+    async fn wait_for_leader_over(&self, transport: Transport) -> u64 {
         let start = Instant::now();
         loop {
-            if let Some(leader) = cluster_view(&self.client()).await.leader {
+            if let Some(leader) = cluster_view(&self.client_over(transport.clone())).await.leader {
                 return leader;
             }
             assert!(start.elapsed() < LEADER_WAIT, "no leader within {LEADER_WAIT:?}");
@@ -170,4 +194,176 @@ async fn stopping_the_leader_in_process_keeps_the_holder_and_its_token() {
     assert_eq!((lease.holder.as_str(), lease.epoch), ("a", epoch), "the holder survives a leader change");
     let renewed = client.renew("svc", "a", epoch).await.unwrap();
     assert_eq!(renewed.lease.unwrap().epoch, epoch);
+}
+
+/// Issues `name`'s certificate from the CA in `dir` (valid for 127.0.0.1)
+/// and loads it.
+fn tls_for(dir: &Path, name: &str, role: Role, groups: &[&str]) -> Tls {
+    let mut req = IssueRequest::new(name, role);
+    req.groups = groups.iter().map(|g| (*g).to_owned()).collect();
+    req.sans = vec!["127.0.0.1".into()];
+    let (cert, key) = certs::issue(dir, &req).unwrap();
+    Tls::load(TlsFiles { ca: dir.join(certs::CA_CERT), cert, key }).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mutual_tls_the_cluster_serves_its_certificates_and_refuses_strangers() {
+    let _serial = serial();
+    let ca = tempfile::tempdir().unwrap();
+    certs::init(ca.path()).unwrap();
+    let mut cluster = InCluster::start_tls(3, ca.path()).await;
+    // The nodes elect a leader over TLS, and a client with a certificate
+    // from the cluster's CA takes a lease.
+    let member = Transport::Tls(tls_for(ca.path(), "db-1", Role::Member, &["svc"]));
+    cluster.wait_for_leader_over(member.clone()).await;
+    let client = cluster.client_over(member);
+    let granted = client.acquire("svc", "db-1", 5_000, None).await.unwrap();
+    assert!(granted.acquired, "{granted:?}");
+
+    // Plain text, another CA's certificate and an expired one are refused.
+    let refused = |c: Client| async move { c.get_lease("svc", pb::Consistency::Stale).await.unwrap_err() };
+    // Plain text on a TLS port: the server refuses the handshake; the
+    // client sees the connection fail (h2 reports it as a protocol error).
+    let e = refused(cluster.client()).await;
+    assert!(matches!(e.code(), Code::Unavailable | Code::Internal), "plain text: {e}");
+    let other = tempfile::tempdir().unwrap();
+    certs::init(other.path()).unwrap();
+    // Another CA: refused, and the client's error says why (whether its
+    // attempts ran out or its time did first).
+    let e = refused(cluster.client_over(Transport::Tls(tls_for(other.path(), "db-1", Role::Member, &["svc"])))).await;
+    assert!(matches!(e.code(), Code::Unavailable | Code::DeadlineExceeded), "another CA: {e}");
+    assert!(e.to_string().contains("UnknownIssuer"), "another CA: {e}");
+    let mut req = IssueRequest::new("old", Role::Reader);
+    let now = time::OffsetDateTime::now_utc();
+    (req.not_before, req.not_after) = (now - time::Duration::days(10), now - time::Duration::days(1));
+    let (cert, key) = certs::issue(ca.path(), &req).unwrap();
+    let files = TlsFiles { ca: ca.path().join(certs::CA_CERT), cert, key };
+    let e = Tls::load(files.clone()).unwrap_err().to_string();
+    assert!(e.contains("expired at"), "the caller is told its certificate expired: {e}");
+    let expired = Tls::load_unchecked(files).unwrap();
+    // Sent anyway, the server refuses it (over TLS 1.3 the client sees its
+    // connection cancelled; the server logs why).
+    let e = refused(cluster.client_over(Transport::Tls(expired))).await;
+    assert!(matches!(e.code(), Code::Unavailable | Code::Cancelled | Code::Internal), "expired: {e}");
+
+    for id in [1, 2, 3] {
+        cluster.stop(id).await.unwrap_or_else(|e| panic!("node {id} stopped with an error: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_mutual_tls_each_identity_may_do_only_what_its_role_allows() {
+    let _serial = serial();
+    let ca = tempfile::tempdir().unwrap();
+    certs::init(ca.path()).unwrap();
+    let mut cluster = InCluster::start_tls(3, ca.path()).await;
+    let as_ = |name: &str, role: Role, groups: &[&str]| {
+        cluster.client_over(Transport::Tls(tls_for(ca.path(), name, role, groups)))
+    };
+    let admin = as_("ops", Role::Admin, &[]);
+    let member = as_("db-1", Role::Member, &["pair"]);
+    let reader = as_("grafana", Role::Reader, &[]);
+    let service = as_("svc-a", Role::Client, &["svc"]);
+    cluster.wait_for_leader_over(Transport::Tls(tls_for(ca.path(), "probe", Role::Reader, &[]))).await;
+    let denied = |e: quorate::client::ClientError, who: &str| {
+        assert_eq!(e.code(), Code::PermissionDenied, "{who}: {e}");
+        e.to_string()
+    };
+
+    // An admin creates a group; a member may not.
+    let spec = pb::GroupSpec {
+        name: "pair".into(),
+        members: ["db-1", "db-2"]
+            .iter()
+            .map(|m| pb::MemberSpec {
+                id: (*m).into(),
+                heartbeat: "redis://127.0.0.1:1".into(),
+                priority: 1,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    };
+    let e = denied(member.apply_group(spec.clone()).await.unwrap_err(), "member applies a group");
+    assert!(e.contains("member db-1 of group pair may not create or change groups"), "{e}");
+    admin.apply_group(spec).await.unwrap();
+
+    // A member holds only its group's lease, as itself.
+    let held = member.acquire("pair", "db-1", 5_000, None).await.unwrap();
+    assert!(held.acquired);
+    let epoch = held.lease.unwrap().epoch;
+    denied(member.acquire("pair", "db-2", 5_000, None).await.unwrap_err(), "member as another holder");
+    denied(member.acquire("svc", "db-1", 5_000, None).await.unwrap_err(), "member on another group");
+    // Nobody else may release it: not another member, not a client, not an admin.
+    let other = as_("db-2", Role::Member, &["pair"]);
+    denied(other.release("pair", "db-1", epoch).await.unwrap_err(), "another member releases");
+    denied(admin.release("pair", "db-1", epoch).await.unwrap_err(), "an admin releases");
+    // Reports only as itself, of its own group.
+    let view = |group: &str| pb::GroupView { group: group.into(), ..Default::default() };
+    let report = |observer: &str, group: &str| pb::ReportRequest {
+        observer: observer.into(),
+        observer_incarnation: 1,
+        views: vec![view(group)],
+        ..Default::default()
+    };
+    let e = denied(member.report_view(report("coordinator-1", "pair")).await.unwrap_err(), "member as coordinator");
+    assert!(e.contains("reports only as observer db-1 of group pair"), "{e}");
+    denied(member.report_view(report("db-2", "pair")).await.unwrap_err(), "member as another member");
+    // Steering is for admins.
+    denied(member.switchover("pair", None, Duration::from_secs(1)).await.unwrap_err(), "member switches over");
+    denied(member.set_maintenance("pair", true).await.unwrap_err(), "member sets maintenance");
+
+    // A reader reads, and may not take a lease.
+    reader.get_lease("pair", pb::Consistency::Linearizable).await.unwrap();
+    reader.get_matrix("pair", pb::Consistency::Stale).await.unwrap();
+    denied(reader.acquire("svc", "grafana", 5_000, None).await.unwrap_err(), "reader acquires");
+    // A client takes leases of its groups, as itself.
+    assert!(service.acquire("svc", "svc-a", 5_000, None).await.unwrap().acquired);
+    denied(service.acquire("pair", "svc-a", 5_000, None).await.unwrap_err(), "client on another group");
+    denied(service.acquire("svc", "svc-b", 5_000, None).await.unwrap_err(), "client as another holder");
+
+    // A client certificate cannot reach the Raft RPCs.
+    let channel = quorate::wire::lazy_channel_with(
+        &cluster.nodes[0].addr,
+        &Transport::Tls(tls_for(ca.path(), "svc-a", Role::Client, &["svc"])),
+    )
+    .unwrap();
+    let mut raft = quorate::pb::raft::raft_client::RaftClient::new(channel);
+    let e = raft.vote(quorate::pb::raft::RaftPayload { data: b"{}".to_vec() }).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
+    assert!(quorate::tls::caller::denials() > 0, "refusals are counted");
+
+    for id in [1, 2, 3] {
+        cluster.stop(id).await.unwrap_or_else(|e| panic!("node {id} stopped with an error: {e}"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_reports_and_names_are_refused_naming_the_limit_without_echoing_them() {
+    let _serial = serial();
+    let mut cluster = InCluster::start(3).await;
+    cluster.wait_for_leader().await;
+    let client = cluster.client();
+    let view = |group: String| pb::GroupView { group, ..Default::default() };
+    let many = pb::ReportRequest {
+        observer: "coordinator-1".into(),
+        observer_incarnation: 1,
+        views: (0..1025).map(|i| view(format!("g{i}"))).collect(),
+        ..Default::default()
+    };
+    let e = client.report_view(many).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+    assert!(e.to_string().contains("the limit is 1024 (MAX_VIEWS_PER_REPORT)"), "{e}");
+    let long = pb::ReportRequest {
+        observer: "o".repeat(1 << 20),
+        observer_incarnation: 1,
+        views: vec![view("g".into())],
+        ..Default::default()
+    };
+    let e = client.report_view(long).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.to_string().len() < 300 && e.to_string().contains("the limit is 128 bytes"), "{e}");
+    for id in [1, 2, 3] {
+        cluster.stop(id).await.unwrap();
+    }
 }
