@@ -29,17 +29,21 @@ fn stale() -> pb::Consistency {
 }
 
 /// A coordinator-style report with `n` views of groups that need not exist
-/// (they are rejected when applied; the entry is replicated all the same).
-fn report(observer: &str, prefix: &str, n: usize) -> pb::ReportRequest {
+/// (they are rejected when applied; the entry is replicated all the same),
+/// each with `cells` observations. Large reports take many cells per view:
+/// a report holds at most 1024 views (`MAX_VIEWS_PER_REPORT`).
+fn report(observer: &str, prefix: &str, n: usize, cells: usize) -> pb::ReportRequest {
     let views = (0..n)
         .map(|i| pb::GroupView {
             group: format!("{prefix}{i}"),
-            cells: vec![pb::Observation {
-                target: "m".into(),
-                state: pb::ObservationState::ObservedUp as i32,
-                reason: "heartbeat advancing".into(),
-                ..Default::default()
-            }],
+            cells: (0..cells)
+                .map(|c| pb::Observation {
+                    target: format!("m{c}"),
+                    state: pb::ObservationState::ObservedUp as i32,
+                    reason: "heartbeat advancing".into(),
+                    ..Default::default()
+                })
+                .collect(),
         })
         .collect();
     pb::ReportRequest { observer: observer.into(), observer_incarnation: 1, views, status: None }
@@ -73,9 +77,10 @@ async fn a_report_too_large_for_one_entry_is_refused_and_writes_keep_committing(
     let client = Arc::new(cluster.client());
     client.acquire("warmup", "h", 5_000, None).await.unwrap();
 
-    // The probe's report: 90,000 views, 3.4 MB, under the 4 MiB message cap.
+    // A report within every count bound (1000 views of 32 observations)
+    // and under the 4 MiB message cap, but far over one log entry.
     let mut raw = client.raw(&cluster.node(leader).addr).unwrap();
-    let err = raw.report(report("coordinator-1", "g", 90_000)).await.expect_err("a 3.4 MB report was accepted");
+    let err = raw.report(report("coordinator-1", "g", 1_000, 32)).await.expect_err("a ~1 MB report was accepted");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().contains("the limit is") && err.message().contains("MAX_ENTRY_BYTES"),
@@ -85,13 +90,14 @@ async fn a_report_too_large_for_one_entry_is_refused_and_writes_keep_committing(
     let slowest = slowest_write(&cluster, 20).await;
     assert!(slowest < Duration::from_secs(1), "a write after the refused report took {slowest:?}");
 
-    // Reports just under the limit, several at once (the batcher must not
-    // pack them into one oversized entry), replicate to every node. (A debug
+    // Large reports under the entry limit (1000 views of 3 observations),
+    // several at once (the batcher must not pack them into one oversized
+    // entry), replicate to every node. (A debug
     // build encodes JSON slowly: give each call time.)
     let big = Arc::new(cluster.client().with_call_timeout(Duration::from_secs(30)));
     let sends = (0..4).map(|i| {
         let client = big.clone();
-        async move { client.report_view(report("coordinator-2", &format!("r{i}-"), 3_500)).await }
+        async move { client.report_view(report("coordinator-2", &format!("r{i}-"), 1_000, 3)).await }
     });
     for res in futures::future::join_all(sends).await {
         res.expect("a report under the entry limit");
@@ -297,7 +303,7 @@ async fn a_node_with_a_full_disk_exits_non_zero_with_the_reason() {
     cluster.wait_for_leader(LEADER_WAIT).await;
     let client = cluster.client();
     client.acquire("warmup", "h", 5_000, None).await.unwrap();
-    // ~460 KB per report: node 3's disk fills after a dozen.
+    // Some 300 KB per report: node 3's disk fills after a dozen or two.
     let started = Instant::now();
     let mut exited = None;
     let mut sent = 0;
@@ -307,7 +313,7 @@ async fn a_node_with_a_full_disk_exits_non_zero_with_the_reason() {
             break;
         }
         if sent < 60 {
-            let _ = client.report_view(report("coordinator-2", &format!("f{sent}-"), 3_500)).await;
+            let _ = client.report_view(report("coordinator-2", &format!("f{sent}-"), 1_000, 3)).await;
             sent += 1;
         } else {
             tokio::time::sleep(Duration::from_millis(100)).await;
