@@ -6,7 +6,7 @@
 
 use crate::tls::caller::Caller;
 use quorate_core::Op;
-use quorate_core::access::{Action, Identity};
+use quorate_core::access::Action;
 use quorate_core::election::MemberStatus;
 use quorate_core::machine::{GroupView, Outcome, Rejection};
 use quorate_core::matrix::{Observer, RestartEvent};
@@ -76,18 +76,6 @@ impl Batcher {
                 check_name(NameKind::Member, target).map_err(|e| prefixed("target", e))?;
             }
             caller.check(Action::Report { group: &v.group, observer: &r.observer })?;
-        }
-        // A report with no views may still carry the observer's own data
-        // status: only the observer itself (or a node) may send that.
-        if let Caller::Known(Identity::Member { member, .. }) = caller
-            && r.views.is_empty()
-            && r.status.is_some()
-            && *member != r.observer
-        {
-            return Err(ServiceError::PermissionDenied(format!(
-                "member {member} may not report the data status of {}",
-                r.observer
-            )));
         }
         let op = Op::Report {
             observer: Observer::parse(&r.observer),

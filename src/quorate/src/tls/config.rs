@@ -60,10 +60,6 @@ struct Material {
     key: PrivateKeyDer<'static>,
 }
 
-fn load(files: &TlsFiles) -> Result<Material, TlsError> {
-    load_material(files, true)
-}
-
 fn load_material(files: &TlsFiles, check: bool) -> Result<Material, TlsError> {
     let mut roots = RootCertStore::empty();
     let ca: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.ca)
@@ -147,6 +143,17 @@ struct Current {
     stamp: Stamp,
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// The files' stamp when they last failed to load, so that a broken
+    /// rotation is reported once, not at every connection.
+    failed: Option<Stamp>,
+}
+
+/// Both configurations from one read of the files (`check`: refuse an
+/// expired or not yet valid certificate of our own).
+fn configs(files: &TlsFiles, check: bool) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), TlsError> {
+    let m = load_material(files, check)?;
+    let copy = Material { roots: m.roots.clone(), chain: m.chain.clone(), key: m.key.clone_key() };
+    Ok((server_config(m)?, client_config(copy)?))
 }
 
 /// A process's TLS configurations, reloaded when their files change.
@@ -166,21 +173,21 @@ impl std::fmt::Debug for Tls {
 impl Tls {
     /// Loads the files; an error names the file and what is wrong with it.
     pub fn load(files: TlsFiles) -> Result<Self, TlsError> {
+        Self::load_with(files, true)
+    }
+
+    fn load_with(files: TlsFiles, check: bool) -> Result<Self, TlsError> {
         let stamp = stamp(&files);
-        let server = server_config(load(&files)?)?;
-        let client = client_config(load(&files)?)?;
-        Ok(Self { files: Arc::new(files), current: Arc::new(Mutex::new(Current { stamp, server, client })) })
+        let (server, client) = configs(&files, check)?;
+        let current = Current { stamp, server, client, failed: None };
+        Ok(Self { files: Arc::new(files), current: Arc::new(Mutex::new(current)) })
     }
 
     /// As [`Self::load`], without refusing an expired or not yet valid
     /// certificate of its own: for tests of what a peer does with one.
     #[doc(hidden)]
     pub fn load_unchecked(files: TlsFiles) -> Result<Self, TlsError> {
-        let unchecked = |files: &TlsFiles| load_material(files, false);
-        let stamp = stamp(&files);
-        let server = server_config(unchecked(&files)?)?;
-        let client = client_config(unchecked(&files)?)?;
-        Ok(Self { files: Arc::new(files), current: Arc::new(Mutex::new(Current { stamp, server, client })) })
+        Self::load_with(files, false)
     }
 
     /// The files this was loaded from.
@@ -195,16 +202,16 @@ impl Tls {
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let now = stamp(&self.files);
         if now != cur.stamp {
-            let loaded = load(&self.files).and_then(|m| {
-                let client = client_config(load(&self.files)?)?;
-                Ok((server_config(m)?, client))
-            });
-            match loaded {
+            match configs(&self.files, true) {
                 Ok((server, client)) => {
                     info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
-                    *cur = Current { stamp: now, server, client };
+                    *cur = Current { stamp: now, server, client, failed: None };
                 }
-                Err(e) => warn!("TLS files changed but cannot be loaded, keeping the previous ones: {e}"),
+                Err(e) if cur.failed != Some(now) => {
+                    warn!("TLS files changed but cannot be loaded, keeping the previous ones: {e}");
+                    cur.failed = Some(now);
+                }
+                Err(_) => {}
             }
         }
         cur
