@@ -95,6 +95,10 @@ struct WorkerArgs {
     /// member=HOST:PORT,...
     #[arg(long)]
     data: String,
+    /// The system's certificates: the worker's lease clients hold as the
+    /// `client` identity, its readers read as `reader`.
+    #[arg(long)]
+    tls_dir: PathBuf,
 }
 
 impl WorkerArgs {
@@ -114,6 +118,7 @@ impl WorkerArgs {
             skew_ppm: self.skew_ppm,
             register: self.register,
             data,
+            tls_dir: self.tls_dir,
         }
     }
 }

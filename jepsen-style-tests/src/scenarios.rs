@@ -79,6 +79,13 @@ pub enum Fault {
     Loss {
         percent: u32,
     },
+    /// A compromised member: for the window, the replica's certificate
+    /// forges everything it can: its own reports saying the primary is
+    /// down (with a replication offset of u64::MAX for itself), reports in
+    /// the names of a coordinator and of the primary, a switchover to
+    /// itself, maintenance, an acquire of the pair's lease and a release of
+    /// the primary's. One member's certificate must not move the primary.
+    ForgedReports,
     /// A follower coordinator killed and its data directory deleted; under
     /// `percent` loss on every host, restarted after a few seconds of
     /// writes, and watched until it is caught up.
@@ -206,6 +213,7 @@ pub fn profile(name: &str, seed: u64) -> anyhow::Result<Vec<Scenario>> {
             s("wipe-follower-under-loss-20", Fault::WipeFollowerUnderLoss { percent: 20 }, Expect::Safety),
             DEGRADED_LOSSY_MS,
         ),
+        s("forged-reports-one-member", Fault::ForgedReports, Expect::NoFailover),
         // c2 may be the Raft leader.
         available(s("pause-observer", Fault::PauseObserver { ms: 4_000 }, Expect::NoFailover), LEADER_LOST_MS),
         Scenario { skew_ppm: 5_000, ..s("clock-drift-within-bound", Fault::None, Expect::Safety) },
@@ -447,6 +455,8 @@ fn worker_args(sys: &System, sc: &Scenario, seed: u64, dir: &Path, t: Timing) ->
         sys.register_addr(),
         "--data".into(),
         data.join(","),
+        "--tls-dir".into(),
+        sys.pki.dir().display().to_string(),
     ]
 }
 
@@ -466,7 +476,7 @@ impl Live {
         };
         let sys = System::start(ctx.net.clone(), dir, &ctx.quorate, &opts).await.context("starting the system")?;
         let nem = Recorder::create(&dir.join("nemesis.jsonl"))?;
-        let client = Client::from_list(&sys.endpoints())?;
+        let client = sys.client("admin")?;
         wait_pair_ready(&client).await?;
         Ok(Self { client, nem, sys, rng })
     }
@@ -563,6 +573,11 @@ impl Live {
                 self.sys.net.loss(f64::from(*percent) / 100.0)?;
                 self.info("loss", json!({"percent": percent}));
             }
+            Fault::ForgedReports => {
+                self.info("forge", json!({"as": t.replica, "primary": t.primary}));
+                let tally = forge_as_member(&self.sys, &t.primary, &t.replica, window).await?;
+                self.info("forged", tally);
+            }
             Fault::WipeFollowerUnderLoss { percent } => {
                 let (_, victim) = self.random_follower(&t.coordinators).await;
                 let nem = &self.nem;
@@ -653,6 +668,89 @@ impl Live {
     }
 }
 
+/// The forged calls of [`Fault::ForgedReports`], by kind: what the member's
+/// certificate may do (its own reports) and what it must be refused.
+pub const FORGED_OWN: &str = "own-report";
+pub const FORGED_REFUSED: [&str; 6] =
+    ["report-as-coordinator", "report-as-primary", "switchover", "maintenance", "acquire", "release-primary"];
+
+/// How often the forger sends each call: ten times a real agent's reports.
+const FORGE_INTERVAL: Duration = Duration::from_millis(25);
+
+/// Forges as `member` (with its certificate) for `window`, every
+/// [`FORGE_INTERVAL`]; returns per kind of call how many were accepted and
+/// refused, and the refusals' codes.
+async fn forge_as_member(
+    sys: &System,
+    primary: &str,
+    member: &str,
+    window: Duration,
+) -> anyhow::Result<serde_json::Value> {
+    let me = sys.client(member)?.with_call_timeout(Duration::from_millis(500));
+    let epoch = me.get_lease(PAIR, pb::Consistency::Linearizable).await.ok().and_then(|r| r.lease).map(|l| l.epoch);
+    let down = |target: &str| pb::Observation {
+        target: target.into(),
+        state: pb::ObservationState::ObservedDown as i32,
+        reason: "heartbeat key missing or expired".into(),
+        reason_code: pb::ObservationReason::ReasonMissing as i32,
+        state_age_ms: 60_000,
+        ..Default::default()
+    };
+    let report = |observer: &str| pb::ReportRequest {
+        observer: observer.into(),
+        observer_incarnation: 0xF0F0,
+        views: vec![pb::GroupView { group: PAIR.into(), cells: vec![down(primary)] }],
+        status: Some(pb::MemberStatus {
+            role: "replica".into(),
+            role_code: pb::MemberRole::Replica as i32,
+            offset: u64::MAX,
+            link_up: true,
+            synced_epoch: epoch,
+            healthy: true,
+            ..Default::default()
+        }),
+    };
+    let mut tally: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
+    let mut count =
+        |kind: &'static str, outcome: String| *tally.entry(kind).or_default().entry(outcome).or_default() += 1;
+    let outcome = |r: Result<bool, quorate::client::ClientError>| match r {
+        Ok(true) => "accepted".to_owned(),
+        Ok(false) => "refused:not-granted".to_owned(),
+        Err(e) => format!("refused:{:?}", e.code()),
+    };
+    let until = std::time::Instant::now() + window;
+    while std::time::Instant::now() < until {
+        count(FORGED_OWN, outcome(me.report_view(report(member)).await.map(|_| true)));
+        count("report-as-coordinator", outcome(me.report_view(report("coordinator-1")).await.map(|_| true)));
+        count("report-as-primary", outcome(me.report_view(report(primary)).await.map(|_| true)));
+        count("switchover", outcome(me.switchover(PAIR, Some(member), Duration::from_millis(100)).await.map(|_| true)));
+        count("maintenance", outcome(me.set_maintenance(PAIR, true).await.map(|_| true)));
+        count("acquire", outcome(me.acquire(PAIR, member, 1_000, None).await.map(|r| r.acquired)));
+        let release = me.release(PAIR, primary, epoch.unwrap_or(1)).await.map(|_| true);
+        count("release-primary", outcome(release));
+        tokio::time::sleep(FORGE_INTERVAL).await;
+    }
+    Ok(serde_json::to_value(tally)?)
+}
+
+/// The forger got every impersonation and operator call refused, and its
+/// own reports through (else the scenario tested a refusal of everything).
+pub fn forged_calls_refused(ops: &[Op]) -> CheckResult {
+    let Some(tally) = ops.iter().find(|o| o.f == "forged").map(|o| &o.value) else {
+        return CheckResult::NotApplicable;
+    };
+    let n = |kind: &str, outcome: &str| tally[kind][outcome].as_u64().unwrap_or(0);
+    for kind in FORGED_REFUSED {
+        if n(kind, "accepted") > 0 {
+            return CheckResult::Fail(format!("{} forged {kind} calls were accepted: {tally}", n(kind, "accepted")));
+        }
+    }
+    if n(FORGED_OWN, "accepted") == 0 {
+        return CheckResult::Fail(format!("none of the member's own reports went through: {tally}"));
+    }
+    CheckResult::Pass
+}
+
 /// The agents' own account of their deadline fences (their logs append
 /// across restarts, so every incarnation is there).
 fn deadline_fences(sys: &System) -> Vec<DeadlineFence> {
@@ -698,7 +796,7 @@ async fn wipe_and_catch_up(
     sys.start_proc(victim)?;
     let restarted = std::time::Instant::now();
     info("restart-wiped", json!({"target": victim, "epoch": epoch_then}));
-    let one = Client::from_list(&addr)?.with_call_timeout(Duration::from_secs(1));
+    let one = sys.client_of(&addr, "reader")?.with_call_timeout(Duration::from_secs(1));
     let mut older_reads = 0u64;
     let mut served = 0u64;
     let deadline = window.saturating_sub(started.elapsed()).max(Duration::from_secs(5));
@@ -778,6 +876,10 @@ pub fn check(ops: &[Op], sc: &Scenario, fences: &[DeadlineFence]) -> (BTreeMap<S
     if catch_up != CheckResult::NotApplicable {
         c.insert("wiped_node_catches_up".into(), catch_up);
     }
+    let forged = forged_calls_refused(ops);
+    if forged != CheckResult::NotApplicable {
+        c.insert("forged_calls_refused".into(), forged);
+    }
     let measured = Measured {
         failovers: times.len(),
         failover_ms: times,
@@ -853,7 +955,7 @@ async fn final_state(sys: &System, client: &Client, fin: &Recorder, worker_ops: 
         let mut nodes = Vec::new();
         for (i, c) in COORDINATORS.iter().enumerate() {
             let addr = format!("{}:{}", sys.net.host(c).ip, crate::system::API_PORT);
-            let Ok(one) = Client::from_list(&addr) else { continue };
+            let Ok(one) = sys.client_of(&addr, "reader") else { continue };
             let one = one.with_call_timeout(Duration::from_secs(1));
             if let Ok(r) = one.get_lease(PAIR, pb::Consistency::Stale).await {
                 let l = r.lease.unwrap_or_default();

@@ -5,6 +5,11 @@
 //!   (:6380), `quorate agent` of the managed pair `db`;
 //! - `cl`: the clients (a worker process) and the fenced register (:6390).
 //!
+//! Every connection to the coordinators is mutual TLS, as in a deployment:
+//! the system issues a CA and certificates under `DIR/tls/` (the layout of
+//! `quorate local up`: node-N, each member, admin, reader, client) and
+//! every process presents its own.
+//!
 //! Every process is recorded with its command, so a nemesis can kill,
 //! pause, resume or restart it; all are killed when the system is dropped.
 //! Each writes its stdout and stderr to `<name>.log` in the scenario's
@@ -22,6 +27,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use quorate::client::Client;
 use quorate::pb::v1 as pb;
+use quorate::tls::certs::LocalPki;
+use quorate::tls::config::{Tls, TlsFiles};
+use quorate::tls::transport::Transport;
 
 use crate::net::Net;
 
@@ -60,7 +68,23 @@ struct Managed {
 pub struct System {
     pub net: Arc<Net>,
     pub dir: PathBuf,
+    /// The CA and every identity's certificate.
+    pub pki: LocalPki,
     procs: BTreeMap<String, Managed>,
+}
+
+/// `--PREFIXca FILE --PREFIXcert FILE --PREFIXkey FILE`.
+fn tls_args(prefix: &str, f: &TlsFiles) -> Vec<String> {
+    [("ca", &f.ca), ("cert", &f.cert), ("key", &f.key)]
+        .iter()
+        .flat_map(|(k, p)| [format!("--{prefix}{k}"), p.display().to_string()])
+        .collect()
+}
+
+/// A client of `endpoints` as the identity whose files these are.
+pub fn client_with(endpoints: &str, files: TlsFiles) -> anyhow::Result<Client> {
+    let eps: Vec<String> = endpoints.split(',').map(str::to_owned).collect();
+    Ok(Client::new_with(&eps, Transport::Tls(Tls::load(files)?))?)
 }
 
 impl std::fmt::Debug for System {
@@ -86,6 +110,17 @@ impl System {
         COORDINATORS.iter().map(|c| format!("{}:{API_PORT}", self.net.host(c).ip)).collect::<Vec<_>>().join(",")
     }
 
+    /// A client of every coordinator as identity `name` (admin, reader,
+    /// client, a member, node-N).
+    pub fn client(&self, name: &str) -> anyhow::Result<Client> {
+        self.client_of(&self.endpoints(), name)
+    }
+
+    /// A client of only `endpoints` as `name`.
+    pub fn client_of(&self, endpoints: &str, name: &str) -> anyhow::Result<Client> {
+        client_with(endpoints, self.pki.files(name))
+    }
+
     pub fn data_addr(&self, member: &str) -> String {
         format!("{}:{DATA_PORT}", self.net.host(member).ip)
     }
@@ -103,7 +138,11 @@ impl System {
     pub async fn start(net: Arc<Net>, dir: &Path, quorate: &Path, opts: &SystemOptions) -> anyhow::Result<Self> {
         std::fs::create_dir_all(dir)?;
         net.heal()?;
-        let mut sys = System { net, dir: dir.to_owned(), procs: BTreeMap::new() };
+        let hosts: Vec<(u64, String)> =
+            COORDINATORS.iter().enumerate().map(|(i, c)| (i as u64 + 1, net.host(c).ip.clone())).collect();
+        let members: Vec<(String, String)> = MEMBERS.iter().map(|m| (PAIR.to_owned(), (*m).to_owned())).collect();
+        let pki = LocalPki::ensure(&dir.join("tls"), &hosts, &members).context("issuing the certificates")?;
+        let mut sys = System { net, dir: dir.to_owned(), pki, procs: BTreeMap::new() };
         let peers = COORDINATORS
             .iter()
             .enumerate()
@@ -123,6 +162,7 @@ impl System {
                 "--data-dir".into(),
                 dir.join(format!("{c}-data")).display().to_string(),
             ];
+            args.extend(tls_args("tls-", &sys.pki.node(i as u64 + 1)));
             if opts.skip_lease_wait {
                 args.push("--test-only-skip-lease-wait".into());
             }
@@ -147,7 +187,7 @@ impl System {
         }
         sys.add("register", CLIENT, Path::new("redis-server"), redis_args(REGISTER_PORT, &dir.join("register-dir")))?;
 
-        let client = Client::from_list(&sys.endpoints())?;
+        let client = sys.client("admin")?;
         wait_leader(&client).await?;
         let member = |m: &str, i: usize| pb::MemberSpec {
             id: m.to_owned(),
@@ -172,6 +212,7 @@ impl System {
                 .iter()
                 .map(|s| (*s).to_owned())
                 .collect();
+            args.extend(tls_args("", &sys.pki.files(m)));
             if opts.no_deadline_fence {
                 args.push("--test-only-no-deadline-fence".into());
             }
@@ -247,7 +288,7 @@ impl System {
 
     /// The id of the coordinator that leads now, if any.
     pub async fn leader(&self) -> Option<String> {
-        let client = Client::from_list(&self.endpoints()).ok()?;
+        let client = self.client("reader").ok()?;
         let v = quorate::client::cluster::cluster_view(&client).await;
         let id = v.leader?;
         COORDINATORS.get(usize::try_from(id).ok()?.checked_sub(1)?).map(|s| (*s).to_owned())

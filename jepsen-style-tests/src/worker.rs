@@ -60,7 +60,20 @@ pub struct WorkerOptions {
     pub register: String,
     /// member id -> data Redis HOST:PORT
     pub data: Vec<(String, String)>,
+    /// The system's certificates (`System::pki`).
+    pub tls_dir: PathBuf,
 }
+
+impl WorkerOptions {
+    /// A client of the coordinators as identity `name`.
+    fn client(&self, name: &str) -> Option<Client> {
+        let files = quorate::tls::config::TlsFiles::named(&self.tls_dir, name);
+        crate::system::client_with(&self.endpoints, files).ok()
+    }
+}
+
+/// The identity the lease clients hold as: `client@lease-I-N`.
+const LEASE_IDENTITY: &str = quorate::tls::certs::LOCAL_CLIENT;
 
 /// How often each plain writer writes.
 const PLAIN_INTERVAL: Duration = Duration::from_millis(10);
@@ -169,7 +182,7 @@ impl Incarnation {
 /// Takes turns at the lease, one incarnation after another, until `until`.
 async fn lease_client(i: usize, opts: WorkerOptions, rec: Arc<Recorder>, until: Instant) {
     let process = format!("lease-{i}");
-    let Ok(client) = Client::from_list(&opts.endpoints) else { return };
+    let Some(client) = opts.client(LEASE_IDENTITY) else { return };
     let mut me = LeaseClient {
         process,
         client: Arc::new(client.with_call_timeout(Duration::from_secs(2))),
@@ -217,7 +230,7 @@ impl LeaseClient {
     /// Incarnation `n`: acquires, holds and acts, stops; returns once its
     /// keeper has ended.
     async fn incarnation(&mut self, n: u32) {
-        let holder = format!("{}-{n}", self.process);
+        let holder = format!("{LEASE_IDENTITY}@{}-{n}", self.process);
         let (keeper, mut events, stop_tx) = self.spawn_keeper(&holder);
         let mut inc = Incarnation {
             holder,
@@ -362,7 +375,7 @@ async fn write_register(
 
 async fn reader(group: &str, opts: WorkerOptions, rec: Arc<Recorder>, until: Instant) {
     let process = format!("reader-{group}");
-    let Ok(client) = Client::from_list(&opts.endpoints) else { return };
+    let Some(client) = opts.client("reader") else { return };
     let client = client.with_call_timeout(Duration::from_secs(1));
     while Instant::now() < until {
         let invoked = now_ns();
@@ -390,7 +403,7 @@ async fn reader(group: &str, opts: WorkerOptions, rec: Arc<Recorder>, until: Ins
 }
 
 async fn pair_writer(opts: WorkerOptions, rec: Arc<Recorder>, until: Instant) {
-    let Ok(client) = Client::from_list(&opts.endpoints) else { return };
+    let Some(client) = opts.client("reader") else { return };
     let client = client.with_call_timeout(Duration::from_secs(1));
     let mut primary: Option<(String, u64, MultiplexedConnection)> = None;
     let mut seq = 0u64;

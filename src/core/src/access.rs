@@ -265,6 +265,22 @@ pub struct Denied {
     pub why: String,
 }
 
+/// Between a client identity's name and an instance in a holder name: a
+/// service whose instances share one certificate `svc` holds as `svc@a`,
+/// `svc@b`, so that two instances never share a holder name (a renewal by
+/// the same holder name cannot tell them apart).
+pub const INSTANCE_SEPARATOR: char = '@';
+
+/// Whether a client named `name` may hold a lease as `holder`: its name, or
+/// its name, `@` and any instance.
+pub fn client_may_hold_as(name: &str, holder: &str) -> bool {
+    holder == name
+        || holder
+            .strip_prefix(name)
+            .and_then(|rest| rest.strip_prefix(INSTANCE_SEPARATOR))
+            .is_some_and(|i| !i.is_empty())
+}
+
 /// The one permission check: may `who` do `what`?
 pub fn check(who: &Identity, what: Action<'_>) -> Result<(), Denied> {
     let deny = |why: &str| Err(Denied { identity: who.to_string(), action: what.to_string(), why: why.to_owned() });
@@ -295,8 +311,8 @@ pub fn check(who: &Identity, what: Action<'_>) -> Result<(), Denied> {
             }
         }
         (Identity::Client { name, groups }, Action::Lease { group: g, holder }) => {
-            if holder != name {
-                deny(&format!("it holds leases only as {name}"))
+            if !client_may_hold_as(name, holder) {
+                deny(&format!("it holds leases only as {name} or {name}{INSTANCE_SEPARATOR}INSTANCE"))
             } else if groups.iter().any(|x| x == ANY_GROUP || x == g) {
                 Ok(())
             } else {
@@ -374,6 +390,10 @@ mod tests {
         assert!(check(&c, Action::Lease { group: "g", holder: "svc" }).is_ok());
         assert!(check(&c, Action::Lease { group: "h", holder: "svc" }).is_err());
         assert!(check(&c, Action::Lease { group: "g", holder: "other" }).is_err());
+        assert!(check(&c, Action::Lease { group: "g", holder: "svc@pod-1" }).is_ok(), "an instance of svc");
+        for not_svc in ["svc@", "svcx", "svcx@pod-1", "sv@c", "other@svc"] {
+            assert!(check(&c, Action::Lease { group: "g", holder: not_svc }).is_err(), "{not_svc}");
+        }
         assert!(check(&c, Action::Raft).is_err());
         let any = Identity::Client { name: "svc".into(), groups: vec![ANY_GROUP.into()] };
         assert!(check(&any, Action::Lease { group: "h", holder: "svc" }).is_ok());

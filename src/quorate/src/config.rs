@@ -63,13 +63,17 @@ pub struct ServerConfig {
     pub max_groups: u64,
     /// The cluster CA's certificate (PEM): every client and peer must
     /// present a certificate it signed. With `tls_cert` and `tls_key`;
-    /// without all three the node serves plain text.
+    /// required unless `insecure`.
     pub tls_ca: PathBuf,
     /// This node's certificate (PEM, `quorate certs issue --role node`),
     /// valid for its listen address.
     pub tls_cert: PathBuf,
     /// This node's private key (PEM).
     pub tls_key: PathBuf,
+    /// Serve plain text, without TLS: anyone who can reach the port can
+    /// then report, take leases and switch over. Refused together with the
+    /// `tls_*` files; without either, the node refuses to start.
+    pub insecure: bool,
     /// UNSAFE, for the fault suite's negative control only: grant leases
     /// without waiting for the previous holder's to expire.
     pub test_only_skip_lease_wait: bool,
@@ -108,6 +112,7 @@ impl Default for ServerConfig {
             tls_ca: PathBuf::new(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
+            insecure: false,
             test_only_skip_lease_wait: false,
         }
     }
@@ -169,16 +174,81 @@ fn check_host_port(field: &'static str, addr: &str) -> Result<(), ConfigError> {
     }
 }
 
-/// The TLS files of a process: all three paths, or none (plain text).
-pub fn tls_files(ca: &Path, cert: &Path, key: &Path) -> Result<Option<TlsFiles>, ConfigError> {
-    let given = [("tls_ca", ca), ("tls_cert", cert), ("tls_key", key)];
+/// The names a process gives its TLS settings, for its errors: the config
+/// keys or flags of the CA, certificate and key, and of plain text.
+#[derive(Debug, Clone, Copy)]
+pub struct TlsNames {
+    pub ca: &'static str,
+    pub cert: &'static str,
+    pub key: &'static str,
+    pub insecure: &'static str,
+    /// The flags that set them, when the names are config keys.
+    pub flags: &'static str,
+}
+
+/// The server's config keys.
+pub const SERVER_TLS_KEYS: TlsNames = TlsNames {
+    ca: "tls_ca",
+    cert: "tls_cert",
+    key: "tls_key",
+    insecure: "insecure",
+    flags: " (flags --tls-ca, --tls-cert, --tls-key, --insecure)",
+};
+
+/// The agent's config keys.
+pub const AGENT_TLS_KEYS: TlsNames = TlsNames {
+    ca: "tls_ca",
+    cert: "tls_cert",
+    key: "tls_key",
+    insecure: "insecure",
+    flags: " (flags --ca, --cert, --key, --insecure)",
+};
+
+/// The TLS files of a process: `Some` with all three paths for mutual TLS,
+/// `None` when plain text was asked for (`insecure`). Plain text is never
+/// a default: without the files and without `insecure` this is an error,
+/// and so is asking for both.
+pub fn tls_files(
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    insecure: bool,
+    names: TlsNames,
+) -> Result<Option<TlsFiles>, ConfigError> {
+    let given = [(names.ca, ca), (names.cert, cert), (names.key, key)];
     let missing: Vec<&str> = given.iter().filter(|(_, p)| p.as_os_str().is_empty()).map(|(f, _)| *f).collect();
-    match missing.len() {
-        3 => Ok(None),
-        0 => Ok(Some(TlsFiles { ca: ca.to_owned(), cert: cert.to_owned(), key: key.to_owned() })),
-        _ => Err(invalid(
+    match (missing.len(), insecure) {
+        (3, true) => Ok(None),
+        (3, false) => Err(invalid(
+            names.ca,
+            format!(
+                "missing: every connection is mutual TLS unless {insecure} is given: give {ca}, {cert} and {key} \
+                 (`quorate certs init` and `quorate certs issue` make them), or {insecure} for plain text, which \
+                 lets anyone who can reach the cluster steer its failovers{flags}",
+                flags = names.flags,
+                ca = names.ca,
+                cert = names.cert,
+                key = names.key,
+                insecure = names.insecure,
+            ),
+        )),
+        (0, false) => Ok(Some(TlsFiles { ca: ca.to_owned(), cert: cert.to_owned(), key: key.to_owned() })),
+        (_, true) => Err(invalid(
+            names.insecure,
+            format!(
+                "conflicts with {}: plain text and TLS at once; drop one",
+                given.iter().filter(|(_, p)| !p.as_os_str().is_empty()).map(|(f, _)| *f).collect::<Vec<_>>().join(", ")
+            ),
+        )),
+        (_, false) => Err(invalid(
             missing[0],
-            format!("missing: TLS needs all of tls_ca, tls_cert, tls_key (missing: {})", missing.join(", ")),
+            format!(
+                "missing: TLS needs all of {}, {}, {} (missing: {})",
+                names.ca,
+                names.cert,
+                names.key,
+                missing.join(", ")
+            ),
         )),
     }
 }
@@ -211,7 +281,7 @@ impl ServerConfig {
     /// The TLS files, when all three are given; an error naming the missing
     /// ones when only some are.
     pub fn tls_files(&self) -> Result<Option<TlsFiles>, ConfigError> {
-        tls_files(&self.tls_ca, &self.tls_cert, &self.tls_key)
+        tls_files(&self.tls_ca, &self.tls_cert, &self.tls_key, self.insecure, SERVER_TLS_KEYS)
     }
 
     /// The parsed peer map. Only valid after [`Self::validate`].
@@ -449,12 +519,21 @@ pub struct AgentConfig {
     pub tls_cert: PathBuf,
     /// Its private key.
     pub tls_key: PathBuf,
+    /// Talk to the coordinators in plain text (they must serve it too).
+    /// Refused together with the `tls_*` files.
+    pub insecure: bool,
     /// UNSAFE, for the fault suite's negative control only: never fence.
     #[serde(skip)]
     pub test_only_no_deadline_fence: bool,
 }
 
 impl AgentConfig {
+    /// The TLS files, or `None` for plain text (`insecure`); an error when
+    /// neither or both are given.
+    pub fn tls_files(&self) -> Result<Option<TlsFiles>, ConfigError> {
+        tls_files(&self.tls_ca, &self.tls_cert, &self.tls_key, self.insecure, AGENT_TLS_KEYS)
+    }
+
     /// Checks every field; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         names::validate(NameKind::Group, &self.group).map_err(|e| invalid("group", e.to_string()))?;
@@ -462,7 +541,7 @@ impl AgentConfig {
         if self.endpoints.trim().is_empty() {
             return Err(invalid("endpoints", "missing: give --endpoints HOST:PORT,..."));
         }
-        tls_files(&self.tls_ca, &self.tls_cert, &self.tls_key)?;
+        self.tls_files()?;
         if self.driver == DriverKind::Exec && self.hooks == ExecHooks::default() {
             return Err(invalid("hooks", "the exec driver needs at least one of promote, demote, fence"));
         }
@@ -480,6 +559,7 @@ mod tests {
             listen: "127.0.0.1:7101".into(),
             data_dir: "/tmp/x".into(),
             peers: "1=127.0.0.1:7101,2=127.0.0.1:7102,3=127.0.0.1:7103".into(),
+            insecure: true,
             ..ServerConfig::default()
         }
     }
@@ -531,6 +611,35 @@ mod tests {
     }
 
     #[test]
+    fn plain_text_is_asked_for_never_a_default() {
+        let plain = ServerConfig { insecure: false, ..good() };
+        assert!(
+            err(&plain).starts_with("tls_ca: missing: every connection is mutual TLS unless insecure"),
+            "{}",
+            err(&plain)
+        );
+        let tls = ServerConfig {
+            insecure: false,
+            tls_ca: "ca.crt".into(),
+            tls_cert: "node-1.crt".into(),
+            tls_key: "node-1.key".into(),
+            ..good()
+        };
+        tls.validate().unwrap();
+        assert_eq!(tls.tls_files().unwrap().unwrap().cert, PathBuf::from("node-1.crt"));
+        let both = ServerConfig { insecure: true, ..tls.clone() };
+        assert_eq!(
+            err(&both),
+            "insecure: conflicts with tls_ca, tls_cert, tls_key: plain text and TLS at once; drop one"
+        );
+        let partial = ServerConfig { tls_key: PathBuf::new(), ..tls };
+        assert_eq!(err(&partial), "tls_key: missing: TLS needs all of tls_ca, tls_cert, tls_key (missing: tls_key)");
+        assert!(good().tls_files().unwrap().is_none(), "insecure: plain text");
+        let agent = AgentConfig { insecure: false, ..good_agent() };
+        assert!(agent.validate().unwrap_err().to_string().starts_with("tls_ca: missing:"));
+    }
+
+    #[test]
     fn toml_file_round_trip_and_unknown_keys() {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("c.toml");
@@ -546,6 +655,7 @@ mod tests {
             group: "g".into(),
             member: "m1".into(),
             endpoints: "127.0.0.1:7101,127.0.0.1:7102".into(),
+            insecure: true,
             ..AgentConfig::default()
         }
     }

@@ -95,7 +95,7 @@ async fn killing_the_raft_leader_flips_no_verdict() {
     let leader = f.cluster.wait_for_leader(SETTLE).await;
     // Watch from a node that survives.
     let survivor = (1..=3).find(|id| *id != leader).unwrap();
-    let watcher = quorate::client::Client::from_list(&f.cluster.node(survivor).addr).unwrap();
+    let watcher = f.cluster.client_of(&f.cluster.node(survivor).addr, "reader");
     let mut stream = watcher.watch("cache").await.unwrap();
 
     f.cluster.kill(leader);

@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::{CliProc, free_port, run_cli, serial};
+use common::{CliProc, Conn, free_port, run_cli, serial};
 use serde_json::Value;
 
 /// Three consecutive free ports.
@@ -29,7 +29,7 @@ struct LocalGuard<'a>(&'a Path);
 
 impl Drop for LocalGuard<'_> {
     fn drop(&mut self) {
-        let _ = run_cli(&["local", "down", "--dir", &self.0.display().to_string()], "");
+        let _ = run_cli(&["local", "down", "--dir", &self.0.display().to_string()], &Conn::none());
         if std::thread::panicking() {
             for id in 1..=3 {
                 let log = std::fs::read_to_string(self.0.join(format!("node-{id}.log"))).unwrap_or_default();
@@ -50,6 +50,16 @@ fn local_cluster_status_lease_watch_and_restart() {
 
     let eps = up_and_check_cluster_file(&dir, &base);
     check_status(&eps);
+    // The cluster is mutual TLS: plain text is told so, and a reader may
+    // not take a lease.
+    let plain = Conn { tls: None, insecure: true, ..eps.clone() };
+    let (code, _, err) = run_cli(&["lease", "get", "G"], &plain);
+    assert_eq!(code, 1);
+    assert!(err.contains("the cluster probably serves mutual TLS"), "{err}");
+    let (code, _, err) =
+        run_cli(&["lease", "acquire", "G", "--holder", "r", "--ttl-ms", "1000"], &eps.as_identity("reader"));
+    assert_eq!(code, 1);
+    assert!(err.contains("reader reader may not hold group G's lease as r"), "{err}");
 
     // lease get on a free group: holder null.
     let (code, out, _) = run_cli(&["lease", "get", "G", "--json"], &eps);
@@ -62,12 +72,12 @@ fn local_cluster_status_lease_watch_and_restart() {
     watch_acquisition_and_expiry(&eps, tmp.path());
 
     // down, then up again on the same data: the epoch is still there.
-    let (code, out, err) = run_cli(&["--json", "local", "down", "--dir", &dir_s], "");
+    let (code, out, err) = run_cli(&["--json", "local", "down", "--dir", &dir_s], &Conn::none());
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["stopped"].as_array().unwrap().len(), 3);
     let (code, _, err) = run_cli(&["status", "--json"], &eps);
     assert_ne!(code, 0, "status succeeded with every node down: {err}");
-    let (code, _, err) = run_cli(&["local", "up", "--nodes", "3", "--dir", &dir_s], "");
+    let (code, _, err) = run_cli(&["local", "up", "--nodes", "3", "--dir", &dir_s], &Conn::none());
     assert_eq!(code, 0, "restart failed: {err}");
     let (code, out, err) = run_cli(&["lease", "get", "G", "--json"], &eps);
     assert_eq!(code, 0, "{err}");
@@ -75,11 +85,12 @@ fn local_cluster_status_lease_watch_and_restart() {
 }
 
 /// `local up` of three nodes in `dir` from port `base`: what it prints is
-/// the cluster file, and the file names every node. Returns the endpoints.
-fn up_and_check_cluster_file(dir: &Path, base: &str) -> String {
+/// the cluster file, and the file names every node and its certificates.
+/// Returns how to reach it as its admin.
+fn up_and_check_cluster_file(dir: &Path, base: &str) -> Conn {
     let dir_s = dir.display().to_string();
     let (code, out, err) =
-        run_cli(&["--json", "local", "up", "--nodes", "3", "--dir", &dir_s, "--base-port", base], "");
+        run_cli(&["--json", "local", "up", "--nodes", "3", "--dir", &dir_s, "--base-port", base], &Conn::none());
     assert_eq!(code, 0, "local up failed: {err}");
     let up = json(&out);
     let file: Value = serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
@@ -93,12 +104,19 @@ fn up_and_check_cluster_file(dir: &Path, base: &str) -> String {
         assert!(n["pid"].as_u64().unwrap() > 0);
         assert!(n["addr"].as_str().unwrap().starts_with("127.0.0.1:"));
         assert!(n["data_dir"].as_str().unwrap().ends_with(&format!("node-{}", i + 1)));
+        assert!(n["tls_cert"].as_str().unwrap().ends_with(&format!("tls/node-{}.crt", i + 1)), "{n}");
     }
-    eps
+    let tls = &file["tls"];
+    for (key, name) in [("ca", "ca.crt"), ("admin_cert", "admin.crt"), ("reader_key", "reader.key")] {
+        let path = tls[key].as_str().unwrap_or_else(|| panic!("no tls.{key} in {file}"));
+        assert!(path.ends_with(&format!("tls/{name}")) && Path::new(path).exists(), "{path}");
+    }
+    assert!(!eps.is_empty());
+    Conn::local(dir, "admin")
 }
 
 /// status --json: {"leader":1,"term":5,"nodes":[{"id":1,"addr":..,"role":"leader","reachable":true}]}
-fn check_status(eps: &str) {
+fn check_status(eps: &Conn) {
     let (code, out, err) = run_cli(&["status", "--json"], eps);
     assert_eq!(code, 0, "{err}");
     let status = json(&out);
@@ -113,24 +131,25 @@ fn check_status(eps: &str) {
 
 /// watch sees the current state, the acquisition and the expiry (a holder
 /// of G acquires, renews, and is killed).
-fn watch_acquisition_and_expiry(eps: &str, tmp: &Path) {
+fn watch_acquisition_and_expiry(eps: &Conn, tmp: &Path) {
     let watch = CliProc::spawn("watch", &["--json", "watch", "G"], eps, tmp);
     let (_, ev) = watch.next_json(Duration::from_secs(10)).expect("watch printed nothing");
     assert_eq!(ev["event"], "current");
-    let mut holder =
-        CliProc::spawn("holder", &["--json", "lease", "acquire", "G", "--holder", "h1", "--ttl-ms", "1000"], eps, tmp);
+    // A lease holder is a client identity: `local up` issues one, `client`.
+    let args = ["--json", "lease", "acquire", "G", "--holder", "client@h1", "--ttl-ms", "1000"];
+    let mut holder = CliProc::spawn("holder", &args, &eps.as_identity("client"), tmp);
     let (_, acq) = holder.next_json(Duration::from_secs(10)).expect("acquire printed nothing");
     assert_eq!(acq["event"], "acquired", "{acq}");
     assert_eq!(
         (acq["group"].as_str(), acq["holder"].as_str(), acq["epoch"].as_u64()),
-        (Some("G"), Some("h1"), Some(1))
+        (Some("G"), Some("client@h1"), Some(1))
     );
     let (_, ren) = holder.next_json(Duration::from_secs(5)).expect("no renewal");
     assert_eq!(ren["event"], "renewed", "{ren}");
     let (code, out, _) = run_cli(&["lease", "get", "G", "--json"], eps);
     assert_eq!(code, 0);
     let held = json(&out);
-    assert_eq!((held["holder"].as_str(), held["epoch"].as_u64()), (Some("h1"), Some(1)));
+    assert_eq!((held["holder"].as_str(), held["epoch"].as_u64()), (Some("client@h1"), Some(1)));
     let remaining = held["remaining_ms"].as_u64().unwrap();
     assert!(remaining > 0 && remaining <= 1000, "{held}");
 
@@ -163,10 +182,10 @@ fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
     };
     let _guard = LocalGuard(&dir);
     let args = ["--json", "local", "up", "--nodes", "3", "--dir", &dir_s, "--base-port", &base.to_string()];
-    let (code, out, err) = run_cli(&[&args[..], &["--group", "cache", "--members", "2"]].concat(), "");
+    let (code, out, err) = run_cli(&[&args[..], &["--group", "cache", "--members", "2"]].concat(), &Conn::none());
     assert_eq!(code, 0, "local up failed: {err}");
     let up = json(&out);
-    let eps = up["endpoints"].as_str().unwrap().to_owned();
+    let eps = Conn::local(&dir, "admin");
     let members = up["members"].as_array().unwrap();
     assert_eq!(members.len(), 2);
     for (i, m) in members.iter().enumerate() {
@@ -174,6 +193,7 @@ fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
         assert!(m["agent_pid"].as_u64().unwrap() > 0);
         assert!(m["heartbeat_redis_pid"].as_u64().unwrap() > 0);
         assert_eq!(m["heartbeat_redis_addr"], format!("127.0.0.1:{}", base + 100 + i as u16));
+        assert!(m["tls_cert"].as_str().unwrap().ends_with(&format!("tls/cache-{}.crt", i + 1)), "{m}");
     }
 
     check_matrix(&eps);
@@ -192,7 +212,7 @@ fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
 }
 
 /// The matrix fills in: every member up, seen by 4 observers, quorum 3.
-fn check_matrix(eps: &str) {
+fn check_matrix(eps: &Conn) {
     let start = std::time::Instant::now();
     let matrix = loop {
         let (code, out, _) = run_cli(&["matrix", "cache", "--json"], eps);
@@ -220,7 +240,7 @@ fn check_matrix(eps: &str) {
 
 /// The spec, and a bad spec (written into `tmp`) refused with the field
 /// named.
-fn check_spec_and_a_bad_one(eps: &str, tmp: &Path) {
+fn check_spec_and_a_bad_one(eps: &Conn, tmp: &Path) {
     let (code, out, _) = run_cli(&["group", "get", "cache", "--json"], eps);
     assert_eq!(code, 0);
     assert_eq!(json(&out)["policy"]["down_after_ms"], 500);
@@ -233,4 +253,47 @@ fn check_spec_and_a_bad_one(eps: &str, tmp: &Path) {
     let (code, _, err) = run_cli(&["group", "apply", &bad.display().to_string()], eps);
     assert_eq!(code, 1);
     assert!(err.contains("policy.down_after_ms"), "{err}");
+}
+
+/// Plain text is asked for, never a default: a server with neither TLS
+/// files nor --insecure refuses to start, saying what to give; a CLI
+/// without credentials says the same; `--insecure` on both ends works and
+/// the server warns; a plain-text CLI against a TLS cluster is told why.
+#[test]
+fn plain_text_only_when_asked_for_and_a_mismatch_is_explained() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let addr = format!("127.0.0.1:{}", free_port());
+    let data = tmp.path().join("data").display().to_string();
+    let server = ["server", "--node-id", "1", "--listen", &addr, "--peers", &format!("1={addr}"), "--data-dir", &data];
+    let (code, _, err) = run_cli(&server, &Conn::none());
+    assert_eq!(code, 1, "started without TLS or --insecure: {err}");
+    assert!(err.contains("tls_ca: missing") && err.contains("--tls-ca") && err.contains("--insecure"), "{err}");
+
+    let (code, _, err) = run_cli(&["status"], &Conn { endpoints: addr.clone(), ..Conn::none() });
+    assert_eq!(code, 1);
+    assert!(err.contains("give --ca, --cert and --key") && err.contains("QUORATE_CA"), "{err}");
+
+    let log = std::fs::File::create(tmp.path().join("server.log")).unwrap();
+    let child = std::process::Command::new(common::QUORATE)
+        .args(["--insecure"])
+        .args(server)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let _server = common::Proc { child, name: "insecure-server".into() };
+    let plain = Conn { endpoints: addr.clone(), tls: None, insecure: true };
+    let start = std::time::Instant::now();
+    let out = loop {
+        let (code, out, err) = run_cli(&["status", "--json"], &plain);
+        if code == 0 && json(&out)["leader"] == 1 {
+            break out;
+        }
+        assert!(start.elapsed() < Duration::from_secs(20), "no leader over plain text: {err}");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(json(&out)["nodes"].as_array().unwrap().len(), 1);
+    let log = std::fs::read_to_string(tmp.path().join("server.log")).unwrap();
+    assert!(log.contains("INSECURE: serving plain text"), "no warning in the server's log: {log}");
 }

@@ -23,7 +23,7 @@ async fn killing_the_leader_elects_a_new_one_and_the_lease_survives() {
     let _serial = serial();
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = cluster.client();
+    let client = cluster.client_as("holder-1");
     let granted = client.acquire("svc", "holder-1", 30_000, None).await.unwrap();
     assert!(granted.acquired);
     let epoch = granted.lease.unwrap().epoch;
@@ -54,11 +54,10 @@ async fn two_acquirers_one_holds_and_the_other_takes_over_only_after_expiry() {
     let _serial = serial();
     let cluster = Cluster::start(3);
     cluster.wait_for_leader(LEADER_WAIT).await;
-    let eps = cluster.endpoints();
     let dir = cluster.dir.path();
     let args = |h: &'static str| ["--json", "lease", "acquire", "g", "--holder", h, "--ttl-ms", "1000", "--wait"];
-    let mut a = CliProc::spawn("a", &args("a"), &eps, dir);
-    let mut b = CliProc::spawn("b", &args("b"), &eps, dir);
+    let mut a = CliProc::spawn("a", &args("a"), &cluster.conn_as("a"), dir);
+    let mut b = CliProc::spawn("b", &args("b"), &cluster.conn_as("b"), dir);
 
     // Exactly one of them acquires.
     let (first_name, first_ev) = loop {
@@ -109,16 +108,17 @@ async fn holders_and_epochs_survive_kill_9_of_every_node() {
     // Snapshot often so that the restart goes through snapshot + log replay.
     let mut cluster = Cluster::start_with(3, Some("snapshot_every_entries = 20\n"));
     cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = cluster.client();
-    let a = client.acquire("alpha", "h1", 60_000, None).await.unwrap();
+    // One client identity `t`, holding as t@h1, t@h2, ...
+    let client = cluster.client_as("t");
+    let a = client.acquire("alpha", "t@h1", 60_000, None).await.unwrap();
     assert!(a.acquired);
-    let b1 = client.acquire("beta", "h2", 60_000, None).await.unwrap();
-    client.release("beta", "h2", b1.lease.unwrap().epoch).await.unwrap();
-    let b2 = client.acquire("beta", "h3", 60_000, None).await.unwrap();
+    let b1 = client.acquire("beta", "t@h2", 60_000, None).await.unwrap();
+    client.release("beta", "t@h2", b1.lease.unwrap().epoch).await.unwrap();
+    let b2 = client.acquire("beta", "t@h3", 60_000, None).await.unwrap();
     let beta_epoch = b2.lease.unwrap().epoch;
     assert_eq!(beta_epoch, 2);
     for _ in 0..50 {
-        client.renew("alpha", "h1", 1).await.unwrap();
+        client.renew("alpha", "t@h1", 1).await.unwrap();
     }
     let max_seen = beta_epoch.max(1);
 
@@ -129,17 +129,17 @@ async fn holders_and_epochs_survive_kill_9_of_every_node() {
         cluster.start_node(id);
     }
     cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = cluster.client();
+    let client = cluster.client_as("t");
     let alpha = client.get_lease("alpha", linearizable()).await.unwrap().lease.unwrap();
-    assert_eq!((alpha.holder.as_str(), alpha.epoch), ("h1", 1));
+    assert_eq!((alpha.holder.as_str(), alpha.epoch), ("t@h1", 1));
     let beta = client.get_lease("beta", linearizable()).await.unwrap().lease.unwrap();
-    assert_eq!((beta.holder.as_str(), beta.epoch), ("h3", beta_epoch));
+    assert_eq!((beta.holder.as_str(), beta.epoch), ("t@h3", beta_epoch));
 
     // The next epochs are larger than every earlier one.
-    client.release("beta", "h3", beta_epoch).await.unwrap();
-    let next = client.acquire("beta", "h4", 5_000, None).await.unwrap().lease.unwrap();
+    client.release("beta", "t@h3", beta_epoch).await.unwrap();
+    let next = client.acquire("beta", "t@h4", 5_000, None).await.unwrap().lease.unwrap();
     assert!(next.epoch > max_seen, "epoch {} after {max_seen}", next.epoch);
-    let again = client.acquire("alpha", "h1", 5_000, None).await.unwrap().lease.unwrap();
+    let again = client.acquire("alpha", "t@h1", 5_000, None).await.unwrap().lease.unwrap();
     assert_eq!(again.epoch, 2);
     // Every node took part in the snapshot/compaction cycle.
     for id in 1..=3 {
@@ -154,16 +154,17 @@ async fn a_minority_refuses_writes_with_unavailable_within_the_election_timeout(
     let election_timeout_max = Duration::from_millis(300);
     let mut cluster = Cluster::start(3);
     let leader = cluster.wait_for_leader(LEADER_WAIT).await;
-    cluster.client().acquire("g", "warmup", 5_000, None).await.unwrap();
+    cluster.client_as("warmup").acquire("g", "warmup", 5_000, None).await.unwrap();
 
     // Leave the leader alone: it has lost its quorum.
     for id in (1..=3).filter(|id| *id != leader) {
         cluster.kill(id);
     }
-    let mut raw = cluster.client().raw(&cluster.node(leader).addr).unwrap();
+    let mut raw = cluster.client_as("warmup").raw(&cluster.node(leader).addr).unwrap();
     for attempt in 0..3 {
         let started = Instant::now();
-        let req = pb::AcquireRequest { group: "g2".into(), holder: "h".into(), ttl_ms: 5_000, ..Default::default() };
+        let req =
+            pb::AcquireRequest { group: "g2".into(), holder: "warmup".into(), ttl_ms: 5_000, ..Default::default() };
         let err = raw.acquire(req).await.expect_err("a leader without quorum accepted a write");
         let took = started.elapsed();
         assert_eq!(err.code(), Code::Unavailable, "{err:?}");
@@ -179,7 +180,7 @@ async fn a_minority_refuses_writes_with_unavailable_within_the_election_timeout(
     let survivor = (1..=3).find(|id| *id != leader).unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     cluster.kill(leader);
-    let mut raw = cluster.client().raw(&cluster.node(survivor).addr).unwrap();
+    let mut raw = cluster.client_as("warmup").raw(&cluster.node(survivor).addr).unwrap();
     let started = Instant::now();
     let req = pb::RenewRequest { group: "g".into(), holder: "warmup".into(), epoch: 1 };
     let err = raw.renew(req).await.expect_err("a lone follower accepted a write");
@@ -204,8 +205,9 @@ async fn bad_inputs_are_refused_with_a_message_saying_what_is_wrong() {
         ("g", "h", 300_001, "ttl_ms 300001 is above the maximum lease TTL of 300000 ms"),
         ("g", "h", 100, "below the minimum lease TTL of 500 ms"),
     ];
+    let h = cluster.client_as("h");
     for (group, holder, ttl, want) in cases {
-        let err = client.acquire(group, holder, ttl, None).await.expect_err(want);
+        let err = h.acquire(group, holder, ttl, None).await.expect_err(want);
         assert_eq!(err.code(), Code::InvalidArgument, "{err}");
         assert!(err.to_string().contains(want), "{err} does not say {want:?}");
     }
@@ -230,18 +232,18 @@ async fn bad_inputs_are_refused_with_a_message_saying_what_is_wrong() {
     assert!(err.to_string().contains("group unlikely: failover.lease_ttl_ms: ttl_ms 300001 is above"), "{err}");
 
     // Stale epochs: FAILED_PRECONDITION with the current epoch.
-    client.acquire("g", "h", 5_000, None).await.unwrap();
-    client.acquire("g", "h", 5_000, None).await.unwrap(); // epoch 2
-    let err = client.renew("g", "h", 1).await.unwrap_err();
+    h.acquire("g", "h", 5_000, None).await.unwrap();
+    h.acquire("g", "h", 5_000, None).await.unwrap(); // epoch 2
+    let err = h.renew("g", "h", 1).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
     assert!(err.to_string().contains("current epoch is 2"), "{err}");
     assert!(matches!(err, quorate::client::ClientError::Status { current_epoch: Some(2), .. }), "{err:?}");
-    let err = client.release("g", "someone-else", 2).await.unwrap_err();
+    let err = cluster.client_as("someone-else").release("g", "someone-else", 2).await.unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{err}");
 
     // The CLI says the same, and --json gives a machine-readable error.
     let (code, stdout, _) =
-        run_cli(&["--json", "lease", "acquire", "g", "--holder", "h", "--ttl-ms", "0"], &cluster.endpoints());
+        run_cli(&["--json", "lease", "acquire", "g", "--holder", "h", "--ttl-ms", "0"], &cluster.conn_as("h"));
     assert_eq!(code, 1);
     let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(v["code"], "InvalidArgument", "{v}");
@@ -268,12 +270,12 @@ async fn a_one_second_lease_survives_a_silent_raft_leader() {
         .try_init();
     let cluster = Cluster::start(3);
     cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = Arc::new(cluster.client().with_call_timeout(Duration::from_millis(250)));
+    let client = Arc::new(cluster.client_as("t").with_call_timeout(Duration::from_millis(250)));
     let mut lost_rounds = Vec::new();
     for round in 0..5 {
         let (tx, mut events) = tokio::sync::mpsc::channel(1024);
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let spec = KeeperSpec { group: "svc".into(), holder: format!("h{round}"), ttl_ms: 1_000, wait: true };
+        let spec = KeeperSpec { group: "svc".into(), holder: format!("t@h{round}"), ttl_ms: 1_000, wait: true };
         let keeper = {
             let client = client.clone();
             tokio::spawn(async move {

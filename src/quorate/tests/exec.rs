@@ -80,8 +80,15 @@ async fn exec_hooks_run_with_their_environment_and_failures_are_retried() {
         .map(|i| {
             let member = format!("svc-{i}");
             let log = std::fs::File::create(dir.join(format!("agent-{i}.log"))).unwrap();
+            let tls = cluster.cert(&member, Some("svc"));
             let child = Command::new(QUORATE)
                 .args(["agent", "--group", "svc", "--member", &member, "--endpoints", &cluster.endpoints()])
+                .arg("--ca")
+                .arg(&tls.ca)
+                .arg("--cert")
+                .arg(&tls.cert)
+                .arg("--key")
+                .arg(&tls.key)
                 .args(hooks_for(&dir, &member, if i == 1 { 3 } else { 0 }))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())

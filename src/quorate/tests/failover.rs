@@ -234,11 +234,10 @@ async fn a_switchover_loses_no_acknowledged_write() {
     let acked: Arc<Mutex<BTreeSet<String>>> = Arc::new(Mutex::new(BTreeSet::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ports = [(String::from("db-1"), f.data_port("db-1")), (String::from("db-2"), f.data_port("db-2"))];
-    let endpoints = f.cluster.endpoints();
+    let client = f.cluster.client_as("reader");
     let writer = {
         let (acked, stop) = (acked.clone(), stop.clone());
         tokio::spawn(async move {
-            let client = quorate::client::Client::from_list(&endpoints).unwrap();
             let mut i = 0;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let Ok(r) = client.get_lease("db", quorate::pb::v1::Consistency::Linearizable).await else { continue };

@@ -71,15 +71,26 @@ impl InCluster {
         let mut nodes = Vec::new();
         for (i, listener) in listeners.into_iter().enumerate() {
             let id = i as u64 + 1;
+            let transport = transport(id);
+            // The config says what the transport is, as `quorate server`'s
+            // does: the TLS files, or plain text asked for.
+            let files = match &transport {
+                Transport::Tls(t) => t.files().clone(),
+                Transport::Insecure => TlsFiles { ca: "".into(), cert: "".into(), key: "".into() },
+            };
             let config = ServerConfig {
                 node_id: id,
                 listen: addrs[i].clone(),
                 data_dir: dir.path().join(format!("node-{id}")),
                 peers: peers.join(","),
+                insecure: !transport.is_tls(),
+                tls_ca: files.ca,
+                tls_cert: files.cert,
+                tls_key: files.key,
                 ..ServerConfig::default()
             };
             let (stop, stopped) = oneshot::channel::<()>();
-            let task = tokio::spawn(quorate::server::run_with_listener(config, listener, transport(id), async move {
+            let task = tokio::spawn(quorate::server::run_with_listener(config, listener, transport, async move {
                 let _ = stopped.await;
             }));
             nodes.push(InNode { id, addr: addrs[i].clone(), stop: Some(stop), task: Some(task) });

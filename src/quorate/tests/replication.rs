@@ -52,7 +52,7 @@ fn report(observer: &str, prefix: &str, n: usize, cells: usize) -> pb::ReportReq
 /// Acquires (or re-acquires) `n` leases one after the other and returns the
 /// slowest of them; panics on any error.
 async fn slowest_write(cluster: &Cluster, n: usize) -> Duration {
-    let client = cluster.client();
+    let client = cluster.client_as("h");
     let mut slowest = Duration::ZERO;
     for i in 0..n {
         let started = Instant::now();
@@ -74,13 +74,17 @@ async fn a_report_too_large_for_one_entry_is_refused_and_writes_keep_committing(
     // snapshots by size.
     let cluster = Cluster::start_with(3, Some("snapshot_max_log_bytes = 1048576\n"));
     let leader = cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = Arc::new(cluster.client());
+    let client = Arc::new(cluster.client_as("h"));
     client.acquire("warmup", "h", 5_000, None).await.unwrap();
 
     // A report within every count bound (1000 views of 32 observations)
     // and under the 4 MiB message cap, but far over one log entry.
-    let mut raw = client.raw(&cluster.node(leader).addr).unwrap();
-    let err = raw.report(report("coordinator-1", "g", 1_000, 32)).await.expect_err("a ~1 MB report was accepted");
+    // Reports come from node certificates, as coordinator-N.
+    let mut raw = cluster.client_as(&format!("node-{leader}")).raw(&cluster.node(leader).addr).unwrap();
+    let err = raw
+        .report(report(&format!("coordinator-{leader}"), "g", 1_000, 32))
+        .await
+        .expect_err("a ~1 MB report was accepted");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(
         err.message().contains("the limit is") && err.message().contains("MAX_ENTRY_BYTES"),
@@ -94,7 +98,7 @@ async fn a_report_too_large_for_one_entry_is_refused_and_writes_keep_committing(
     // several at once (the batcher must not pack them into one oversized
     // entry), replicate to every node. (A debug
     // build encodes JSON slowly: give each call time.)
-    let big = Arc::new(cluster.client().with_call_timeout(Duration::from_secs(30)));
+    let big = Arc::new(cluster.client_as("node-2").with_call_timeout(Duration::from_secs(30)));
     let sends = (0..4).map(|i| {
         let client = big.clone();
         async move { client.report_view(report("coordinator-2", &format!("r{i}-"), 1_000, 3)).await }
@@ -138,12 +142,12 @@ async fn lost_data_is_caught_up(wipe_whole_dir: bool) {
     let _serial = serial();
     let mut cluster = Cluster::start(3);
     cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = cluster.client();
-    let first = client.acquire("marker", "h0", 60_000, None).await.unwrap().lease.unwrap();
+    let client = cluster.client_as("h");
+    let first = client.acquire("marker", "h@0", 60_000, None).await.unwrap().lease.unwrap();
     wait_until_node_3_has(&cluster, &client, first.epoch).await;
     cluster.kill(3);
 
-    let client = Arc::new(cluster.client());
+    let client = Arc::new(cluster.client_as("h"));
     let newest = write_while_node_3_is_down(&client, first.epoch).await;
     let data_dir = cluster.node(3).data_dir.clone();
     if wipe_whole_dir {
@@ -170,9 +174,9 @@ async fn lost_data_is_caught_up(wipe_whole_dir: bool) {
     // leader that has everything.
     cluster.kill(1);
     cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = cluster.client();
+    let client = cluster.client_as("h");
     let lease = client.get_lease("marker", pb::Consistency::Linearizable).await.unwrap().lease.unwrap();
-    assert_eq!((lease.holder.as_str(), lease.epoch), ("h1", newest.epoch));
+    assert_eq!((lease.holder.as_str(), lease.epoch), ("h@1", newest.epoch));
     client.acquire("after", "h", 5_000, None).await.expect("writes with node 3 in the quorum");
 }
 
@@ -194,7 +198,7 @@ async fn wait_until_node_3_has(cluster: &Cluster, client: &Client, epoch: u64) {
 }
 
 /// 10,000+ entries while node 3 is down (more than a snapshot interval, so
-/// it is caught up by snapshot), then a newer marker (holder h1) in place
+/// it is caught up by snapshot), then a newer marker (holder h@1) in place
 /// of the one at `first_epoch`; returns the newer marker's lease.
 async fn write_while_node_3_is_down(client: &Arc<Client>, first_epoch: u64) -> pb::Lease {
     let writers = (0..16).map(|w| {
@@ -209,13 +213,13 @@ async fn write_while_node_3_is_down(client: &Arc<Client>, first_epoch: u64) -> p
     let wrote = Instant::now();
     futures::future::join_all(writers).await;
     println!("10,240 renewals in {:?}", wrote.elapsed());
-    client.release("marker", "h0", first_epoch).await.unwrap();
-    client.acquire("marker", "h1", 60_000, None).await.unwrap().lease.unwrap()
+    client.release("marker", "h@0", first_epoch).await.unwrap();
+    client.acquire("marker", "h@1", 60_000, None).await.unwrap().lease.unwrap()
 }
 
 /// Until node 3 (just restarted) says it has caught up to
 /// `leader_applied`, every stale read it answers shows the newest marker
-/// (epoch `newest_epoch` or later, holder h1); after that too. Panics
+/// (epoch `newest_epoch` or later, holder h@1); after that too. Panics
 /// unless it catches up within 30 s of its restart.
 async fn reads_stay_fresh_until_caught_up(cluster: &Cluster, client: &Client, newest_epoch: u64, leader_applied: u64) {
     let restarted = Instant::now();
@@ -228,7 +232,7 @@ async fn reads_stay_fresh_until_caught_up(cluster: &Cluster, client: &Client, ne
             Ok(Ok(r)) => {
                 let lease = r.into_inner().lease.unwrap_or_default();
                 assert!(
-                    lease.epoch >= newest_epoch && lease.holder == "h1",
+                    lease.epoch >= newest_epoch && lease.holder == "h@1",
                     "node 3 served a stale read older than the cluster's state when it started: {lease:?} (newest: epoch {})",
                     newest_epoch
                 );
@@ -301,8 +305,9 @@ async fn a_node_with_a_full_disk_exits_non_zero_with_the_reason() {
         cluster.start_node(id);
     }
     cluster.wait_for_leader(LEADER_WAIT).await;
-    let client = cluster.client();
+    let client = cluster.client_as("h");
     client.acquire("warmup", "h", 5_000, None).await.unwrap();
+    let node_2 = cluster.client_as("node-2");
     // Some 300 KB per report: node 3's disk fills after a dozen or two.
     let started = Instant::now();
     let mut exited = None;
@@ -313,7 +318,7 @@ async fn a_node_with_a_full_disk_exits_non_zero_with_the_reason() {
             break;
         }
         if sent < 60 {
-            let _ = client.report_view(report("coordinator-2", &format!("f{sent}-"), 1_000, 3)).await;
+            let _ = node_2.report_view(report("coordinator-2", &format!("f{sent}-"), 1_000, 3)).await;
             sent += 1;
         } else {
             tokio::time::sleep(Duration::from_millis(100)).await;

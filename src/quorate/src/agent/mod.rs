@@ -27,11 +27,10 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::client::{Client, ClientError};
-use crate::config::{AgentConfig, ConfigError, DriverKind, tls_files};
+use crate::config::{AgentConfig, ConfigError, DriverKind};
 use crate::observation::Observe;
 use crate::observation::store::{RedisStores, Stores};
 use crate::pb::v1 as pb;
-use crate::tls::config::Tls;
 use crate::tls::transport::Transport;
 use crate::wire::convert::spec_from_pb;
 
@@ -122,13 +121,9 @@ pub fn new_incarnation() -> u64 {
 /// Runs the agent until `shutdown` completes.
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     config.validate()?;
-    let transport = match tls_files(&config.tls_ca, &config.tls_cert, &config.tls_key)? {
-        Some(files) => Transport::Tls(Tls::load(files)?),
-        None => {
-            warn!("talking to the coordinators in plain text");
-            Transport::Insecure
-        }
-    };
+    let warning = "talking to the coordinators in plain text (--insecure): anyone on the path can read and \
+                   forge this member's reports";
+    let transport = Transport::from_files(config.tls_files()?, warning)?;
     let endpoints: Vec<String> = config.endpoints.split(',').map(str::to_owned).collect();
     let first = Client::new_with(&endpoints, transport.clone())?.with_call_timeout(Duration::from_millis(250));
     tokio::pin!(shutdown);

@@ -79,15 +79,14 @@ pub async fn run(client: &Client, opts: &GroupsOptions) -> Result<GroupsReport, 
             (Some(r), u)
         }
     };
-    let endpoints = client.endpoints().to_vec();
     let started = Instant::now();
-    let (mut create, create_errors) = create_groups(&endpoints, clients, opts.count, &url).await?;
+    let (mut create, create_errors) = create_groups(client, clients, opts.count, &url).await?;
     let create_s = started.elapsed().as_secs_f64();
 
     // Renewals with every group in place.
     let applied0 = applied_index(client).await?;
     let t0 = Instant::now();
-    let (mut renew, renew_errors) = renew_until(&endpoints, clients, t0 + opts.duration).await?;
+    let (mut renew, renew_errors) = renew_until(client, clients, t0 + opts.duration).await?;
     let window = t0.elapsed().as_secs_f64();
     let applied1 = applied_index(client).await?;
     let (c50, c99, cmax) = percentiles(&mut create);
@@ -111,12 +110,7 @@ pub async fn run(client: &Client, opts: &GroupsOptions) -> Result<GroupsReport, 
 /// Creates groups `bench-group-0..count` (two members beating into `url`),
 /// `clients` workers each taking the next number in turn; returns each
 /// creation's latency in microseconds and the number that failed.
-async fn create_groups(
-    endpoints: &[String],
-    clients: usize,
-    count: usize,
-    url: &str,
-) -> Result<(Vec<u32>, u64), IngestError> {
+async fn create_groups(base: &Client, clients: usize, count: usize, url: &str) -> Result<(Vec<u32>, u64), IngestError> {
     let spec = |g: usize, url: &str| GroupSpec {
         name: format!("bench-group-{g}"),
         members: (0..2)
@@ -128,7 +122,7 @@ async fn create_groups(
     let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut tasks = tokio::task::JoinSet::new();
     for _ in 0..clients {
-        let c = Client::new(endpoints)?;
+        let c = base.another()?;
         let next = next.clone();
         let url = url.to_owned();
         tasks.spawn(async move {
@@ -152,10 +146,10 @@ async fn create_groups(
 /// `clients` workers each hold a lease of their own and renew it in a
 /// closed loop until `end`; returns each renewal's latency in microseconds
 /// and the number that failed.
-async fn renew_until(endpoints: &[String], clients: usize, end: Instant) -> Result<(Vec<u32>, u64), IngestError> {
+async fn renew_until(base: &Client, clients: usize, end: Instant) -> Result<(Vec<u32>, u64), IngestError> {
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..clients {
-        let c = Client::new(endpoints)?;
+        let c = base.another()?;
         tasks.spawn(async move {
             let (mut lat, mut errors) = (Vec::new(), 0u64);
             let group = format!("bench-groups-lease-{i}");

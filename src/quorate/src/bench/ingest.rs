@@ -306,9 +306,7 @@ impl Agents {
         incarnation: u64,
         until: Instant,
     ) -> Result<Self, IngestError> {
-        let endpoints = client.endpoints().to_vec();
-        let conns: Vec<Arc<Client>> =
-            (0..8).map(|_| Client::new(&endpoints).map(Arc::new)).collect::<Result<_, _>>()?;
+        let conns: Vec<Arc<Client>> = (0..8).map(|_| client.another().map(Arc::new)).collect::<Result<_, _>>()?;
         let members = specs
             .iter()
             .flat_map(|s| {

@@ -74,12 +74,11 @@ pub async fn run(
     consistency: pb::Consistency,
 ) -> Result<BenchReport, ClientError> {
     let clients = clients.max(1);
-    let endpoints = client.endpoints().to_vec();
     let started = Instant::now();
     let end = started + duration;
     let mut tasks = tokio::task::JoinSet::new();
     for i in 0..clients {
-        let c = Client::new(&endpoints)?;
+        let c = client.another()?;
         tasks.spawn(async move { worker(c, kind, i, end, consistency).await });
     }
     let mut latencies_us: Vec<u32> = Vec::new();
@@ -134,7 +133,7 @@ async fn worker(
     let mut lat = Vec::with_capacity(1 << 16);
     let mut errors = 0;
     let group = format!("bench-{i}");
-    let holder = format!("bench-{}-{i}", std::process::id());
+    let holder = c.holder_for(&format!("bench-{}-{i}", std::process::id()));
     let mut epoch = 0;
     if kind == BenchKind::AcquireRenew {
         let resp = c.acquire(&group, &holder, 10_000, Some(Duration::from_secs(15))).await?;

@@ -61,7 +61,16 @@ pub struct ConnArgs {
     /// This caller's private key.
     #[arg(long, global = true, env = "QUORATE_KEY")]
     pub key: Option<PathBuf>,
+    /// Plain text instead of mutual TLS, for a cluster that serves plain
+    /// text (`quorate server --insecure`): anyone who can reach it can then
+    /// do anything. With `server`, `agent`, `local up` and `demo` too.
+    #[arg(long, global = true, env = "QUORATE_INSECURE")]
+    pub insecure: bool,
 }
+
+/// The CLI's names for its TLS settings, for its errors.
+const CLI_TLS_FLAGS: crate::config::TlsNames =
+    crate::config::TlsNames { ca: "--ca", cert: "--cert", key: "--key", insecure: "--insecure", flags: "" };
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -211,7 +220,8 @@ macro_rules! overlay {
 
 impl ServerArgs {
     /// Defaults, then the file, then flags. Not yet validated.
-    pub fn to_config(&self) -> anyhow::Result<ServerConfig> {
+    /// `insecure` is the global `--insecure`.
+    pub fn to_config(&self, insecure: bool) -> anyhow::Result<ServerConfig> {
         let c = crate::config::load(self.config.as_deref(), |c: &mut ServerConfig| {
             overlay!(self, c;
                 node_id,
@@ -230,6 +240,7 @@ impl ServerArgs {
                 tls_key,
             );
             c.test_only_skip_lease_wait |= self.test_only_skip_lease_wait;
+            c.insecure |= insecure;
         })?;
         if self.node_id.is_none() && self.config.is_none() {
             anyhow::bail!("node_id: missing: give --node-id N (one of the ids in --peers)");
@@ -334,6 +345,7 @@ impl AgentArgs {
                 on_fence => hooks.fence,
             );
             c.test_only_no_deadline_fence |= self.test_only_no_deadline_fence;
+            c.insecure |= cli.insecure;
             if c.endpoints.is_empty()
                 || std::env::var_os("QUORATE_ENDPOINTS").is_some()
                 || endpoints != DEFAULT_ENDPOINTS
@@ -473,7 +485,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let json_mode = cli.json;
     match cli.command {
         Command::Server(args) => {
-            let config = args.to_config()?;
+            let config = args.to_config(cli.conn.insecure)?;
             crate::server::run(config, shutdown_signal()).await?;
             Ok(())
         }
@@ -507,20 +519,26 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::agent::run(config, shutdown_signal()).await?;
             Ok(())
         }
-        Command::Local(cmd) => local(cmd, json_mode).await,
+        Command::Local(cmd) => local(cmd, cli.conn.insecure, json_mode).await,
         Command::Certs(cmd) => certs(cmd, json_mode),
-        Command::Demo { dir, base_port, keep_running } => demo(dir, base_port, keep_running, json_mode).await,
+        Command::Demo { dir, base_port, keep_running } => {
+            let narrate = !json_mode;
+            let opts =
+                crate::local::demo::DemoOptions { dir, base_port, keep_running, narrate, insecure: cli.conn.insecure };
+            demo(&opts).await
+        }
         Command::Bench(args) => bench(&cli.conn, args, json_mode).await,
     }
 }
 
 /// `quorate local up|down`.
-async fn local(cmd: LocalCommand, json_mode: bool) -> anyhow::Result<()> {
+async fn local(cmd: LocalCommand, insecure: bool, json_mode: bool) -> anyhow::Result<()> {
     match cmd {
         LocalCommand::Up { nodes, dir, base_port, group, members, redis_pair } => {
             let data = redis_pair.is_some();
             let group = redis_pair.map(|g| (g, 2)).or(group.map(|g| (g, members)));
-            let file = crate::local::up(&crate::local::UpOptions { nodes, dir, base_port, group, data }).await?;
+            let opts = crate::local::UpOptions { nodes, dir, base_port, group, data, insecure };
+            let file = crate::local::up(&opts).await?;
             let value = serde_json::to_value(&file)?;
             emit(json_mode, &value, || {
                 let mut out = format!("local cluster up: {} nodes", file.nodes.len());
@@ -536,7 +554,7 @@ async fn local(cmd: LocalCommand, json_mode: bool) -> anyhow::Result<()> {
                         out.push_str(&format!(", data redis pid {pid} at {addr}"));
                     }
                 }
-                out.push_str(&format!("\nexport QUORATE_ENDPOINTS={}", file.endpoints));
+                out.push_str(&format!("\nto use it:\n{}", file.usage()));
                 out
             });
             Ok(())
@@ -550,10 +568,9 @@ async fn local(cmd: LocalCommand, json_mode: bool) -> anyhow::Result<()> {
 }
 
 /// `quorate demo`: fails when a scenario did not go as expected.
-async fn demo(dir: PathBuf, base_port: u16, keep_running: bool, json_mode: bool) -> anyhow::Result<()> {
-    let opts = crate::local::demo::DemoOptions { dir, base_port, keep_running, narrate: !json_mode };
-    let summary = crate::local::demo::run(&opts).await?;
-    if json_mode {
+async fn demo(opts: &crate::local::demo::DemoOptions) -> anyhow::Result<()> {
+    let summary = crate::local::demo::run(opts).await?;
+    if !opts.narrate {
         println!("{}", serde_json::to_string(&summary)?);
     }
     if summary.acked_writes_lost > 0 || summary.scenarios.iter().any(|s| !s.ok) {
@@ -605,11 +622,22 @@ async fn bench(conn: &ConnArgs, args: BenchArgs, json_mode: bool) -> anyhow::Res
     }
 }
 
-/// The transport the global `--ca/--cert/--key` ask for: mutual TLS when
-/// all three are given, plain text when none is.
+/// The transport the global `--ca/--cert/--key` ask for: mutual TLS with
+/// all three, plain text only with `--insecure`.
 fn transport(cli: &ConnArgs) -> anyhow::Result<Transport> {
     let path = |p: &Option<PathBuf>| p.clone().unwrap_or_default();
-    Ok(match crate::config::tls_files(&path(&cli.ca), &path(&cli.cert), &path(&cli.key))? {
+    let files =
+        crate::config::tls_files(&path(&cli.ca), &path(&cli.cert), &path(&cli.key), cli.insecure, CLI_TLS_FLAGS)
+            .map_err(|e| match e {
+                // The CLI's flags have an environment too.
+                crate::config::ConfigError::Invalid { message, .. } if message.starts_with("missing") => {
+                    anyhow::anyhow!(
+                        "{message} (or set QUORATE_CA, QUORATE_CERT, QUORATE_KEY; `quorate local up` prints them)"
+                    )
+                }
+                e => e.into(),
+            })?;
+    Ok(match files {
         Some(files) => Transport::Tls(Tls::load(files)?),
         None => Transport::Insecure,
     })

@@ -191,6 +191,53 @@ impl Client {
         &self.endpoints
     }
 
+    /// A holder name this client may take leases as, unique to `instance`:
+    /// `NAME@instance` under a client certificate named NAME (the names it
+    /// may hold as; `quorate_core::access`), `instance` otherwise.
+    pub fn holder_for(&self, instance: &str) -> String {
+        match &self.transport {
+            Transport::Tls(tls) => match tls.own_identity() {
+                Ok(quorate_core::access::Identity::Client { name, .. }) => {
+                    format!("{name}{}{instance}", quorate_core::access::INSTANCE_SEPARATOR)
+                }
+                _ => instance.to_owned(),
+            },
+            Transport::Insecure => instance.to_owned(),
+        }
+    }
+
+    /// The error of a status that ends a call, with a hint when it says
+    /// the two ends speak different protocols.
+    fn status_error(&self, status: &Status) -> ClientError {
+        let mut e = ClientError::from_status(status);
+        if let (ClientError::Status { message, .. }, Some(hint)) = (&mut e, self.protocol_hint(status.message())) {
+            message.push_str(hint);
+        }
+        e
+    }
+
+    /// What to say when a call failed because the two ends speak different
+    /// protocols: plain text reaching a TLS port fails in HTTP/2, TLS
+    /// reaching a plain-text port fails in the handshake.
+    fn protocol_hint(&self, message: &str) -> Option<&'static str> {
+        match &self.transport {
+            Transport::Insecure if message.contains("h2 protocol error") => Some(
+                " (this client speaks plain text (--insecure), and the cluster probably serves mutual TLS: \
+                 give --ca, --cert and --key instead)",
+            ),
+            Transport::Tls(_) if message.contains("InvalidContentType") || message.contains("corrupt message") => {
+                Some(" (this client speaks TLS, and the cluster probably serves plain text (started --insecure))")
+            }
+            _ => None,
+        }
+    }
+
+    /// Another client of the same endpoints over the same transport, with
+    /// connections of its own (the benchmarks' concurrent clients).
+    pub fn another(&self) -> Result<Self, ClientError> {
+        Ok(Self::new_with(&self.endpoints, self.transport.clone())?.with_call_timeout(self.call_timeout))
+    }
+
     fn channel(&self, addr: &str, lane: usize) -> Result<Channel, ClientError> {
         let mut channels = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         let key = (addr.to_owned(), lane);
@@ -343,9 +390,9 @@ impl Client {
             // Unknown with a transport source: as retryable as Unavailable.
             let broken = status.code() == Code::Unknown && std::error::Error::source(&status).is_some();
             if status.code() != Code::Unavailable && !broken {
-                return Err(ClientError::from_status(&status));
+                return Err(self.status_error(&status));
             }
-            last = format!("{addr}: {}", status.message());
+            last = format!("{addr}: {}{}", status.message(), self.protocol_hint(status.message()).unwrap_or_default());
             let hint = status.metadata().get(LEADER_ADDR_HEADER).and_then(|v| v.to_str().ok()).map(str::to_owned);
             if hint.is_none() && !unanswered.contains(&addr) {
                 // Either unreachable or no leader known there; do not chase

@@ -45,6 +45,8 @@ pub struct DemoOptions {
     pub keep_running: bool,
     /// Print the step-by-step story (off for `--json`).
     pub narrate: bool,
+    /// Plain text instead of mutual TLS (`--insecure`).
+    pub insecure: bool,
 }
 
 /// One scenario's result.
@@ -58,6 +60,8 @@ pub struct ScenarioResult {
 /// The summary `--json` prints.
 #[derive(Debug, Clone, Serialize)]
 pub struct DemoSummary {
+    /// Whether every coordinator and agent connection was mutual TLS.
+    pub tls: bool,
     /// kill -9 of the primary to the first write accepted by the new one.
     pub failover_ms: Option<u64>,
     /// The switchover call, request to the target holding the lease.
@@ -256,13 +260,14 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoSummary, DemoError> {
         base_port: opts.base_port,
         group: Some((GROUP.into(), 2)),
         data: true,
+        insecure: opts.insecure,
     };
     let mut file: ClusterFile = super::up(&up).await?;
     let result = scenarios(&story, &up, &mut file).await;
     if !opts.keep_running {
         super::down(&opts.dir).await.ok();
     } else if opts.narrate {
-        println!("\nthe cluster keeps running:\n  export QUORATE_ENDPOINTS={}", file.endpoints);
+        println!("\nthe cluster keeps running:\n{}", file.usage());
         println!("  quorate matrix {GROUP}\n  quorate failover status {GROUP}\n  quorate history {GROUP}");
         println!("  quorate local down --dir {}", opts.dir.display());
     }
@@ -272,7 +277,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoSummary, DemoError> {
 /// Plays the scenarios in order on the cluster `local up` started, with the
 /// writer running throughout.
 async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Result<DemoSummary, DemoError> {
-    let client = Client::from_list(&file.endpoints).map_err(|e| DemoError::Step(e.to_string()))?;
+    let client = file.admin_client()?;
     let first = format!("{GROUP}-1");
     let second = format!("{GROUP}-2");
     let ready = wait_for(&client, Duration::from_secs(30), |e| {
@@ -312,6 +317,7 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
     let lost = count_missing(&data, &stage.client, &acked).await?;
     story.step("summary");
     let summary = DemoSummary {
+        tls: file.tls.is_some(),
         failover_ms,
         switchover_ms,
         acked_writes: acked.len() as u64,
@@ -338,13 +344,8 @@ impl RunningWriter {
     async fn start(story: &Story, file: &ClusterFile, data: BTreeMap<String, String>) -> Result<Self, DemoError> {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (stop, stop_rx) = tokio::sync::watch::channel(false);
-        let writer = Writer {
-            client: Client::from_list(&file.endpoints).map_err(|e| DemoError::Step(e.to_string()))?,
-            data,
-            conns: BTreeMap::new(),
-            primary: None,
-            log: log.clone(),
-        };
+        let writer =
+            Writer { client: file.admin_client()?, data, conns: BTreeMap::new(), primary: None, log: log.clone() };
         let task = tokio::spawn(writer.run(stop_rx));
         story.step("a writer starts: fenced SET with the lease epoch (deploy/redis/fenced_set.lua), then WAIT 1");
         tokio::time::sleep(Duration::from_secs(2)).await;

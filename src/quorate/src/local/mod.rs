@@ -6,6 +6,12 @@
 //! leader exists. Run again on the same DIR, it restarts whatever is not
 //! running on its old ports and data. `down` stops what `up` started: SIGTERM,
 //! then SIGKILL after a grace period. Data is kept.
+//!
+//! Secure by default, like a real deployment: `up` issues a CA and a
+//! certificate per identity under `DIR/tls/` ([`LocalPki`]), starts every
+//! node and agent on mutual TLS, and writes the paths into `cluster.json`.
+//! `--insecure` keeps everything plain text (the benchmarks compare both).
+//! The Redis servers stay plain text on loopback.
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -21,6 +27,9 @@ use serde::{Deserialize, Serialize};
 pub mod demo;
 
 use crate::client::Client;
+use crate::tls::certs::{LOCAL_ADMIN, LOCAL_CLIENT, LOCAL_READER, LocalPki};
+use crate::tls::config::TlsFiles;
+use crate::tls::transport::Transport;
 
 /// How long `up` waits for a leader.
 const LEADER_WAIT: Duration = Duration::from_secs(30);
@@ -39,6 +48,70 @@ pub struct ClusterFile {
     /// Its members: a heartbeat redis-server and an agent each.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberEntry>,
+    /// The certificates, unless the cluster was started `--insecure`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ClusterTls>,
+}
+
+/// Where `up` put the certificates (every node's and member's are named
+/// in its own entry).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterTls {
+    /// `DIR/tls`: the CA (`ca.crt`, `ca.key`) and every certificate.
+    pub dir: String,
+    /// The CA certificate every process trusts (`QUORATE_CA`).
+    pub ca: String,
+    /// An admin identity: everything (`QUORATE_CERT`, `QUORATE_KEY`).
+    pub admin_cert: String,
+    pub admin_key: String,
+    /// A reader identity: reads only.
+    pub reader_cert: String,
+    pub reader_key: String,
+    /// A client identity: leases of any group, as `client` or
+    /// `client@INSTANCE`.
+    pub client_cert: String,
+    pub client_key: String,
+}
+
+impl ClusterFile {
+    /// How a client reaches this cluster: as its admin over mutual TLS, or
+    /// plain text for an `--insecure` cluster.
+    pub fn admin_transport(&self) -> Result<Transport, LocalError> {
+        match &self.tls {
+            None => Ok(Transport::Insecure),
+            Some(t) => {
+                let files = TlsFiles {
+                    ca: t.ca.clone().into(),
+                    cert: t.admin_cert.clone().into(),
+                    key: t.admin_key.clone().into(),
+                };
+                crate::tls::config::Tls::load(files)
+                    .map(Transport::Tls)
+                    .map_err(|e| LocalError::Invalid(format!("the admin certificate of {}: {e}", t.dir)))
+            }
+        }
+    }
+
+    /// The shell lines that point the CLI at this cluster, as its admin.
+    pub fn usage(&self) -> String {
+        let mut out = format!("  export QUORATE_ENDPOINTS={}", self.endpoints);
+        match &self.tls {
+            Some(t) => out.push_str(&format!(
+                "\n  export QUORATE_CA={} QUORATE_CERT={} QUORATE_KEY={}\n  \
+                 (the admin identity; in {} reader.crt/.key only reads, client.crt/.key holds leases as client \
+                 or client@INSTANCE, and each member's agent has its own)",
+                t.ca, t.admin_cert, t.admin_key, t.dir
+            )),
+            None => out.push_str("\n  export QUORATE_INSECURE=true   (this cluster serves plain text)"),
+        }
+        out
+    }
+
+    /// A client of this cluster as its admin.
+    pub fn admin_client(&self) -> Result<Client, LocalError> {
+        let endpoints: Vec<String> = self.endpoints.split(',').map(str::to_owned).collect();
+        Client::new_with(&endpoints, self.admin_transport()?).map_err(|e| LocalError::Invalid(e.to_string()))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -55,6 +128,11 @@ pub struct MemberEntry {
     pub data_redis_pid: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data_redis_addr: Option<String>,
+    /// The agent's certificate and key (a member identity of the group).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -64,6 +142,11 @@ pub struct NodeEntry {
     pub pid: u32,
     pub addr: String,
     pub data_dir: String,
+    /// The node's certificate (`node-N`, valid for its address) and key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_key: Option<String>,
 }
 
 /// Options of `local up`.
@@ -77,6 +160,8 @@ pub struct UpOptions {
     /// Give every member a data redis-server too, and manage the group
     /// (`--redis-pair`).
     pub data: bool,
+    /// Plain text everywhere instead of mutual TLS (`--insecure`).
+    pub insecure: bool,
 }
 
 /// Why the launcher failed.
@@ -204,11 +289,29 @@ pub fn spawn_redis_as(dir: &Path, name: &str, addr: &str, replica_of: Option<&st
     Ok(child.id())
 }
 
-fn spawn_agent(dir: &Path, group: &str, member: &MemberEntry, endpoints: &str) -> Result<u32, LocalError> {
+/// The TLS flags of a spawned process (`--tls-ca` for a server, `--ca` for
+/// an agent), or `--insecure`.
+fn tls_args(prefix: &str, tls: Option<&ClusterTls>, cert: Option<&String>, key: Option<&String>) -> Vec<String> {
+    match (tls, cert, key) {
+        (Some(t), Some(cert), Some(key)) => vec![
+            format!("--{prefix}ca"),
+            t.ca.clone(),
+            format!("--{prefix}cert"),
+            cert.clone(),
+            format!("--{prefix}key"),
+            key.clone(),
+        ],
+        _ => vec!["--insecure".into()],
+    }
+}
+
+fn spawn_agent(dir: &Path, file: &ClusterFile, member: &MemberEntry) -> Result<u32, LocalError> {
+    let group = file.group.as_deref().unwrap_or_default();
     let exe = std::env::current_exe().map_err(io("cannot find the quorate binary", Path::new("current_exe")))?;
     let (log, err) = log_file(dir, &format!("{}-agent.log", member.id))?;
     let child = std::process::Command::new(exe)
-        .args(["agent", "--group", group, "--member", &member.id, "--endpoints", endpoints])
+        .args(["agent", "--group", group, "--member", &member.id, "--endpoints", &file.endpoints])
+        .args(tls_args("", file.tls.as_ref(), member.tls_cert.as_ref(), member.tls_key.as_ref()))
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log)
@@ -243,7 +346,7 @@ pub fn local_group_spec(group: &str, members: &[MemberEntry]) -> quorate_core::g
     }
 }
 
-fn spawn_node(dir: &Path, node: &NodeEntry, peers: &str) -> Result<u32, LocalError> {
+fn spawn_node(dir: &Path, node: &NodeEntry, peers: &str, tls: Option<&ClusterTls>) -> Result<u32, LocalError> {
     let exe = std::env::current_exe().map_err(io("cannot find the quorate binary", Path::new("current_exe")))?;
     let log_path = dir.join(format!("node-{}.log", node.id));
     let log = File::options().create(true).append(true).open(&log_path).map_err(io("cannot open log", &log_path))?;
@@ -252,6 +355,7 @@ fn spawn_node(dir: &Path, node: &NodeEntry, peers: &str) -> Result<u32, LocalErr
         .args(["server", "--node-id", &node.id.to_string(), "--listen", &node.addr, "--peers", peers])
         .arg("--data-dir")
         .arg(&node.data_dir)
+        .args(tls_args("tls-", tls, node.tls_cert.as_ref(), node.tls_key.as_ref()))
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log)
@@ -281,6 +385,13 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
                     dir.display()
                 )));
             }
+            if f.tls.is_none() != opts.insecure {
+                let (was, asked) = if opts.insecure { ("mutual TLS", "--insecure") } else { ("--insecure", "TLS") };
+                return Err(LocalError::Invalid(format!(
+                    "the cluster in {} was started with {was}, not {asked}; give the same options or use another --dir",
+                    dir.display()
+                )));
+            }
             if f.nodes.len() as u64 != opts.nodes {
                 return Err(LocalError::Invalid(format!(
                     "the cluster in {} has {} nodes, not {}; run `quorate local down --dir {0}` and use another --dir",
@@ -299,7 +410,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
             continue;
         }
         std::fs::create_dir_all(&node.data_dir).map_err(io("cannot create", Path::new(&node.data_dir)))?;
-        node.pid = spawn_node(&dir, node, &peers)?;
+        node.pid = spawn_node(&dir, node, &peers, file.tls.as_ref())?;
     }
     let data_addrs: Vec<String> = file.members.iter().filter_map(|m| m.data_redis_addr.clone()).collect();
     for m in &mut file.members {
@@ -318,7 +429,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
     write_cluster_file(&dir, &file)?;
     wait_for_leader(&file, &dir).await?;
     if let Some(group) = file.group.clone() {
-        let client = Client::from_list(&file.endpoints).map_err(|e| LocalError::Invalid(e.to_string()))?;
+        let client = file.admin_client()?;
         let spec = local_group_spec(&group, &file.members);
         let current = client.get_group(&group, crate::pb::v1::Consistency::Linearizable).await;
         let same = current.ok().and_then(|r| r.spec).map(crate::wire::convert::spec_from_pb).as_ref() == Some(&spec);
@@ -328,9 +439,9 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
                 .await
                 .map_err(|e| LocalError::Invalid(format!("cannot create group {group}: {e}")))?;
         }
-        for m in &mut file.members {
-            if !is_our_agent(m.agent_pid) {
-                m.agent_pid = spawn_agent(&dir, &group, m, &file.endpoints)?;
+        for i in 0..file.members.len() {
+            if !is_our_agent(file.members[i].agent_pid) {
+                file.members[i].agent_pid = spawn_agent(&dir, &file, &file.members[i])?;
             }
         }
         write_cluster_file(&dir, &file)?;
@@ -353,7 +464,7 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
             )));
         }
         let data_dir = dir.join(format!("node-{id}")).display().to_string();
-        nodes.push(NodeEntry { id, pid: 0, addr, data_dir });
+        nodes.push(NodeEntry { id, pid: 0, addr, data_dir, tls_cert: None, tls_key: None });
     }
     let endpoints = nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
     let mut members = Vec::new();
@@ -393,14 +504,57 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
                 heartbeat_redis_addr: addr,
                 data_redis_pid: data_redis_addr.as_ref().map(|_| 0),
                 data_redis_addr,
+                tls_cert: None,
+                tls_key: None,
             });
         }
     }
-    Ok(ClusterFile { endpoints, nodes, group: opts.group.as_ref().map(|(g, _)| g.clone()), members })
+    let group = opts.group.as_ref().map(|(g, _)| g.clone());
+    let mut file = ClusterFile { endpoints, nodes, group, members, tls: None };
+    if !opts.insecure {
+        issue_certs(dir, &mut file)?;
+    }
+    Ok(file)
+}
+
+/// Issues the cluster's certificates under `DIR/tls/` (see the module
+/// header) and records their paths in `file`.
+fn issue_certs(dir: &Path, file: &mut ClusterFile) -> Result<(), LocalError> {
+    let tls_dir = dir.join("tls");
+    let hosts: Vec<(u64, String)> = file
+        .nodes
+        .iter()
+        .map(|n| (n.id, n.addr.rsplit_once(':').map_or(n.addr.clone(), |(h, _)| h.to_owned())))
+        .collect();
+    let group = file.group.clone().unwrap_or_default();
+    let members: Vec<(String, String)> = file.members.iter().map(|m| (group.clone(), m.id.clone())).collect();
+    let pki = LocalPki::ensure(&tls_dir, &hosts, &members)
+        .map_err(|e| LocalError::Invalid(format!("cannot issue certificates in {}: {e}", tls_dir.display())))?;
+    let show = |p: &Path| p.display().to_string();
+    let (admin, reader, client) = (pki.files(LOCAL_ADMIN), pki.files(LOCAL_READER), pki.files(LOCAL_CLIENT));
+    file.tls = Some(ClusterTls {
+        dir: show(&tls_dir),
+        ca: show(&admin.ca),
+        admin_cert: show(&admin.cert),
+        admin_key: show(&admin.key),
+        reader_cert: show(&reader.cert),
+        reader_key: show(&reader.key),
+        client_cert: show(&client.cert),
+        client_key: show(&client.key),
+    });
+    for n in &mut file.nodes {
+        let f = pki.node(n.id);
+        (n.tls_cert, n.tls_key) = (Some(show(&f.cert)), Some(show(&f.key)));
+    }
+    for m in &mut file.members {
+        let f = pki.files(&m.id);
+        (m.tls_cert, m.tls_key) = (Some(show(&f.cert)), Some(show(&f.key)));
+    }
+    Ok(())
 }
 
 async fn wait_for_leader(file: &ClusterFile, dir: &Path) -> Result<(), LocalError> {
-    let client = Client::from_list(&file.endpoints).map_err(|e| LocalError::Invalid(e.to_string()))?;
+    let client = file.admin_client()?;
     let started = Instant::now();
     while started.elapsed() < LEADER_WAIT {
         let view = crate::client::cluster::cluster_view(&client).await;

@@ -32,7 +32,6 @@ use crate::raft::node::{StartError, Started};
 use crate::raft::{NodeClock, Past, RaftNode, RaftView, Readiness, Role};
 use crate::service::batch::Batcher;
 pub use crate::service::{Node, ReadConsistency};
-use crate::tls::config::Tls;
 use crate::tls::transport::{Transport, incoming};
 
 /// How long shutdown waits for in-flight calls and tasks before it stops
@@ -65,13 +64,11 @@ pub enum ServerError {
 /// Runs a server until `shutdown` completes, listening on `config.listen`.
 pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Result<(), ServerError> {
     config.validate()?;
-    let transport = match config.tls_files()? {
-        Some(files) => Transport::Tls(Tls::load(files)?),
-        None => {
-            warn!("serving in plain text: anyone who can reach {} can do anything", config.listen);
-            Transport::Insecure
-        }
-    };
+    let warning = format!(
+        "serving plain text (--insecure): anyone who can reach {} can report, take leases and switch over",
+        config.listen
+    );
+    let transport = Transport::from_files(config.tls_files()?, &warning)?;
     // Bind first: a port conflict is the most common start-up failure and
     // should be reported before anything else happens.
     let listener = TcpListener::bind(&config.listen)

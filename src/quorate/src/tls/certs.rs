@@ -21,6 +21,8 @@ use rcgen::{
 };
 use time::OffsetDateTime;
 
+use super::config::TlsFiles;
+
 /// The CA's certificate, in the certificates directory.
 pub const CA_CERT: &str = "ca.crt";
 /// The CA's private key, in the certificates directory.
@@ -215,6 +217,79 @@ pub fn issue(dir: &Path, req: &IssueRequest) -> Result<(PathBuf, PathBuf), CertE
     write_atomic(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
     write_atomic(&crt, cert.pem().as_bytes(), 0o644)?;
     Ok((crt, key_path))
+}
+
+/// The certificates of a cluster on one machine (`quorate local up`,
+/// `quorate demo`, the test harnesses): a CA and one certificate per
+/// identity, all in one directory. Issued once and kept: a second `up` on
+/// the same directory reuses what is there and issues only what is missing.
+#[derive(Debug, Clone)]
+pub struct LocalPki {
+    dir: PathBuf,
+}
+
+/// The admin identity of a [`LocalPki`] (`admin.crt`).
+pub const LOCAL_ADMIN: &str = "admin";
+/// The reader identity of a [`LocalPki`] (`reader.crt`).
+pub const LOCAL_READER: &str = "reader";
+/// The client identity of a [`LocalPki`] (`client.crt`): leases of every
+/// group, as `client` or `client@INSTANCE`.
+pub const LOCAL_CLIENT: &str = "client";
+
+impl LocalPki {
+    /// Ensures `dir` holds a CA, `admin`, `reader` and `client` certificates, `node-N`
+    /// for every node (valid as a server for its host), and one per member
+    /// (`(group, member)`), issuing whatever is missing.
+    pub fn ensure(dir: &Path, nodes: &[(u64, String)], members: &[(String, String)]) -> Result<Self, CertError> {
+        for (_, m) in members {
+            if m == LOCAL_ADMIN || m == LOCAL_READER || m == LOCAL_CLIENT || m.starts_with("node-") {
+                return Err(CertError::Invalid(format!(
+                    "member {m:?}: its certificate would share a file with the {m} identity; rename the member"
+                )));
+            }
+        }
+        if !dir.join(CA_CERT).exists() || !dir.join(CA_KEY).exists() {
+            init(dir)?;
+        }
+        let pki = LocalPki { dir: dir.to_owned() };
+        let mut client = IssueRequest::new(LOCAL_CLIENT, Role::Client);
+        client.groups = vec![ANY_GROUP.into()];
+        let mut wanted =
+            vec![IssueRequest::new(LOCAL_ADMIN, Role::Admin), IssueRequest::new(LOCAL_READER, Role::Reader), client];
+        for (id, host) in nodes {
+            let mut r = IssueRequest::new(&format!("node-{id}"), Role::Node);
+            r.sans = vec![host.clone()];
+            wanted.push(r);
+        }
+        for (group, member) in members {
+            let mut r = IssueRequest::new(member, Role::Member);
+            r.groups = vec![group.clone()];
+            wanted.push(r);
+        }
+        for r in wanted {
+            let files = pki.files(&r.name);
+            if !files.cert.exists() || !files.key.exists() {
+                issue(dir, &r)?;
+            }
+        }
+        Ok(pki)
+    }
+
+    /// The directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The CA, certificate and key of identity `name` (`admin`, `reader`,
+    /// `node-N` or a member id).
+    pub fn files(&self, name: &str) -> TlsFiles {
+        TlsFiles::named(&self.dir, name)
+    }
+
+    /// Node `id`'s files.
+    pub fn node(&self, id: u64) -> TlsFiles {
+        self.files(&format!("node-{id}"))
+    }
 }
 
 #[cfg(test)]

@@ -32,6 +32,18 @@ pub struct TlsFiles {
     pub key: PathBuf,
 }
 
+impl TlsFiles {
+    /// `dir/ca.crt`, `dir/NAME.crt` and `dir/NAME.key`: the layout
+    /// `quorate certs issue` writes.
+    pub fn named(dir: &Path, name: &str) -> Self {
+        TlsFiles {
+            ca: dir.join(super::certs::CA_CERT),
+            cert: dir.join(format!("{name}.crt")),
+            key: dir.join(format!("{name}.key")),
+        }
+    }
+}
+
 /// Why TLS material cannot be used.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum TlsError {
@@ -193,6 +205,18 @@ impl Tls {
     /// The files this was loaded from.
     pub fn files(&self) -> &TlsFiles {
         &self.files
+    }
+
+    /// The identity this process's own certificate carries (as it is on
+    /// disk now).
+    pub fn own_identity(&self) -> Result<quorate_core::access::Identity, TlsError> {
+        let path = &self.files.cert;
+        let first = CertificateDer::pem_file_iter(path)
+            .map_err(|e| file_err(path, e))?
+            .next()
+            .ok_or_else(|| file_err(path, "no certificate in it"))?
+            .map_err(|e| file_err(path, e))?;
+        super::identity_of(&first).map_err(|e| file_err(path, e))
     }
 
     /// Reloads if the files changed since the last look. A change that

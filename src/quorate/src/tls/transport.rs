@@ -26,7 +26,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{debug, warn};
 
-use super::config::Tls;
+use super::config::{Tls, TlsError, TlsFiles};
 use super::identity_of;
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -46,6 +46,19 @@ pub enum Transport {
 }
 
 impl Transport {
+    /// Mutual TLS with `files`, or plain text when there are none (the
+    /// caller's config asked for it: see `config::tls_files`), which logs
+    /// `plain_text_warning` saying what that exposes.
+    pub fn from_files(files: Option<TlsFiles>, plain_text_warning: &str) -> Result<Self, TlsError> {
+        match files {
+            Some(files) => Ok(Transport::Tls(Tls::load(files)?)),
+            None => {
+                warn!("INSECURE: {plain_text_warning}");
+                Ok(Transport::Insecure)
+            }
+        }
+    }
+
     /// Whether this is mutual TLS.
     pub fn is_tls(&self) -> bool {
         matches!(self, Transport::Tls(_))

@@ -1,6 +1,10 @@
 //! Test harness: real `quorate server` processes on free ports, one temp
 //! directory per test, every process killed when the harness is dropped
 //! (also when the test fails), node logs printed on failure.
+//!
+//! Everything runs on mutual TLS, as a deployment does: each cluster has a
+//! CA and certificates under `DIR/tls/` (the layout `quorate local up`
+//! writes), and every client, CLI run and agent presents one of them.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -12,6 +16,10 @@ use std::time::{Duration, Instant};
 
 use quorate::client::Client;
 use quorate::pb::v1 as pb;
+use quorate::tls::certs::{self, IssueRequest, LocalPki};
+use quorate::tls::config::{Tls, TlsFiles};
+use quorate::tls::transport::Transport;
+use quorate_core::access::{ANY_GROUP, Role};
 
 pub const QUORATE: &str = env!("CARGO_BIN_EXE_quorate");
 
@@ -64,6 +72,86 @@ pub struct Cluster {
     pub nodes: Vec<NodeProc>,
     pub peers: String,
     config: Option<PathBuf>,
+    /// The CA and certificates (`DIR/tls/`).
+    pub pki: LocalPki,
+}
+
+/// How a CLI process reaches a cluster: the endpoints (none for `local
+/// up|down`) and the identity it presents, or plain text.
+#[derive(Debug, Clone, Default)]
+pub struct Conn {
+    pub endpoints: String,
+    pub tls: Option<TlsFiles>,
+    pub insecure: bool,
+}
+
+impl Conn {
+    /// No cluster: for `local up|down`, `certs`.
+    pub fn none() -> Self {
+        Conn::default()
+    }
+
+    /// The cluster `quorate local up` started in `dir`, as `name` (one of
+    /// the identities it issued: admin, reader, client, a member).
+    pub fn local(dir: &Path, name: &str) -> Self {
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap();
+        let endpoints = file["endpoints"].as_str().unwrap().to_owned();
+        match file["tls"]["dir"].as_str() {
+            Some(tls) => Conn { endpoints, tls: Some(TlsFiles::named(Path::new(tls), name)), insecure: false },
+            None => Conn { endpoints, tls: None, insecure: true },
+        }
+    }
+
+    /// The same cluster as another identity of the same CA directory.
+    pub fn as_identity(&self, name: &str) -> Self {
+        let tls = self.tls.as_ref().map(|t| TlsFiles::named(t.ca.parent().unwrap(), name));
+        Conn { tls, ..self.clone() }
+    }
+
+    fn apply(&self, cmd: &mut Command) {
+        cmd.env_remove("QUORATE_CA").env_remove("QUORATE_CERT").env_remove("QUORATE_KEY");
+        cmd.env_remove("QUORATE_INSECURE").env_remove("QUORATE_ENDPOINTS");
+        if !self.endpoints.is_empty() {
+            cmd.env("QUORATE_ENDPOINTS", &self.endpoints);
+        }
+        if let Some(t) = &self.tls {
+            cmd.env("QUORATE_CA", &t.ca).env("QUORATE_CERT", &t.cert).env("QUORATE_KEY", &t.key);
+        }
+        if self.insecure {
+            cmd.env("QUORATE_INSECURE", "true");
+        }
+    }
+}
+
+/// Issues `name` in the CA directory `dir` unless it is there: `admin`,
+/// `reader`, `node-N` have those roles, a name given a group is a member
+/// of it, anything else is a client of every group.
+pub fn ensure_cert(dir: &Path, name: &str, group: Option<&str>) -> TlsFiles {
+    let files = TlsFiles::named(dir, name);
+    if files.cert.exists() {
+        return files;
+    }
+    let role = match (name, group) {
+        (_, Some(_)) => Role::Member,
+        ("admin", _) => Role::Admin,
+        ("reader", _) => Role::Reader,
+        (n, _) if n.starts_with("node-") => Role::Node,
+        _ => Role::Client,
+    };
+    let mut req = IssueRequest::new(name, role);
+    req.groups = match (role, group) {
+        (Role::Member, Some(g)) => vec![g.to_owned()],
+        (Role::Client, _) => vec![ANY_GROUP.to_owned()],
+        _ => Vec::new(),
+    };
+    certs::issue(dir, &req).unwrap();
+    files
+}
+
+/// The transport of `files`.
+pub fn transport(files: TlsFiles) -> Transport {
+    Transport::Tls(Tls::load(files).unwrap())
 }
 
 impl Cluster {
@@ -98,7 +186,9 @@ impl Cluster {
             })
             .collect();
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
-        Cluster { dir, nodes, peers, config }
+        let hosts: Vec<(u64, String)> = nodes.iter().map(|n| (n.id, "127.0.0.1".to_owned())).collect();
+        let pki = LocalPki::ensure(&dir.path().join("tls"), &hosts, &[]).unwrap();
+        Cluster { dir, nodes, peers, config, pki }
     }
 
     /// Whether node `id`'s process has exited, and how.
@@ -114,8 +204,38 @@ impl Cluster {
         self.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",")
     }
 
+    /// A client as the cluster's admin (groups, switchover, reads).
     pub fn client(&self) -> Client {
-        Client::from_list(&self.endpoints()).unwrap()
+        self.client_as("admin")
+    }
+
+    /// A client as `name` (see [`ensure_cert`]): a holder of leases is a
+    /// client identity, and holds as `name` or `name@INSTANCE`.
+    pub fn client_as(&self, name: &str) -> Client {
+        self.client_of(&self.endpoints(), name)
+    }
+
+    /// A client of only `endpoints`, as `name`.
+    pub fn client_of(&self, endpoints: &str, name: &str) -> Client {
+        let files = ensure_cert(self.pki.dir(), name, None);
+        let eps: Vec<String> = endpoints.split(',').map(str::to_owned).collect();
+        Client::new_with(&eps, transport(files)).unwrap()
+    }
+
+    /// The TLS files of identity `name`, issued if need be (a member when
+    /// `group` is given).
+    pub fn cert(&self, name: &str, group: Option<&str>) -> TlsFiles {
+        ensure_cert(self.pki.dir(), name, group)
+    }
+
+    /// How the CLI reaches this cluster as `name`.
+    pub fn conn_as(&self, name: &str) -> Conn {
+        Conn { endpoints: self.endpoints(), tls: Some(self.cert(name, None)), insecure: false }
+    }
+
+    /// How the CLI reaches this cluster as its admin.
+    pub fn conn(&self) -> Conn {
+        self.conn_as("admin")
     }
 
     pub fn node(&self, id: u64) -> &NodeProc {
@@ -128,9 +248,16 @@ impl Cluster {
         let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
         let log = std::fs::File::options().create(true).append(true).open(&n.log).unwrap();
         let mut cmd = Command::new(QUORATE);
+        let tls = self.pki.node(id);
         cmd.args(["server", "--node-id", &id.to_string(), "--listen", &n.addr, "--peers", &peers])
             .arg("--data-dir")
             .arg(&n.data_dir)
+            .arg("--tls-ca")
+            .arg(&tls.ca)
+            .arg("--tls-cert")
+            .arg(&tls.cert)
+            .arg("--tls-key")
+            .arg(&tls.key)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -151,7 +278,7 @@ impl Cluster {
 
     /// One node's own status, or None if it does not answer.
     pub async fn status_of(&self, id: u64) -> Option<pb::StatusResponse> {
-        let client = Client::from_list(&self.node(id).addr).ok()?;
+        let client = self.client_of(&self.node(id).addr, "reader");
         let mut raw = client.raw(&self.node(id).addr).ok()?;
         let fut = raw.status(pb::StatusRequest {});
         Some(tokio::time::timeout(Duration::from_secs(1), fut).await.ok()?.ok()?.into_inner())
@@ -226,16 +353,11 @@ pub struct CliProc {
 }
 
 impl CliProc {
-    pub fn spawn(name: &str, args: &[&str], endpoints: &str, dir: &Path) -> Self {
+    pub fn spawn(name: &str, args: &[&str], conn: &Conn, dir: &Path) -> Self {
         let stderr = std::fs::File::create(dir.join(format!("{name}.stderr"))).unwrap();
-        let mut child = Command::new(QUORATE)
-            .args(args)
-            .env("QUORATE_ENDPOINTS", endpoints)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(QUORATE);
+        conn.apply(&mut cmd);
+        let mut child = cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr).spawn().unwrap();
         let stdout = child.stdout.take().unwrap();
         let (tx, rx) = mpsc::channel();
         std::thread::spawn(move || {
@@ -256,8 +378,10 @@ impl CliProc {
 }
 
 /// Runs the CLI to completion; returns (exit code, stdout, stderr).
-pub fn run_cli(args: &[&str], endpoints: &str) -> (i32, String, String) {
-    let out = Command::new(QUORATE).args(args).env("QUORATE_ENDPOINTS", endpoints).output().unwrap();
+pub fn run_cli(args: &[&str], conn: &Conn) -> (i32, String, String) {
+    let mut cmd = Command::new(QUORATE);
+    conn.apply(&mut cmd);
+    let out = cmd.args(args).output().unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -368,16 +492,11 @@ impl GroupFixture {
     pub fn start_agent(&mut self, i: usize) {
         let log = self.cluster.dir.path().join(format!("agent-{}.log", i + 1));
         let log = std::fs::File::options().create(true).append(true).open(log).unwrap();
-        let child = Command::new(QUORATE)
-            .args([
-                "agent",
-                "--group",
-                &self.group,
-                "--member",
-                &self.member(i),
-                "--endpoints",
-                &self.cluster.endpoints(),
-            ])
+        let mut cmd = Command::new(QUORATE);
+        Conn { tls: Some(self.cluster.cert(&self.member(i), Some(&self.group))), ..self.cluster.conn() }
+            .apply(&mut cmd);
+        let child = cmd
+            .args(["agent", "--group", &self.group, "--member", &self.member(i)])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
@@ -488,8 +607,10 @@ impl PairFixture {
     pub fn start_agent(&mut self, i: usize) {
         let log = self.cluster.dir.path().join(format!("agent-{}.log", i + 1));
         let log = std::fs::File::options().create(true).append(true).open(log).unwrap();
-        let child = Command::new(QUORATE)
-            .args(["agent", "--group", PAIR, "--member", &self.members[i].id, "--endpoints", &self.cluster.endpoints()])
+        let mut cmd = Command::new(QUORATE);
+        Conn { tls: Some(self.cluster.cert(&self.members[i].id, Some(PAIR))), ..self.cluster.conn() }.apply(&mut cmd);
+        let child = cmd
+            .args(["agent", "--group", PAIR, "--member", &self.members[i].id])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
