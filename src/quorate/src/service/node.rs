@@ -62,7 +62,7 @@ impl Node {
         self.peers.get(&leader).map(|addr| LeaderHint { id: leader, addr: addr.clone() })
     }
 
-    fn not_leader(&self) -> ServiceError {
+    pub(super) fn not_leader(&self) -> ServiceError {
         let leader = self.leader_hint().filter(|l| l.id != self.id);
         ServiceError::NotLeader { node_id: self.id, leader }
     }
