@@ -14,6 +14,7 @@ use quorate_core::{Command, Op};
 use tokio::sync::watch;
 
 use super::error::{LeaderHint, ServiceError};
+use super::watch::WatchSlots;
 use crate::config::ServerConfig;
 use crate::raft::state_machine::SmReader;
 use crate::raft::{MAX_ENTRY_BYTES, NodeClock, RaftFailure, RaftNode, ReadConfirm, Readiness, encoded_len};
@@ -47,6 +48,8 @@ pub struct Node {
     pub readiness: Arc<Readiness>,
     /// How this node dials its peers (plain text or mutual TLS).
     pub transport: Transport,
+    /// The watch streams it serves, bounded in total and per connection.
+    pub watches: WatchSlots,
 }
 
 impl std::fmt::Debug for Node {
