@@ -1,7 +1,7 @@
 //! The replicated matrix of a group: every observer's latest view of every
 //! member, with the time it was committed.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
@@ -55,6 +55,55 @@ impl Observer {
             None => Observer::Member(s.to_owned()),
         }
     }
+
+    /// May this observer report at all, given the cluster's coordinator
+    /// node ids? A coordinator only if it is one of `nodes`; members are
+    /// checked per group ([`Self::check_member_of`]).
+    pub fn check_node(&self, nodes: &BTreeSet<u64>) -> Result<(), ObserverRefused> {
+        match self {
+            Observer::Coordinator(id) if !nodes.contains(id) => {
+                let ids: Vec<String> = nodes.iter().map(u64::to_string).collect();
+                Err(ObserverRefused::NotANode { id: *id, nodes: ids.join(", ") })
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// May this observer report about the group `spec` describes? A member
+    /// only about its own group; a coordinator about every group.
+    pub fn check_member_of(&self, spec: &GroupSpec) -> Result<(), ObserverRefused> {
+        match self {
+            Observer::Member(m) if spec.member(m).is_none() => {
+                Err(ObserverRefused::NotAMember { observer: m.clone(), group: spec.name.clone() })
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// Why an observer may not report (checked before a report is proposed;
+/// the state machine also drops a view whose observer is not a member of
+/// its group). Names are bounded, so the message is too.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ObserverRefused {
+    /// `coordinator-N` where N is not a node of the cluster.
+    #[error(
+        "observer coordinator-{id} is not a node of this cluster (nodes {nodes}): only the cluster's own coordinators report as coordinator-N"
+    )]
+    NotANode {
+        /// The node id claimed.
+        id: u64,
+        /// The cluster's node ids, comma separated.
+        nodes: String,
+    },
+    /// A member observer reporting about a group it is not in.
+    #[error("observer {observer} is not a member of group {group}: a member reports only about its own group")]
+    NotAMember {
+        /// The observer.
+        observer: String,
+        /// The group.
+        group: String,
+    },
 }
 
 /// One observer's view as committed.
@@ -235,5 +284,48 @@ impl GroupState {
     pub fn view_age_ms(view: &StoredView, now_ms: u64) -> u64 {
         let age = i128::from(now_ms) - i128::from(view.reported_at_ms);
         u64::try_from(age.max(0)).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod observer_tests {
+    use super::*;
+    use crate::group::MemberSpec;
+
+    fn spec(members: &[&str]) -> GroupSpec {
+        GroupSpec {
+            name: "g".into(),
+            members: members
+                .iter()
+                .map(|m| MemberSpec { id: (*m).into(), heartbeat: "redis://h:1".into(), priority: 100, data: None })
+                .collect(),
+            policy: crate::group::Policy::default(),
+            failover: None,
+        }
+    }
+
+    #[test]
+    fn only_the_clusters_nodes_report_as_coordinators() {
+        let nodes: BTreeSet<u64> = [1, 2, 3].into();
+        assert_eq!(Observer::Coordinator(2).check_node(&nodes), Ok(()));
+        assert_eq!(Observer::Member("db-1".into()).check_node(&nodes), Ok(()));
+        let e = Observer::Coordinator(9).check_node(&nodes).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "observer coordinator-9 is not a node of this cluster (nodes 1, 2, 3): only the cluster's own coordinators report as coordinator-N"
+        );
+    }
+
+    #[test]
+    fn members_report_only_about_their_group() {
+        let g = spec(&["a", "b"]);
+        assert_eq!(Observer::Member("a".into()).check_member_of(&g), Ok(()));
+        assert_eq!(Observer::Coordinator(7).check_member_of(&g), Ok(()));
+        let e = Observer::Member("z".into()).check_member_of(&g).unwrap_err();
+        assert_eq!(e.to_string(), "observer z is not a member of group g: a member reports only about its own group");
+        // A name that only looks like a coordinator is a member name, and
+        // no member has one.
+        let fake = Observer::parse("coordinator-99999999999999999999999");
+        assert!(fake.check_member_of(&g).is_err());
     }
 }

@@ -61,6 +61,16 @@ pub struct ServerConfig {
     /// with RESOURCE_EXHAUSTED (every coordinator observes every group, so
     /// this bounds the work of each round and the replicated state).
     pub max_groups: u64,
+    /// The most Watch streams this node serves at once; one more is refused
+    /// with RESOURCE_EXHAUSTED (each holds a task and a buffer of events).
+    pub max_watch_streams: u64,
+    /// The most Watch streams one client connection may hold open at once,
+    /// so one client cannot take every stream of `max_watch_streams`.
+    pub max_watch_streams_per_connection: u64,
+    /// The most reports a second one member identity may send (with a
+    /// burst of as many); beyond it a report is refused with
+    /// RESOURCE_EXHAUSTED. Coordinator nodes are exempt.
+    pub max_reports_per_s: u64,
     /// The cluster CA's certificate (PEM): every client and peer must
     /// present a certificate it signed. With `tls_cert` and `tls_key`;
     /// required unless `insecure`.
@@ -109,6 +119,15 @@ impl Default for ServerConfig {
             snapshot_max_log_bytes: 64 << 20,
             snapshot_every_ms: 300_000,
             max_groups: DEFAULT_MAX_GROUPS,
+            // About 50 agents' watches (election and lease) beside the CLI's,
+            // on each of the nodes they spread over, with room to spare.
+            max_watch_streams: 1024,
+            // An agent holds one or two; a process with many leases one each.
+            max_watch_streams_per_connection: 64,
+            // A member reports at most once per read round (the heartbeat
+            // interval, at least 10 ms: 100 a second) when an observation
+            // changes, plus its refresh and retries: twice that worst case.
+            max_reports_per_s: DEFAULT_MAX_REPORTS_PER_S,
             tls_ca: PathBuf::new(),
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
@@ -128,6 +147,13 @@ const MAX_SNAPSHOT_EVERY_MS: u64 = 86_400_000;
 
 /// The default bound on the number of groups.
 pub const DEFAULT_MAX_GROUPS: u64 = 2048;
+
+/// The default bound on reports per member identity and second.
+pub const DEFAULT_MAX_REPORTS_PER_S: u64 = 200;
+
+/// Upper bounds of the request limits: beyond them a limit bounds nothing.
+const MAX_WATCH_STREAMS: u64 = 65_536;
+const MAX_REPORTS_PER_S: u64 = 100_000;
 
 /// A configuration that cannot be used, with the field at fault.
 #[derive(Debug, thiserror::Error)]
@@ -310,6 +336,7 @@ impl ServerConfig {
         if self.max_groups == 0 {
             return Err(invalid("max_groups", "must be at least 1"));
         }
+        self.validate_request_limits()?;
         self.validate_raft_timing()?;
         self.validate_lease_timing()?;
         self.validate_snapshots()
@@ -404,6 +431,33 @@ impl ServerConfig {
                     "{} ms leaves a {} ms lease less valid time than one renewal interval; lower the margin or raise min_lease_ttl_ms",
                     self.lease_margin_ms, self.min_lease_ttl_ms
                 ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Watch streams and report rates: at least one, at most a bound that
+    /// still limits something, and per connection no more than in total.
+    fn validate_request_limits(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_WATCH_STREAMS).contains(&self.max_watch_streams) {
+            return Err(invalid(
+                "max_watch_streams",
+                format!("{} is outside 1..={MAX_WATCH_STREAMS}", self.max_watch_streams),
+            ));
+        }
+        if !(1..=self.max_watch_streams).contains(&self.max_watch_streams_per_connection) {
+            return Err(invalid(
+                "max_watch_streams_per_connection",
+                format!(
+                    "{} is outside 1..=max_watch_streams ({})",
+                    self.max_watch_streams_per_connection, self.max_watch_streams
+                ),
+            ));
+        }
+        if !(1..=MAX_REPORTS_PER_S).contains(&self.max_reports_per_s) {
+            return Err(invalid(
+                "max_reports_per_s",
+                format!("{} is outside 1..={MAX_REPORTS_PER_S}", self.max_reports_per_s),
             ));
         }
         Ok(())
@@ -637,6 +691,25 @@ mod tests {
         assert!(good().tls_files().unwrap().is_none(), "insecure: plain text");
         let agent = AgentConfig { insecure: false, ..good_agent() };
         assert!(agent.validate().unwrap_err().to_string().starts_with("tls_ca: missing:"));
+    }
+
+    #[test]
+    fn request_limits_are_bounded() {
+        let c = ServerConfig { max_watch_streams: 0, ..good() };
+        assert_eq!(err(&c), "max_watch_streams: 0 is outside 1..=65536");
+        let c = ServerConfig { max_watch_streams: 100_000, ..good() };
+        assert!(err(&c).starts_with("max_watch_streams:"), "{}", err(&c));
+        let c = ServerConfig { max_watch_streams_per_connection: 0, ..good() };
+        assert!(err(&c).starts_with("max_watch_streams_per_connection:"), "{}", err(&c));
+        let c = ServerConfig { max_watch_streams: 8, max_watch_streams_per_connection: 9, ..good() };
+        assert_eq!(err(&c), "max_watch_streams_per_connection: 9 is outside 1..=max_watch_streams (8)");
+        let c = ServerConfig { max_reports_per_s: 0, ..good() };
+        assert_eq!(err(&c), "max_reports_per_s: 0 is outside 1..=100000");
+        let c = ServerConfig { max_reports_per_s: u64::MAX, ..good() };
+        assert!(err(&c).starts_with("max_reports_per_s:"), "{}", err(&c));
+        ServerConfig { max_watch_streams: 2, max_watch_streams_per_connection: 2, max_reports_per_s: 1, ..good() }
+            .validate()
+            .unwrap();
     }
 
     #[test]

@@ -17,7 +17,6 @@ use std::pin::Pin;
 
 use futures::{Stream, StreamExt as _};
 use quorate_core::LeaseTiming;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::{Instrument, info_span};
 
@@ -28,6 +27,7 @@ use crate::service::batch;
 use crate::service::leases::{AcquireRequest, Acquired};
 use crate::service::{Node, ReadConsistency};
 use crate::tls::caller::Caller;
+use crate::tls::transport::Peer;
 use crate::wire::convert::timing_pb;
 use quorate_core::access::Action;
 
@@ -167,12 +167,13 @@ impl Coordinator for CoordinatorService {
 
     async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
         let c = Caller::of_request(&req);
+        let conn = Peer::of_request(&req).and_then(|p| p.addr);
         let group = req.into_inner().group;
         let span = info_span!("watch", group = %group, node_id = self.node.id);
-        // The watch ends when the client goes away (the stream, and with it
-        // the receiver, is dropped) or the node stops.
-        let events = span.in_scope(|| self.node.watch(&c, &group))?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(events).map(|ev| Ok(watch::watch_event_pb(ev))))))
+        // The watch ends, and its slot is free, when the client goes away
+        // (the stream is dropped) or the node stops.
+        let events = span.in_scope(|| self.node.watch(&c, conn, &group))?;
+        Ok(Response::new(Box::pin(events.map(|ev| Ok(watch::watch_event_pb(ev))))))
     }
 
     async fn status(&self, req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {

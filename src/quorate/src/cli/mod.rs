@@ -182,6 +182,15 @@ pub struct ServerArgs {
     pub max_clock_drift_ppm: Option<u64>,
     #[arg(long)]
     pub lease_margin_ms: Option<u64>,
+    /// The most Watch streams this node serves at once.
+    #[arg(long)]
+    pub max_watch_streams: Option<u64>,
+    /// The most Watch streams one client connection may hold open.
+    #[arg(long)]
+    pub max_watch_streams_per_connection: Option<u64>,
+    /// The most reports a second per member identity (nodes are exempt).
+    #[arg(long)]
+    pub max_reports_per_s: Option<u64>,
     /// The cluster CA's certificate (PEM); with --tls-cert and --tls-key
     /// the node speaks mutual TLS only.
     #[arg(long)]
@@ -235,6 +244,9 @@ impl ServerArgs {
                 max_lease_ttl_ms,
                 max_clock_drift_ppm,
                 lease_margin_ms,
+                max_watch_streams,
+                max_watch_streams_per_connection,
+                max_reports_per_s,
                 tls_ca,
                 tls_cert,
                 tls_key,

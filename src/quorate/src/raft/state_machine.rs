@@ -88,6 +88,12 @@ impl SmReader {
         self.read(|s| s.membership.membership().voter_ids().collect())
     }
 
+    /// Every node of the Raft membership as the state machine last applied
+    /// it, voters and learners.
+    pub fn node_ids(&self) -> std::collections::BTreeSet<u64> {
+        self.read(|s| s.membership.membership().nodes().map(|(id, _)| *id).collect())
+    }
+
     /// `now` on the machine's clock for computing verdicts: as measured by
     /// [`Self::reader_clock`], else the machine's last applied reading.
     pub fn machine_now(&self, machine: &Machine) -> u64 {

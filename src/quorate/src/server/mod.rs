@@ -31,6 +31,7 @@ use crate::raft::log_store::{StoreError, is_empty, open_database};
 use crate::raft::node::{StartError, Started};
 use crate::raft::{NodeClock, Past, RaftNode, RaftView, Readiness, Role};
 use crate::service::batch::Batcher;
+use crate::service::watch::WatchSlots;
 pub use crate::service::{Node, ReadConsistency};
 use crate::tls::transport::{Transport, incoming};
 
@@ -110,6 +111,7 @@ pub async fn run_with_listener(
         stopping,
         readiness: readiness.clone(),
         transport: transport.clone(),
+        watches: WatchSlots::new(config.max_watch_streams, config.max_watch_streams_per_connection),
     };
     info!(node_id = id, listen = %config.listen, data_dir = %config.data_dir.display(), past = ?past, "quorate server starting");
     if config.test_only_skip_lease_wait {

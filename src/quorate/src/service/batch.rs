@@ -11,6 +11,7 @@
 //! refused at once, alone; one that does not fit in the batch being filled
 //! starts the next.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quorate_core::Op;
@@ -20,6 +21,7 @@ use tracing::Instrument;
 
 use super::Node;
 use super::error::ServiceError;
+use super::limits::{MAX_RATE_BUCKETS, RateLimiter};
 use crate::raft::{MAX_ENTRY_BYTES, encoded_len};
 
 /// How long the batcher waits for more reports before proposing. Reports
@@ -37,25 +39,30 @@ const MAX_BATCH_BYTES: usize = MAX_ENTRY_BYTES - ENVELOPE_BYTES;
 
 type Reply = oneshot::Sender<Result<Outcome, ServiceError>>;
 
-/// The handle the API uses to submit a command to the batcher.
+/// The handle the API uses to submit a command to the batcher; reports
+/// (`service::reports`) are checked against the node's state and rate
+/// limited per identity on the way in.
 #[derive(Debug, Clone)]
 pub struct Batcher {
     tx: mpsc::Sender<(Op, Reply)>,
-    node_id: u64,
+    pub(super) node: Node,
+    /// Reports per member identity (`max_reports_per_s`).
+    pub(super) rates: Arc<Mutex<RateLimiter<String>>>,
 }
 
 impl Batcher {
     /// Starts the batching task; it ends when every handle is dropped.
     pub fn start(node: Node) -> (Self, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(QUEUE);
-        let node_id = node.id;
+        let rates = RateLimiter::new(node.config.max_reports_per_s, MAX_RATE_BUCKETS);
+        let handle = Self { tx, node: node.clone(), rates: Arc::new(Mutex::new(rates)) };
         let task = tokio::spawn(run(node, rx).instrument(tracing::info_span!("report_batcher")));
-        (Self { tx, node_id }, task)
+        (handle, task)
     }
 
     /// Proposes `op` in the next batch and waits for its own outcome.
     pub async fn propose(&self, op: Op) -> Result<Outcome, ServiceError> {
-        let node_id = self.node_id;
+        let node_id = self.node.id;
         let (reply, rx) = oneshot::channel();
         let stopped = || ServiceError::Stopped { node_id, detail: "the report batcher stopped".into() };
         self.tx.send((op, reply)).await.map_err(|_| stopped())?;

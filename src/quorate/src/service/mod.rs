@@ -13,6 +13,7 @@
 //!   blocks, switchover (waiting for the new holder), what-if.
 //! - [`reports`]: observers' reports, checked and batched.
 //! - [`watch`]: a watch's events (lease, election, verdict changes).
+//! - [`limits`]: the pure accounting of rate and stream limits.
 //! - [`batch`]: the report batcher, which packs observers' reports into
 //!   few log entries.
 //! - [`error`]: [`ServiceError`] and the leader hint.
@@ -22,6 +23,7 @@ pub mod election;
 pub mod error;
 pub mod groups;
 pub mod leases;
+pub mod limits;
 pub mod node;
 pub mod reports;
 pub mod watch;

@@ -14,6 +14,7 @@ use quorate_core::{Command, Op};
 use tokio::sync::watch;
 
 use super::error::{LeaderHint, ServiceError};
+use super::watch::WatchSlots;
 use crate::config::ServerConfig;
 use crate::raft::state_machine::SmReader;
 use crate::raft::{MAX_ENTRY_BYTES, NodeClock, RaftFailure, RaftNode, ReadConfirm, Readiness, encoded_len};
@@ -47,6 +48,8 @@ pub struct Node {
     pub readiness: Arc<Readiness>,
     /// How this node dials its peers (plain text or mutual TLS).
     pub transport: Transport,
+    /// The watch streams it serves, bounded in total and per connection.
+    pub watches: WatchSlots,
 }
 
 impl std::fmt::Debug for Node {
@@ -62,7 +65,7 @@ impl Node {
         self.peers.get(&leader).map(|addr| LeaderHint { id: leader, addr: addr.clone() })
     }
 
-    fn not_leader(&self) -> ServiceError {
+    pub(super) fn not_leader(&self) -> ServiceError {
         let leader = self.leader_hint().filter(|l| l.id != self.id);
         ServiceError::NotLeader { node_id: self.id, leader }
     }

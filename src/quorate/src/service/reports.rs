@@ -3,10 +3,21 @@
 //!
 //! Agents send theirs over gRPC; a coordinator hands its own to its node
 //! in-process (`server::observers`). Both arrive here.
+//!
+//! Before a report is proposed, it must be well formed and bounded, its
+//! caller allowed to report as its observer ([`Caller::check`]), its
+//! observer one that may report (a coordinator of this cluster, or a member
+//! of every group it reports about), and its identity within its rate
+//! (`max_reports_per_s`, [`rate_key`]). The last two use the leader's state
+//! and only bound what is written, so they run on the leader only: a
+//! follower's state may lag, and it sends the observer to the leader.
+
+use std::collections::BTreeSet;
+use std::time::Instant;
 
 use crate::tls::caller::Caller;
 use quorate_core::Op;
-use quorate_core::access::Action;
+use quorate_core::access::{Action, Identity};
 use quorate_core::election::MemberStatus;
 use quorate_core::machine::{GroupView, Outcome, Rejection};
 use quorate_core::matrix::{Observer, RestartEvent};
@@ -77,16 +88,88 @@ impl Batcher {
             }
             caller.check(Action::Report { group: &v.group, observer: &r.observer })?;
         }
-        let op = Op::Report {
-            observer: Observer::parse(&r.observer),
-            observer_incarnation: r.incarnation,
-            views: r.views,
-            status: r.status,
-        };
+        let observer = Observer::parse(&r.observer);
+        self.admit(caller, &observer, &r.views)?;
+        let op = Op::Report { observer, observer_incarnation: r.incarnation, views: r.views, status: r.status };
         match self.propose(op).await? {
             Outcome::Reported { restarts, rejected } => Ok(Reported { restarts, rejected }),
             Outcome::Rejected(rej) => Err(rejection(rej)),
             other => Err(unexpected("Report", &other)),
         }
+    }
+}
+
+impl Batcher {
+    /// On the leader: may `observer` report `views` now? A coordinator must
+    /// be a node of the cluster (its Raft membership, or this node's
+    /// configured peers), a member must be in every group it reports about
+    /// that exists (the state machine refuses unknown groups itself), and
+    /// the caller's identity must be within `max_reports_per_s`.
+    fn admit(&self, caller: &Caller, observer: &Observer, views: &[GroupView]) -> Result<(), ServiceError> {
+        let node = &self.node;
+        if !node.raft.is_leader() {
+            return Err(node.not_leader());
+        }
+        let mut nodes: BTreeSet<u64> = node.reader.node_ids();
+        nodes.extend(node.peers.keys());
+        let refused = |e: quorate_core::matrix::ObserverRefused| ServiceError::InvalidArgument(e.to_string());
+        observer.check_node(&nodes).map_err(refused)?;
+        node.reader
+            .with_machine(|m, _| {
+                views.iter().filter_map(|v| m.group(&v.group)).try_for_each(|g| observer.check_member_of(&g.spec))
+            })
+            .map_err(refused)?;
+        let Some(key) = rate_key(caller, observer, views) else { return Ok(()) };
+        let mut rates = self.rates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if rates.try_take(&key, Instant::now()) {
+            return Ok(());
+        }
+        Err(ServiceError::ResourceExhausted(format!(
+            "reports: observer {observer} sent more than {} a second (max_reports_per_s); retry later",
+            rates.per_s()
+        )))
+    }
+}
+
+/// Whose rate bucket a report takes from: a member's, named by its
+/// certificate (`quorate://member/G/M`), or over plain text by the report's
+/// first group and observer. None: exempt. This process is; so are
+/// coordinator nodes: a node certificate already reaches the Raft RPCs,
+/// so a bound on its reports would protect nothing, and a coordinator
+/// reports about every group (up to `max_groups`) every read round, so a
+/// bound that fits it would bound no member. (Over plain text anyone may
+/// claim to be a coordinator of the cluster, as anyone may do anything.)
+fn rate_key(caller: &Caller, observer: &Observer, views: &[GroupView]) -> Option<String> {
+    match (caller, observer) {
+        (Caller::Internal | Caller::Known(Identity::Node { .. }), _) => None,
+        (Caller::Known(id), _) => Some(id.uri()),
+        (Caller::Insecure | Caller::Unusable(_), Observer::Coordinator(_)) => None,
+        (Caller::Insecure | Caller::Unusable(_), Observer::Member(m)) => {
+            Some(format!("{}/{m}", views.first().map_or("", |v| v.group.as_str())))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(group: &str) -> GroupView {
+        GroupView { group: group.into(), cells: Vec::new() }
+    }
+
+    #[test]
+    fn members_are_rate_limited_and_nodes_are_not() {
+        let member = Caller::Known(Identity::Member { group: "g".into(), member: "m".into() });
+        let m = Observer::Member("m".into());
+        assert_eq!(rate_key(&member, &m, &[view("g")]).as_deref(), Some("quorate://member/g/m"));
+        let node = Caller::Known(Identity::Node { id: 1 });
+        assert_eq!(rate_key(&node, &Observer::Coordinator(1), &[view("g")]), None);
+        assert_eq!(rate_key(&Caller::Internal, &Observer::Coordinator(1), &[]), None);
+        // Plain text: by group and observer, so that members of the same
+        // name in different groups (different agents) have their own.
+        assert_eq!(rate_key(&Caller::Insecure, &m, &[view("g")]).as_deref(), Some("g/m"));
+        assert_eq!(rate_key(&Caller::Insecure, &m, &[view("h")]).as_deref(), Some("h/m"));
+        assert_eq!(rate_key(&Caller::Insecure, &Observer::Coordinator(2), &[view("g")]), None);
     }
 }

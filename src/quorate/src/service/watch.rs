@@ -9,10 +9,19 @@
 //! learn of them within one round trip of the commit. Verdicts also change
 //! with the passage of time (views go stale), so they are recomputed on
 //! every change of the group and on a short timer.
+//!
+//! Watches are bounded: at most `max_watch_streams` on a node and
+//! `max_watch_streams_per_connection` on one client connection
+//! ([`WatchSlots`]). A watch's slot is held by its event stream, so it is
+//! free again the moment the stream ends or the client goes away.
 
 use crate::tls::caller::Caller;
 use quorate_core::access::Action;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use quorate_core::LeaseView;
@@ -24,6 +33,7 @@ use tokio::time::Instant;
 use tracing::debug;
 
 use super::leases::check_name;
+use super::limits::{Slots, SlotsFull};
 use super::{Node, ServiceError};
 use crate::raft::state_machine::ChangeEvent;
 use crate::shutdown::stopped;
@@ -77,18 +87,89 @@ pub enum WatchEvent {
     },
 }
 
+/// The client connection a watch arrives on (its peer address), if known.
+pub type Connection = Option<SocketAddr>;
+
+/// A node's watch streams in use, in total and per connection.
+#[derive(Debug, Clone)]
+pub struct WatchSlots {
+    slots: Arc<Mutex<Slots<SocketAddr>>>,
+}
+
+impl WatchSlots {
+    /// At most `max_total` streams, `max_per_connection` on one connection.
+    pub fn new(max_total: u64, max_per_connection: u64) -> Self {
+        let (total, per) = (usize::try_from(max_total).unwrap_or(usize::MAX), usize::try_from(max_per_connection));
+        Self { slots: Arc::new(Mutex::new(Slots::new(total, per.unwrap_or(usize::MAX)))) }
+    }
+
+    /// A slot for one more stream on `conn`, or RESOURCE_EXHAUSTED naming
+    /// the limit reached.
+    pub fn take(&self, conn: Connection) -> Result<WatchSlot, ServiceError> {
+        let taken = self.lock().try_take(conn.as_ref());
+        match taken {
+            Ok(()) => Ok(WatchSlot { slots: self.clone(), conn }),
+            Err(SlotsFull::PerKey { max }) => Err(ServiceError::ResourceExhausted(format!(
+                "watch streams: {max} per connection in use (max_watch_streams_per_connection); close one or open another connection"
+            ))),
+            Err(SlotsFull::Total { max }) => Err(ServiceError::ResourceExhausted(format!(
+                "watch streams: {max} in use on this node (max_watch_streams); retry later or watch through another node"
+            ))),
+        }
+    }
+
+    /// Streams in use.
+    pub fn in_use(&self) -> usize {
+        self.lock().in_use()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Slots<SocketAddr>> {
+        // The counts stay consistent whatever panicked while holding them.
+        self.slots.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// One watch stream's slot, given back when dropped.
+#[derive(Debug)]
+pub struct WatchSlot {
+    slots: WatchSlots,
+    conn: Connection,
+}
+
+impl Drop for WatchSlot {
+    fn drop(&mut self) {
+        self.slots.lock().give_back(self.conn.as_ref());
+    }
+}
+
+/// A watch's events, holding its slot: dropping the stream (the client went
+/// away) frees the slot and ends the watch.
+#[derive(Debug)]
+pub struct WatchEvents {
+    rx: mpsc::Receiver<WatchEvent>,
+    _slot: WatchSlot,
+}
+
+impl futures::Stream for WatchEvents {
+    type Item = WatchEvent;
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<WatchEvent>> {
+        self.get_mut().rx.poll_recv(cx)
+    }
+}
+
 impl Node {
     /// Starts watching `group` from this node's state (not before it has
-    /// caught up). The watch ends when the receiver is dropped or the node
-    /// stops; the caller owns nothing else.
-    pub fn watch(&self, caller: &Caller, group: &str) -> Result<mpsc::Receiver<WatchEvent>, ServiceError> {
+    /// caught up), for a client on connection `conn`. The watch ends when
+    /// the stream is dropped or the node stops; the caller owns nothing else.
+    pub fn watch(&self, caller: &Caller, conn: Connection, group: &str) -> Result<WatchEvents, ServiceError> {
         caller.check(Action::Read)?;
         check_name(NameKind::Group, group)?;
         self.ensure_caught_up()?;
+        let slot = self.watches.take(conn)?;
         let (tx, rx) = mpsc::channel(WATCH_BUFFER);
         let watch = Watch::new(self.clone(), group.to_owned(), tx);
         tokio::spawn(tracing::Instrument::in_current_span(watch.run()));
-        Ok(rx)
+        Ok(WatchEvents { rx, _slot: slot })
     }
 }
 
@@ -256,5 +337,26 @@ impl Watch {
         }
         self.verdicts.retain(|m, _| v.member(m).is_some());
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_held_until_dropped_and_refusals_name_the_limit() {
+        let slots = WatchSlots::new(3, 2);
+        let (a, b): (SocketAddr, SocketAddr) = ("10.0.0.1:5000".parse().unwrap(), "10.0.0.1:5001".parse().unwrap());
+        let first = slots.take(Some(a)).unwrap();
+        let _second = slots.take(Some(a)).unwrap();
+        let e = slots.take(Some(a)).unwrap_err().to_string();
+        assert!(e.starts_with("watch streams: 2 per connection in use (max_watch_streams_per_connection)"), "{e}");
+        let _third = slots.take(Some(b)).unwrap();
+        let e = slots.take(None).unwrap_err().to_string();
+        assert!(e.starts_with("watch streams: 3 in use on this node (max_watch_streams)"), "{e}");
+        drop(first);
+        assert_eq!(slots.in_use(), 2);
+        let _again = slots.take(Some(a)).expect("the dropped stream's slot");
     }
 }

@@ -46,7 +46,7 @@ impl Caller {
 
     /// The caller of a gRPC request.
     pub fn of_request<T>(req: &tonic::Request<T>) -> Self {
-        Self::of(req.extensions().get::<Peer>())
+        Self::of(Peer::of_request(req))
     }
 
     /// May this caller do `action`? A refusal is logged and counted.

@@ -76,6 +76,14 @@ pub struct Peer {
     pub identity: Option<Result<Identity, super::IdentityError>>,
 }
 
+impl Peer {
+    /// The peer of the connection a gRPC request came on, as [`incoming`]
+    /// attached it (None: a server not built on it).
+    pub fn of_request<T>(req: &tonic::Request<T>) -> Option<&Peer> {
+        req.extensions().get::<Peer>()
+    }
+}
+
 /// An accepted connection: plain or TLS, with its [`Peer`].
 #[derive(Debug)]
 pub struct Conn {
