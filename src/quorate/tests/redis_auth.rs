@@ -247,14 +247,27 @@ async fn wait_state(d: &RedisDriver, what: &str, check: impl Fn(&quorate::agent:
     }
 }
 
+/// The ACL of a data service: replication as the default user (with the
+/// replica's masterauth), the agent as a user with only what its driver and
+/// fencer run (README: "Redis credentials").
+const DATA_ACL: &str = "user default on >s3cret-hb-pw ~* &* +@all\n\
+    user quorate-agent on >agent-pw ~quorate:lease:* resetchannels -@all \
+    +info +replicaof +client|pause +client|unpause +client|kill +set +del\n";
+
 #[tokio::test]
-async fn the_redis_driver_promotes_and_demotes_a_password_protected_pair() {
+async fn the_redis_driver_switches_over_a_password_protected_pair_as_an_acl_user() {
+    let acl_dir = tempfile::tempdir().unwrap();
+    let acl = acl_dir.path().join("users.acl");
+    std::fs::write(&acl, DATA_ACL).unwrap();
     // The replica authenticates to its primary with its own masterauth
     // (the operator's redis.conf; the driver never sets it).
-    let args = ["--requirepass", PASSWORD, "--masterauth", PASSWORD];
+    let args = ["--aclfile", acl.to_str().unwrap(), "--masterauth", PASSWORD];
     let (a, b) = (RedisProc::start(&args, None), RedisProc::start(&args, None));
     let dir = tempfile::tempdir().unwrap();
-    let creds = access(|c| c.redis_password_file = password_file(dir.path(), PASSWORD));
+    let creds = access(|c| {
+        c.redis_username = "quorate-agent".into();
+        c.redis_password_file = password_file(dir.path(), "agent-pw");
+    });
     let da = RedisDriver::new("g", &a.url(), creds.clone());
     let db = RedisDriver::new("g", &b.url(), creds.clone());
 
@@ -266,9 +279,14 @@ async fn the_redis_driver_promotes_and_demotes_a_password_protected_pair() {
         s.role == Some(Role::Replica) && s.link_up && s.following.as_deref() == Some(following.as_str())
     })
     .await;
-    assert!(db.offset_of(&a.url()).await.is_ok());
 
-    // Switch over: a follows b, b is promoted.
+    // Switch over: a pauses writes, b catches up and is promoted, a follows b.
+    let offset = da.pause_writes().await.unwrap();
+    let start = Instant::now();
+    while da.offset_of(&b.url()).await.unwrap() < offset {
+        assert!(start.elapsed() < Duration::from_secs(15), "b never caught up to {offset}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     db.promote(2).await.unwrap();
     wait_state(&db, "b is primary", |s| s.role == Some(Role::Primary)).await;
     da.follow(&b.url(), 2).await.unwrap();
@@ -284,5 +302,5 @@ async fn the_redis_driver_promotes_and_demotes_a_password_protected_pair() {
     let err = bare.promote(3).await.unwrap_err().to_string();
     eprintln!("driver without password: {err}");
     assert!(err.starts_with(&format!("data store {}: authentication required", b.url())), "{err}");
-    assert_no_secret(&err, &[PASSWORD]);
+    assert_no_secret(&err, &[PASSWORD, "agent-pw"]);
 }
