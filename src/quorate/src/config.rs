@@ -8,6 +8,7 @@
 //! timing relationships between them) and names the field in every error.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
@@ -15,6 +16,7 @@ use quorate_core::LeaseTiming;
 use quorate_core::names::{self, NameKind};
 use serde::de::DeserializeOwned;
 
+use crate::redis_access::{PASSWORD_ENV, RedisAccess, RedisTls, Secret};
 use crate::tls::config::TlsFiles;
 use serde::{Deserialize, Serialize};
 
@@ -84,6 +86,20 @@ pub struct ServerConfig {
     /// then report, take leases and switch over. Refused together with the
     /// `tls_*` files; without either, the node refuses to start.
     pub insecure: bool,
+    /// The user this node's Redis connections (heartbeat stores) log in as
+    /// (Redis ACL); needs a password. Empty: the `default` user.
+    pub redis_username: String,
+    /// A file holding the password of those connections (one line; a
+    /// trailing newline is dropped). Or `QUORATE_REDIS_PASSWORD`, not both.
+    /// Only for URLs that carry no credentials of their own.
+    pub redis_password_file: PathBuf,
+    /// The CA (PEM) of the Redis servers; required for `rediss://` URLs.
+    pub redis_tls_ca: PathBuf,
+    /// A client certificate (PEM) for Redis servers that ask for one
+    /// (`tls-auth-clients yes`), with `redis_tls_key`.
+    pub redis_tls_cert: PathBuf,
+    /// Its private key (PEM).
+    pub redis_tls_key: PathBuf,
     /// UNSAFE, for the fault suite's negative control only: grant leases
     /// without waiting for the previous holder's to expire.
     pub test_only_skip_lease_wait: bool,
@@ -132,6 +148,11 @@ impl Default for ServerConfig {
             tls_cert: PathBuf::new(),
             tls_key: PathBuf::new(),
             insecure: false,
+            redis_username: String::new(),
+            redis_password_file: PathBuf::new(),
+            redis_tls_ca: PathBuf::new(),
+            redis_tls_cert: PathBuf::new(),
+            redis_tls_key: PathBuf::new(),
             test_only_skip_lease_wait: false,
         }
     }
@@ -279,6 +300,141 @@ pub fn tls_files(
     }
 }
 
+/// How a process reaches Redis: the `redis_*` fields of its config (the
+/// same in both). Every path and the username may be empty (not given).
+#[derive(Debug, Clone, Copy)]
+pub struct RedisOptions<'a> {
+    pub username: &'a str,
+    pub password_file: &'a Path,
+    pub tls_ca: &'a Path,
+    pub tls_cert: &'a Path,
+    pub tls_key: &'a Path,
+}
+
+fn given(p: &Path) -> bool {
+    !p.as_os_str().is_empty()
+}
+
+/// Reads one PEM file of the `redis_tls_*` fields.
+fn read_redis_file(field: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| invalid(field, format!("cannot read {}: {e}", path.display())))
+}
+
+/// The certificates in a PEM file; at least one.
+fn check_certs(field: &'static str, path: &Path, pem: &[u8]) -> Result<(), ConfigError> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| invalid(field, format!("{}: not a PEM certificate: {e}", path.display())))?;
+    if certs.is_empty() {
+        return Err(invalid(field, format!("{}: holds no PEM certificate", path.display())));
+    }
+    Ok(())
+}
+
+impl RedisOptions<'_> {
+    /// What can be checked without reading anything: a client certificate
+    /// comes with its key, and with the CA (it is only used over TLS).
+    pub fn check(&self) -> Result<(), ConfigError> {
+        match (given(self.tls_cert), given(self.tls_key)) {
+            (true, false) => return Err(invalid("redis_tls_key", "missing: redis_tls_cert needs its key")),
+            (false, true) => return Err(invalid("redis_tls_cert", "missing: redis_tls_key needs its certificate")),
+            _ => {}
+        }
+        if given(self.tls_cert) && !given(self.tls_ca) {
+            return Err(invalid(
+                "redis_tls_ca",
+                "missing: a client certificate (redis_tls_cert) is only used over rediss://, which needs the CA",
+            ));
+        }
+        if self.username.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            return Err(invalid("redis_username", "must not contain spaces or control characters"));
+        }
+        Ok(())
+    }
+
+    /// Reads the password and the TLS files, once at start: the access
+    /// every Redis connection of the process uses. `env_password` is the
+    /// value of `QUORATE_REDIS_PASSWORD` ([`Self::load_from_env`]). Errors
+    /// name the field and the file, never what it holds.
+    pub fn load(&self, env_password: Option<OsString>) -> Result<RedisAccess, ConfigError> {
+        self.check()?;
+        let password = self.password(env_password)?;
+        if !self.username.is_empty() && password.is_none() {
+            return Err(invalid(
+                "redis_username",
+                format!("needs a password: give redis_password_file or {PASSWORD_ENV}"),
+            ));
+        }
+        let username = (!self.username.is_empty()).then(|| self.username.to_owned());
+        Ok(RedisAccess::new(username, password, self.tls()?))
+    }
+
+    /// [`Self::load`] with the process's environment.
+    pub fn load_from_env(&self) -> Result<RedisAccess, ConfigError> {
+        self.load(std::env::var_os(PASSWORD_ENV))
+    }
+
+    /// The password, from the file or the environment (one of them at
+    /// most); never empty.
+    fn password(&self, env: Option<OsString>) -> Result<Option<Secret>, ConfigError> {
+        let text = match (given(self.password_file), env) {
+            (true, Some(_)) => {
+                return Err(invalid(
+                    "redis_password_file",
+                    format!("given together with {PASSWORD_ENV}: give the password one way only"),
+                ));
+            }
+            (true, None) => {
+                let path = self.password_file;
+                let raw = std::fs::read_to_string(path)
+                    .map_err(|e| invalid("redis_password_file", format!("cannot read {}: {e}", path.display())))?;
+                let line = raw.strip_suffix('\n').map_or(raw.as_str(), |l| l.strip_suffix('\r').unwrap_or(l));
+                if line.is_empty() {
+                    return Err(invalid("redis_password_file", format!("{} is empty", path.display())));
+                }
+                line.to_owned()
+            }
+            (false, Some(v)) => {
+                let v = v.into_string().map_err(|_| invalid(PASSWORD_ENV, "is not UTF-8"))?;
+                if v.is_empty() {
+                    return Err(invalid(PASSWORD_ENV, "is set but empty"));
+                }
+                v
+            }
+            (false, None) => return Ok(None),
+        };
+        Ok(Some(Secret::new(text)))
+    }
+
+    /// The CA and the client certificate, read and parsed.
+    fn tls(&self) -> Result<Option<RedisTls>, ConfigError> {
+        if !given(self.tls_ca) {
+            return Ok(None);
+        }
+        let ca = read_redis_file("redis_tls_ca", self.tls_ca)?;
+        check_certs("redis_tls_ca", self.tls_ca, &ca)?;
+        let client = if given(self.tls_cert) {
+            let cert = read_redis_file("redis_tls_cert", self.tls_cert)?;
+            check_certs("redis_tls_cert", self.tls_cert, &cert)?;
+            let key = read_redis_file("redis_tls_key", self.tls_key)?;
+            {
+                use rustls_pki_types::PrivateKeyDer;
+                use rustls_pki_types::pem::PemObject as _;
+                // The parser's error is not shown: it may quote the file.
+                PrivateKeyDer::from_pem_slice(&key).map_err(|_| {
+                    invalid("redis_tls_key", format!("{}: holds no PEM private key", self.tls_key.display()))
+                })?;
+            }
+            Some((cert, key))
+        } else {
+            None
+        };
+        Ok(Some(RedisTls { ca, client }))
+    }
+}
+
 /// Reads a TOML file (every key optional; unknown keys are an error).
 pub fn from_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
     let text = std::fs::read_to_string(path)
@@ -310,6 +466,17 @@ impl ServerConfig {
         tls_files(&self.tls_ca, &self.tls_cert, &self.tls_key, self.insecure, SERVER_TLS_KEYS)
     }
 
+    /// The `redis_*` fields.
+    pub fn redis_options(&self) -> RedisOptions<'_> {
+        RedisOptions {
+            username: &self.redis_username,
+            password_file: &self.redis_password_file,
+            tls_ca: &self.redis_tls_ca,
+            tls_cert: &self.redis_tls_cert,
+            tls_key: &self.redis_tls_key,
+        }
+    }
+
     /// The parsed peer map. Only valid after [`Self::validate`].
     pub fn peer_map(&self) -> BTreeMap<u64, String> {
         parse_peers(&self.peers).unwrap_or_default()
@@ -333,6 +500,7 @@ impl ServerConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_addresses()?;
         self.tls_files()?;
+        self.redis_options().check()?;
         if self.max_groups == 0 {
             return Err(invalid("max_groups", "must be at least 1"));
         }
@@ -576,6 +744,19 @@ pub struct AgentConfig {
     /// Talk to the coordinators in plain text (they must serve it too).
     /// Refused together with the `tls_*` files.
     pub insecure: bool,
+    /// The user the agent's Redis connections (heartbeat stores, the data
+    /// service) log in as; needs a password. Empty: the `default` user.
+    pub redis_username: String,
+    /// A file holding their password (or `QUORATE_REDIS_PASSWORD`, not
+    /// both); only for URLs that carry no credentials of their own.
+    pub redis_password_file: PathBuf,
+    /// The CA (PEM) of the Redis servers; required for `rediss://` URLs.
+    pub redis_tls_ca: PathBuf,
+    /// A client certificate (PEM) for `tls-auth-clients yes`, with
+    /// `redis_tls_key`.
+    pub redis_tls_cert: PathBuf,
+    /// Its private key (PEM).
+    pub redis_tls_key: PathBuf,
     /// UNSAFE, for the fault suite's negative control only: never fence.
     #[serde(skip)]
     pub test_only_no_deadline_fence: bool,
@@ -588,6 +769,17 @@ impl AgentConfig {
         tls_files(&self.tls_ca, &self.tls_cert, &self.tls_key, self.insecure, AGENT_TLS_KEYS)
     }
 
+    /// The `redis_*` fields.
+    pub fn redis_options(&self) -> RedisOptions<'_> {
+        RedisOptions {
+            username: &self.redis_username,
+            password_file: &self.redis_password_file,
+            tls_ca: &self.redis_tls_ca,
+            tls_cert: &self.redis_tls_cert,
+            tls_key: &self.redis_tls_key,
+        }
+    }
+
     /// Checks every field; the error names the field.
     pub fn validate(&self) -> Result<(), ConfigError> {
         names::validate(NameKind::Group, &self.group).map_err(|e| invalid("group", e.to_string()))?;
@@ -596,6 +788,7 @@ impl AgentConfig {
             return Err(invalid("endpoints", "missing: give --endpoints HOST:PORT,..."));
         }
         self.tls_files()?;
+        self.redis_options().check()?;
         if self.driver == DriverKind::Exec && self.hooks == ExecHooks::default() {
             return Err(invalid("hooks", "the exec driver needs at least one of promote, demote, fence"));
         }
@@ -747,6 +940,63 @@ mod tests {
         );
         let hooks = ExecHooks { fence: "true".into(), ..ExecHooks::default() };
         AgentConfig { driver: DriverKind::Exec, hooks, ..good_agent() }.validate().unwrap();
+    }
+
+    #[test]
+    fn redis_credentials_are_read_once_checked_and_never_shown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        let with = |f: &dyn Fn(&mut AgentConfig)| {
+            let mut c = good_agent();
+            f(&mut c);
+            c
+        };
+        let e =
+            |c: &AgentConfig, env: Option<&str>| c.redis_options().load(env.map(Into::into)).unwrap_err().to_string();
+
+        // A missing file names the field and the path.
+        let c = with(&|c| c.redis_password_file = file.clone());
+        assert!(
+            e(&c, None).starts_with(&format!("redis_password_file: cannot read {}", file.display())),
+            "{}",
+            e(&c, None)
+        );
+        // Empty, or given twice: refused.
+        std::fs::write(&file, "\n").unwrap();
+        assert_eq!(e(&c, None), format!("redis_password_file: {} is empty", file.display()));
+        std::fs::write(&file, "hunter2-secret\n").unwrap();
+        let both = e(&c, Some("other-secret"));
+        assert!(both.starts_with("redis_password_file: given together with QUORATE_REDIS_PASSWORD"), "{both}");
+        assert_eq!(e(&good_agent(), Some("")), "QUORATE_REDIS_PASSWORD: is set but empty");
+        // A user needs a password.
+        let user = with(&|c| c.redis_username = "hb".into());
+        assert!(e(&user, None).starts_with("redis_username: needs a password"), "{}", e(&user, None));
+        // A client certificate needs its key and the CA (checked by validate).
+        let cert = with(&|c| c.redis_tls_cert = "c.pem".into());
+        assert!(cert.validate().unwrap_err().to_string().starts_with("redis_tls_key: missing"));
+        let cert = with(&|c| {
+            c.redis_tls_cert = "c.pem".into();
+            c.redis_tls_key = "k.pem".into();
+        });
+        assert!(cert.validate().unwrap_err().to_string().starts_with("redis_tls_ca: missing"));
+        let ca = with(&|c| c.redis_tls_ca = file.clone());
+        assert!(
+            e(&ca, None).starts_with("redis_tls_ca:") && e(&ca, None).contains("no PEM certificate"),
+            "{}",
+            e(&ca, None)
+        );
+
+        // The file's password (trailing newline dropped) is never printed.
+        let access = c.redis_options().load(None).unwrap();
+        assert!(access.has_password());
+        let shown = format!("{access:?} {c:?}");
+        assert!(!shown.contains("hunter2") && shown.contains("***"), "{shown}");
+        let access = good_agent().redis_options().load(Some("env-secret".into())).unwrap();
+        assert!(access.has_password() && !format!("{access:?}").contains("env-secret"));
+        assert!(!good_agent().redis_options().load(None).unwrap().has_password());
+        // The server reads the same fields.
+        let server = ServerConfig { redis_password_file: file.clone(), ..good() };
+        assert!(server.redis_options().load(None).unwrap().has_password());
     }
 
     #[test]

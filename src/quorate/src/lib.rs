@@ -25,6 +25,8 @@
 //! - [`render`]: text and JSON renderings shared by the CLI and the demo.
 //! - [`local`]: the local launcher (`quorate local up|down`).
 //! - [`bench`]: the load generator behind `quorate bench`.
+//! - [`redis_access`]: the credentials and TLS of every Redis connection,
+//!   applied to a URL in one place.
 //! - [`wire`]: what travels between processes (protobuf conversions,
 //!   header names, channels, Redis key formats), shared by every side.
 //! - [`shutdown`]: the shutdown signal every process waits on.
@@ -38,6 +40,7 @@ pub mod config;
 pub mod local;
 pub mod observation;
 pub mod raft;
+pub mod redis_access;
 pub mod render;
 pub mod server;
 pub mod service;

@@ -7,6 +7,12 @@
 //!   `QUORATE_MEMBER`, `QUORATE_EPOCH`, `QUORATE_ROLE` in the environment.
 //! - [`NoDriver`]: the lease only (for services that read it themselves).
 //!
+//! The Redis driver and its fencer connect with the process's credentials
+//! and TLS ([`crate::redis_access`]); errors show URLs redacted. A replica
+//! of a password-protected primary needs `masterauth` (and `masteruser`
+//! for an ACL user) in its own redis.conf: the driver issues `REPLICAOF`
+//! only and never sets them (README: "Redis credentials").
+//!
 //! Stopping and opening writes is not done here but by the fencer
 //! ([`super::fence`]), on its own thread and connection, so that a fence is
 //! never queued behind a driver command: each driver hands the fencer its
@@ -14,13 +20,14 @@
 //! service stays paused) until the fencer opens them under a valid lease.
 
 use crate::config::ExecHooks;
+use crate::redis_access::{RedisAccess, describe};
 use crate::wire::keys::lease_key;
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use quorate_core::election::Role;
-use quorate_core::group::parse_redis_url;
-use redis::AsyncConnectionConfig;
+use quorate_core::group::{parse_redis_url, redacted};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
 
@@ -70,24 +77,28 @@ pub trait RoleDriver: Send + Sync + 'static {
 pub struct RedisDriver {
     group: String,
     url: String,
+    access: Arc<RedisAccess>,
     conn: Mutex<Option<MultiplexedConnection>>,
 }
 
 impl RedisDriver {
-    pub fn new(group: &str, url: &str) -> Self {
-        Self { group: group.to_owned(), url: url.to_owned(), conn: Mutex::new(None) }
+    /// Drives the Redis at `url`, connecting with `access`.
+    pub fn new(group: &str, url: &str, access: Arc<RedisAccess>) -> Self {
+        Self { group: group.to_owned(), url: url.to_owned(), access, conn: Mutex::new(None) }
     }
 
     /// Runs commands on the own service; a failure drops the connection.
     async fn run<T: redis::FromRedisValue>(&self, cmd: redis::Cmd) -> Result<T, DriverError> {
         let mut guard = self.conn.lock().await;
         if guard.is_none() {
-            *guard = Some(connect_redis(&self.url).await?);
+            *guard = Some(connect_redis(&self.access, &self.url).await?);
         }
         let conn = guard.as_mut().expect("connected above");
         let res = match tokio::time::timeout(DRIVER_TIMEOUT, cmd.query_async::<T>(conn)).await {
-            Err(_) => Err(DriverError(format!("{}: timed out", self.url))),
-            Ok(r) => r.map_err(|e| DriverError(format!("{}: {e}", self.url))),
+            Err(_) => Err(DriverError(format!("data store {}: timed out", redacted(&self.url)))),
+            Ok(r) => {
+                r.map_err(|e| DriverError(format!("data store {}: {}", redacted(&self.url), describe(&self.url, &e))))
+            }
         };
         if res.is_err() {
             *guard = None;
@@ -102,16 +113,10 @@ impl RedisDriver {
     }
 }
 
-/// A connection to a Redis, bounded by [`DRIVER_TIMEOUT`].
-pub(crate) async fn connect_redis(url: &str) -> Result<MultiplexedConnection, DriverError> {
-    let client = redis::Client::open(url).map_err(|e| DriverError(format!("{url}: {e}")))?;
-    let config = AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(DRIVER_TIMEOUT))
-        .set_response_timeout(Some(DRIVER_TIMEOUT));
-    tokio::time::timeout(DRIVER_TIMEOUT, client.get_multiplexed_async_connection_with_config(&config))
-        .await
-        .map_err(|_| DriverError(format!("{url}: connect timed out")))?
-        .map_err(|e| DriverError(format!("{url}: {e}")))
+/// A connection to a Redis ([`RedisAccess::connect`]), bounded by
+/// [`DRIVER_TIMEOUT`]; the error names the redacted URL.
+pub(crate) async fn connect_redis(access: &RedisAccess, url: &str) -> Result<MultiplexedConnection, DriverError> {
+    access.connect(url, DRIVER_TIMEOUT).await.map_err(|e| DriverError(format!("data store {}: {e}", redacted(url))))
 }
 
 fn field<'a>(info: &'a str, name: &str) -> Option<&'a str> {
@@ -142,7 +147,9 @@ pub fn parse_info(info: &str) -> ServiceState {
 }
 
 fn host_port(url: &str) -> Result<(String, u16), DriverError> {
-    parse_redis_url(url).map(|a| (a.host, a.port)).map_err(|e| DriverError(format!("{url}: {e}")))
+    parse_redis_url(url)
+        .map(|a| (a.host, a.port))
+        .map_err(|e| DriverError(format!("data store {}: {e}", redacted(url))))
 }
 
 impl RoleDriver for RedisDriver {
@@ -160,7 +167,7 @@ impl RoleDriver for RedisDriver {
     }
 
     fn fence_ops(&self) -> FenceOps {
-        FenceOps::Redis { url: self.url.clone(), group: self.group.clone(), conn: None }
+        FenceOps::Redis { url: self.url.clone(), group: self.group.clone(), access: self.access.clone(), conn: None }
     }
 
     async fn follow(&self, primary_data: &str, _epoch: u64) -> Result<(), DriverError> {
@@ -186,7 +193,7 @@ impl RoleDriver for RedisDriver {
         self.run::<()>(pause).await?;
         let state = self.state().await;
         if !state.reachable {
-            return Err(DriverError(format!("{}: unreachable after pausing writes", self.url)));
+            return Err(DriverError(format!("data store {}: unreachable after pausing writes", redacted(&self.url))));
         }
         Ok(state.offset)
     }
@@ -195,13 +202,14 @@ impl RoleDriver for RedisDriver {
         if other_data.is_empty() {
             return Err(DriverError("the switchover target has no data URL".into()));
         }
-        let mut conn = connect_redis(other_data).await?;
+        let mut conn = connect_redis(&self.access, other_data).await?;
         let mut cmd = redis::cmd("INFO");
         cmd.arg("replication");
+        let shown = format!("data store {}", redacted(other_data));
         let info: String = tokio::time::timeout(DRIVER_TIMEOUT, cmd.query_async(&mut conn))
             .await
-            .map_err(|_| DriverError(format!("{other_data}: timed out")))?
-            .map_err(|e| DriverError(format!("{other_data}: {e}")))?;
+            .map_err(|_| DriverError(format!("{shown}: timed out")))?
+            .map_err(|e| DriverError(format!("{shown}: {}", describe(other_data, &e))))?;
         Ok(parse_info(&info).offset)
     }
 }

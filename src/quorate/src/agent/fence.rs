@@ -24,6 +24,7 @@
 //! `deploy/redis/fenced_set.lua` checks; those writes are sent without
 //! being awaited, so a slow reply never delays a fence.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use quorate_core::election::Role;
@@ -33,6 +34,7 @@ use tokio::time::Instant;
 use tracing::{Instrument, info, warn};
 
 use super::driver::{DRIVER_TIMEOUT, DriverError, SharedRole, connect_redis, run_hook};
+use crate::redis_access::RedisAccess;
 use crate::wire::keys::lease_key;
 
 /// How often a failed fence is retried.
@@ -45,7 +47,7 @@ const QUEUE: usize = 16;
 /// How a fence, an opening and the lease key are done on one data service.
 #[derive(Debug)]
 pub enum FenceOps {
-    Redis { url: String, group: String, conn: Option<MultiplexedConnection> },
+    Redis { url: String, group: String, access: Arc<RedisAccess>, conn: Option<MultiplexedConnection> },
     Exec { group: String, member: String, command: String, role: SharedRole },
     None,
 }
@@ -53,9 +55,9 @@ pub enum FenceOps {
 impl FenceOps {
     async fn conn(&mut self) -> Result<Option<MultiplexedConnection>, DriverError> {
         match self {
-            FenceOps::Redis { url, conn, .. } => {
+            FenceOps::Redis { url, access, conn, .. } => {
                 if conn.is_none() {
-                    *conn = Some(connect_redis(url).await?);
+                    *conn = Some(connect_redis(access, url).await?);
                 }
                 Ok(conn.clone())
             }

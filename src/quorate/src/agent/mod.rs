@@ -31,6 +31,7 @@ use crate::config::{AgentConfig, ConfigError, DriverKind};
 use crate::observation::Observe;
 use crate::observation::store::{RedisStores, Stores};
 use crate::pb::v1 as pb;
+use crate::redis_access::RedisAccess;
 use crate::tls::transport::Transport;
 use crate::wire::convert::spec_from_pb;
 
@@ -92,7 +93,11 @@ async fn fetch_spec(client: &Client, config: &AgentConfig) -> Result<GroupSpec, 
 }
 
 /// The driver for this member, from the config and the group spec.
-fn make_driver(config: &AgentConfig, spec: &GroupSpec) -> Result<driver::AnyDriver, AgentError> {
+fn make_driver(
+    config: &AgentConfig,
+    spec: &GroupSpec,
+    redis: &Arc<RedisAccess>,
+) -> Result<driver::AnyDriver, AgentError> {
     let data = spec.member(&config.member).and_then(|m| m.data.clone());
     Ok(match (config.driver, data) {
         (DriverKind::Exec, _) => {
@@ -107,7 +112,7 @@ fn make_driver(config: &AgentConfig, spec: &GroupSpec) -> Result<driver::AnyDriv
             .into());
         }
         (DriverKind::Redis | DriverKind::Auto, Some(url)) => {
-            driver::AnyDriver::Redis(driver::RedisDriver::new(&config.group, &url))
+            driver::AnyDriver::Redis(driver::RedisDriver::new(&config.group, &url, redis.clone()))
         }
         (DriverKind::Auto, None) => driver::AnyDriver::None(driver::NoDriver),
     })
@@ -121,6 +126,8 @@ pub fn new_incarnation() -> u64 {
 /// Runs the agent until `shutdown` completes.
 pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output = ()>) -> Result<(), AgentError> {
     config.validate()?;
+    // Read once: every Redis connection of the agent uses it.
+    let redis = Arc::new(config.redis_options().load_from_env()?);
     let warning = "talking to the coordinators in plain text (--insecure): anyone on the path can read and \
                    forge this member's reports";
     let transport = Transport::from_files(config.tls_files()?, warning)?;
@@ -132,22 +139,25 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
         () = &mut shutdown => return Ok(()),
     };
     let client = Arc::new(Client::new_with(&endpoints, transport)?.with_call_timeout(agent_call_timeout(&spec)));
-    run_with(config, spec, client, Arc::new(RedisStores::new()), shutdown).await
+    let stores = Arc::new(RedisStores::with_access(redis.clone()));
+    run_with(config, spec, client, stores, redis, shutdown).await
 }
 
-/// The agent's tasks over any [`Stores`]; split out for tests.
+/// The agent's tasks over any [`Stores`] (`redis`: how the Redis driver
+/// reaches the data service); split out for tests.
 pub async fn run_with<S: Stores>(
     config: AgentConfig,
     spec: GroupSpec,
     client: Arc<Client>,
     stores: Arc<S>,
+    redis: Arc<RedisAccess>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let incarnation = new_incarnation();
     let (stop_tx, _) = watch::channel(false);
     info!(group = %config.group, member = %config.member, incarnation = format!("{incarnation:016x}"), "agent starting");
     let managed = spec.is_managed();
-    let driver = Arc::new(make_driver(&config, &spec)?);
+    let driver = Arc::new(make_driver(&config, &spec, &redis)?);
     let (spec_tx, spec_rx) = watch::channel(spec);
     let (healthy_tx, healthy_rx) = watch::channel(true);
     let (status_tx, status_rx) = watch::channel(pb::MemberStatus::default());

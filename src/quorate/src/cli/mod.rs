@@ -201,10 +201,36 @@ pub struct ServerArgs {
     /// This node's private key.
     #[arg(long)]
     pub tls_key: Option<PathBuf>,
+    /// How this node reaches the heartbeat stores.
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// UNSAFE: grant leases without waiting for expiry. Only for the fault
     /// suite's negative control, which must detect the overlap.
     #[arg(long, hide = true)]
     pub test_only_skip_lease_wait: bool,
+}
+
+/// Credentials and TLS for every Redis connection of a server or agent
+/// whose URL carries no credentials of its own (README: "Redis
+/// credentials"). The password is read from a file or from
+/// QUORATE_REDIS_PASSWORD, never from a flag.
+#[derive(Debug, Clone, Default, Args)]
+pub struct RedisArgs {
+    /// The Redis ACL user to log in as (needs a password).
+    #[arg(long)]
+    pub redis_username: Option<String>,
+    /// A file holding the Redis password (or set QUORATE_REDIS_PASSWORD; not both).
+    #[arg(long)]
+    pub redis_password_file: Option<PathBuf>,
+    /// The Redis servers' CA (PEM); required for rediss:// URLs.
+    #[arg(long)]
+    pub redis_tls_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for Redis servers with tls-auth-clients.
+    #[arg(long)]
+    pub redis_tls_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long)]
+    pub redis_tls_key: Option<PathBuf>,
 }
 
 /// Sets each config field whose flag was given (`Some`): `flag` into the
@@ -251,6 +277,7 @@ impl ServerArgs {
                 tls_cert,
                 tls_key,
             );
+            self.redis.overlay(c);
             c.test_only_skip_lease_wait |= self.test_only_skip_lease_wait;
             c.insecure |= insecure;
         })?;
@@ -258,6 +285,18 @@ impl ServerArgs {
             anyhow::bail!("node_id: missing: give --node-id N (one of the ids in --peers)");
         }
         Ok(c)
+    }
+}
+
+impl RedisArgs {
+    /// Sets the `redis_*` fields whose flags were given.
+    fn overlay(&self, c: &mut ServerConfig) {
+        overlay!(self, c; redis_username, redis_password_file, redis_tls_ca, redis_tls_cert, redis_tls_key);
+    }
+
+    /// The same for an agent.
+    fn overlay_agent(&self, c: &mut AgentConfig) {
+        overlay!(self, c; redis_username, redis_password_file, redis_tls_ca, redis_tls_cert, redis_tls_key);
     }
 }
 
@@ -334,6 +373,9 @@ pub struct AgentArgs {
     /// exec driver: command run to fence (stop acting as primary at once).
     #[arg(long)]
     pub on_fence: Option<String>,
+    /// How the agent reaches its heartbeat stores and data service.
+    #[command(flatten)]
+    pub redis: RedisArgs,
     /// UNSAFE, for the fault suite's negative control only: never fence the
     /// data service (at the lease deadline or on loss).
     #[arg(long, hide = true)]
@@ -356,6 +398,7 @@ impl AgentArgs {
                 on_demote => hooks.demote,
                 on_fence => hooks.fence,
             );
+            self.redis.overlay_agent(c);
             c.test_only_no_deadline_fence |= self.test_only_no_deadline_fence;
             c.insecure |= cli.insecure;
             if c.endpoints.is_empty()
@@ -688,4 +731,41 @@ fn certs(cmd: CertsCommand, json_mode: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_flags_reach_both_configs() {
+        let flags = [
+            "--redis-username",
+            "hb",
+            "--redis-password-file",
+            "/run/pw",
+            "--redis-tls-ca",
+            "ca.pem",
+            "--redis-tls-cert",
+            "c.pem",
+            "--redis-tls-key",
+            "k.pem",
+        ];
+        let check = |u: &str, p: &std::path::Path, ca: &std::path::Path, cert: &std::path::Path| {
+            assert_eq!(
+                (u, p.to_str(), ca.to_str(), cert.to_str()),
+                ("hb", Some("/run/pw"), Some("ca.pem"), Some("c.pem"))
+            );
+        };
+        let server = Cli::try_parse_from(["quorate", "server", "--node-id", "1"].into_iter().chain(flags)).unwrap();
+        let Command::Server(args) = server.command else { panic!("not a server") };
+        let c = args.to_config(false).unwrap();
+        check(&c.redis_username, &c.redis_password_file, &c.redis_tls_ca, &c.redis_tls_cert);
+        assert_eq!(c.redis_tls_key.to_str(), Some("k.pem"));
+        let agent = Cli::try_parse_from(["quorate", "agent", "--group", "g"].into_iter().chain(flags)).unwrap();
+        let Command::Agent(args) = agent.command else { panic!("not an agent") };
+        let c = args.to_config(&agent.conn).unwrap();
+        check(&c.redis_username, &c.redis_password_file, &c.redis_tls_ca, &c.redis_tls_cert);
+        assert_eq!(c.redis_tls_key.to_str(), Some("k.pem"));
+    }
 }

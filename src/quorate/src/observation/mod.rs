@@ -333,7 +333,7 @@ async fn read_round<S: Stores>(
                 })
                 .collect::<Vec<_>>(),
             Err(e) => {
-                debug!("heartbeat store unreachable: {e}");
+                debug!("unreachable: {e}");
                 ids.iter().map(|id| (key(id), Reading::Unreachable)).collect()
             }
         }

@@ -4,23 +4,27 @@
 //! set one key with a TTL, read many keys, on the store named by a URL.
 //! [`RedisStores`] talks to Redis (a few connections per URL so that one
 //! late reply does not hold up the next call, every wait bounded by a
-//! timeout); [`MemStores`]
-//! is the in-memory twin for tests.
+//! timeout), with the process's credentials and TLS
+//! ([`crate::redis_access`]); [`MemStores`] is the in-memory twin for tests.
+//! Errors name a store by its redacted URL (no password).
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use redis::AsyncConnectionConfig;
+use quorate_core::group::redacted;
 use redis::aio::MultiplexedConnection;
 
+use crate::redis_access::{RedisAccess, describe};
+
 /// Why a store call failed. Observers treat every failure as "unreachable".
+/// `url` is redacted (any password replaced by `***`).
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
-    #[error("{url}: timed out after {after:?}")]
+    #[error("heartbeat store {url}: timed out after {after:?}")]
     Timeout { url: String, after: Duration },
-    #[error("{url}: {message}")]
+    #[error("heartbeat store {url}: {message}")]
     Failed { url: String, message: String },
 }
 
@@ -63,6 +67,7 @@ pub trait Stores: Send + Sync + 'static {
 #[derive(Debug, Default)]
 pub struct RedisStores {
     pools: Arc<Mutex<HashMap<String, Pool>>>,
+    access: Arc<RedisAccess>,
 }
 
 /// Connections per store URL, at most. Without loss one is used (calls
@@ -96,8 +101,15 @@ struct Pool {
 }
 
 impl RedisStores {
+    /// Stores reached without credentials or TLS settings of the process
+    /// (a URL may still carry its own credentials).
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Stores reached with `access` (the process's credentials and TLS).
+    pub fn with_access(access: Arc<RedisAccess>) -> Self {
+        Self { pools: Arc::default(), access }
     }
 
     fn pools(pools: &Mutex<HashMap<String, Pool>>) -> std::sync::MutexGuard<'_, HashMap<String, Pool>> {
@@ -115,13 +127,14 @@ impl RedisStores {
     ) -> Result<T, StoreError> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let pools = self.pools.clone();
+        let access = self.access.clone();
         let owned_url = url.to_owned();
         tokio::spawn(async move {
-            let _ = tx.send(Self::call(&pools, &owned_url, cmd).await);
+            let _ = tx.send(Self::call(&pools, &access, &owned_url, cmd).await);
         });
         match tokio::time::timeout(timeout, rx).await {
-            Err(_) => Err(StoreError::Timeout { url: url.to_owned(), after: timeout }),
-            Ok(Err(_)) => Err(StoreError::Failed { url: url.to_owned(), message: "the call's task ended".into() }),
+            Err(_) => Err(StoreError::Timeout { url: redacted(url), after: timeout }),
+            Ok(Err(_)) => Err(StoreError::Failed { url: redacted(url), message: "the call's task ended".into() }),
             Ok(Ok(res)) => res,
         }
     }
@@ -130,10 +143,11 @@ impl RedisStores {
     /// it back unless it proved broken or stalled.
     async fn call<T: redis::FromRedisValue>(
         pools: &Mutex<HashMap<String, Pool>>,
+        access: &RedisAccess,
         url: &str,
         cmd: redis::Cmd,
     ) -> Result<T, StoreError> {
-        let failed = |message: String| StoreError::Failed { url: url.to_owned(), message };
+        let failed = |message: String| StoreError::Failed { url: redacted(url), message };
         let idle = {
             let mut all = Self::pools(pools);
             let pool = all.entry(url.to_owned()).or_default();
@@ -149,7 +163,7 @@ impl RedisStores {
         let release = |after: After| {
             let mut all = Self::pools(pools);
             let pool = all.entry(url.to_owned()).or_default();
-            debug_assert!(pool.busy > 0, "busy count underflow for {url}");
+            debug_assert!(pool.busy > 0, "busy count underflow for {}", redacted(url));
             pool.busy = pool.busy.saturating_sub(1);
             match after {
                 After::Keep(c) => pool.idle.push(c),
@@ -162,7 +176,7 @@ impl RedisStores {
         };
         let mut conn = match idle {
             Some(c) => c,
-            None => match Self::connect(url).await {
+            None => match access.connect(url, STALLED_AFTER).await {
                 Ok(c) => c,
                 Err(e) => {
                     release(After::Drop);
@@ -178,29 +192,18 @@ impl RedisStores {
             // No reply within STALLED_AFTER: this connection is stuck.
             Err(e) if e.is_timeout() => {
                 release(After::Drop);
-                Err(failed(e.to_string()))
+                Err(failed(describe(url, &e)))
             }
             Err(e) if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() => {
                 release(After::DropAll);
-                Err(failed(e.to_string()))
+                Err(failed(describe(url, &e)))
             }
-            // A reply that is an error (READONLY, LOADING, ...) proves the
-            // connection works.
+            // A reply that is an error (READONLY, LOADING, NOAUTH, ...)
+            // proves the connection works.
             Err(e) => {
                 release(After::Keep(conn));
-                Err(failed(e.to_string()))
+                Err(failed(describe(url, &e)))
             }
-        }
-    }
-
-    async fn connect(url: &str) -> Result<MultiplexedConnection, String> {
-        let client = redis::Client::open(url).map_err(|e| e.to_string())?;
-        let config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(STALLED_AFTER))
-            .set_response_timeout(Some(STALLED_AFTER));
-        match tokio::time::timeout(STALLED_AFTER, client.get_multiplexed_async_connection_with_config(&config)).await {
-            Err(_) => Err(format!("no connection within {STALLED_AFTER:?}")),
-            Ok(r) => r.map_err(|e| e.to_string()),
         }
     }
 }
@@ -252,7 +255,7 @@ impl MemStores {
     fn check(&self, url: &str) -> Result<std::sync::MutexGuard<'_, MemInner>, StoreError> {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if inner.down.iter().any(|u| u == url) {
-            return Err(StoreError::Failed { url: url.to_owned(), message: "connection refused".into() });
+            return Err(StoreError::Failed { url: redacted(url), message: "connection refused".into() });
         }
         Ok(inner)
     }

@@ -30,6 +30,7 @@ use crate::config::ServerConfig;
 use crate::raft::log_store::{StoreError, is_empty, open_database};
 use crate::raft::node::{StartError, Started};
 use crate::raft::{NodeClock, Past, RaftNode, RaftView, Readiness, Role};
+use crate::redis_access::RedisAccess;
 use crate::service::batch::Batcher;
 use crate::service::watch::WatchSlots;
 pub use crate::service::{Node, ReadConsistency};
@@ -89,6 +90,8 @@ pub async fn run_with_listener(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     config.validate()?;
+    // Read once: every heartbeat store connection of this node uses it.
+    let redis = Arc::new(config.redis_options().load_from_env()?);
     let config = Arc::new(config);
     let id = config.node_id;
     let peers = config.peer_map();
@@ -120,7 +123,7 @@ pub async fn run_with_listener(
 
     // One batcher for every report: agents' over gRPC and this node's own.
     let (reports, batcher) = Batcher::start(node.clone());
-    let mut tasks = spawn_tasks(&node, past, appended, reports.clone());
+    let mut tasks = spawn_tasks(&node, past, appended, reports.clone(), redis);
     let coordinator = CoordinatorService::new(node.clone(), reports);
     let mut server_stop = node.stopping.clone();
     let server = tonic::transport::Server::builder()
@@ -187,12 +190,20 @@ fn open_store(config: &ServerConfig) -> Result<(Arc<redb::Database>, Past), Serv
 }
 
 /// Starts every task the server owns; they end when the node stops.
-fn spawn_tasks(node: &Node, past: Past, appended: Arc<AtomicU64>, reports: Batcher) -> JoinSet<()> {
+fn spawn_tasks(
+    node: &Node,
+    past: Past,
+    appended: Arc<AtomicU64>,
+    reports: Batcher,
+    redis: Arc<RedisAccess>,
+) -> JoinSet<()> {
     let id = node.id;
     let mut tasks = JoinSet::new();
     tasks.spawn(form_cluster(node.clone()).instrument(info_span!("form_cluster", node_id = id)));
     tasks.spawn(leader_duties(node.clone()).instrument(info_span!("leader_duties", node_id = id)));
-    tasks.spawn(observers::observe_groups(node.clone(), reports).instrument(info_span!("observers", node_id = id)));
+    tasks.spawn(
+        observers::observe_groups(node.clone(), reports, redis).instrument(info_span!("observers", node_id = id)),
+    );
     tasks.spawn(elections::run_elections(node.clone()).instrument(info_span!("elections", node_id = id)));
     tasks.spawn(catchup::catch_up(node.clone()).instrument(info_span!("catch_up", node_id = id)));
     if past == Past::Unknown {

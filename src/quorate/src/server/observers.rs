@@ -23,6 +23,7 @@ use crate::client::{Client, ClientError};
 use crate::observation::store::RedisStores;
 use crate::observation::{Observe, ReportSink};
 use crate::pb::v1 as pb;
+use crate::redis_access::RedisAccess;
 use crate::service::ServiceError;
 use crate::service::batch::Batcher;
 
@@ -72,7 +73,9 @@ fn specs_of(node: &Node) -> Vec<GroupSpec> {
 }
 
 /// Runs until the node stops.
-pub async fn observe_groups(node: Node, reports: Batcher) {
+/// Heartbeat stores are reached with `redis` (this node's credentials and
+/// TLS for Redis).
+pub async fn observe_groups(node: Node, reports: Batcher, redis: Arc<RedisAccess>) {
     let endpoints: Vec<String> = node.peers.values().cloned().collect();
     let sink = match Client::new_with(&endpoints, node.transport.clone()) {
         Ok(client) => Arc::new(OwnNode { node: node.clone(), reports, client }),
@@ -91,7 +94,7 @@ pub async fn observe_groups(node: Node, reports: Batcher) {
         incarnation: node.clock.boot_id(),
         specs: specs_rx,
         status: None,
-        stores: Arc::new(RedisStores::new()),
+        stores: Arc::new(RedisStores::with_access(redis)),
         sink,
     };
     task.spawn(observe.run(stop_rx).instrument(info_span!("observe", observer = %observer)));
