@@ -51,6 +51,8 @@ trap cleanup EXIT
 say "3 coordinators and group 'cache' (2 members): quorate local up --nodes 3 --group cache --members 2"
 rm -rf "$dir"
 "$q" local up --nodes 3 --dir "$dir" --base-port "$base" --group cache --members 2
+# Every connection is mutual TLS: act as the admin identity local up issued.
+export QUORATE_CA=$dir/tls/ca.crt QUORATE_CERT=$dir/tls/admin.crt QUORATE_KEY=$dir/tls/admin.key
 "$q" status
 wait_verdict cache-1 up >/dev/null; wait_verdict cache-2 up >/dev/null
 "$q" matrix cache
@@ -66,8 +68,9 @@ say "resuming it (SIGCONT)"
 kill -CONT "$agent"; paused=
 wait_verdict cache-1 up
 
-say "a service takes the lease of group 'orders' and keeps renewing it"
-"$q" lease acquire orders --holder orders-svc-1 --ttl-ms 3000 > "$dir/holder.log" 2>&1 &
+say "a service takes the lease of group 'orders' and keeps renewing it (as local up's client identity)"
+QUORATE_CERT=$dir/tls/client.crt QUORATE_KEY=$dir/tls/client.key \
+  "$q" lease acquire orders --holder client@orders-svc-1 --ttl-ms 3000 > "$dir/holder.log" 2>&1 &
 holder_pid=$!
 sleep 1.5
 "$q" lease get orders
@@ -92,6 +95,7 @@ say "restarting the killed node on its data: quorate local up"
 if $keep; then
   say "the cluster keeps running; try:"
   echo "  export QUORATE_ENDPOINTS=$QUORATE_ENDPOINTS"
+  echo "  export QUORATE_CA=$QUORATE_CA QUORATE_CERT=$QUORATE_CERT QUORATE_KEY=$QUORATE_KEY"
   echo "  $q matrix cache"
   echo "  $q watch cache"
   echo "  $q lease get orders --json"

@@ -497,7 +497,7 @@ fn print_table(reports: &[scenarios::ScenarioReport]) {
         "\nchecks: overlap=no_overlapping_leases epochs=epochs_unique_and_increasing register=fenced_register_accepts_only_newest \
          reads=client_epochs_monotonic acked=no_acked_write_lost heal=single_primary_after_heal bound=failover_within_bound stay=no_failover \
          dual=no_dual_primary_plain plost=no_acked_plain_write_lost avail=write_availability fence=deadline_fence_on_time \
-         catchup=wiped_node_catches_up; \
+         catchup=wiped_node_catches_up forged=forged_calls_refused; \
          doc = a documented limit, measured and not failed (listed below)"
     );
     println!(
@@ -533,6 +533,7 @@ fn short(check: &str) -> &'static str {
         "write_availability" => "avail",
         "deadline_fence_on_time" => "fence",
         "wiped_node_catches_up" => "catchup",
+        "forged_calls_refused" => "forged",
         _ => "?",
     }
 }
