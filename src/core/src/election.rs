@@ -74,7 +74,18 @@ pub fn candidates(
     exclude: Option<&str>,
     max_lag_bytes: u64,
 ) -> Vec<Candidate> {
-    let reference = statuses.values().map(|s| s.offset).max().unwrap_or(0);
+    // How much data a candidate must have: the most any member that could
+    // hold it reports, i.e. the designated primary (down or not: its offset
+    // when it went is what a failover must not lose) and every member seen
+    // up. A member judged down that is not the primary is left out: a
+    // replica cannot hold writes the primary did not, and one that claims
+    // to (a compromised member reporting an offset of 2^64 - 1 after going
+    // down) would otherwise make every other member lag and block every
+    // failover.
+    let counts = |member: &str| {
+        Some(member) == exclude || verdict.member(member).is_some_and(|mv| mv.state == Verdict::Up)
+    };
+    let reference = statuses.iter().filter(|(m, _)| counts(m)).map(|(_, s)| s.offset).max().unwrap_or(0);
     let anyone_synced = statuses.values().any(|s| s.synced_epoch.is_some());
     let mut out: Vec<Candidate> = spec
         .members

@@ -159,6 +159,32 @@ fn every_guard_blocks_a_failover() {
 }
 
 #[test]
+fn a_down_replica_claiming_more_data_than_the_primary_blocks_nothing() {
+    // db-1 (primary) and db-3 are down; db-3 last claimed 2^64 - 1 bytes.
+    let mut g = group_with(&[100, 100, 100], &[0, 2], 100_000);
+    g.statuses.insert("db-1".into(), status(5_000, Some(1)));
+    g.statuses.insert("db-2".into(), status(5_000, Some(1)));
+    g.statuses.insert("db-3".into(), status(u64::MAX, Some(1)));
+    match decide_at(&g, 100_000, SETTLED) {
+        Decision::Designate { to, .. } => assert_eq!(to, "db-2"),
+        other => panic!("a down replica's claim blocked the failover: {other:?}"),
+    }
+    // The down primary's own offset still counts: db-2 lags it.
+    g.statuses.insert("db-1".into(), status(5_000 + (2 << 20), Some(1)));
+    assert!(matches!(decide_at(&g, 100_000, SETTLED), Decision::Blocked { .. }));
+    // A member seen up that claims more counts too (it is the best
+    // candidate; see the README's threat model).
+    let mut g = group_with(&[100, 100, 100], &[0], 100_000);
+    g.statuses.insert("db-1".into(), status(5_000, Some(1)));
+    g.statuses.insert("db-2".into(), status(5_000, Some(1)));
+    g.statuses.insert("db-3".into(), status(u64::MAX, Some(1)));
+    match decide_at(&g, 100_000, SETTLED) {
+        Decision::Designate { to, .. } => assert_eq!(to, "db-3"),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
 fn a_partial_primary_is_not_replaced() {
     // One cut link: db-2 loses db-1, everyone else sees it.
     let mut g = group_with(&[100, 100], &[], 1_000);
