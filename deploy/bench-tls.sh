@@ -22,17 +22,19 @@ trap '"$q" local down --dir "$work/tls" >/dev/null 2>&1 || true; "$q" local down
 tls_env=(QUORATE_ENDPOINTS=127.0.0.1:27701,127.0.0.1:27702,127.0.0.1:27703
   QUORATE_CA="$work/tls/tls/ca.crt" QUORATE_CERT="$work/tls/tls/reader.crt" QUORATE_KEY="$work/tls/tls/reader.key")
 plain_env=(QUORATE_ENDPOINTS=127.0.0.1:27711,127.0.0.1:27712,127.0.0.1:27713 QUORATE_INSECURE=true)
-bench() { env "$@" "$q" --json bench lease-get --clients "$clients" --duration-s 5; }
+bench() { env "$@" "$q" --json bench lease-get --clients "$clients" --duration-s "${BENCH_S:-10}"; }
 field() { python3 -c "import json,sys; d=json.loads(sys.stdin.read()); print(d$1)"; }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 printf '%-34s %12s %12s %8s\n' "what" "mutual TLS" "--insecure" "TLS cost"
 for clients in 1 64; do
   t=$(bench "${tls_env[@]}"); p=$(bench "${plain_env[@]}")
+  # The cost: how much slower TLS is (fewer ops/s, longer latencies).
   for k in ops_per_s p50_ms p99_ms; do
     a=$(echo "$t" | field "['$k']"); b=$(echo "$p" | field "['$k']")
-    cost=$(python3 -c "a,b=$a,$b; k='$k'; print(f'{(b/a-1)*100 if k==\"ops_per_s\" else (a/b-1)*100:+.1f}%')")
-    printf '%-34s %12s %12s %8s\n' "lease-get, $clients clients, $k" "$a" "$b" "$cost"
+    row=$(python3 -c "a,b=$a,$b; k='$k'; c=(1-a/b) if k=='ops_per_s' else (a/b-1); f='{:.0f}' if k=='ops_per_s' else '{:.3f}'; print(f.format(a), f.format(b), f'{c*100:+.1f}%')")
+    # shellcheck disable=SC2086
+    printf '%-34s %12s %12s %8s\n' "lease-get, $clients clients, $k" $row
   done
 done
 "$q" local down --dir "$work/tls" >/dev/null

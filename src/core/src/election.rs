@@ -82,9 +82,8 @@ pub fn candidates(
     // to (a compromised member reporting an offset of 2^64 - 1 after going
     // down) would otherwise make every other member lag and block every
     // failover.
-    let counts = |member: &str| {
-        Some(member) == exclude || verdict.member(member).is_some_and(|mv| mv.state == Verdict::Up)
-    };
+    let counts =
+        |member: &str| Some(member) == exclude || verdict.member(member).is_some_and(|mv| mv.state == Verdict::Up);
     let reference = statuses.iter().filter(|(m, _)| counts(m)).map(|(_, s)| s.offset).max().unwrap_or(0);
     let anyone_synced = statuses.values().any(|s| s.synced_epoch.is_some());
     let mut out: Vec<Candidate> = spec

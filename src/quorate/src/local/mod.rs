@@ -290,18 +290,27 @@ pub fn spawn_redis_as(dir: &Path, name: &str, addr: &str, replica_of: Option<&st
 }
 
 /// The TLS flags of a spawned process (`--tls-ca` for a server, `--ca` for
-/// an agent), or `--insecure`.
-fn tls_args(prefix: &str, tls: Option<&ClusterTls>, cert: Option<&String>, key: Option<&String>) -> Vec<String> {
+/// an agent): its certificate in a TLS cluster, `--insecure` in a plain one.
+fn tls_args(
+    prefix: &str,
+    tls: Option<&ClusterTls>,
+    cert: Option<&String>,
+    key: Option<&String>,
+) -> Result<Vec<String>, LocalError> {
     match (tls, cert, key) {
-        (Some(t), Some(cert), Some(key)) => vec![
+        (None, _, _) => Ok(vec!["--insecure".into()]),
+        (Some(t), Some(cert), Some(key)) => Ok(vec![
             format!("--{prefix}ca"),
             t.ca.clone(),
             format!("--{prefix}cert"),
             cert.clone(),
             format!("--{prefix}key"),
             key.clone(),
-        ],
-        _ => vec!["--insecure".into()],
+        ]),
+        (Some(t), _, _) => Err(LocalError::Invalid(format!(
+            "cluster.json names the certificates in {} but not this process's; use another --dir",
+            t.dir
+        ))),
     }
 }
 
@@ -311,7 +320,7 @@ fn spawn_agent(dir: &Path, file: &ClusterFile, member: &MemberEntry) -> Result<u
     let (log, err) = log_file(dir, &format!("{}-agent.log", member.id))?;
     let child = std::process::Command::new(exe)
         .args(["agent", "--group", group, "--member", &member.id, "--endpoints", &file.endpoints])
-        .args(tls_args("", file.tls.as_ref(), member.tls_cert.as_ref(), member.tls_key.as_ref()))
+        .args(tls_args("", file.tls.as_ref(), member.tls_cert.as_ref(), member.tls_key.as_ref())?)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log)
@@ -355,7 +364,7 @@ fn spawn_node(dir: &Path, node: &NodeEntry, peers: &str, tls: Option<&ClusterTls
         .args(["server", "--node-id", &node.id.to_string(), "--listen", &node.addr, "--peers", peers])
         .arg("--data-dir")
         .arg(&node.data_dir)
-        .args(tls_args("tls-", tls, node.tls_cert.as_ref(), node.tls_key.as_ref()))
+        .args(tls_args("tls-", tls, node.tls_cert.as_ref(), node.tls_key.as_ref())?)
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log)
