@@ -5,6 +5,9 @@
 //! process tests in `cluster.rs`, and it exercises the same handlers, the
 //! leader's duties and shutdown: every node's `run` must return once its
 //! shutdown future fires, with every task it spawned ended.
+//!
+//! Clusters run over mutual TLS (each test's own CA: identities, refusals,
+//! the request limits) or, asked for, in plain text (`InCluster::start`).
 
 // Each test holds the process-wide `serial()` guard for its whole run, on
 // purpose: it serializes tests that each run on their own runtime.
@@ -50,17 +53,24 @@ struct InCluster {
 }
 
 impl InCluster {
+    /// Plain text, asked for (`insecure`).
     async fn start(n: u64) -> Self {
-        Self::start_over(n, |_| Transport::Insecure).await
+        Self::start_over(n, |_| Transport::Insecure, |_| {}).await
     }
 
     /// With mutual TLS: a CA in `certs`, and node-N's certificate for each
     /// node, valid for 127.0.0.1.
     async fn start_tls(n: u64, certs: &Path) -> Self {
-        Self::start_over(n, |id| Transport::Tls(tls_for(certs, &format!("node-{id}"), Role::Node, &[]))).await
+        Self::start_tls_with(n, certs, |_| {}).await
     }
 
-    async fn start_over(n: u64, transport: impl Fn(u64) -> Transport) -> Self {
+    /// [`Self::start_tls`], each node's config changed by `tweak`.
+    async fn start_tls_with(n: u64, certs: &Path, tweak: impl Fn(&mut ServerConfig)) -> Self {
+        let node_tls = |id| Transport::Tls(tls_for(certs, &format!("node-{id}"), Role::Node, &[]));
+        Self::start_over(n, node_tls, tweak).await
+    }
+
+    async fn start_over(n: u64, transport: impl Fn(u64) -> Transport, tweak: impl Fn(&mut ServerConfig)) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let mut listeners = Vec::new();
         for _ in 0..n {
@@ -78,7 +88,7 @@ impl InCluster {
                 Transport::Tls(t) => t.files().clone(),
                 Transport::Insecure => TlsFiles { ca: "".into(), cert: "".into(), key: "".into() },
             };
-            let config = ServerConfig {
+            let mut config = ServerConfig {
                 node_id: id,
                 listen: addrs[i].clone(),
                 data_dir: dir.path().join(format!("node-{id}")),
@@ -89,6 +99,7 @@ impl InCluster {
                 tls_key: files.key,
                 ..ServerConfig::default()
             };
+            tweak(&mut config);
             let (stop, stopped) = oneshot::channel::<()>();
             let task = tokio::spawn(quorate::server::run_with_listener(config, listener, transport, async move {
                 let _ = stopped.await;
@@ -105,6 +116,18 @@ impl InCluster {
     fn client_over(&self, transport: Transport) -> Client {
         let endpoints: Vec<String> = self.nodes.iter().filter(|n| n.task.is_some()).map(|n| n.addr.clone()).collect();
         Client::new_with(&endpoints, transport).unwrap().with_call_timeout(Duration::from_secs(2))
+    }
+
+    fn addr(&self, id: u64) -> String {
+        self.nodes.iter().find(|n| n.id == id).unwrap().addr.clone()
+    }
+
+    /// Stops every node still running; each must stop cleanly.
+    async fn stop_all(&mut self) {
+        let running: Vec<u64> = self.nodes.iter().filter(|n| n.task.is_some()).map(|n| n.id).collect();
+        for id in running {
+            self.stop(id).await.unwrap_or_else(|e| panic!("node {id} stopped with an error: {e}"));
+        }
     }
 
     async fn wait_for_leader(&self) -> u64 {
@@ -234,9 +257,10 @@ async fn over_mutual_tls_the_cluster_serves_its_certificates_and_refuses_strange
     // Plain text, another CA's certificate and an expired one are refused.
     let refused = |c: Client| async move { c.get_lease("svc", pb::Consistency::Stale).await.unwrap_err() };
     // Plain text on a TLS port: the server refuses the handshake; the
-    // client sees the connection fail (h2 reports it as a protocol error).
+    // client sees the connection fail (h2 reports it as a protocol error,
+    // or as cancelled when the server's close comes first).
     let e = refused(cluster.client()).await;
-    assert!(matches!(e.code(), Code::Unavailable | Code::Internal), "plain text: {e}");
+    assert!(matches!(e.code(), Code::Unavailable | Code::Internal | Code::Cancelled), "plain text: {e}");
     let other = tempfile::tempdir().unwrap();
     certs::init(other.path()).unwrap();
     // Another CA: refused, and the client's error says why (whether its
@@ -377,4 +401,165 @@ async fn oversized_reports_and_names_are_refused_naming_the_limit_without_echoin
     for id in [1, 2, 3] {
         cluster.stop(id).await.unwrap();
     }
+}
+
+// Request limits (issue 11): watch streams per connection, reports per
+// identity and second, and reports only by the cluster's own coordinators
+// and the groups' members, over mutual TLS. Each limit is set small so that
+// a test reaches it at once; every refusal must name the limit.
+
+/// Within this long a node catching up or an election stops refusing.
+const SETTLE_WAIT: Duration = Duration::from_secs(20);
+
+/// Calls `f` until it returns Some, within [`SETTLE_WAIT`].
+async fn eventually<T, F, Fut>(what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(start.elapsed() < SETTLE_WAIT, "{what}: not within {SETTLE_WAIT:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Group `name` with members `members` (heartbeats in a store nobody runs:
+/// coordinators see them unreachable, which is all these tests need).
+fn group(name: &str, members: &[&str]) -> pb::GroupSpec {
+    pb::GroupSpec {
+        name: name.into(),
+        members: members
+            .iter()
+            .map(|m| pb::MemberSpec {
+                id: (*m).into(),
+                heartbeat: "redis://127.0.0.1:1".into(),
+                priority: 1,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn report(observer: &str, group: &str) -> pb::ReportRequest {
+    pb::ReportRequest {
+        observer: observer.into(),
+        observer_incarnation: 1,
+        views: vec![pb::GroupView { group: group.into(), ..Default::default() }],
+        ..Default::default()
+    }
+}
+
+/// A TLS cluster of three with `tweak`, its CA, and an admin client.
+async fn limited_cluster(tweak: impl Fn(&mut ServerConfig)) -> (InCluster, tempfile::TempDir, Client) {
+    let ca = tempfile::tempdir().unwrap();
+    certs::init(ca.path()).unwrap();
+    let cluster = InCluster::start_tls_with(3, ca.path(), tweak).await;
+    let admin = Transport::Tls(tls_for(ca.path(), "ops", Role::Admin, &[]));
+    cluster.wait_for_leader_over(admin.clone()).await;
+    let client = cluster.client_over(admin);
+    (cluster, ca, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_beyond_the_per_connection_limit_are_refused_until_one_ends() {
+    let _serial = serial();
+    let (mut cluster, ca, client) = limited_cluster(|c| c.max_watch_streams_per_connection = 2).await;
+    let leader = cluster.wait_for_leader_over(Transport::Tls(tls_for(ca.path(), "r", Role::Reader, &[]))).await;
+    // One channel: every stream below shares its one connection.
+    let raw = client.raw(&cluster.addr(leader)).unwrap();
+    let watch = |group: &'static str| {
+        let mut raw = raw.clone();
+        async move { raw.watch(pb::WatchRequest { group: group.into() }).await.map(tonic::Response::into_inner) }
+    };
+    // The first once the node has caught up.
+    let first = eventually("a first watch", || async { watch("a").await.ok() }).await;
+    let second = watch("b").await.expect("a second watch on the connection");
+    let e = watch("c").await.expect_err("a third watch on a connection allowed two");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(
+        e.message().starts_with("watch streams: 2 per connection in use (max_watch_streams_per_connection)"),
+        "the refusal does not name the limit: {}",
+        e.message()
+    );
+    // Another connection has its own streams.
+    let reader = Transport::Tls(tls_for(ca.path(), "r2", Role::Reader, &[]));
+    let other = Client::new_with(&[cluster.addr(leader)], reader).unwrap();
+    let mut other_raw = other.raw(&cluster.addr(leader)).unwrap();
+    let elsewhere =
+        other_raw.watch(pb::WatchRequest { group: "c".into() }).await.expect("a watch on another connection");
+    // A stream that ends frees its slot (the server sees the reset shortly).
+    drop(first);
+    let third = eventually("a watch after one ended", || async { watch("c").await.ok() }).await;
+    drop((second, third, elsewhere));
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_reports_beyond_the_rate_is_refused_naming_the_limit() {
+    let _serial = serial();
+    let (mut cluster, ca, admin) = limited_cluster(|c| c.max_reports_per_s = 2).await;
+    admin.apply_group(group("g", &["a", "b"])).await.unwrap();
+    let as_identity = |name: &str, role: Role, groups: &[&str]| {
+        cluster.client_over(Transport::Tls(tls_for(ca.path(), name, role, groups)))
+    };
+    let a = as_identity("a", Role::Member, &["g"]);
+    // A report gets through once the leader knows the group.
+    eventually("a's first report", || async { a.report_view(report("a", "g")).await.ok() }).await;
+    // Thirty at once: at most the burst and what refills meanwhile pass.
+    let flood = (0..30).map(|_| a.report_view(report("a", "g")));
+    let results = futures::future::join_all(flood).await;
+    let refused: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(refused.len() >= 10, "{} of 30 reports at once were refused at 2 a second: {refused:?}", refused.len());
+    for e in &refused {
+        assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+        let text = e.to_string();
+        assert!(text.contains("observer a sent more than 2 a second (max_reports_per_s)"), "{text}");
+    }
+    // Another member's certificate has its own bucket; nodes are not limited.
+    let b = as_identity("b", Role::Member, &["g"]);
+    b.report_view(report("b", "g")).await.expect("b's report while a is refused");
+    let node_2 = as_identity("node-2", Role::Node, &[]);
+    for _ in 0..10 {
+        node_2.report_view(report("coordinator-2", "g")).await.expect("a coordinator's report");
+    }
+    cluster.stop_all().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reports_only_by_the_clusters_coordinators_and_the_groups_members() {
+    let _serial = serial();
+    let (mut cluster, ca, admin) = limited_cluster(|_| {}).await;
+    admin.apply_group(group("g", &["a", "b"])).await.unwrap();
+    let as_identity = |name: &str, role: Role, groups: &[&str]| {
+        cluster.client_over(Transport::Tls(tls_for(ca.path(), name, role, groups)))
+    };
+    let a = as_identity("a", Role::Member, &["g"]);
+    eventually("a member's report", || async { a.report_view(report("a", "g")).await.ok() }).await;
+    as_identity("node-3", Role::Node, &[])
+        .report_view(report("coordinator-3", "g"))
+        .await
+        .expect("a coordinator of the cluster reports");
+
+    // A node certificate of a node the cluster does not have.
+    let e = as_identity("node-9", Role::Node, &[]).report_view(report("coordinator-9", "g")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    let text = e.to_string();
+    assert!(text.contains("observer coordinator-9 is not a node of this cluster (nodes 1, 2, 3)"), "{text}");
+    // A member certificate of g for a member g does not have.
+    let e = as_identity("zed", Role::Member, &["g"]).report_view(report("zed", "g")).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e}");
+    assert!(e.to_string().contains("observer zed is not a member of group g"), "{e}");
+    // A member reporting about another group is refused by its identity
+    // first (and, over plain text, as no member of it: unit-tested).
+    admin.apply_group(group("h", &["c"])).await.unwrap();
+    let mut both = report("a", "g");
+    both.views.push(pb::GroupView { group: "h".into(), ..Default::default() });
+    let e = a.report_view(both).await.unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied, "{e}");
+    cluster.stop_all().await;
 }
