@@ -16,6 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
+use tonic_reflection::pb::v1::ServerReflectionRequest;
+use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
+use tonic_reflection::pb::v1::server_reflection_response::MessageResponse;
 
 /// One plain HTTP/1.1 request; (status, body), or None if nothing answers.
 async fn http(addr: &str, method: &str, path: &str) -> Option<(u16, String)> {
@@ -194,11 +198,20 @@ async fn coordinators_answer_livez_readyz_leader_metrics_and_grpc_health() {
 
     // grpc.health.v1 on the API port, over mutual TLS.
     let channel = quorate::wire::lazy_channel_with(&c.node(leader).addr, &transport(c.cert("reader", None))).unwrap();
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(channel.clone());
     for service in ["", "quorate.v1.Coordinator"] {
         let resp = health.check(HealthCheckRequest { service: service.into() }).await.unwrap().into_inner();
         assert_eq!(resp.status, ServingStatus::Serving as i32, "service {service:?}");
     }
+    // Server reflection lists the services (what grpcurl asks first).
+    let mut reflection = ServerReflectionClient::new(channel);
+    let ask =
+        ServerReflectionRequest { host: String::new(), message_request: Some(MessageRequest::ListServices("".into())) };
+    let mut answers = reflection.server_reflection_info(tokio_stream::iter([ask])).await.unwrap().into_inner();
+    let answer = answers.message().await.unwrap().unwrap().message_response;
+    let Some(MessageResponse::ListServicesResponse(list)) = answer else { panic!("not a service list: {answer:?}") };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"quorate.v1.Coordinator"), "{names:?}");
 
     let follower = (1..=3).find(|id| *id != leader).unwrap();
     let (code, text) = get(&http_of(&c, follower), "/metrics").await.unwrap();
