@@ -1,4 +1,5 @@
-//! A `quorate server` process: one Raft node plus the gRPC API.
+//! A `quorate server` process: one Raft node plus the gRPC API (and, with
+//! `sentinel_listen`, the Sentinel-compatible endpoint, one more owned task).
 //!
 //! [`run`] owns everything it starts: the gRPC server, the cluster-formation
 //! task, the leader-duties task, the catch-up tasks and the snapshot
@@ -98,6 +99,7 @@ pub async fn run_with_listener(
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
 
+    let sentinel = bind_sentinel(&config).await?;
     let (db, past) = open_store(&config)?;
     let clock = NodeClock::new(id);
     let Started { raft, reader, appended } = RaftNode::start(&config, transport.clone(), db, clock.clone()).await?;
@@ -124,6 +126,11 @@ pub async fn run_with_listener(
     // One batcher for every report: agents' over gRPC and this node's own.
     let (reports, batcher) = Batcher::start(node.clone());
     let mut tasks = spawn_tasks(&node, past, appended, reports.clone(), redis);
+    if let Some((listener, settings)) = sentinel {
+        tasks.spawn(
+            crate::sentinel::serve(node.clone(), listener, settings).instrument(info_span!("sentinel", node_id = id)),
+        );
+    }
     let coordinator = CoordinatorService::new(node.clone(), reports);
     let mut server_stop = node.stopping.clone();
     let server = tonic::transport::Server::builder()
@@ -161,6 +168,20 @@ pub async fn run_with_listener(
     }
     info!(node_id = id, "stopped");
     result
+}
+
+/// Binds the Sentinel-compatible endpoint when `sentinel_listen` is set,
+/// and reads its password: both fail the start, naming what is wrong.
+async fn bind_sentinel(config: &ServerConfig) -> Result<Option<(TcpListener, crate::sentinel::Settings)>, ServerError> {
+    if config.sentinel_listen.is_empty() {
+        return Ok(None);
+    }
+    let password = config.sentinel_password()?;
+    let listener = TcpListener::bind(&config.sentinel_listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: config.sentinel_listen.clone(), source })?;
+    let max_connections = usize::try_from(config.sentinel_max_connections).unwrap_or(usize::MAX);
+    Ok(Some((listener, crate::sentinel::Settings { password, max_connections })))
 }
 
 /// Opens the Raft store and tells what this node knows of its past: an
