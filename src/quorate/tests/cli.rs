@@ -9,11 +9,13 @@ use std::time::Duration;
 use common::{CliProc, Conn, free_port, run_cli, serial};
 use serde_json::Value;
 
-/// Three consecutive free ports.
+/// Three consecutive free ports, and the three 500 above them.
 fn free_base_port() -> u16 {
     for _ in 0..200 {
         let base = free_port();
-        if base < 60_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+        // Node ports and their Sentinel endpoints (base + 500 + N - 1).
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if base < 60_000 && (1..3).all(|i| free(base + i)) && (0..3).all(|i| free(base + 500 + i)) {
             return base;
         }
     }
