@@ -10,7 +10,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, Proc, QUORATE, Redis, serial};
+use common::{Cluster, Conn, Proc, QUORATE, Redis, serial};
 use quorate::pb::v1 as pb;
 
 fn hooks_for(dir: &Path, member: &str, promote_failures: u32) -> Vec<String> {
@@ -80,15 +80,10 @@ async fn exec_hooks_run_with_their_environment_and_failures_are_retried() {
         .map(|i| {
             let member = format!("svc-{i}");
             let log = std::fs::File::create(dir.join(format!("agent-{i}.log"))).unwrap();
-            let tls = cluster.cert(&member, Some("svc"));
-            let child = Command::new(QUORATE)
-                .args(["agent", "--group", "svc", "--member", &member, "--endpoints", &cluster.endpoints()])
-                .arg("--ca")
-                .arg(&tls.ca)
-                .arg("--cert")
-                .arg(&tls.cert)
-                .arg("--key")
-                .arg(&tls.key)
+            let mut cmd = Command::new(QUORATE);
+            Conn { tls: Some(cluster.cert(&member, Some("svc"))), ..cluster.conn() }.apply(&mut cmd);
+            let child = cmd
+                .args(["agent", "--group", "svc", "--member", &member])
                 .args(hooks_for(&dir, &member, if i == 1 { 3 } else { 0 }))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone().unwrap())

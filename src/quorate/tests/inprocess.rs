@@ -306,19 +306,7 @@ async fn over_mutual_tls_each_identity_may_do_only_what_its_role_allows() {
     };
 
     // An admin creates a group; a member may not.
-    let spec = pb::GroupSpec {
-        name: "pair".into(),
-        members: ["db-1", "db-2"]
-            .iter()
-            .map(|m| pb::MemberSpec {
-                id: (*m).into(),
-                heartbeat: "redis://127.0.0.1:1".into(),
-                priority: 1,
-                ..Default::default()
-            })
-            .collect(),
-        ..Default::default()
-    };
+    let spec = group("pair", &["db-1", "db-2"]);
     let e = denied(member.apply_group(spec.clone()).await.unwrap_err(), "member applies a group");
     assert!(e.contains("member db-1 of group pair may not create or change groups"), "{e}");
     admin.apply_group(spec).await.unwrap();

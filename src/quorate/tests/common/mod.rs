@@ -109,7 +109,9 @@ impl Conn {
         Conn { tls, ..self.clone() }
     }
 
-    fn apply(&self, cmd: &mut Command) {
+    /// Sets the environment of `cmd` (a CLI run or an agent) to reach the
+    /// cluster this way.
+    pub fn apply(&self, cmd: &mut Command) {
         cmd.env_remove("QUORATE_CA").env_remove("QUORATE_CERT").env_remove("QUORATE_KEY");
         cmd.env_remove("QUORATE_INSECURE").env_remove("QUORATE_ENDPOINTS");
         if !self.endpoints.is_empty() {
