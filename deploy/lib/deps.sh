@@ -33,3 +33,39 @@ need_netns_tools() {
     return 1
   fi
 }
+
+# need_cmd COMMAND PACKAGE: installs PACKAGE when COMMAND is missing.
+need_cmd() {
+  command -v "$1" >/dev/null 2>&1 && return 0
+  if command -v apt-get >/dev/null 2>&1; then
+    apt_install "$2"
+  else
+    echo "$1 is required: install $2" >&2
+    return 1
+  fi
+}
+
+need_haproxy() {
+  need_cmd haproxy haproxy
+}
+
+# promtool (checks deploy/prometheus/alerts.yml). Debian ships it in the
+# `prometheus` package, whose install would also start a Prometheus server:
+# the package is downloaded and only promtool is taken out of it, into
+# .ci-cache/. Sets PROMTOOL.
+need_promtool() {
+  if command -v promtool >/dev/null 2>&1; then
+    PROMTOOL=$(command -v promtool)
+    return 0
+  fi
+  local cache=${QUORATE_TOOL_CACHE:-$PWD/.ci-cache}
+  PROMTOOL=$cache/prometheus/usr/bin/promtool
+  [ -x "$PROMTOOL" ] && return 0
+  command -v apt-get >/dev/null 2>&1 || { echo "promtool is required (Debian package prometheus)" >&2; return 1; }
+  echo "downloading: prometheus (for promtool)" >&2
+  mkdir -p "$cache"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  (cd "$cache" && apt-get download -qq prometheus >/dev/null)
+  dpkg-deb -x "$(ls "$cache"/prometheus_*.deb | head -n 1)" "$cache/prometheus"
+  [ -x "$PROMTOOL" ] || { echo "no promtool in the prometheus package" >&2; return 1; }
+}

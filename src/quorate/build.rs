@@ -6,6 +6,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protos = [proto_root.join("quorate/v1/coordinator.proto"), proto_root.join("quorate/v1/raft.proto")];
     let mut config = tonic_prost_build::Config::new();
     config.protoc_executable(protoc_bin_vendored::protoc_bin_path()?);
+    // For gRPC server reflection (`crate::pb::FILE_DESCRIPTOR_SET`).
+    let out_dir = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
+    config.file_descriptor_set_path(out_dir.join("quorate_descriptor.bin"));
     tonic_prost_build::configure().build_client(true).build_server(true).compile_with_config(
         config,
         &protos,

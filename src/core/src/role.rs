@@ -246,6 +246,29 @@ impl RoleMachine {
         self.election.as_ref()
     }
 
+    /// The data service's state as last fed in.
+    pub fn service(&self) -> &ServiceView {
+        &self.service
+    }
+
+    /// Whether this member holds the lease at `now_ms`: granted, and its
+    /// deadline not passed.
+    pub fn holds_lease(&self, now_ms: u64) -> bool {
+        self.held.is_some_and(|h| now_ms < h.valid_until_ms)
+    }
+
+    /// Whether this member serves as the primary at `now_ms`: it holds the
+    /// lease, its data service was promoted under it (the fencer opened
+    /// writes), and the service reports itself primary. The one definition
+    /// behind the agent's `/primary` health check: a primary past its
+    /// deadline is fenced, and so is one that never got the lease.
+    pub fn serves_as_primary(&self, now_ms: u64) -> bool {
+        self.holds_lease(now_ms)
+            && self.held.is_some_and(|h| h.promoted)
+            && self.service.reachable
+            && self.service.role == Some(Role::Primary)
+    }
+
     /// Feeds one event at `now_ms`; returns the actions to perform, in order.
     ///
     /// Each event first updates the state (edge-triggered: only what that

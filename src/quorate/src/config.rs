@@ -100,6 +100,11 @@ pub struct ServerConfig {
     pub redis_tls_cert: PathBuf,
     /// Its private key (PEM).
     pub redis_tls_key: PathBuf,
+    /// The plain-HTTP listener of the health endpoints (`/livez`,
+    /// `/readyz`, `/leader`) and `/metrics`, IP:PORT; empty: none. Apart
+    /// from the gRPC port so load balancers and Prometheus need no client
+    /// certificate; it only reads.
+    pub http_listen: String,
     /// UNSAFE, for the fault suite's negative control only: grant leases
     /// without waiting for the previous holder's to expire.
     pub test_only_skip_lease_wait: bool,
@@ -153,6 +158,7 @@ impl Default for ServerConfig {
             redis_tls_ca: PathBuf::new(),
             redis_tls_cert: PathBuf::new(),
             redis_tls_key: PathBuf::new(),
+            http_listen: String::new(),
             test_only_skip_lease_wait: false,
         }
     }
@@ -208,6 +214,14 @@ pub fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>, ConfigError> {
         }
     }
     Ok(peers)
+}
+
+/// `http_listen`: empty (no listener) or an IP:PORT to bind.
+fn check_http_listen(addr: &str) -> Result<(), ConfigError> {
+    if addr.is_empty() || addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    Err(invalid("http_listen", format!("{addr:?} is not an IP:PORT to bind")))
 }
 
 fn check_host_port(field: &'static str, addr: &str) -> Result<(), ConfigError> {
@@ -499,6 +513,7 @@ impl ServerConfig {
     /// Checks every field and the timing relationships.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_addresses()?;
+        check_http_listen(&self.http_listen)?;
         self.tls_files()?;
         self.redis_options().check()?;
         if self.max_groups == 0 {
@@ -757,6 +772,9 @@ pub struct AgentConfig {
     pub redis_tls_cert: PathBuf,
     /// Its private key (PEM).
     pub redis_tls_key: PathBuf,
+    /// The plain-HTTP listener of the health endpoints (`/primary`,
+    /// `/replica`, ...) and `/metrics`, IP:PORT; empty: none.
+    pub http_listen: String,
     /// UNSAFE, for the fault suite's negative control only: never fence.
     #[serde(skip)]
     pub test_only_no_deadline_fence: bool,
@@ -789,6 +807,7 @@ impl AgentConfig {
         }
         self.tls_files()?;
         self.redis_options().check()?;
+        check_http_listen(&self.http_listen)?;
         if self.driver == DriverKind::Exec && self.hooks == ExecHooks::default() {
             return Err(invalid("hooks", "the exec driver needs at least one of promote, demote, fence"));
         }
@@ -855,6 +874,9 @@ mod tests {
         assert!(err(&c).starts_with("snapshot_max_log_bytes:"), "{}", err(&c));
         let c = ServerConfig { snapshot_every_ms: 0, ..good() };
         assert!(err(&c).starts_with("snapshot_every_ms:"), "{}", err(&c));
+        let c = ServerConfig { http_listen: "nowhere".into(), ..good() };
+        assert!(err(&c).starts_with("http_listen:"), "{}", err(&c));
+        ServerConfig { http_listen: "127.0.0.1:8080".into(), ..good() }.validate().unwrap();
     }
 
     #[test]

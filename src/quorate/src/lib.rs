@@ -23,6 +23,8 @@
 //! - [`client`]: the Rust client: endpoints, leader following, lease keeper.
 //! - [`cli`]: the `quorate` subcommands (no logic of their own).
 //! - [`render`]: text and JSON renderings shared by the CLI and the demo.
+//! - [`http`]: the small plain-HTTP server of the health endpoints and
+//!   `/metrics` (coordinators and agents).
 //! - [`local`]: the local launcher (`quorate local up|down`).
 //! - [`bench`]: the load generator behind `quorate bench`.
 //! - [`redis_access`]: the credentials and TLS of every Redis connection,
@@ -37,6 +39,7 @@ pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;
+pub mod http;
 pub mod local;
 pub mod observation;
 pub mod raft;
@@ -59,6 +62,21 @@ pub mod pb {
     #[allow(missing_debug_implementations, clippy::all, clippy::pedantic, clippy::nursery)]
     pub mod raft {
         tonic::include_proto!("quorate.raft.v1");
+    }
+
+    /// The file descriptor set of both packages (for server reflection).
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quorate_descriptor");
+
+    /// The gRPC server reflection service (`grpc.reflection.v1`) over
+    /// [`FILE_DESCRIPTOR_SET`], so that `grpcurl` works without the protos.
+    pub fn reflection() -> Result<
+        tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+        String,
+    > {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| e.to_string())
     }
 }
 

@@ -13,7 +13,9 @@ use serde_json::Value;
 fn free_base_port() -> u16 {
     for _ in 0..200 {
         let base = free_port();
-        if base < 60_000 && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+        // Nodes at base..base+2, their HTTP listeners at base+600.. (local up).
+        let free = |i: u16| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok();
+        if base < 60_000 && (1..3).all(free) && (600..603).all(free) {
             return base;
         }
     }
@@ -176,7 +178,8 @@ fn local_up_with_a_group_starts_stores_and_agents_and_shows_the_matrix() {
     // Ports base..base+2 for nodes, base+100.. for heartbeat stores.
     let base = loop {
         let b = free_base_port();
-        if (100..102).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()) {
+        // Heartbeat stores at base+100.., agents' HTTP listeners at base+700...
+        if (100..102).chain(700..702).all(|i| std::net::TcpListener::bind(("127.0.0.1", b + i)).is_ok()) {
             break b;
         }
     };

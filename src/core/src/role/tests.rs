@@ -48,6 +48,21 @@ fn designated_member_takes_the_lease_arms_the_fence_then_promotes() {
 }
 
 #[test]
+fn a_member_serves_as_primary_only_promoted_under_a_lease_it_still_holds() {
+    let mut m = RoleMachine::new("m1");
+    m.step(0, up(Role::Primary));
+    assert!(!m.serves_as_primary(0), "a primary without a lease");
+    m.step(1, view(5, "m1", "", 0));
+    m.step(10, Event::Acquired { epoch: 1, valid_until_ms: 950 });
+    assert!(m.holds_lease(10) && !m.serves_as_primary(10), "not promoted yet");
+    m.step(11, Event::Done { action: ActionKind::Promote, ok: true });
+    assert!(m.serves_as_primary(12));
+    assert!(!m.serves_as_primary(950) && !m.holds_lease(950), "past the deadline");
+    m.step(20, up(Role::Replica));
+    assert!(!m.serves_as_primary(21), "its service says replica");
+}
+
+#[test]
 fn a_deadline_without_renewal_fences_and_nothing_is_promoted_after_it() {
     let mut m = RoleMachine::new("m1");
     m.step(0, up(Role::Replica));

@@ -27,6 +27,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::histogram::Histogram;
 use quorate_core::election::Role;
 use redis::aio::MultiplexedConnection;
 use tokio::sync::{mpsc, oneshot};
@@ -158,12 +159,19 @@ pub enum FenceMode {
 
 impl Fencer {
     /// Starts the fencer thread for `ops`.
-    pub fn spawn(ops: FenceOps, mode: FenceMode, span: tracing::Span) -> std::io::Result<Self> {
+    /// `delay` records how late after each deadline its fence was applied
+    /// (the metric `quorate_agent_fence_delay_seconds`).
+    pub fn spawn(
+        ops: FenceOps,
+        mode: FenceMode,
+        span: tracing::Span,
+        delay: Option<Histogram>,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
         let thread = std::thread::Builder::new()
             .name("quorate-fencer".into())
-            .spawn(move || rt.block_on(run(ops, mode, rx).instrument(span)))?;
+            .spawn(move || rt.block_on(run(ops, mode, rx, delay).instrument(span)))?;
         Ok(Self { tx, thread: Some(thread) })
     }
 
@@ -219,7 +227,7 @@ fn micros_between(later: Instant, earlier: Instant) -> i64 {
     }
 }
 
-async fn run(mut ops: FenceOps, mode: FenceMode, mut rx: mpsc::Receiver<Cmd>) {
+async fn run(mut ops: FenceOps, mode: FenceMode, mut rx: mpsc::Receiver<Cmd>, delay: Option<Histogram>) {
     // Connect early: the first fence should not pay for a connection.
     let _ = ops.conn().await;
     let mut armed: Option<Armed> = None;
@@ -243,7 +251,7 @@ async fn run(mut ops: FenceOps, mode: FenceMode, mut rx: mpsc::Receiver<Cmd>) {
                 // The deadline passed with no newer one, or a retry is due.
                 let (what, by) = owed.take().unwrap_or((armed, "deadline"));
                 armed = None;
-                if let Err(e) = apply_fence(&mut ops, what, by).await {
+                if let Err(e) = apply_fence(&mut ops, what, by, delay.as_ref()).await {
                     warn!("fence failed, retrying: {e}");
                     owed = Some((what, by));
                 }
@@ -287,7 +295,7 @@ async fn run(mut ops: FenceOps, mode: FenceMode, mut rx: mpsc::Receiver<Cmd>) {
                     continue;
                 }
                 let what = armed.take();
-                let res = apply_fence(&mut ops, what, "keeper").await;
+                let res = apply_fence(&mut ops, what, "keeper", delay.as_ref()).await;
                 owed = None;
                 let _ = done.send(res);
             }
@@ -308,10 +316,18 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 /// Fences, and logs how late against the deadline it was applied.
-async fn apply_fence(ops: &mut FenceOps, armed: Option<Armed>, by: &'static str) -> Result<(), DriverError> {
+async fn apply_fence(
+    ops: &mut FenceOps,
+    armed: Option<Armed>,
+    by: &'static str,
+    delay: Option<&Histogram>,
+) -> Result<(), DriverError> {
     let started = Instant::now();
     ops.fence().await?;
     let applied = Instant::now();
+    if let (Some(a), Some(h)) = (armed, delay) {
+        h.observe(applied.saturating_duration_since(a.deadline).as_secs_f64());
+    }
     match armed {
         Some(a) => info!(
             epoch = a.epoch,
@@ -340,7 +356,7 @@ mod tests {
             command: format!("echo fenced >> {}", log.display()),
             role: SharedRole::default(),
         };
-        (Fencer::spawn(ops, mode, tracing::Span::none()).unwrap(), log)
+        (Fencer::spawn(ops, mode, tracing::Span::none(), None).unwrap(), log)
     }
 
     fn fences(log: &std::path::Path) -> usize {

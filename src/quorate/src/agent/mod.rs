@@ -14,6 +14,7 @@
 
 pub mod driver;
 pub mod fence;
+pub mod health;
 pub mod role;
 
 use std::sync::Arc;
@@ -60,6 +61,8 @@ pub enum AgentError {
     Client(#[from] ClientError),
     #[error(transparent)]
     Tls(#[from] crate::tls::config::TlsError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: String, source: std::io::Error },
 }
 
 /// Fetches the group spec, retrying (bounded by `stop`) until the group
@@ -153,6 +156,12 @@ pub async fn run_with<S: Stores>(
     redis: Arc<RedisAccess>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
+    let http = match config.http_listen.as_str() {
+        "" => None,
+        addr => {
+            Some(crate::http::bind(addr).await.map_err(|source| AgentError::Bind { addr: addr.to_owned(), source })?)
+        }
+    };
     let incarnation = new_incarnation();
     let (stop_tx, _) = watch::channel(false);
     info!(group = %config.group, member = %config.member, incarnation = format!("{incarnation:016x}"), "agent starting");
@@ -165,10 +174,15 @@ pub async fn run_with<S: Stores>(
     let (specs_tx, specs_rx) = watch::channel(vec![spec_rx.borrow().clone()]);
     let mut tasks = JoinSet::new();
     let span = info_span!("agent", group = %config.group, member = %config.member);
-    tasks.spawn(
-        publish(config.clone(), incarnation, spec_rx.clone(), healthy_rx, stores.clone(), stop_tx.subscribe())
-            .instrument(span.clone()),
-    );
+    let metrics = Arc::new(health::AgentMetrics::default());
+    let (health_tx, health_rx) = watch::channel(None);
+    let (offset_tx, offset_rx) = watch::channel(None);
+    if let Some(listener) = http {
+        let handler = health::AgentHttp::new(&config, managed, health_rx, offset_rx, metrics.clone());
+        tasks.spawn(crate::http::serve(listener, handler, stop_tx.subscribe()).instrument(span.clone()));
+    }
+    let publisher = Publisher { config: config.clone(), incarnation, stores: stores.clone(), metrics: metrics.clone() };
+    tasks.spawn(publisher.run(spec_rx.clone(), healthy_rx, stop_tx.subscribe()).instrument(span.clone()));
     if managed {
         let role = role::RoleLoop {
             group: config.group.clone(),
@@ -183,6 +197,9 @@ pub async fn run_with<S: Stores>(
             } else {
                 fence::FenceMode::Normal
             },
+            health: health_tx,
+            primary_offset: offset_tx,
+            metrics,
         };
         tasks.spawn(role.run(stop_tx.subscribe()).instrument(span.clone()));
     }
@@ -206,6 +223,21 @@ pub async fn run_with<S: Stores>(
     Ok(())
 }
 
+/// What publishes this member's heartbeats.
+struct Publisher<S> {
+    config: AgentConfig,
+    incarnation: u64,
+    stores: Arc<S>,
+    metrics: Arc<health::AgentMetrics>,
+}
+
+impl<S: Stores> Publisher<S> {
+    /// Runs [`publish`] until `stop`.
+    async fn run(self, spec: watch::Receiver<GroupSpec>, healthy: watch::Receiver<bool>, stop: watch::Receiver<bool>) {
+        publish(self.config, self.incarnation, spec, healthy, self.stores, self.metrics, stop).await;
+    }
+}
+
 /// Publishes this member's heartbeat every interval. Heartbeats stop while `healthy` is false (the member's data service is
 /// unreachable), so observers judge the member down.
 async fn publish<S: Stores>(
@@ -214,6 +246,7 @@ async fn publish<S: Stores>(
     mut spec: watch::Receiver<GroupSpec>,
     healthy: watch::Receiver<bool>,
     stores: Arc<S>,
+    metrics: Arc<health::AgentMetrics>,
     mut stop: watch::Receiver<bool>,
 ) {
     let key = heartbeat_key(&config.group, &config.member);
@@ -229,7 +262,9 @@ async fn publish<S: Stores>(
             let unix_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
             let value = Beat { incarnation, seq, unix_ms }.encode();
             let timeout = Duration::from_millis(policy.store_timeout_ms());
-            match stores.set(&url, &key, &value, policy.heartbeat_ttl_ms(), timeout).await {
+            let res = stores.set(&url, &key, &value, policy.heartbeat_ttl_ms(), timeout).await;
+            metrics.heartbeat(res.is_ok());
+            match res {
                 Ok(()) if failing => {
                     info!("heartbeats published again");
                     failing = false;

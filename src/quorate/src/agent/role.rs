@@ -34,6 +34,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::driver::{DriverError, RoleDriver, ServiceState};
 use super::fence::{FenceMode, Fencer};
+use super::health::{ActionLabel, AgentMetrics, RoleSnapshot};
 use crate::client::Client;
 use crate::client::keeper::{self, KeeperEvent, KeeperSpec};
 use crate::pb::v1 as pb;
@@ -84,6 +85,11 @@ pub struct RoleLoop<D: RoleDriver> {
     pub status: watch::Sender<pb::MemberStatus>,
     pub healthy: watch::Sender<bool>,
     pub fence_mode: FenceMode,
+    /// The health endpoints' view of this loop ([`super::health`]).
+    pub health: watch::Sender<Option<RoleSnapshot>>,
+    /// The offset the lease holder last reported (for `/replica?lag=`).
+    pub primary_offset: watch::Sender<Option<u64>>,
+    pub metrics: Arc<AgentMetrics>,
 }
 
 /// The agent's monotonic clock in milliseconds, as the machine takes it.
@@ -168,24 +174,39 @@ impl<D: RoleDriver> RoleLoop<D> {
         Keeper { id, stop: Some(stop_tx), task }
     }
 
-    /// Runs until `stop` turns true.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let fencer = match Fencer::spawn(self.driver.fence_ops(), self.fence_mode, tracing::Span::current()) {
-            Ok(f) => Arc::new(f),
+    /// Starts the fencer thread; `None` (after logging why) if it cannot.
+    fn start_fencer(&self) -> Option<Arc<Fencer>> {
+        let delay = Some(self.metrics.fence_delay.clone());
+        match Fencer::spawn(self.driver.fence_ops(), self.fence_mode, tracing::Span::current(), delay) {
+            Ok(f) => {
+                if self.fence_mode == FenceMode::TestOnlyNever {
+                    warn!("UNSAFE test-only mode: this agent never fences its data service");
+                }
+                Some(Arc::new(f))
+            }
             Err(e) => {
                 // Without a fencer the agent must never take the lease.
                 warn!("cannot start the fencer thread, not taking part in elections: {e}");
-                return;
+                None
             }
-        };
-        if self.fence_mode == FenceMode::TestOnlyNever {
-            warn!("UNSAFE test-only mode: this agent never fences its data service");
         }
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Some(fencer) = self.start_fencer() else { return };
         let clock = Clock(Instant::now());
         let (events_tx, mut events) = mpsc::channel::<KeeperMsg>(64);
         let (views_tx, mut views) = watch::channel::<Option<ElectionView>>(None);
         let feed = tokio::spawn(
-            feed_elections(self.client.clone(), self.group.clone(), views_tx, stop.clone()).in_current_span(),
+            feed_elections(
+                self.client.clone(),
+                self.group.clone(),
+                views_tx,
+                self.primary_offset.clone(),
+                stop.clone(),
+            )
+            .in_current_span(),
         );
         let mut machine = RoleMachine::new(&self.member);
         let mut keeper: Option<Keeper> = None;
@@ -241,7 +262,7 @@ impl<D: RoleDriver> RoleLoop<D> {
                 &mut last_error,
             )
             .await;
-            self.report(&machine, &svc, &last_error);
+            self.report(&machine, &svc, &last_error, clock);
         }
         if let Some(k) = keeper.take() {
             k.stop(Duration::from_secs(3)).await;
@@ -297,6 +318,7 @@ impl<D: RoleDriver> RoleLoop<D> {
             };
             if let Err(e) = &result {
                 warn!("role driver: {e}");
+                self.metrics.hook_failures.get_or_create(&ActionLabel { action: action_name(kind) }).inc();
             }
             *last_error = result.as_ref().err().map(|e| e.0.clone());
             let more = machine.step(clock.now_ms(), Event::Done { action: kind, ok: result.is_ok() });
@@ -304,7 +326,15 @@ impl<D: RoleDriver> RoleLoop<D> {
         }
     }
 
-    fn report(&self, machine: &RoleMachine, svc: &ServiceState, last_error: &Option<String>) {
+    fn report(&self, machine: &RoleMachine, svc: &ServiceState, last_error: &Option<String>, clock: Clock) {
+        let _ = self.health.send(Some(RoleSnapshot {
+            machine: machine.clone(),
+            origin: clock.0,
+            at: Instant::now(),
+            offset: svc.offset,
+            last_error: last_error.clone(),
+            lease_ttl_ms: self.lease_ttl_ms(),
+        }));
         let status = status_pb(&MemberStatus {
             role: svc.role.unwrap_or(Role::Unknown),
             offset: svc.offset,
@@ -361,6 +391,16 @@ impl<D: RoleDriver> RoleLoop<D> {
     }
 }
 
+/// An action's name, as the `action` label of hook failures.
+fn action_name(kind: ActionKind) -> &'static str {
+    match kind {
+        ActionKind::Promote => "promote",
+        ActionKind::Fence => "fence",
+        ActionKind::Follow => "follow",
+        ActionKind::Switchover => "switchover",
+    }
+}
+
 fn keeper_event(clock: &Clock, ev: KeeperEvent) -> Event {
     match ev {
         KeeperEvent::Acquired { epoch, valid_until } => {
@@ -389,6 +429,7 @@ async fn feed_elections(
     client: Arc<Client>,
     group: String,
     views: watch::Sender<Option<ElectionView>>,
+    primary_offset: watch::Sender<Option<u64>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let offer = |v: ElectionView| {
@@ -402,7 +443,12 @@ async fn feed_elections(
     };
     let poll = || async {
         match client.get_election(&group, pb::Consistency::Stale).await {
-            Ok(el) => Some(view_from(el.revision, &el.designated, &el.switchover_to, el.lease.as_ref())),
+            Ok(el) => {
+                let holder = el.lease.as_ref().map(|l| l.holder.as_str()).unwrap_or_default();
+                let offset = el.members.iter().find(|m| m.member == holder).and_then(|m| m.status.as_ref());
+                primary_offset.send_replace(offset.map(|s| s.offset));
+                Some(view_from(el.revision, &el.designated, &el.switchover_to, el.lease.as_ref()))
+            }
             Err(e) => {
                 debug!("election poll failed: {e}");
                 None

@@ -204,6 +204,9 @@ pub struct ServerArgs {
     /// How this node reaches the heartbeat stores.
     #[command(flatten)]
     pub redis: RedisArgs,
+    /// Plain-HTTP listener for /livez, /readyz, /leader and /metrics, IP:PORT.
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// UNSAFE: grant leases without waiting for expiry. Only for the fault
     /// suite's negative control, which must detect the overlap.
     #[arg(long, hide = true)]
@@ -276,6 +279,7 @@ impl ServerArgs {
                 tls_ca,
                 tls_cert,
                 tls_key,
+                http_listen,
             );
             self.redis.overlay(c);
             c.test_only_skip_lease_wait |= self.test_only_skip_lease_wait;
@@ -376,6 +380,10 @@ pub struct AgentArgs {
     /// How the agent reaches its heartbeat stores and data service.
     #[command(flatten)]
     pub redis: RedisArgs,
+    /// Plain-HTTP listener for /primary, /replica, /read-only, /health,
+    /// /liveness, /readiness and /metrics, IP:PORT.
+    #[arg(long)]
+    pub http_listen: Option<String>,
     /// UNSAFE, for the fault suite's negative control only: never fence the
     /// data service (at the lease deadline or on loss).
     #[arg(long, hide = true)]
@@ -397,6 +405,7 @@ impl AgentArgs {
                 on_promote => hooks.promote,
                 on_demote => hooks.demote,
                 on_fence => hooks.fence,
+                http_listen,
             );
             self.redis.overlay_agent(c);
             c.test_only_no_deadline_fence |= self.test_only_no_deadline_fence;
@@ -471,7 +480,9 @@ pub enum LocalCommand {
         #[arg(long)]
         dir: PathBuf,
         /// Port of node 1; node N listens on base-port + N - 1, and the
-        /// heartbeat Redis of member K on base-port + 100 + K - 1.
+        /// heartbeat Redis of member K on base-port + 100 + K - 1. HTTP
+        /// health and metrics: node N on base-port + 600 + N - 1, the agent
+        /// of member K on base-port + 700 + K - 1.
         #[arg(long, default_value_t = 7101)]
         base_port: u16,
         /// Also create this failover group, with a heartbeat redis-server
@@ -599,6 +610,9 @@ async fn local(cmd: LocalCommand, insecure: bool, json_mode: bool) -> anyhow::Re
                 let mut out = format!("local cluster up: {} nodes", file.nodes.len());
                 for n in &file.nodes {
                     out.push_str(&format!("\n  node {} pid {} at {} (data {})", n.id, n.pid, n.addr, n.data_dir));
+                    if let Some(h) = &n.http_addr {
+                        out.push_str(&format!(", health and metrics http://{h}/"));
+                    }
                 }
                 for m in &file.members {
                     out.push_str(&format!(
@@ -607,6 +621,9 @@ async fn local(cmd: LocalCommand, insecure: bool, json_mode: bool) -> anyhow::Re
                     ));
                     if let (Some(pid), Some(addr)) = (m.data_redis_pid, &m.data_redis_addr) {
                         out.push_str(&format!(", data redis pid {pid} at {addr}"));
+                    }
+                    if let Some(h) = &m.agent_http_addr {
+                        out.push_str(&format!(", agent health and metrics http://{h}/"));
                     }
                 }
                 out.push_str(&format!("\nto use it:\n{}", file.usage()));

@@ -133,6 +133,10 @@ pub struct MemberEntry {
     pub tls_cert: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<String>,
+    /// The agent's plain-HTTP health and metrics listener (`/primary`,
+    /// `/replica`, `/metrics`, ...): `127.0.0.1:BASE+700+K-1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_http_addr: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +151,10 @@ pub struct NodeEntry {
     pub tls_cert: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls_key: Option<String>,
+    /// The node's plain-HTTP health and metrics listener (`/livez`,
+    /// `/readyz`, `/leader`, `/metrics`): `127.0.0.1:BASE+600+N-1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_addr: Option<String>,
 }
 
 /// Options of `local up`.
@@ -321,6 +329,7 @@ fn spawn_agent(dir: &Path, file: &ClusterFile, member: &MemberEntry) -> Result<u
     let child = std::process::Command::new(exe)
         .args(["agent", "--group", group, "--member", &member.id, "--endpoints", &file.endpoints])
         .args(tls_args("", file.tls.as_ref(), member.tls_cert.as_ref(), member.tls_key.as_ref())?)
+        .args(member.agent_http_addr.iter().flat_map(|a| ["--http-listen", a.as_str()]))
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log)
@@ -365,6 +374,7 @@ fn spawn_node(dir: &Path, node: &NodeEntry, peers: &str, tls: Option<&ClusterTls
         .arg("--data-dir")
         .arg(&node.data_dir)
         .args(tls_args("tls-", tls, node.tls_cert.as_ref(), node.tls_key.as_ref())?)
+        .args(node.http_addr.iter().flat_map(|a| ["--http-listen", a.as_str()]))
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log)
@@ -473,7 +483,8 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
             )));
         }
         let data_dir = dir.join(format!("node-{id}")).display().to_string();
-        nodes.push(NodeEntry { id, pid: 0, addr, data_dir, tls_cert: None, tls_key: None });
+        let http_addr = Some(free_local_port(opts.base_port, 600 + id - 1, &format!("HTTP of node {id}"))?);
+        nodes.push(NodeEntry { id, pid: 0, addr, data_dir, tls_cert: None, tls_key: None, http_addr });
     }
     let endpoints = nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
     let mut members = Vec::new();
@@ -515,6 +526,11 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
                 data_redis_addr,
                 tls_cert: None,
                 tls_key: None,
+                agent_http_addr: Some(free_local_port(
+                    opts.base_port,
+                    700 + i - 1,
+                    &format!("HTTP of the agent of {group}-{i}"),
+                )?),
             });
         }
     }
@@ -524,6 +540,18 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
         issue_certs(dir, &mut file)?;
     }
     Ok(file)
+}
+
+/// `127.0.0.1:PORT` with PORT = `base + offset`, if it is free; `what`
+/// names it in the error.
+fn free_local_port(base: u16, offset: u64, what: &str) -> Result<String, LocalError> {
+    let port = u64::from(base) + offset;
+    let port = u16::try_from(port).map_err(|_| LocalError::Invalid(format!("port {port} is out of range")))?;
+    let addr = format!("127.0.0.1:{port}");
+    if TcpListener::bind(&addr).is_err() {
+        return Err(LocalError::Invalid(format!("port {port} ({what}) is in use; pick other ports with --base-port")));
+    }
+    Ok(addr)
 }
 
 /// Issues the cluster's certificates under `DIR/tls/` (see the module

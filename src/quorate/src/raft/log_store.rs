@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use openraft::storage::{IOFlushed, LogState, RaftLogStorage};
 use openraft::{OptionalSend, RaftLogReader};
+use prometheus_client::metrics::histogram::Histogram;
 use redb::{
     Database, Durability, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction,
 };
@@ -125,11 +126,23 @@ pub fn is_empty(db: &Database) -> Result<bool, StoreError> {
 pub struct LogStore {
     db: Arc<Database>,
     appended: Arc<AtomicU64>,
+    commit_seconds: Histogram,
+}
+
+/// The buckets of the commit latency histogram: 0.25 ms to about 4 s.
+fn commit_buckets() -> impl Iterator<Item = f64> {
+    prometheus_client::metrics::histogram::exponential_buckets(0.000_25, 2.0, 15)
 }
 
 impl LogStore {
     pub fn new(db: Arc<Database>) -> Self {
-        Self { db, appended: Arc::new(AtomicU64::new(0)) }
+        Self { db, appended: Arc::new(AtomicU64::new(0)), commit_seconds: Histogram::new(commit_buckets()) }
+    }
+
+    /// How long each append took to commit, fsync included (the metric
+    /// `quorate_raft_log_commit_duration_seconds`); clones share it.
+    pub fn commit_histogram(&self) -> Histogram {
+        self.commit_seconds.clone()
     }
 
     /// A counter of the encoded bytes appended since this process started
@@ -217,6 +230,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             rows.push((e.log_id.index, row));
         }
         self.appended.fetch_add(bytes, Ordering::Relaxed);
+        let started = std::time::Instant::now();
         let res = write_txn(&self.db, Durability::Immediate, move |txn| {
             let mut table = txn.open_table(LOG).map_err(io_err)?;
             for (index, bytes) in &rows {
@@ -225,6 +239,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             Ok(())
         })
         .await;
+        self.commit_seconds.observe(started.elapsed().as_secs_f64());
         match res {
             Ok(()) => {
                 callback.io_completed(Ok(()));

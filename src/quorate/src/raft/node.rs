@@ -148,6 +148,8 @@ pub struct Started {
     pub reader: Arc<SmReader>,
     /// Bytes appended to the log since start (the snapshot trigger).
     pub appended: Arc<AtomicU64>,
+    /// The log store's commit latency (a metric).
+    pub commit_seconds: prometheus_client::metrics::histogram::Histogram,
 }
 
 impl RaftNode {
@@ -164,11 +166,12 @@ impl RaftNode {
         let reader = sm.reader();
         let log_store = LogStore::new(db);
         let appended = log_store.appended_bytes();
+        let commit_seconds = log_store.commit_histogram();
         let raft = Raft::new(id, Arc::new(openraft_config(config)?), NetworkFactory::new(id, transport), log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
         let node = Self { raft, id, election_timeout_max: Duration::from_millis(config.election_timeout_max_ms) };
-        Ok(Started { raft: node, reader, appended })
+        Ok(Started { raft: node, reader, appended, commit_seconds })
     }
 
     /// The Raft RPC service of this node, for the gRPC server.

@@ -11,6 +11,8 @@
 
 pub mod catchup;
 mod elections;
+pub mod health;
+pub mod metrics;
 mod observers;
 
 use std::future::Future;
@@ -25,8 +27,10 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, error, info, info_span, warn};
 
 use self::catchup::IdentityError;
+use self::metrics::{GrpcMetricsLayer, ServerMetrics};
 use crate::api::CoordinatorService;
 use crate::config::ServerConfig;
+use crate::pb::v1::coordinator_server::CoordinatorServer;
 use crate::raft::log_store::{StoreError, is_empty, open_database};
 use crate::raft::node::{StartError, Started};
 use crate::raft::{NodeClock, Past, RaftNode, RaftView, Readiness, Role};
@@ -61,6 +65,8 @@ pub enum ServerError {
     Bind { addr: String, source: std::io::Error },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
 }
 
 /// Runs a server until `shutdown` completes, listening on `config.listen`.
@@ -94,13 +100,15 @@ pub async fn run_with_listener(
     let redis = Arc::new(config.redis_options().load_from_env()?);
     let config = Arc::new(config);
     let id = config.node_id;
-    let peers = config.peer_map();
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
 
     let (db, past) = open_store(&config)?;
     let clock = NodeClock::new(id);
-    let Started { raft, reader, appended } = RaftNode::start(&config, transport.clone(), db, clock.clone()).await?;
+    let http = bind_http(&config).await?;
+    let Started { raft, reader, appended, commit_seconds } =
+        RaftNode::start(&config, transport.clone(), db, clock.clone()).await?;
+    let metrics = Arc::new(ServerMetrics::new(commit_seconds));
 
     let (stop_tx, stopping) = watch::channel(false);
     let readiness = Arc::new(Readiness::new(past));
@@ -110,7 +118,7 @@ pub async fn run_with_listener(
         reader,
         clock,
         config: config.clone(),
-        peers,
+        peers: config.peer_map(),
         stopping,
         readiness: readiness.clone(),
         transport: transport.clone(),
@@ -124,13 +132,20 @@ pub async fn run_with_listener(
     // One batcher for every report: agents' over gRPC and this node's own.
     let (reports, batcher) = Batcher::start(node.clone());
     let mut tasks = spawn_tasks(&node, past, appended, reports.clone(), redis);
+    spawn_observability(&mut tasks, &node, &metrics, http);
     let coordinator = CoordinatorService::new(node.clone(), reports);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
+    let reflection = crate::pb::reflection().map_err(ServerError::Reflection)?;
     let mut server_stop = node.stopping.clone();
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .layer(GrpcMetricsLayer::new(metrics.clone()))
         .add_service(raft.service(readiness))
         .add_service(coordinator.into_server())
+        .add_service(health_service)
+        .add_service(reflection)
         .serve_with_incoming_shutdown(incoming(listener, transport), async move {
             crate::shutdown::stopped(&mut server_stop).await;
         });
@@ -146,6 +161,7 @@ pub async fn run_with_listener(
         }
     };
     info!(node_id = id, "shutting down");
+    health.set_not_serving::<CoordinatorServer<CoordinatorService>>().await;
     let _ = stop_tx.send(true);
     if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
         warn!("gRPC server did not stop within {SHUTDOWN_GRACE:?}; dropping open calls");
@@ -187,6 +203,32 @@ fn open_store(config: &ServerConfig) -> Result<(Arc<redb::Database>, Past), Serv
         (true, None) => Past::Unknown,
     };
     Ok((db, past))
+}
+
+/// Binds the HTTP health and metrics listener (`http_listen`), if one is
+/// configured.
+async fn bind_http(config: &ServerConfig) -> Result<Option<TcpListener>, ServerError> {
+    if config.http_listen.is_empty() {
+        return Ok(None);
+    }
+    crate::http::bind(&config.http_listen)
+        .await
+        .map(Some)
+        .map_err(|source| ServerError::Bind { addr: config.http_listen.clone(), source })
+}
+
+/// Starts the metrics' watchers and the HTTP listener (when bound); they
+/// end when the node stops.
+fn spawn_observability(tasks: &mut JoinSet<()>, node: &Node, metrics: &Arc<ServerMetrics>, http: Option<TcpListener>) {
+    let id = node.id;
+    tasks.spawn(metrics::watch_leader(node.clone(), metrics.clone()).instrument(info_span!("metrics", node_id = id)));
+    tasks.spawn(metrics::watch_leases(node.clone(), metrics.clone()).instrument(info_span!("metrics", node_id = id)));
+    if let Some(listener) = http {
+        let handler = health::CoordinatorHttp { node: node.clone(), metrics: metrics.clone() };
+        tasks.spawn(
+            crate::http::serve(listener, handler, node.stopping.clone()).instrument(info_span!("http", node_id = id)),
+        );
+    }
 }
 
 /// Starts every task the server owns; they end when the node stops.

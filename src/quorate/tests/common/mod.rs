@@ -65,6 +65,8 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub proc: Option<Proc>,
+    /// `--http-listen` (health endpoints, metrics), when started with one.
+    pub http_addr: Option<String>,
 }
 
 pub struct Cluster {
@@ -162,6 +164,19 @@ impl Cluster {
         Self::start_with(n, None)
     }
 
+    /// Starts `n` nodes, each with an HTTP health and metrics listener on a
+    /// free port (`NodeProc::http_addr`).
+    pub fn start_with_http(n: u64) -> Self {
+        let mut c = Self::prepare(n, None, tempfile::tempdir().unwrap());
+        for node in &mut c.nodes {
+            node.http_addr = Some(format!("127.0.0.1:{}", free_port()));
+        }
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c
+    }
+
     /// Starts `n` nodes with extra `ServerConfig` keys in TOML.
     pub fn start_with(n: u64, extra_toml: Option<&str>) -> Self {
         let mut c = Self::prepare(n, extra_toml, tempfile::tempdir().unwrap());
@@ -185,6 +200,7 @@ impl Cluster {
                 data_dir: dir.path().join(format!("node-{id}")),
                 log: dir.path().join(format!("node-{id}.log")),
                 proc: None,
+                http_addr: None,
             })
             .collect();
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
@@ -266,6 +282,9 @@ impl Cluster {
             .stderr(log);
         if let Some(c) = config {
             cmd.arg("--config").arg(c);
+        }
+        if let Some(h) = &n.http_addr {
+            cmd.arg("--http-listen").arg(h);
         }
         n.proc = Some(Proc { child: cmd.spawn().unwrap(), name: format!("node-{id}") });
     }
@@ -560,6 +579,8 @@ pub struct PairMember {
     pub heartbeat: Redis,
     pub data: Redis,
     pub agent: Option<Proc>,
+    /// The agent's `--http-listen`, when started with one.
+    pub agent_http: Option<String>,
 }
 
 /// A 3-node cluster and a managed Redis pair `db` (db-1 primary at start).
@@ -573,7 +594,17 @@ pub const PAIR: &str = "db";
 
 impl PairFixture {
     pub async fn start() -> Self {
-        let cluster = Cluster::start(3);
+        Self::start_opts(false).await
+    }
+
+    /// [`Self::start`] with HTTP health and metrics listeners on every node
+    /// and agent (`NodeProc::http_addr`, `PairMember::agent_http`).
+    pub async fn start_with_http() -> Self {
+        Self::start_opts(true).await
+    }
+
+    async fn start_opts(http: bool) -> Self {
+        let cluster = if http { Cluster::start_with_http(3) } else { Cluster::start(3) };
         cluster.wait_for_leader(Duration::from_secs(20)).await;
         let dir = cluster.dir.path().to_owned();
         let members: Vec<PairMember> = (1..=2)
@@ -582,6 +613,7 @@ impl PairFixture {
                 heartbeat: Redis::start(&dir, &format!("hb-{i}")),
                 data: Redis::start(&dir, &format!("data-{i}")),
                 agent: None,
+                agent_http: http.then(|| format!("127.0.0.1:{}", free_port())),
             })
             .collect();
         let spec = pb::GroupSpec {
@@ -611,8 +643,11 @@ impl PairFixture {
         let log = std::fs::File::options().create(true).append(true).open(log).unwrap();
         let mut cmd = Command::new(QUORATE);
         Conn { tls: Some(self.cluster.cert(&self.members[i].id, Some(PAIR))), ..self.cluster.conn() }.apply(&mut cmd);
+        cmd.args(["agent", "--group", PAIR, "--member", &self.members[i].id]);
+        if let Some(h) = &self.members[i].agent_http {
+            cmd.arg("--http-listen").arg(h);
+        }
         let child = cmd
-            .args(["agent", "--group", PAIR, "--member", &self.members[i].id])
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
