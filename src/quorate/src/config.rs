@@ -105,6 +105,21 @@ pub struct ServerConfig {
     /// from the gRPC port so load balancers and Prometheus need no client
     /// certificate; it only reads.
     pub http_listen: String,
+    /// The Redis Sentinel-compatible discovery endpoint (RESP2 over plain
+    /// TCP, see `sentinel`) binds this IP:PORT; empty: off.
+    pub sentinel_listen: String,
+    /// Every coordinator's Sentinel address as clients reach it,
+    /// `ID=HOST:PORT,...` (the ids of `peers`), for `SENTINEL sentinels`.
+    /// Empty: each peer's host (from `peers`) with this node's
+    /// `sentinel_listen` port.
+    pub sentinel_peers: String,
+    /// A file holding the password Sentinel clients must give (`AUTH pass`,
+    /// requirepass-style; one line, a trailing newline is dropped). Empty:
+    /// no password.
+    pub sentinel_password_file: PathBuf,
+    /// The most client connections the Sentinel endpoint serves at once;
+    /// one more is told so and closed.
+    pub sentinel_max_connections: u64,
     /// UNSAFE, for the fault suite's negative control only: grant leases
     /// without waiting for the previous holder's to expire.
     pub test_only_skip_lease_wait: bool,
@@ -159,10 +174,18 @@ impl Default for ServerConfig {
             redis_tls_cert: PathBuf::new(),
             redis_tls_key: PathBuf::new(),
             http_listen: String::new(),
+            sentinel_listen: String::new(),
+            sentinel_peers: String::new(),
+            sentinel_password_file: PathBuf::new(),
+            sentinel_max_connections: DEFAULT_SENTINEL_MAX_CONNECTIONS,
             test_only_skip_lease_wait: false,
         }
     }
 }
+
+/// The default bound on Sentinel endpoint connections, and its largest value.
+pub const DEFAULT_SENTINEL_MAX_CONNECTIONS: u64 = 1024;
+const MAX_SENTINEL_CONNECTIONS: u64 = 65_536;
 
 /// Bounds of the snapshot settings: a log of millions of entries or GBs
 /// would make restarts and catch-up take minutes.
@@ -520,6 +543,7 @@ impl ServerConfig {
             return Err(invalid("max_groups", "must be at least 1"));
         }
         self.validate_request_limits()?;
+        self.validate_sentinel()?;
         self.validate_raft_timing()?;
         self.validate_lease_timing()?;
         self.validate_snapshots()
@@ -558,6 +582,85 @@ impl ServerConfig {
             }
         }
         Ok(())
+    }
+
+    /// The Sentinel endpoint: its own address, peers among `peers`, the
+    /// password file and the connection bound only with an address.
+    fn validate_sentinel(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_SENTINEL_CONNECTIONS).contains(&self.sentinel_max_connections) {
+            return Err(invalid(
+                "sentinel_max_connections",
+                format!("{} is outside 1..={MAX_SENTINEL_CONNECTIONS}", self.sentinel_max_connections),
+            ));
+        }
+        if self.sentinel_listen.is_empty() {
+            for (field, given) in [
+                ("sentinel_peers", !self.sentinel_peers.trim().is_empty()),
+                ("sentinel_password_file", !self.sentinel_password_file.as_os_str().is_empty()),
+            ] {
+                if given {
+                    return Err(invalid(field, "given without sentinel_listen (the Sentinel endpoint is off)"));
+                }
+            }
+            return Ok(());
+        }
+        let addr: SocketAddr = self
+            .sentinel_listen
+            .parse()
+            .map_err(|_| invalid("sentinel_listen", format!("{:?} is not an IP:PORT to bind", self.sentinel_listen)))?;
+        if self.listen.parse::<SocketAddr>().is_ok_and(|l| l == addr) {
+            return Err(invalid("sentinel_listen", "is the same address as listen: give it a port of its own"));
+        }
+        let peers = parse_peers(&self.peers)?;
+        let sentinels = parse_peers(&self.sentinel_peers).map_err(|e| match e {
+            ConfigError::Invalid { message, .. } => invalid("sentinel_peers", message),
+            other => other,
+        })?;
+        if let Some(id) = sentinels.keys().find(|id| !peers.contains_key(id)) {
+            return Err(invalid("sentinel_peers", format!("node id {id} is not among the peers")));
+        }
+        if !sentinels.is_empty() && sentinels.len() != peers.len() {
+            return Err(invalid("sentinel_peers", "must name every node of peers, or be empty"));
+        }
+        Ok(())
+    }
+
+    /// Every coordinator's Sentinel address (node id to HOST:PORT), this
+    /// node's included: `sentinel_peers`, or each peer's host with this
+    /// node's Sentinel port. Empty when the endpoint is off. Only valid
+    /// after [`Self::validate`].
+    pub fn sentinel_peer_map(&self) -> BTreeMap<u64, String> {
+        if self.sentinel_listen.is_empty() {
+            return BTreeMap::new();
+        }
+        let given = parse_peers(&self.sentinel_peers).unwrap_or_default();
+        if !given.is_empty() {
+            return given;
+        }
+        let port = self.sentinel_listen.rsplit_once(':').map_or("", |(_, p)| p).to_owned();
+        self.peer_map()
+            .into_iter()
+            .map(|(id, addr)| {
+                let host = addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h).to_owned();
+                (id, format!("{host}:{port}"))
+            })
+            .collect()
+    }
+
+    /// Reads the Sentinel password file, once at start (None: no password).
+    /// Errors name the field and the file, never what it holds.
+    pub fn sentinel_password(&self) -> Result<Option<String>, ConfigError> {
+        let path = &self.sentinel_password_file;
+        if path.as_os_str().is_empty() {
+            return Ok(None);
+        }
+        let raw = std::fs::read_to_string(path)
+            .map_err(|e| invalid("sentinel_password_file", format!("cannot read {}: {e}", path.display())))?;
+        let line = raw.strip_suffix('\n').map_or(raw.as_str(), |l| l.strip_suffix('\r').unwrap_or(l));
+        if line.is_empty() || line.contains(['\r', '\n']) {
+            return Err(invalid("sentinel_password_file", format!("{} must hold one non-empty line", path.display())));
+        }
+        Ok(Some(line.to_owned()))
     }
 
     /// Heartbeats, elections and the lease bounds: an election must not start
@@ -925,6 +1028,38 @@ mod tests {
         ServerConfig { max_watch_streams: 2, max_watch_streams_per_connection: 2, max_reports_per_s: 1, ..good() }
             .validate()
             .unwrap();
+    }
+
+    #[test]
+    fn sentinel_settings_are_checked_and_peers_derived() {
+        assert!(good().sentinel_peer_map().is_empty(), "off by default");
+        let on = ServerConfig { sentinel_listen: "127.0.0.1:7601".into(), ..good() };
+        on.validate().unwrap();
+        let derived: Vec<String> = on.sentinel_peer_map().into_values().collect();
+        assert_eq!(derived, ["127.0.0.1:7601", "127.0.0.1:7601", "127.0.0.1:7601"]);
+        let given =
+            ServerConfig { sentinel_peers: "1=127.0.0.1:7601,2=127.0.0.1:7602,3=127.0.0.1:7603".into(), ..on.clone() };
+        given.validate().unwrap();
+        assert_eq!(given.sentinel_peer_map()[&2], "127.0.0.1:7602");
+        let c = ServerConfig { sentinel_listen: "nowhere".into(), ..good() };
+        assert!(err(&c).starts_with("sentinel_listen:"), "{}", err(&c));
+        let c = ServerConfig { sentinel_listen: "127.0.0.1:7101".into(), ..good() };
+        assert!(err(&c).contains("same address as listen"), "{}", err(&c));
+        let c = ServerConfig { sentinel_peers: "1=127.0.0.1:7601,4=127.0.0.1:7604".into(), ..on.clone() };
+        assert_eq!(err(&c), "sentinel_peers: node id 4 is not among the peers");
+        let c = ServerConfig { sentinel_peers: "1=127.0.0.1:7601".into(), ..on.clone() };
+        assert!(err(&c).starts_with("sentinel_peers: must name every node"), "{}", err(&c));
+        let c = ServerConfig { sentinel_peers: "1=127.0.0.1:7601".into(), ..good() };
+        assert!(err(&c).starts_with("sentinel_peers: given without sentinel_listen"), "{}", err(&c));
+        let c = ServerConfig { sentinel_max_connections: 0, ..on.clone() };
+        assert!(err(&c).starts_with("sentinel_max_connections:"), "{}", err(&c));
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pw");
+        std::fs::write(&file, "s3cret\n").unwrap();
+        let pw = ServerConfig { sentinel_password_file: file.clone(), ..on };
+        assert_eq!(pw.sentinel_password().unwrap().as_deref(), Some("s3cret"));
+        std::fs::write(&file, "\n").unwrap();
+        assert!(pw.sentinel_password().unwrap_err().to_string().starts_with("sentinel_password_file:"));
     }
 
     #[test]

@@ -16,6 +16,8 @@
 //! - [`api`]: the public gRPC service, a thin translation between protobuf
 //!   and the service layer, with the one place that maps errors to gRPC
 //!   status.
+//! - [`sentinel`]: the Redis Sentinel-compatible discovery endpoint (RESP2),
+//!   a thin front door on the service layer like `api`.
 //! - [`observation`]: the observation loop (read every member's heartbeat,
 //!   report views) that agents and coordinator nodes share, and its stores.
 //! - [`agent`]: `quorate agent`: heartbeat publisher, role runtime, fencer,
@@ -45,6 +47,7 @@ pub mod observation;
 pub mod raft;
 pub mod redis_access;
 pub mod render;
+pub mod sentinel;
 pub mod server;
 pub mod service;
 pub mod shutdown;

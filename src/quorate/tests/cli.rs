@@ -9,13 +9,15 @@ use std::time::Duration;
 use common::{CliProc, Conn, free_port, run_cli, serial};
 use serde_json::Value;
 
-/// Three consecutive free ports.
+/// Three consecutive free ports, and the three 500 above them.
 fn free_base_port() -> u16 {
     for _ in 0..200 {
         let base = free_port();
-        // Nodes at base..base+2, their HTTP listeners at base+600.. (local up).
-        let free = |i: u16| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok();
-        if base < 60_000 && (1..3).all(free) && (600..603).all(free) {
+        // Nodes at base..base+2, their Sentinel endpoints at base+500.. and
+        // their HTTP listeners at base+600.. (local up).
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+        let all_free = |from: u16| (0..3).all(|i| free(base + from + i));
+        if base < 60_000 && (1..3).all(|i| free(base + i)) && all_free(500) && all_free(600) {
             return base;
         }
     }

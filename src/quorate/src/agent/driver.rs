@@ -30,8 +30,13 @@ use quorate_core::election::Role;
 use quorate_core::group::{parse_redis_url, redacted};
 use redis::aio::MultiplexedConnection;
 use tokio::sync::Mutex;
+use tracing::warn;
 
 use super::fence::FenceOps;
+
+/// The client name of the fencer's connection, which a demotion's
+/// disconnection of clients spares.
+pub const FENCER_NAME: &str = "quorate-fencer";
 
 /// How long one command to the data service may take.
 pub const DRIVER_TIMEOUT: Duration = Duration::from_millis(500);
@@ -104,6 +109,52 @@ impl RedisDriver {
             *guard = None;
         }
         res
+    }
+
+    /// Disconnects the normal clients of a demoted primary, as Redis
+    /// Sentinel does on every reconfiguration: pooled connections then look
+    /// the primary up again instead of getting READONLY (or hanging on a
+    /// pause) for as long as they live. Spares this connection (SKIPME) and
+    /// the fencer's ([`FENCER_NAME`]), so that no fence waits for a
+    /// reconnection. Runs on the role loop, never on the fencer.
+    async fn kill_clients(&self) -> Result<(), DriverError> {
+        let mut list = redis::cmd("CLIENT");
+        list.arg("LIST").arg("TYPE").arg("normal");
+        let list: String = self.run(list).await?;
+        let spared = format!("name={FENCER_NAME}");
+        let ids: Vec<&str> = list
+            .lines()
+            .filter(|l| !l.split(' ').any(|f| f == spared))
+            .filter_map(|l| l.split(' ').find_map(|f| f.strip_prefix("id=")))
+            .collect();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut pipe = redis::pipe();
+        for id in &ids {
+            pipe.cmd("CLIENT").arg("KILL").arg("ID").arg(*id).arg("SKIPME").arg("yes").ignore();
+        }
+        let mut guard = self.conn.lock().await;
+        let Some(conn) = guard.as_mut() else { return Ok(()) };
+        let shown = format!("data store {}", redacted(&self.url));
+        let res = tokio::time::timeout(DRIVER_TIMEOUT, pipe.query_async::<()>(conn)).await;
+        match res {
+            Ok(Ok(())) => {
+                tracing::info!(
+                    clients = ids.len(),
+                    "demoted: disconnected the clients so that they look the primary up again"
+                );
+                Ok(())
+            }
+            Ok(Err(e)) => {
+                *guard = None;
+                Err(DriverError(format!("{shown}: {}", describe(&self.url, &e))))
+            }
+            Err(_) => {
+                *guard = None;
+                Err(DriverError(format!("{shown}: timed out")))
+            }
+        }
     }
 
     async fn info(&self) -> Result<String, DriverError> {
@@ -180,6 +231,13 @@ impl RoleDriver for RedisDriver {
             let mut cmd = redis::cmd("REPLICAOF");
             cmd.arg(&host).arg(port);
             self.run::<()>(cmd).await?;
+        }
+        if state.role == Some(Role::Primary) {
+            // Demoted: before the pause is lifted, so that no client blocked
+            // on it carries on against a replica.
+            if let Err(e) = self.kill_clients().await {
+                warn!("demoted, but cannot disconnect its clients: {e}");
+            }
         }
         // A replica refuses writes by itself; the pause would only hold
         // clients' reads of stale data.

@@ -14,7 +14,9 @@
 //! For Redis a fence is `CLIENT PAUSE <24h> WRITE` (writes block, reads
 //! go on), then `CLIENT KILL TYPE normal`, so clients are disconnected and
 //! look the primary up again instead of hanging on a paused node (Redis
-//! Sentinel does the same on every reconfiguration). For the exec driver it
+//! Sentinel does the same on every reconfiguration; a demotion without a
+//! fence, as in a switchover, disconnects them in the driver's `follow`,
+//! sparing the fencer's connection, named `quorate-fencer`). For the exec driver it
 //! is the fence hook. Each fence applied while a deadline was armed logs
 //! `deadline fence applied` with `late_us` (applied minus deadline; negative
 //! when before it): the fault suite collects these.
@@ -34,7 +36,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{Instrument, info, warn};
 
-use super::driver::{DRIVER_TIMEOUT, DriverError, SharedRole, connect_redis, run_hook};
+use super::driver::{DRIVER_TIMEOUT, DriverError, FENCER_NAME, SharedRole, connect_redis, run_hook};
 use crate::redis_access::RedisAccess;
 use crate::wire::keys::lease_key;
 
@@ -58,7 +60,16 @@ impl FenceOps {
         match self {
             FenceOps::Redis { url, access, conn, .. } => {
                 if conn.is_none() {
-                    *conn = Some(connect_redis(access, url).await?);
+                    let c = connect_redis(access, url).await?;
+                    // Named so that a demotion's disconnection of clients
+                    // spares it; sent without waiting, like the lease key.
+                    let mut named = c.clone();
+                    tokio::spawn(async move {
+                        let mut name = redis::cmd("CLIENT");
+                        name.arg("SETNAME").arg(FENCER_NAME);
+                        let _ = tokio::time::timeout(DRIVER_TIMEOUT, name.query_async::<()>(&mut named)).await;
+                    });
+                    *conn = Some(c);
                 }
                 Ok(conn.clone())
             }

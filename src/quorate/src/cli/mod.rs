@@ -75,7 +75,7 @@ const CLI_TLS_FLAGS: crate::config::TlsNames =
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run a coordinator node (Raft + gRPC API).
-    Server(ServerArgs),
+    Server(Box<ServerArgs>),
     /// Show the cluster: leader, term, every node's role and reachability.
     Status,
     /// Read, take, hold and give up leases.
@@ -207,6 +207,20 @@ pub struct ServerArgs {
     /// Plain-HTTP listener for /livez, /readyz, /leader and /metrics, IP:PORT.
     #[arg(long)]
     pub http_listen: Option<String>,
+    /// Serve the Redis Sentinel-compatible discovery endpoint (RESP2, plain
+    /// text) on IP:PORT.
+    #[arg(long)]
+    pub sentinel_listen: Option<String>,
+    /// Every node's Sentinel address, ID=HOST:PORT,... (default: each
+    /// peer's host with this node's Sentinel port).
+    #[arg(long)]
+    pub sentinel_peers: Option<String>,
+    /// A file holding the password Sentinel clients must AUTH with.
+    #[arg(long)]
+    pub sentinel_password_file: Option<PathBuf>,
+    /// The most connections the Sentinel endpoint serves at once.
+    #[arg(long)]
+    pub sentinel_max_connections: Option<u64>,
     /// UNSAFE: grant leases without waiting for expiry. Only for the fault
     /// suite's negative control, which must detect the overlap.
     #[arg(long, hide = true)]
@@ -280,6 +294,10 @@ impl ServerArgs {
                 tls_cert,
                 tls_key,
                 http_listen,
+                sentinel_listen,
+                sentinel_peers,
+                sentinel_password_file,
+                sentinel_max_connections,
             );
             self.redis.overlay(c);
             c.test_only_skip_lease_wait |= self.test_only_skip_lease_wait;
@@ -479,7 +497,8 @@ pub enum LocalCommand {
         /// Directory for data, logs and cluster.json.
         #[arg(long)]
         dir: PathBuf,
-        /// Port of node 1; node N listens on base-port + N - 1, and the
+        /// Port of node 1; node N listens on base-port + N - 1 (its
+        /// Sentinel-compatible endpoint on base-port + 500 + N - 1), and the
         /// heartbeat Redis of member K on base-port + 100 + K - 1. HTTP
         /// health and metrics: node N on base-port + 600 + N - 1, the agent
         /// of member K on base-port + 700 + K - 1.

@@ -11,7 +11,8 @@
 //! certificate per identity under `DIR/tls/` ([`LocalPki`]), starts every
 //! node and agent on mutual TLS, and writes the paths into `cluster.json`.
 //! `--insecure` keeps everything plain text (the benchmarks compare both).
-//! The Redis servers stay plain text on loopback.
+//! The Redis servers stay plain text on loopback, and so does each node's
+//! Sentinel-compatible endpoint (node port + 500, `nodes[].sentinel_addr`).
 
 use std::fs::File;
 use std::net::TcpListener;
@@ -95,6 +96,14 @@ impl ClusterFile {
     /// The shell lines that point the CLI at this cluster, as its admin.
     pub fn usage(&self) -> String {
         let mut out = format!("  export QUORATE_ENDPOINTS={}", self.endpoints);
+        let sentinels: Vec<&str> = self.nodes.iter().filter_map(|n| n.sentinel_addr.as_deref()).collect();
+        if !sentinels.is_empty() && self.members.iter().any(|m| m.data_redis_addr.is_some()) {
+            out.push_str(&format!(
+                "\n  Redis Sentinel clients: sentinels {}, master name {}",
+                sentinels.join(","),
+                self.group.as_deref().unwrap_or_default()
+            ));
+        }
         match &self.tls {
             Some(t) => out.push_str(&format!(
                 "\n  export QUORATE_CA={} QUORATE_CERT={} QUORATE_KEY={}\n  \
@@ -155,7 +164,14 @@ pub struct NodeEntry {
     /// `/readyz`, `/leader`, `/metrics`): `127.0.0.1:BASE+600+N-1`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_addr: Option<String>,
+    /// The node's Sentinel-compatible endpoint (plain text, loopback):
+    /// base-port + 500 + N - 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sentinel_addr: Option<String>,
 }
+
+/// The offset of the Sentinel ports from the base port.
+pub const SENTINEL_PORT_OFFSET: u16 = 500;
 
 /// Options of `local up`.
 #[derive(Debug, Clone)]
@@ -364,7 +380,48 @@ pub fn local_group_spec(group: &str, members: &[MemberEntry]) -> quorate_core::g
     }
 }
 
-fn spawn_node(dir: &Path, node: &NodeEntry, peers: &str, tls: Option<&ClusterTls>) -> Result<u32, LocalError> {
+/// Starts every node that is not running.
+fn start_nodes(dir: &Path, file: &mut ClusterFile) -> Result<(), LocalError> {
+    let peers: String = file.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+    assign_sentinel_addrs(&mut file.nodes)?;
+    let sentinels: String = file
+        .nodes
+        .iter()
+        .filter_map(|n| n.sentinel_addr.as_ref().map(|a| format!("{}={a}", n.id)))
+        .collect::<Vec<_>>()
+        .join(",");
+    for node in &mut file.nodes {
+        if is_our_server(node.pid) {
+            continue;
+        }
+        std::fs::create_dir_all(&node.data_dir).map_err(io("cannot create", Path::new(&node.data_dir)))?;
+        node.pid = spawn_node(dir, node, &peers, &sentinels, file.tls.as_ref())?;
+    }
+    Ok(())
+}
+
+/// Gives every node its Sentinel address (node port + 500), also a node of
+/// a `cluster.json` written before there was one.
+fn assign_sentinel_addrs(nodes: &mut [NodeEntry]) -> Result<(), LocalError> {
+    for n in nodes.iter_mut().filter(|n| n.sentinel_addr.is_none()) {
+        let (host, port) = n.addr.rsplit_once(':').unwrap_or((n.addr.as_str(), ""));
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .and_then(|p| p.checked_add(SENTINEL_PORT_OFFSET))
+            .ok_or_else(|| LocalError::Invalid(format!("node {}: no Sentinel port for {}", n.id, n.addr)))?;
+        n.sentinel_addr = Some(format!("{host}:{port}"));
+    }
+    Ok(())
+}
+
+fn spawn_node(
+    dir: &Path,
+    node: &NodeEntry,
+    peers: &str,
+    sentinels: &str,
+    tls: Option<&ClusterTls>,
+) -> Result<u32, LocalError> {
     let exe = std::env::current_exe().map_err(io("cannot find the quorate binary", Path::new("current_exe")))?;
     let log_path = dir.join(format!("node-{}.log", node.id));
     let log = File::options().create(true).append(true).open(&log_path).map_err(io("cannot open log", &log_path))?;
@@ -375,6 +432,13 @@ fn spawn_node(dir: &Path, node: &NodeEntry, peers: &str, tls: Option<&ClusterTls
         .arg(&node.data_dir)
         .args(tls_args("tls-", tls, node.tls_cert.as_ref(), node.tls_key.as_ref())?)
         .args(node.http_addr.iter().flat_map(|a| ["--http-listen", a.as_str()]))
+        .args(
+            node.sentinel_addr
+                .as_ref()
+                .map(|a| ["--sentinel-listen", a.as_str(), "--sentinel-peers", sentinels])
+                .into_iter()
+                .flatten(),
+        )
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log)
@@ -423,14 +487,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         }
         None => new_cluster(&dir, opts)?,
     };
-    let peers: String = file.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
-    for node in &mut file.nodes {
-        if is_our_server(node.pid) {
-            continue;
-        }
-        std::fs::create_dir_all(&node.data_dir).map_err(io("cannot create", Path::new(&node.data_dir)))?;
-        node.pid = spawn_node(&dir, node, &peers, file.tls.as_ref())?;
-    }
+    start_nodes(&dir, &mut file)?;
     let data_addrs: Vec<String> = file.members.iter().filter_map(|m| m.data_redis_addr.clone()).collect();
     for m in &mut file.members {
         if !is_redis(m.heartbeat_redis_pid) {
@@ -482,9 +539,17 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
                 "port {port} (node {id}) is in use; pick other ports with --base-port"
             )));
         }
+        let sentinel = port.checked_add(SENTINEL_PORT_OFFSET).map(|p| format!("127.0.0.1:{p}"));
+        if sentinel.as_ref().is_none_or(|a| TcpListener::bind(a).is_err()) {
+            return Err(LocalError::Invalid(format!(
+                "port {port} + {SENTINEL_PORT_OFFSET} (the Sentinel endpoint of node {id}) is in use or out of range; \
+                 pick other ports with --base-port"
+            )));
+        }
         let data_dir = dir.join(format!("node-{id}")).display().to_string();
         let http_addr = Some(free_local_port(opts.base_port, 600 + id - 1, &format!("HTTP of node {id}"))?);
-        nodes.push(NodeEntry { id, pid: 0, addr, data_dir, tls_cert: None, tls_key: None, http_addr });
+        let (tls_cert, tls_key, sentinel_addr) = (None, None, sentinel);
+        nodes.push(NodeEntry { id, pid: 0, addr, data_dir, tls_cert, tls_key, http_addr, sentinel_addr });
     }
     let endpoints = nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
     let mut members = Vec::new();

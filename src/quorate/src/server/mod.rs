@@ -1,4 +1,5 @@
-//! A `quorate server` process: one Raft node plus the gRPC API.
+//! A `quorate server` process: one Raft node plus the gRPC API (and, with
+//! `sentinel_listen`, the Sentinel-compatible endpoint, one more owned task).
 //!
 //! [`run`] owns everything it starts: the gRPC server, the cluster-formation
 //! task, the leader-duties task, the catch-up tasks and the snapshot
@@ -103,6 +104,7 @@ pub async fn run_with_listener(
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
 
+    let sentinel = bind_sentinel(&config).await?;
     let (db, past) = open_store(&config)?;
     let clock = NodeClock::new(id);
     let http = bind_http(&config).await?;
@@ -133,6 +135,10 @@ pub async fn run_with_listener(
     let (reports, batcher) = Batcher::start(node.clone());
     let mut tasks = spawn_tasks(&node, past, appended, reports.clone(), redis);
     spawn_observability(&mut tasks, &node, &metrics, http);
+    if let Some((listener, settings)) = sentinel {
+        let serve = crate::sentinel::serve(node.clone(), listener, settings);
+        tasks.spawn(serve.instrument(info_span!("sentinel", node_id = id)));
+    }
     let coordinator = CoordinatorService::new(node.clone(), reports);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<CoordinatorServer<CoordinatorService>>().await;
@@ -163,6 +169,19 @@ pub async fn run_with_listener(
     info!(node_id = id, "shutting down");
     health.set_not_serving::<CoordinatorServer<CoordinatorService>>().await;
     let _ = stop_tx.send(true);
+    wind_down(server, tasks, batcher, &raft).await;
+    info!(node_id = id, "stopped");
+    result
+}
+
+/// After the stop signal: the gRPC server gets a grace period for open
+/// calls, every task ends, the batcher drains, Raft shuts down.
+async fn wind_down<S: Future>(
+    mut server: std::pin::Pin<Box<S>>,
+    mut tasks: JoinSet<()>,
+    batcher: impl Future,
+    raft: &RaftNode,
+) {
     if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
         warn!("gRPC server did not stop within {SHUTDOWN_GRACE:?}; dropping open calls");
     }
@@ -175,8 +194,20 @@ pub async fn run_with_listener(
     if let Err(e) = raft.shutdown().await {
         warn!("raft shutdown: {e}");
     }
-    info!(node_id = id, "stopped");
-    result
+}
+
+/// Binds the Sentinel-compatible endpoint when `sentinel_listen` is set,
+/// and reads its password: both fail the start, naming what is wrong.
+async fn bind_sentinel(config: &ServerConfig) -> Result<Option<(TcpListener, crate::sentinel::Settings)>, ServerError> {
+    if config.sentinel_listen.is_empty() {
+        return Ok(None);
+    }
+    let password = config.sentinel_password()?;
+    let listener = TcpListener::bind(&config.sentinel_listen)
+        .await
+        .map_err(|source| ServerError::Bind { addr: config.sentinel_listen.clone(), source })?;
+    let max_connections = usize::try_from(config.sentinel_max_connections).unwrap_or(usize::MAX);
+    Ok(Some((listener, crate::sentinel::Settings { password, max_connections })))
 }
 
 /// Opens the Raft store and tells what this node knows of its past: an

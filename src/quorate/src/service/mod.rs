@@ -13,12 +13,15 @@
 //!   blocks, switchover (waiting for the new holder), what-if.
 //! - [`reports`]: observers' reports, checked and batched.
 //! - [`watch`]: a watch's events (lease, election, verdict changes).
+//! - [`discovery`]: each managed group's primary and replicas as clients
+//!   reach them, and the changes of both (the Sentinel endpoint).
 //! - [`limits`]: the pure accounting of rate and stream limits.
 //! - [`batch`]: the report batcher, which packs observers' reports into
 //!   few log entries.
 //! - [`error`]: [`ServiceError`] and the leader hint.
 
 pub mod batch;
+pub mod discovery;
 pub mod election;
 pub mod error;
 pub mod groups;

@@ -76,6 +76,10 @@ pub struct Cluster {
     config: Option<PathBuf>,
     /// The CA and certificates (`DIR/tls/`).
     pub pki: LocalPki,
+    /// Extra flags of each node (by id), for settings that differ per node.
+    pub node_args: std::collections::BTreeMap<u64, Vec<String>>,
+    /// Each node's Sentinel endpoint, in id order (see [`Cluster::start_with_sentinels`]).
+    pub sentinel_addrs: Vec<String>,
 }
 
 /// How a CLI process reaches a cluster: the endpoints (none for `local
@@ -186,6 +190,28 @@ impl Cluster {
         c
     }
 
+    /// Starts `n` nodes, each with a Sentinel-compatible endpoint on a free
+    /// port of its own (`sentinel_addrs`) and `extra` flags.
+    pub fn start_with_sentinels(n: u64, extra: &[String]) -> Self {
+        let mut c = Self::prepare(n, None, tempfile::tempdir().unwrap());
+        c.sentinel_addrs = (1..=n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
+        let peers: Vec<String> = c.sentinel_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
+        for id in 1..=n {
+            let mut args = vec![
+                "--sentinel-listen".to_owned(),
+                c.sentinel_addrs[id as usize - 1].clone(),
+                "--sentinel-peers".to_owned(),
+                peers.join(","),
+            ];
+            args.extend(extra.iter().cloned());
+            c.node_args.insert(id, args);
+        }
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c
+    }
+
     /// Lays out `n` nodes in `dir` without starting any.
     pub fn prepare(n: u64, extra_toml: Option<&str>, dir: tempfile::TempDir) -> Self {
         let config = extra_toml.map(|t| {
@@ -206,7 +232,7 @@ impl Cluster {
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
         let hosts: Vec<(u64, String)> = nodes.iter().map(|n| (n.id, "127.0.0.1".to_owned())).collect();
         let pki = LocalPki::ensure(&dir.path().join("tls"), &hosts, &[]).unwrap();
-        Cluster { dir, nodes, peers, config, pki }
+        Cluster { dir, nodes, peers, config, pki, node_args: Default::default(), sentinel_addrs: Vec::new() }
     }
 
     /// Whether node `id`'s process has exited, and how.
@@ -286,6 +312,7 @@ impl Cluster {
         if let Some(h) = &n.http_addr {
             cmd.arg("--http-listen").arg(h);
         }
+        cmd.args(self.node_args.get(&id).into_iter().flatten());
         n.proc = Some(Proc { child: cmd.spawn().unwrap(), name: format!("node-{id}") });
     }
 
@@ -594,17 +621,19 @@ pub const PAIR: &str = "db";
 
 impl PairFixture {
     pub async fn start() -> Self {
-        Self::start_opts(false).await
+        Self::start_on(Cluster::start(3)).await
     }
 
     /// [`Self::start`] with HTTP health and metrics listeners on every node
     /// and agent (`NodeProc::http_addr`, `PairMember::agent_http`).
     pub async fn start_with_http() -> Self {
-        Self::start_opts(true).await
+        Self::start_on(Cluster::start_with_http(3)).await
     }
 
-    async fn start_opts(http: bool) -> Self {
-        let cluster = if http { Cluster::start_with_http(3) } else { Cluster::start(3) };
+    /// The pair on a cluster the caller started (3 nodes); its agents get
+    /// HTTP listeners when its nodes have them.
+    pub async fn start_on(cluster: Cluster) -> Self {
+        let http = cluster.nodes.iter().any(|n| n.http_addr.is_some());
         cluster.wait_for_leader(Duration::from_secs(20)).await;
         let dir = cluster.dir.path().to_owned();
         let members: Vec<PairMember> = (1..=2)
