@@ -11,6 +11,10 @@
 //! 3. a planned switchover back to it;
 //! 4. a pause of the primary's agent shorter than `down_after_ms`: no failover.
 //!
+//! Before and after the failover it asks a node's Sentinel-compatible
+//! endpoint what an unmodified Redis client would (`SENTINEL
+//! get-master-addr-by-name demo`) and prints the answer as a discovery line.
+//!
 //! It ends with a summary: failover and switchover times, epochs, writes
 //! acknowledged by a replica (`WAIT 1` >= 1) and how many of them are missing
 //! from the final primary (must be 0).
@@ -72,7 +76,24 @@ pub struct DemoSummary {
     pub acked_writes_lost: u64,
     /// Every epoch the writer wrote under, in order.
     pub epochs: Vec<u64>,
+    /// What the Sentinel-compatible endpoint answered before and after the
+    /// failover.
+    pub discovery: Vec<Discovery>,
     pub scenarios: Vec<ScenarioResult>,
+}
+
+/// One answer of `SENTINEL get-master-addr-by-name` from a node's
+/// Sentinel-compatible endpoint.
+#[derive(Debug, Clone, Serialize)]
+pub struct Discovery {
+    /// `before failover` or `after failover`.
+    pub when: String,
+    /// The endpoint that answered.
+    pub sentinel: String,
+    /// The primary's address it named (`HOST:PORT`), if it named one.
+    pub master: Option<String>,
+    /// The member whose data Redis has that address.
+    pub member: Option<String>,
 }
 
 /// Why the demo failed to run (scenarios that do not go as expected are
@@ -221,6 +242,47 @@ async fn matrix_text(client: &Client) -> String {
     }
 }
 
+/// How long one discovery question may take.
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Asks the nodes' Sentinel-compatible endpoints, in order, what a Redis
+/// Sentinel client asks first (`SENTINEL get-master-addr-by-name`); the
+/// first endpoint that answers wins. `None` when none is configured or none
+/// answers.
+async fn discover(file: &ClusterFile, when: &str) -> Option<Discovery> {
+    for addr in file.nodes.iter().filter_map(|n| n.sentinel_addr.as_deref()) {
+        let ask = async {
+            let c = redis::Client::open(format!("redis://{addr}")).ok()?;
+            let mut conn = c.get_multiplexed_async_connection().await.ok()?;
+            let mut cmd = redis::cmd("SENTINEL");
+            cmd.arg("get-master-addr-by-name").arg(GROUP);
+            cmd.query_async::<Option<(String, String)>>(&mut conn).await.ok()
+        };
+        let Ok(Some(answer)) = tokio::time::timeout(DISCOVERY_TIMEOUT, ask).await else { continue };
+        let master = answer.map(|(host, port)| format!("{host}:{port}"));
+        let member = master
+            .as_ref()
+            .and_then(|m| file.members.iter().find(|e| e.data_redis_addr.as_ref() == Some(m)).map(|e| e.id.clone()));
+        return Some(Discovery { when: when.into(), sentinel: addr.into(), master, member });
+    }
+    None
+}
+
+impl Story {
+    /// The discovery line: what an unmodified Redis client is told.
+    fn discovery(&self, d: Option<&Discovery>) {
+        match d {
+            Some(d) => self.at(&format!(
+                "discovery: SENTINEL get-master-addr-by-name {GROUP} at {} -> {} ({})",
+                d.sentinel,
+                d.master.as_deref().unwrap_or("nil"),
+                d.member.as_deref().unwrap_or("no member")
+            )),
+            None => self.at("discovery: no Sentinel-compatible endpoint answered"),
+        }
+    }
+}
+
 /// Waits until `pred` holds on the election, polling; bounded.
 async fn wait_for<F: Fn(&pb::ElectionStatus) -> bool>(client: &Client, within: Duration, pred: F) -> Option<Duration> {
     let start = Instant::now();
@@ -292,6 +354,10 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
     }
     story.at(&format!("{first} is primary at epoch 1, {second} replicates from it"));
     story.show(&matrix_text(&client).await);
+    let mut discovery = Vec::new();
+    let before = discover(file, "before failover").await;
+    story.discovery(before.as_ref());
+    discovery.extend(before);
 
     let data: BTreeMap<String, String> =
         file.members.iter().filter_map(|m| Some((m.id.clone(), m.data_redis_addr.clone()?))).collect();
@@ -300,6 +366,21 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
     let mut results = Vec::new();
     let (failover, failover_ms) = stage.failover(file).await?;
     results.push(failover);
+    // The endpoint follows the committed primary; give it the moment a
+    // client's retry would take.
+    let after = stage.discovered(file, &stage.second).await;
+    story.discovery(after.as_ref());
+    results.push(ScenarioResult {
+        name: "Sentinel-compatible discovery names the new primary".into(),
+        ok: after.as_ref().is_some_and(|d| d.member.as_ref() == Some(&stage.second))
+            && discovery.first().is_some_and(|d| d.member.as_ref() == Some(&stage.first)),
+        detail: format!(
+            "before: {:?}, after: {:?}",
+            discovery.first().and_then(|d| d.member.clone()),
+            after.as_ref().and_then(|d| d.member.clone())
+        ),
+    });
+    discovery.extend(after);
     results.push(stage.rejoin(up, file).await?);
     let (switchover, switchover_ms) = stage.switchover_back().await;
     results.push(switchover);
@@ -323,6 +404,7 @@ async fn scenarios(story: &Story, up: &UpOptions, file: &mut ClusterFile) -> Res
         acked_writes: acked.len() as u64,
         acked_writes_lost: lost,
         epochs: epochs_written(&records),
+        discovery,
         scenarios: results,
     };
     if story.on {
@@ -427,6 +509,22 @@ impl Stage<'_> {
             detail: format!("new primary writable after {failover_ms:?} ms (bound 2500)"),
         };
         Ok((result, failover_ms))
+    }
+
+    /// Discovery once it names `member`, asking for up to 5 s (the
+    /// endpoint answers from committed state, which the failover's
+    /// scenario has already seen; this only absorbs a slow node).
+    async fn discovered(&self, file: &ClusterFile, member: &str) -> Option<Discovery> {
+        let start = Instant::now();
+        loop {
+            let d = discover(file, "after failover").await;
+            if d.as_ref().is_some_and(|d| d.member.as_deref() == Some(member))
+                || start.elapsed() > Duration::from_secs(5)
+            {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// When the writer's first write accepted by `member` after `since`
