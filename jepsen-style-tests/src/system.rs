@@ -194,6 +194,7 @@ impl System {
             heartbeat: format!("redis://{}:{HEARTBEAT_PORT}", sys.net.host(m).ip),
             priority: 100 - i as u32,
             data: format!("redis://{}", sys.data_addr(m)),
+            announce: String::new(),
         };
         let pair = pb::GroupSpec {
             name: PAIR.into(),

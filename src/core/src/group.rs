@@ -88,6 +88,12 @@ pub struct MemberSpec {
     /// `redis://HOST:PORT`. Required in managed groups.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub data: Option<String>,
+    /// Where clients reach the data service, `HOST:PORT`, when that is not
+    /// the data URL's host and port (NAT, a container's published port, a
+    /// separate client network). Redis Sentinel clients are given this
+    /// address; replicas keep following the data URL. Only with `data`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announce: Option<String>,
 }
 
 fn default_priority() -> u32 {
@@ -220,6 +226,16 @@ pub enum SpecError {
         /// The name.
         id: String,
     },
+    /// A member's announce address is not `HOST:PORT`, or has no data URL.
+    #[error("members[{index}].announce: {announce:?}: {reason}")]
+    BadAnnounce {
+        /// The member's place in the list.
+        index: usize,
+        /// The address given.
+        announce: String,
+        /// What is wrong with it.
+        reason: String,
+    },
     /// A heartbeat store's URL does not parse.
     #[error("members[{index}].heartbeat: {url:?}: {reason}")]
     BadUrl {
@@ -300,6 +316,18 @@ impl GroupSpec {
                     return Err(SpecError::UrlTooLong { index, field: "data".into(), len: data.len() });
                 }
                 check_redis_url(data).map_err(|reason| SpecError::BadDataUrl { index, url: redacted(data), reason })?;
+            }
+            if let Some(announce) = &m.announce {
+                let reason = if m.data.is_none() {
+                    Some("given without data (only a data service is announced)".to_owned())
+                } else if announce.len() > MAX_URL_LEN {
+                    Some(format!("{} bytes is longer than {MAX_URL_LEN}", announce.len()))
+                } else {
+                    parse_host_port(announce).err()
+                };
+                if let Some(reason) = reason {
+                    return Err(SpecError::BadAnnounce { index, announce: announce.clone(), reason });
+                }
             }
         }
         self.policy.validate()?;
@@ -455,12 +483,18 @@ pub fn parse_redis_url(url: &str) -> Result<RedisAddr, String> {
         Some((hp, db)) => (hp, db.parse::<u32>().map_err(|_| format!("database {db:?} is not a number"))?),
         None => (rest, 0),
     };
+    let (host, port) = parse_host_port(hostport)?;
+    Ok(RedisAddr { tls, host, port, db })
+}
+
+/// Parses `HOST:PORT` (the host non-empty, the port 1-65535).
+pub fn parse_host_port(hostport: &str) -> Result<(String, u16), String> {
     let (host, port) = hostport.rsplit_once(':').ok_or("needs HOST:PORT")?;
     if host.is_empty() {
         return Err("has no host".into());
     }
     let port = port.parse::<u16>().ok().filter(|p| *p > 0).ok_or_else(|| format!("port {port:?} is not 1-65535"))?;
-    Ok(RedisAddr { tls, host: host.to_owned(), port, db })
+    Ok((host.to_owned(), port))
 }
 
 /// `url` with any password replaced by `***`, for messages and logs: a
@@ -500,6 +534,7 @@ mod tests {
                     heartbeat: format!("redis://127.0.0.1:{}", 6400 + i),
                     priority: 100,
                     data: None,
+                    announce: None,
                 })
                 .collect(),
             policy: Policy::default(),
@@ -592,6 +627,26 @@ mod tests {
         s.members[0].priority = 0;
         s.members[1].priority = 0;
         assert!(err(s).starts_with("failover.members: a managed group needs a member with priority above 0"));
+    }
+
+    #[test]
+    fn announce_addresses_need_a_data_url_and_a_host_and_port() {
+        let err = |s: GroupSpec| s.validate().unwrap_err().to_string();
+        let mut s = spec(&["a", "b"]);
+        s.members[0].announce = Some("db.example.com:6379".into());
+        assert_eq!(
+            err(s.clone()),
+            "members[0].announce: \"db.example.com:6379\": given without data (only a data service is announced)"
+        );
+        s.members[0].data = Some("redis://10.0.0.1:6379".into());
+        s.validate().unwrap();
+        for (bad, why) in [("db.example.com", "needs HOST:PORT"), (":6379", "has no host"), ("h:0", "is not 1-65535")] {
+            s.members[0].announce = Some(bad.into());
+            let e = err(s.clone());
+            assert!(e.starts_with("members[0].announce: ") && e.contains(why), "{bad}: {e}");
+        }
+        s.members[0].announce = Some(format!("{}:1", "h".repeat(MAX_URL_LEN)));
+        assert!(err(s).contains("is longer than"));
     }
 
     #[test]

@@ -297,7 +297,13 @@ mod observer_tests {
             name: "g".into(),
             members: members
                 .iter()
-                .map(|m| MemberSpec { id: (*m).into(), heartbeat: "redis://h:1".into(), priority: 100, data: None })
+                .map(|m| MemberSpec {
+                    id: (*m).into(),
+                    heartbeat: "redis://h:1".into(),
+                    priority: 100,
+                    data: None,
+                    announce: None,
+                })
                 .collect(),
             policy: crate::group::Policy::default(),
             failover: None,

@@ -220,6 +220,7 @@ async fn bad_inputs_are_refused_with_a_message_saying_what_is_wrong() {
         heartbeat: "redis://127.0.0.1:1".into(),
         priority: 100,
         data: "redis://127.0.0.1:1".into(),
+        announce: String::new(),
     };
     let spec = pb::GroupSpec {
         name: "unlikely".into(),

@@ -69,6 +69,7 @@ async fn exec_hooks_run_with_their_environment_and_failures_are_retried() {
                 heartbeat: r.url(),
                 priority: 100,
                 data: String::new(),
+                announce: String::new(),
             })
             .collect(),
         policy: None,

@@ -17,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
+use quorate::pb::v1 as pb;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -303,4 +304,31 @@ async fn sentinel_clients_find_the_primary_through_a_switchover_and_a_crash() {
     let mut c = sentinel_conn(&addrs[0]).await;
     let (_, port): (String, String) = query(&mut c, &["SENTINEL", "get-master-addr-by-name", "db"]).await;
     assert_eq!(port, p1.to_string());
+    announce_addresses_are_answered(&f, &mut c).await;
+}
+
+/// A member with an announce address is given to clients there, not at its
+/// data URL (which replicas keep following); the others still at theirs.
+async fn announce_addresses_are_answered(f: &PairFixture, c: &mut redis::aio::MultiplexedConnection) {
+    let client = f.cluster.client();
+    let mut spec = client.get_group("db", pb::Consistency::Linearizable).await.unwrap().spec.expect("the group's spec");
+    let primary = spec.members.iter_mut().find(|m| m.id == "db-1").unwrap();
+    primary.announce = "192.0.2.10:16379".into();
+    let mut bad = spec.clone();
+    bad.members[1].announce = "no-port".into();
+    let refused = client.apply_group(bad).await.unwrap_err().to_string();
+    assert!(refused.contains("members[1].announce") && refused.contains("HOST:PORT"), "{refused}");
+    client.apply_group(spec).await.unwrap();
+    let start = Instant::now();
+    loop {
+        let (ip, port): (String, String) = query(c, &["SENTINEL", "get-master-addr-by-name", "db"]).await;
+        if (ip.as_str(), port.as_str()) == ("192.0.2.10", "16379") {
+            break;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "the announce address is not answered: {ip}:{port}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let r: Vec<HashMap<String, String>> = query(c, &["SENTINEL", "replicas", "db"]).await;
+    assert_eq!(r[0]["port"], f.data_port("db-2").to_string(), "db-2 has no announce address: {r:?}");
+    assert_eq!((r[0]["master-host"].as_str(), r[0]["master-port"].as_str()), ("192.0.2.10", "16379"), "{r:?}");
 }

@@ -23,6 +23,7 @@ fn spec(priorities: &[u32]) -> GroupSpec {
                 heartbeat: format!("redis://h:{}", 7000 + i),
                 priority: *p,
                 data: Some(format!("redis://h:{}", 8000 + i)),
+                announce: None,
             })
             .collect(),
         policy: Policy::default(),

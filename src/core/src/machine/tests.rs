@@ -262,8 +262,8 @@ fn groups_are_applied_validated_and_reported_on() {
     let spec = GroupSpec {
         name: "cache".into(),
         members: vec![
-            MemberSpec { id: "c1".into(), heartbeat: "redis://h:1".into(), priority: 1, data: None },
-            MemberSpec { id: "c2".into(), heartbeat: "redis://h:2".into(), priority: 1, data: None },
+            MemberSpec { id: "c1".into(), heartbeat: "redis://h:1".into(), priority: 1, data: None, announce: None },
+            MemberSpec { id: "c2".into(), heartbeat: "redis://h:2".into(), priority: 1, data: None, announce: None },
         ],
         policy: Policy::default(),
         failover: None,

@@ -19,6 +19,7 @@ fn group(k: usize) -> GroupState {
                 heartbeat: format!("redis://h:{}", 7000 + i),
                 priority: 1,
                 data: None,
+                announce: None,
             })
             .collect(),
         policy: Policy::default(),

@@ -114,7 +114,13 @@ async fn create_groups(base: &Client, clients: usize, count: usize, url: &str) -
     let spec = |g: usize, url: &str| GroupSpec {
         name: format!("bench-group-{g}"),
         members: (0..2)
-            .map(|i| MemberSpec { id: format!("m{i}"), heartbeat: url.to_owned(), priority: 1, data: None })
+            .map(|i| MemberSpec {
+                id: format!("m{i}"),
+                heartbeat: url.to_owned(),
+                priority: 1,
+                data: None,
+                announce: None,
+            })
             .collect(),
         policy: Policy::default(),
         failover: None,

@@ -272,7 +272,13 @@ async fn create_groups(
         .map(|g| GroupSpec {
             name: format!("ingest-{g}"),
             members: (0..k)
-                .map(|i| MemberSpec { id: format!("m{g}-{i}"), heartbeat: url.to_owned(), priority: 1, data: None })
+                .map(|i| MemberSpec {
+                    id: format!("m{g}-{i}"),
+                    heartbeat: url.to_owned(),
+                    priority: 1,
+                    data: None,
+                    announce: None,
+                })
                 .collect(),
             policy,
             failover: None,

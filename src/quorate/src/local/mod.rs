@@ -368,6 +368,7 @@ pub fn local_group_spec(group: &str, members: &[MemberEntry]) -> quorate_core::g
                 heartbeat: format!("redis://{}", m.heartbeat_redis_addr),
                 priority: 100,
                 data: m.data_redis_addr.as_ref().map(|a| format!("redis://{a}")),
+                announce: None,
             })
             .collect(),
         policy: quorate_core::group::Policy::default(),

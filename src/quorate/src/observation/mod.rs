@@ -479,7 +479,13 @@ mod tests {
             name: name.into(),
             members: members
                 .iter()
-                .map(|(id, url)| MemberSpec { id: (*id).into(), heartbeat: (*url).into(), priority: 1, data: None })
+                .map(|(id, url)| MemberSpec {
+                    id: (*id).into(),
+                    heartbeat: (*url).into(),
+                    priority: 1,
+                    data: None,
+                    announce: None,
+                })
                 .collect(),
             policy: Policy::default(),
             failover: None,

@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use quorate_core::access::Action;
-use quorate_core::group::{GroupSpec, parse_redis_url};
+use quorate_core::group::{GroupSpec, parse_host_port, parse_redis_url};
 use quorate_core::machine::ReaderClock;
 use quorate_core::matrix::GroupState;
 use quorate_core::verdict::{GroupVerdict, MemberVerdict, Verdict, verdict};
@@ -57,7 +57,7 @@ impl DownFlags {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberAddr {
     pub member: String,
-    /// From the member's data URL (`redis://HOST:PORT`).
+    /// Its announce address, else its data URL's (`redis://HOST:PORT`).
     pub host: String,
     pub port: u16,
     pub flags: DownFlags,
@@ -97,16 +97,20 @@ impl Primary {
     }
 }
 
-/// What a member's data URL says, with its verdict.
+/// Where clients reach a member (its announce address, else its data
+/// URL's host and port), with its verdict.
 fn member_addr(spec: &GroupSpec, g: &GroupState, v: &GroupVerdict, member: &str) -> Option<MemberAddr> {
     let m = spec.member(member)?;
-    let addr = parse_redis_url(m.data.as_deref()?).ok()?;
+    let (host, port) = match &m.announce {
+        Some(a) => parse_host_port(a).ok()?,
+        None => parse_redis_url(m.data.as_deref()?).map(|a| (a.host, a.port)).ok()?,
+    };
     let mv = v.member(member);
     let status = g.statuses.get(member);
     Some(MemberAddr {
         member: member.to_owned(),
-        host: addr.host,
-        port: addr.port,
+        host,
+        port,
         flags: mv.map(DownFlags::of).unwrap_or_default(),
         down_votes: mv.map_or(0, |x| x.down_votes),
         quorum: mv.map_or(0, |x| x.quorum),

@@ -51,6 +51,7 @@ pub fn spec_from_pb(s: pb::GroupSpec) -> GroupSpec {
                 heartbeat: m.heartbeat,
                 priority: m.priority,
                 data: (!m.data.is_empty()).then_some(m.data),
+                announce: (!m.announce.is_empty()).then_some(m.announce),
             })
             .collect(),
         policy: Policy {
@@ -91,6 +92,7 @@ pub fn spec_pb(s: &GroupSpec) -> pb::GroupSpec {
                 heartbeat: m.heartbeat.clone(),
                 priority: m.priority,
                 data: m.data.clone().unwrap_or_default(),
+                announce: m.announce.clone().unwrap_or_default(),
             })
             .collect(),
         policy: Some(policy_pb(&s.policy)),

@@ -520,6 +520,7 @@ impl GroupFixture {
                     heartbeat: r.url(),
                     priority: 100,
                     data: String::new(),
+                    announce: String::new(),
                 })
                 .collect(),
             policy: None,
@@ -654,6 +655,7 @@ impl PairFixture {
                     heartbeat: m.heartbeat.url(),
                     priority: 100,
                     data: m.data.url(),
+                    announce: String::new(),
                 })
                 .collect(),
             policy: None,
