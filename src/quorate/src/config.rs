@@ -105,8 +105,9 @@ pub struct ServerConfig {
     /// from the gRPC port so load balancers and Prometheus need no client
     /// certificate; it only reads.
     pub http_listen: String,
-    /// The Redis Sentinel-compatible discovery endpoint (RESP2 over plain
-    /// TCP, see `sentinel`) binds this IP:PORT; empty: off.
+    /// The Redis Sentinel-compatible discovery endpoint (RESP over plain
+    /// TCP, or TLS with `sentinel_tls`; see `sentinel`) binds this IP:PORT;
+    /// empty: off.
     pub sentinel_listen: String,
     /// Every coordinator's Sentinel address as clients reach it,
     /// `ID=HOST:PORT,...` (the ids of `peers`), for `SENTINEL sentinels`.
@@ -120,6 +121,16 @@ pub struct ServerConfig {
     /// The most client connections the Sentinel endpoint serves at once;
     /// one more is told so and closed.
     pub sentinel_max_connections: u64,
+    /// Serve the Sentinel endpoint over TLS only (as Redis's `tls-port`),
+    /// with this node's `tls_cert` and `tls_key`: clients connect with
+    /// `rediss://` and verify it against `tls_ca`. Needs `sentinel_listen`
+    /// and the node's certificates (not `insecure`).
+    pub sentinel_tls: bool,
+    /// With `sentinel_tls`: require a client certificate signed by
+    /// `tls_ca` (Redis's `tls-auth-clients yes`). Off, a client may
+    /// present none, since Redis clients usually authenticate with the
+    /// password; one it does present is still verified.
+    pub sentinel_tls_client_auth: bool,
     /// UNSAFE, for the fault suite's negative control only: grant leases
     /// without waiting for the previous holder's to expire.
     pub test_only_skip_lease_wait: bool,
@@ -178,6 +189,8 @@ impl Default for ServerConfig {
             sentinel_peers: String::new(),
             sentinel_password_file: PathBuf::new(),
             sentinel_max_connections: DEFAULT_SENTINEL_MAX_CONNECTIONS,
+            sentinel_tls: false,
+            sentinel_tls_client_auth: false,
             test_only_skip_lease_wait: false,
         }
     }
@@ -585,7 +598,8 @@ impl ServerConfig {
     }
 
     /// The Sentinel endpoint: its own address, peers among `peers`, the
-    /// password file and the connection bound only with an address.
+    /// password file, TLS (on the node's certificates) and the connection
+    /// bound only with an address.
     fn validate_sentinel(&self) -> Result<(), ConfigError> {
         if !(1..=MAX_SENTINEL_CONNECTIONS).contains(&self.sentinel_max_connections) {
             return Err(invalid(
@@ -593,16 +607,29 @@ impl ServerConfig {
                 format!("{} is outside 1..={MAX_SENTINEL_CONNECTIONS}", self.sentinel_max_connections),
             ));
         }
+        if self.sentinel_tls_client_auth && !self.sentinel_tls {
+            return Err(invalid(
+                "sentinel_tls_client_auth",
+                "given without sentinel_tls: client certificates are only asked for over TLS",
+            ));
+        }
         if self.sentinel_listen.is_empty() {
             for (field, given) in [
                 ("sentinel_peers", !self.sentinel_peers.trim().is_empty()),
                 ("sentinel_password_file", !self.sentinel_password_file.as_os_str().is_empty()),
+                ("sentinel_tls", self.sentinel_tls),
             ] {
                 if given {
                     return Err(invalid(field, "given without sentinel_listen (the Sentinel endpoint is off)"));
                 }
             }
             return Ok(());
+        }
+        if self.sentinel_tls && self.insecure {
+            return Err(invalid(
+                "sentinel_tls",
+                "needs this node's certificate and key (tls_cert, tls_key), and insecure runs without them",
+            ));
         }
         let addr: SocketAddr = self
             .sentinel_listen
@@ -1053,6 +1080,7 @@ mod tests {
         assert!(err(&c).starts_with("sentinel_peers: given without sentinel_listen"), "{}", err(&c));
         let c = ServerConfig { sentinel_max_connections: 0, ..on.clone() };
         assert!(err(&c).starts_with("sentinel_max_connections:"), "{}", err(&c));
+        sentinel_tls_needs_an_address_and_certificates(&on);
         let dir = tempfile::tempdir().unwrap();
         let file = dir.path().join("pw");
         std::fs::write(&file, "s3cret\n").unwrap();
@@ -1060,6 +1088,29 @@ mod tests {
         assert_eq!(pw.sentinel_password().unwrap().as_deref(), Some("s3cret"));
         std::fs::write(&file, "\n").unwrap();
         assert!(pw.sentinel_password().unwrap_err().to_string().starts_with("sentinel_password_file:"));
+    }
+
+    /// `on`: a valid config with the Sentinel endpoint on, `insecure`.
+    fn sentinel_tls_needs_an_address_and_certificates(on: &ServerConfig) {
+        let secure = ServerConfig {
+            insecure: false,
+            tls_ca: "ca.crt".into(),
+            tls_cert: "node-1.crt".into(),
+            tls_key: "node-1.key".into(),
+            ..on.clone()
+        };
+        ServerConfig { sentinel_tls: true, ..secure.clone() }.validate().unwrap();
+        ServerConfig { sentinel_tls: true, sentinel_tls_client_auth: true, ..secure.clone() }.validate().unwrap();
+        let c = ServerConfig { sentinel_tls: true, ..on.clone() };
+        assert_eq!(
+            err(&c),
+            "sentinel_tls: needs this node's certificate and key (tls_cert, tls_key), and insecure runs without them"
+        );
+        let c = ServerConfig { sentinel_tls: true, sentinel_listen: String::new(), ..secure.clone() };
+        assert_eq!(err(&c), "sentinel_tls: given without sentinel_listen (the Sentinel endpoint is off)");
+        let c = ServerConfig { sentinel_tls_client_auth: true, ..secure };
+        assert!(err(&c).starts_with("sentinel_tls_client_auth: given without sentinel_tls"), "{}", err(&c));
+        assert!(!ServerConfig::default().sentinel_tls && !ServerConfig::default().sentinel_tls_client_auth);
     }
 
     #[test]

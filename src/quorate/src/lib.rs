@@ -16,8 +16,9 @@
 //! - [`api`]: the public gRPC service, a thin translation between protobuf
 //!   and the service layer, with the one place that maps errors to gRPC
 //!   status.
-//! - [`sentinel`]: the Redis Sentinel-compatible discovery endpoint (RESP2),
-//!   a thin front door on the service layer like `api`.
+//! - [`sentinel`]: the Redis Sentinel-compatible discovery endpoint (RESP2
+//!   and RESP3, plain text or TLS), a thin front door on the service layer
+//!   like `api`.
 //! - [`observation`]: the observation loop (read every member's heartbeat,
 //!   report views) that agents and coordinator nodes share, and its stores.
 //! - [`agent`]: `quorate agent`: heartbeat publisher, role runtime, fencer,

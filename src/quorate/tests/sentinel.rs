@@ -3,7 +3,9 @@
 //! over raw RESP and through the `redis` crate, the refusals (no AUTH,
 //! RESP3, an oversized bulk), a switchover that disconnects the demoted
 //! primary's clients and publishes `+switch-master`, and redis-rs's own
-//! Sentinel client writing through a `kill -9` of the primary's host.
+//! Sentinel client writing through a `kill -9` of the primary's host. Over
+//! TLS (`--sentinel-tls`): `rediss://` with the cluster CA and the
+//! password, plain text refused, and client certificates when required.
 //!
 //! Run alone: `cargo test -p quorate --test sentinel -- --nocapture` (prints
 //! the kill→first-write time).
@@ -13,11 +15,13 @@
 mod common;
 
 use std::collections::HashMap;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::*;
 use quorate::pb::v1 as pb;
+use quorate::tls::config::TlsFiles;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -331,4 +335,103 @@ async fn announce_addresses_are_answered(f: &PairFixture, c: &mut redis::aio::Mu
     let r: Vec<HashMap<String, String>> = query(c, &["SENTINEL", "replicas", "db"]).await;
     assert_eq!(r[0]["port"], f.data_port("db-2").to_string(), "db-2 has no announce address: {r:?}");
     assert_eq!((r[0]["master-host"].as_str(), r[0]["master-port"].as_str()), ("192.0.2.10", "16379"), "{r:?}");
+}
+
+/// A `rediss://` client of `addr` that trusts the CA `ca` only, presents
+/// `cert` when given, and gives the password when `password`.
+fn tls_client(addr: &str, ca: &Path, cert: Option<&TlsFiles>, password: bool) -> redis::Client {
+    // The redis crate builds its TLS configuration with rustls's default
+    // provider; quorate's is ring.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let url = if password { format!("rediss://:{PASSWORD}@{addr}") } else { format!("rediss://{addr}") };
+    let certs = redis::TlsCertificates {
+        client_tls: cert.map(|c| redis::ClientTlsConfig {
+            client_cert: std::fs::read(&c.cert).unwrap(),
+            client_key: std::fs::read(&c.key).unwrap(),
+        }),
+        root_cert: Some(std::fs::read(ca).unwrap()),
+    };
+    redis::Client::build_with_tls(url, certs).unwrap()
+}
+
+/// A connection through `client`, bounded in time.
+async fn connect(client: &redis::Client) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(3)))
+        .set_response_timeout(Some(Duration::from_secs(3)));
+    client.get_multiplexed_async_connection_with_config(&config).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_over_tls_with_a_password_and_client_certificates() {
+    let _serial = serial();
+    let secrets = tempfile::tempdir().unwrap();
+    let pw = secrets.path().join("sentinel.pw");
+    std::fs::write(&pw, format!("{PASSWORD}\n")).unwrap();
+    let extra = ["--sentinel-password-file".to_owned(), pw.display().to_string(), "--sentinel-tls".to_owned()];
+    let mut cluster = Cluster::prepare_with_sentinels(3, &extra);
+    // Node 3 requires a client certificate as well.
+    cluster.node_args.get_mut(&3).unwrap().push("--sentinel-tls-client-auth".to_owned());
+    for id in 1..=3 {
+        cluster.start_node(id);
+    }
+    let f = PairFixture::start_on(cluster).await;
+    f.wait_ready().await;
+    let addrs = f.cluster.sentinel_addrs.clone();
+    let p1 = f.data_port("db-1").to_string();
+    // A certificate of the cluster CA, and the CA itself.
+    let reader = f.cluster.cert("reader", None);
+    let ca = reader.ca.as_path();
+
+    // rediss:// with the cluster CA and the password, no client certificate.
+    let mut c = connect(&tls_client(&addrs[0], ca, None, true)).await.expect("rediss:// with the CA");
+    let (ip, port): (String, String) = query(&mut c, &["SENTINEL", "get-master-addr-by-name", "db"]).await;
+    assert_eq!((ip.as_str(), port.as_str()), ("127.0.0.1", p1.as_str()));
+    // TLS is not the authentication: without the password, NOAUTH.
+    let mut anon = connect(&tls_client(&addrs[0], ca, None, false)).await.unwrap();
+    let e = redis::cmd("SENTINEL").arg("masters").query_async::<redis::Value>(&mut anon).await.unwrap_err();
+    assert!(e.to_string().contains("NOAUTH"), "{e}");
+
+    // redis-rs's own Sentinel client over TLS (the connection info carries
+    // the CA) finds the master too.
+    let infos: Vec<redis::ConnectionInfo> =
+        addrs[..2].iter().map(|a| tls_client(a, ca, None, true).get_connection_info().clone()).collect();
+    let mut sentinel = redis::sentinel::Sentinel::build(infos).unwrap();
+    let master = tokio::time::timeout(Duration::from_secs(5), sentinel.async_master_for("db", None))
+        .await
+        .expect("no master within 5 s")
+        .unwrap();
+    assert!(
+        matches!(master.get_connection_info().addr(), redis::ConnectionAddr::Tcp(_, p) if p.to_string() == p1),
+        "{:?}",
+        master.get_connection_info().addr()
+    );
+
+    // Plain text on the TLS port: no RESP reply (a TLS alert record), and
+    // the connection closes.
+    let mut raw = Raw::open(&addrs[0]).await;
+    let got = raw.ask(format!("AUTH {PASSWORD}\r\nPING\r\n").as_bytes(), 7).await;
+    assert!(!got.contains("+OK") && !got.contains("PONG"), "a plain-text reply on the TLS port: {got:?}");
+    assert!(raw.closed().await, "the TLS port kept a plain-text connection open");
+    let plain = redis::Client::open(url(&addrs[0])).unwrap();
+    assert!(connect(&plain).await.is_err(), "redis:// connected to the TLS port");
+
+    // Node 3 requires a certificate: none is refused, and so is one from
+    // another CA; the cluster CA's (any identity) is let in.
+    // (TLS 1.3: the client's handshake completes, and the server's alert
+    // arrives as the answer to its AUTH.)
+    let e = connect(&tls_client(&addrs[2], ca, None, true)).await.err().map(|e| e.to_string());
+    assert!(e.as_ref().is_some_and(|e| e.contains("CertificateRequired")), "no certificate: {e:?}");
+    let other = tempfile::tempdir().unwrap();
+    quorate::tls::certs::init(other.path()).unwrap();
+    let stranger = ensure_cert(other.path(), "reader", None);
+    let e = connect(&tls_client(&addrs[2], ca, Some(&stranger), true)).await.err().map(|e| e.to_string());
+    assert!(e.as_ref().is_some_and(|e| e.contains("UnknownCA")), "another CA's certificate: {e:?}");
+    let mut c3 = connect(&tls_client(&addrs[2], ca, Some(&reader), true)).await.expect("a cluster certificate");
+    let (_, port): (String, String) = query(&mut c3, &["SENTINEL", "get-master-addr-by-name", "db"]).await;
+    assert_eq!(port, p1);
+    // Where a certificate is optional, one that is given works too.
+    let mut c1 = connect(&tls_client(&addrs[1], ca, Some(&reader), true)).await.unwrap();
+    let pong: String = query(&mut c1, &["PING"]).await;
+    assert_eq!(pong, "PONG");
 }

@@ -207,8 +207,8 @@ pub struct ServerArgs {
     /// Plain-HTTP listener for /livez, /readyz, /leader and /metrics, IP:PORT.
     #[arg(long)]
     pub http_listen: Option<String>,
-    /// Serve the Redis Sentinel-compatible discovery endpoint (RESP2, plain
-    /// text) on IP:PORT.
+    /// Serve the Redis Sentinel-compatible discovery endpoint (RESP, plain
+    /// text unless --sentinel-tls) on IP:PORT.
     #[arg(long)]
     pub sentinel_listen: Option<String>,
     /// Every node's Sentinel address, ID=HOST:PORT,... (default: each
@@ -221,6 +221,14 @@ pub struct ServerArgs {
     /// The most connections the Sentinel endpoint serves at once.
     #[arg(long)]
     pub sentinel_max_connections: Option<u64>,
+    /// Serve the Sentinel endpoint over TLS only, with this node's
+    /// certificate (clients use rediss:// and the cluster CA).
+    #[arg(long)]
+    pub sentinel_tls: bool,
+    /// With --sentinel-tls: require a client certificate signed by the
+    /// cluster CA (Redis's tls-auth-clients yes).
+    #[arg(long)]
+    pub sentinel_tls_client_auth: bool,
     /// UNSAFE: grant leases without waiting for expiry. Only for the fault
     /// suite's negative control, which must detect the overlap.
     #[arg(long, hide = true)]
@@ -300,6 +308,9 @@ impl ServerArgs {
                 sentinel_max_connections,
             );
             self.redis.overlay(c);
+            // Switches: a flag turns one on, its absence leaves the file's.
+            c.sentinel_tls |= self.sentinel_tls;
+            c.sentinel_tls_client_auth |= self.sentinel_tls_client_auth;
             c.test_only_skip_lease_wait |= self.test_only_skip_lease_wait;
             c.insecure |= insecure;
         })?;

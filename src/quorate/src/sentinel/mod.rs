@@ -10,11 +10,15 @@
 //! one task that turns discovery's events into published messages. Every
 //! task here ends on the node's stop signal.
 //!
-//! RESP2 by default, RESP3 after `HELLO 3` (maps, pushes, nulls). Plain
-//! text only, optionally behind a requirepass-style password: it
-//! serves reads of public facts (which address is the primary) and changes
-//! nothing. Run it on a network clients can reach, and TLS-terminate in
-//! front of it if clients need TLS.
+//! RESP2 by default, RESP3 after `HELLO 3` (maps, pushes, nulls),
+//! optionally behind a requirepass-style password: it serves reads of
+//! public facts (which address is the primary) and changes nothing. Plain
+//! text, or TLS only with `sentinel_tls` (as Redis's `tls-port`): the
+//! node's own certificate, reloaded as the gRPC port's is, and a client
+//! certificate from the cluster CA optional or, with
+//! `sentinel_tls_client_auth`, required. Plain and TLS connections share
+//! one handler; a TLS handshake runs in its connection's task, bounded in
+//! time, and holds one of the connection slots like any connection.
 
 pub mod commands;
 pub mod resp;
@@ -24,10 +28,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use quorate_core::access::Identity;
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, broadcast, mpsc};
 use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use self::commands::{Message, Password, Session, Shared};
@@ -35,6 +40,8 @@ use self::resp::{LIMITS, Reply};
 use crate::service::Node;
 use crate::shutdown::stopped;
 use crate::tls::caller::Caller;
+use crate::tls::config::{ClientCerts, Tls};
+use crate::tls::transport::HANDSHAKE_TIMEOUT;
 
 /// Messages buffered for each subscriber; one that falls further behind
 /// (it does not read) is disconnected, as Redis drops a client past its
@@ -50,6 +57,16 @@ const READ_CHUNK: usize = 16 * 1024;
 pub struct Settings {
     pub password: Option<String>,
     pub max_connections: usize,
+    /// TLS only, when set (`sentinel_tls`).
+    pub tls: Option<SentinelTls>,
+}
+
+/// The endpoint's TLS: the node's certificate (its gRPC port's [`Tls`],
+/// so a rotation reaches both) and whether clients must present one.
+#[derive(Debug, Clone)]
+pub struct SentinelTls {
+    pub tls: Tls,
+    pub clients: ClientCerts,
 }
 
 /// Serves the endpoint on `listener` until the node stops.
@@ -63,7 +80,13 @@ pub async fn serve(node: Node, listener: TcpListener, settings: Settings) {
         node,
     });
     let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    info!(%addr, auth = shared.password.is_some(), "Sentinel-compatible endpoint listening");
+    let tls = settings.tls;
+    let shown = match tls.as_ref().map(|t| t.clients) {
+        None => "off",
+        Some(ClientCerts::Optional) => "on, client certificate optional",
+        Some(ClientCerts::Required) => "on, client certificate required",
+    };
+    info!(%addr, auth = shared.password.is_some(), tls = shown, "Sentinel-compatible endpoint listening");
     let mut tasks = JoinSet::new();
     tasks.spawn(publish(shared.clone()));
     let slots = Arc::new(Semaphore::new(settings.max_connections));
@@ -85,14 +108,41 @@ pub async fn serve(node: Node, listener: TcpListener, settings: Settings) {
         };
         let _ = stream.set_nodelay(true);
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tasks.spawn(refuse(stream));
+            // Over TLS the refusal would need a handshake first, the work
+            // the bound is there to limit: the client just sees the close.
+            if tls.is_none() {
+                tasks.spawn(refuse(stream));
+            }
             continue;
         };
         let id = ids.fetch_add(1, Ordering::Relaxed);
         let shared = shared.clone();
+        let tls = tls.clone();
+        // The handshake runs here, in the connection's own task (holding
+        // its slot), so a slow one holds up no one else's accept.
         tasks.spawn(async move {
-            debug!(%peer, id, "Sentinel client connected");
-            connection(shared, stream, id).await;
+            match tls {
+                None => {
+                    debug!(%peer, id, "Sentinel client connected");
+                    connection(shared, stream, id).await;
+                }
+                Some(t) => {
+                    let acceptor = TlsAcceptor::from(t.tls.resp_server(t.clients));
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) => {
+                            debug!(%peer, id, "Sentinel client connected over TLS");
+                            connection(shared, stream, id).await;
+                        }
+                        // Plain text on the TLS port, a stranger's or no
+                        // certificate where one is required: said at the
+                        // level an operator sees, as the gRPC port does.
+                        Ok(Err(e)) => warn!(%peer, "Sentinel endpoint: refused a TLS connection: {e}"),
+                        Err(_) => {
+                            debug!(%peer, "Sentinel endpoint: TLS handshake timed out after {HANDSHAKE_TIMEOUT:?}")
+                        }
+                    }
+                }
+            }
             drop(slot);
         });
     }
@@ -131,9 +181,12 @@ async fn publish(shared: Arc<Shared>) {
 }
 
 /// Serves one client until it quits, breaks the protocol, falls behind on
-/// its messages or the node stops.
-async fn connection(shared: Arc<Shared>, stream: TcpStream, id: u64) {
-    let (mut rd, mut wr) = stream.into_split();
+/// its messages or the node stops: over plain TCP or TLS alike.
+async fn connection<S>(shared: Arc<Shared>, stream: S, id: u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut rd, mut wr) = tokio::io::split(stream);
     let mut session = Session::new(id, shared.password.is_some());
     let mut buf: Vec<u8> = Vec::new();
     let mut chunk = vec![0u8; READ_CHUNK];
@@ -150,14 +203,18 @@ async fn connection(shared: Arc<Shared>, stream: TcpStream, id: u64) {
                         r.encode(&mut out, session.proto);
                     }
                     if session.quit {
-                        let _ = write(&mut wr, &out).await;
+                        if write(&mut wr, &out).await {
+                            close(&mut wr).await;
+                        }
                         return;
                     }
                 }
                 Ok(None) => break,
                 Err(e) => {
                     Reply::error(format!("ERR {e}")).encode(&mut out, session.proto);
-                    let _ = write(&mut wr, &out).await;
+                    if write(&mut wr, &out).await {
+                        close(&mut wr).await;
+                    }
                     return;
                 }
             }
@@ -205,7 +262,19 @@ async fn recv(events: &mut Option<broadcast::Receiver<Message>>) -> Result<Messa
     }
 }
 
-/// Writes `out`; false when the client is gone or does not read.
-async fn write(wr: &mut tokio::net::tcp::OwnedWriteHalf, out: &[u8]) -> bool {
-    matches!(tokio::time::timeout(WRITE_TIMEOUT, wr.write_all(out)).await, Ok(Ok(())))
+/// Writes `out` and flushes it (TLS may hold back the last record until
+/// then); false when the client is gone or does not read.
+async fn write(wr: &mut (impl AsyncWrite + Unpin), out: &[u8]) -> bool {
+    let all = async {
+        wr.write_all(out).await?;
+        wr.flush().await
+    };
+    matches!(tokio::time::timeout(WRITE_TIMEOUT, all).await, Ok(Ok(())))
+}
+
+/// Closes the connection on purpose (QUIT, a protocol error): over TLS a
+/// close_notify, so that the client reads a clean end rather than a
+/// truncation; over TCP the FIN that dropping would send anyway.
+async fn close(wr: &mut (impl AsyncWrite + Unpin)) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), wr.shutdown()).await;
 }

@@ -104,7 +104,7 @@ pub async fn run_with_listener(
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
 
-    let sentinel = bind_sentinel(&config).await?;
+    let sentinel = bind_sentinel(&config, &transport).await?;
     let (db, past) = open_store(&config)?;
     let clock = NodeClock::new(id);
     let http = bind_http(&config).await?;
@@ -197,17 +197,41 @@ async fn wind_down<S: Future>(
 }
 
 /// Binds the Sentinel-compatible endpoint when `sentinel_listen` is set,
-/// and reads its password: both fail the start, naming what is wrong.
-async fn bind_sentinel(config: &ServerConfig) -> Result<Option<(TcpListener, crate::sentinel::Settings)>, ServerError> {
+/// and reads its password: both fail the start, naming what is wrong. With
+/// `sentinel_tls` it serves the certificates `transport` loaded for the
+/// gRPC port (one load, one reload for both).
+async fn bind_sentinel(
+    config: &ServerConfig,
+    transport: &Transport,
+) -> Result<Option<(TcpListener, crate::sentinel::Settings)>, ServerError> {
+    use crate::sentinel::{SentinelTls, Settings};
+    use crate::tls::config::ClientCerts;
     if config.sentinel_listen.is_empty() {
         return Ok(None);
     }
     let password = config.sentinel_password()?;
+    let tls = match (config.sentinel_tls, transport) {
+        (false, _) => None,
+        (true, Transport::Tls(tls)) => {
+            let clients = if config.sentinel_tls_client_auth { ClientCerts::Required } else { ClientCerts::Optional };
+            Some(SentinelTls { tls: tls.clone(), clients })
+        }
+        // validate() refuses sentinel_tls with insecure; this is a caller
+        // of run_with_listener handing a plain-text transport to a config
+        // that has certificates.
+        (true, Transport::Insecure) => {
+            return Err(crate::config::ConfigError::Invalid {
+                field: "sentinel_tls",
+                message: "needs this node's TLS certificates, and the node runs in plain text".into(),
+            }
+            .into());
+        }
+    };
     let listener = TcpListener::bind(&config.sentinel_listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.sentinel_listen.clone(), source })?;
     let max_connections = usize::try_from(config.sentinel_max_connections).unwrap_or(usize::MAX);
-    Ok(Some((listener, crate::sentinel::Settings { password, max_connections })))
+    Ok(Some((listener, Settings { password, max_connections, tls })))
 }
 
 /// Opens the Raft store and tells what this node knows of its past: an

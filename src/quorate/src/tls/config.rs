@@ -1,13 +1,17 @@
 //! Mutual TLS configurations (rustls with ring), reloaded when their files
 //! change.
 //!
-//! Both sides present a certificate from the cluster's CA and verify the
-//! other's: servers require a client certificate (no anonymous callers),
-//! clients verify the server's against the address they dial. As etcd does,
-//! the files are looked at again for every new connection (a `stat` of
-//! three files): a rotated certificate is used from the next connection on,
-//! without a restart. A rotation that cannot be loaded (half a key, a key
-//! that does not match) keeps the last good configuration and says why.
+//! Both sides of gRPC present a certificate from the cluster's CA and
+//! verify the other's: gRPC servers require a client certificate (no
+//! anonymous callers), clients verify the server's against the address they
+//! dial. The Sentinel endpoint's RESP server ([`Tls::resp_server`]) presents
+//! the same certificate; whether it requires one from its clients is its
+//! setting ([`ClientCerts`]), since Redis clients usually authenticate with
+//! a password instead. As etcd does, the files are looked at again for every
+//! new connection (a `stat` of three files): a rotated certificate is used
+//! from the next connection on, without a restart. A rotation that cannot be
+//! loaded (half a key, a key that does not match) keeps the last good
+//! configuration and says why.
 
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -118,17 +122,33 @@ fn check_validity(path: &Path, cert: &CertificateDer<'_>) -> Result<(), TlsError
     Ok(())
 }
 
-fn server_config(m: Material) -> Result<Arc<ServerConfig>, TlsError> {
-    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots, provider())
-        .build()
-        .map_err(|e| TlsError::Config(e.to_string()))?;
+/// Whether a RESP server (the Sentinel endpoint) asks its clients for a
+/// certificate. Either way a certificate that is presented must be the
+/// cluster CA's, as Redis's `tls-auth-clients optional` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientCerts {
+    /// Clients may connect without one (`tls-auth-clients optional`).
+    Optional,
+    /// Clients must present one (`tls-auth-clients yes`).
+    Required,
+}
+
+/// A server configuration presenting `m`'s certificate; `alpn` is what it
+/// offers (nothing: whatever the client asks for is ignored).
+fn server_config(m: &Material, clients: ClientCerts, alpn: &[&[u8]]) -> Result<Arc<ServerConfig>, TlsError> {
+    let verifier = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider());
+    let verifier = match clients {
+        ClientCerts::Required => verifier,
+        ClientCerts::Optional => verifier.allow_unauthenticated(),
+    };
+    let verifier = verifier.build().map_err(|e| TlsError::Config(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Config(e.to_string()))?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(m.chain, m.key)
+        .with_single_cert(m.chain.clone(), m.key.clone_key())
         .map_err(|e| TlsError::Config(format!("certificate and key: {e}")))?;
-    config.alpn_protocols = vec![ALPN_H2.to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
@@ -151,21 +171,35 @@ fn stamp(files: &TlsFiles) -> Stamp {
         .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.len(), m.modified().ok()?))))
 }
 
-struct Current {
-    stamp: Stamp,
+/// Every configuration built from one read of the files.
+struct Configs {
+    /// gRPC: HTTP/2, client certificate required.
     server: Arc<ServerConfig>,
     client: Arc<ClientConfig>,
+    /// RESP (the Sentinel endpoint): no ALPN (Redis clients send none),
+    /// client certificate optional or required.
+    resp_optional: Arc<ServerConfig>,
+    resp_required: Arc<ServerConfig>,
+}
+
+struct Current {
+    stamp: Stamp,
+    configs: Configs,
     /// The files' stamp when they last failed to load, so that a broken
     /// rotation is reported once, not at every connection.
     failed: Option<Stamp>,
 }
 
-/// Both configurations from one read of the files (`check`: refuse an
+/// Every configuration from one read of the files (`check`: refuse an
 /// expired or not yet valid certificate of our own).
-fn configs(files: &TlsFiles, check: bool) -> Result<(Arc<ServerConfig>, Arc<ClientConfig>), TlsError> {
+fn configs(files: &TlsFiles, check: bool) -> Result<Configs, TlsError> {
     let m = load_material(files, check)?;
-    let copy = Material { roots: m.roots.clone(), chain: m.chain.clone(), key: m.key.clone_key() };
-    Ok((server_config(m)?, client_config(copy)?))
+    Ok(Configs {
+        server: server_config(&m, ClientCerts::Required, &[ALPN_H2])?,
+        resp_optional: server_config(&m, ClientCerts::Optional, &[])?,
+        resp_required: server_config(&m, ClientCerts::Required, &[])?,
+        client: client_config(m)?,
+    })
 }
 
 /// A process's TLS configurations, reloaded when their files change.
@@ -190,8 +224,7 @@ impl Tls {
 
     fn load_with(files: TlsFiles, check: bool) -> Result<Self, TlsError> {
         let stamp = stamp(&files);
-        let (server, client) = configs(&files, check)?;
-        let current = Current { stamp, server, client, failed: None };
+        let current = Current { stamp, configs: configs(&files, check)?, failed: None };
         Ok(Self { files: Arc::new(files), current: Arc::new(Mutex::new(current)) })
     }
 
@@ -227,9 +260,9 @@ impl Tls {
         let now = stamp(&self.files);
         if now != cur.stamp {
             match configs(&self.files, true) {
-                Ok((server, client)) => {
+                Ok(configs) => {
                     info!(cert = %self.files.cert.display(), "TLS certificates reloaded");
-                    *cur = Current { stamp: now, server, client, failed: None };
+                    *cur = Current { stamp: now, configs, failed: None };
                 }
                 Err(e) if cur.failed != Some(now) => {
                     warn!("TLS files changed but cannot be loaded, keeping the previous ones: {e}");
@@ -241,14 +274,25 @@ impl Tls {
         cur
     }
 
-    /// The server configuration for a new connection.
+    /// The server configuration for a new gRPC connection.
     pub fn server(&self) -> Arc<ServerConfig> {
-        self.refresh().server.clone()
+        self.refresh().configs.server.clone()
     }
 
     /// The client configuration for a new connection.
     pub fn client(&self) -> Arc<ClientConfig> {
-        self.refresh().client.clone()
+        self.refresh().configs.client.clone()
+    }
+
+    /// The server configuration for a new RESP connection (the Sentinel
+    /// endpoint): this process's certificate, no ALPN, and a client
+    /// certificate as `clients` says.
+    pub fn resp_server(&self, clients: ClientCerts) -> Arc<ServerConfig> {
+        let cur = self.refresh();
+        match clients {
+            ClientCerts::Optional => cur.configs.resp_optional.clone(),
+            ClientCerts::Required => cur.configs.resp_required.clone(),
+        }
     }
 }
 
@@ -277,18 +321,24 @@ mod tests {
     /// One handshake between `server` and `client` over loopback: the
     /// identity the server saw, or each side's error.
     async fn handshake(server: &Tls, client: &Tls) -> Result<Identity, String> {
+        handshake_with(server.server(), client.client()).await?.ok_or_else(|| "no client cert".to_owned())
+    }
+
+    /// [`handshake`] with any configurations: the identity of the client's
+    /// certificate, if it presented one.
+    async fn handshake_with(server: Arc<ServerConfig>, client: Arc<ClientConfig>) -> Result<Option<Identity>, String> {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let acceptor = TlsAcceptor::from(server.server());
+        let acceptor = TlsAcceptor::from(server);
         let accept = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let mut tls = acceptor.accept(tcp).await.map_err(|e| format!("server: {e}"))?;
-            let der = tls.get_ref().1.peer_certificates().and_then(|c| c.first().cloned()).ok_or("no client cert")?;
+            let der = tls.get_ref().1.peer_certificates().and_then(|c| c.first().cloned());
             let mut buf = [0u8; 2];
             tls.read_exact(&mut buf).await.map_err(|e| format!("server read: {e}"))?;
-            identity_of(&der).map_err(|e| e.to_string())
+            der.map(|d| identity_of(&d).map_err(|e| e.to_string())).transpose()
         });
-        let connector = TlsConnector::from(client.client());
+        let connector = TlsConnector::from(client);
         let tcp = TcpStream::connect(addr).await.unwrap();
         let name = ServerName::try_from("127.0.0.1").unwrap();
         let client_side = async {
@@ -359,6 +409,39 @@ mod tests {
         // A broken key file keeps the last good configuration.
         std::fs::write(&files.key, "not a key").unwrap();
         assert!(handshake(&node, &client).await.is_ok(), "a broken rotation broke the client");
+    }
+
+    #[tokio::test]
+    async fn the_resp_server_requires_a_client_certificate_only_when_told() {
+        let dir = tempfile::tempdir().unwrap();
+        certs::init(dir.path()).unwrap();
+        let node = Tls::load(issue(dir.path(), "node-1", Role::Node, &[])).unwrap();
+        let reader = Tls::load(issue(dir.path(), "r", Role::Reader, &[])).unwrap();
+        // A Redis client's usual setup: the CA, no certificate, no ALPN.
+        let m = load_material(reader.files(), true).unwrap();
+        let builder = || {
+            ClientConfig::builder_with_provider(provider())
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(m.roots.clone())
+        };
+        let anonymous = Arc::new(builder().with_no_client_auth());
+        assert_eq!(handshake_with(node.resp_server(ClientCerts::Optional), anonymous.clone()).await, Ok(None));
+        let e = handshake_with(node.resp_server(ClientCerts::Required), anonymous).await.unwrap_err();
+        assert!(e.contains("server: ") && e.to_lowercase().contains("certificate"), "{e}");
+        // A certificate of the cluster CA is verified and read either way
+        // (this client also offers h2, which the RESP server ignores).
+        let id = Identity::Reader { name: "r".into() };
+        for clients in [ClientCerts::Optional, ClientCerts::Required] {
+            assert_eq!(handshake_with(node.resp_server(clients), reader.client()).await, Ok(Some(id.clone())));
+        }
+        // Another CA's certificate is refused even where one is optional.
+        let other = tempfile::tempdir().unwrap();
+        certs::init(other.path()).unwrap();
+        let theirs = load_material(&issue(other.path(), "r", Role::Reader, &[]), true).unwrap();
+        let stranger = Arc::new(builder().with_client_auth_cert(theirs.chain, theirs.key).unwrap());
+        let e = handshake_with(node.resp_server(ClientCerts::Optional), stranger).await.unwrap_err();
+        assert!(e.contains("UnknownIssuer") || e.contains("unknown"), "{e}");
     }
 
     #[test]

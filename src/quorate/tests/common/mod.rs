@@ -193,6 +193,16 @@ impl Cluster {
     /// Starts `n` nodes, each with a Sentinel-compatible endpoint on a free
     /// port of its own (`sentinel_addrs`) and `extra` flags.
     pub fn start_with_sentinels(n: u64, extra: &[String]) -> Self {
+        let mut c = Self::prepare_with_sentinels(n, extra);
+        for id in 1..=n {
+            c.start_node(id);
+        }
+        c
+    }
+
+    /// [`Self::start_with_sentinels`] without starting any node, so that a
+    /// test can give some nodes flags of their own (`node_args`) first.
+    pub fn prepare_with_sentinels(n: u64, extra: &[String]) -> Self {
         let mut c = Self::prepare(n, None, tempfile::tempdir().unwrap());
         c.sentinel_addrs = (1..=n).map(|_| format!("127.0.0.1:{}", free_port())).collect();
         let peers: Vec<String> = c.sentinel_addrs.iter().enumerate().map(|(i, a)| format!("{}={a}", i + 1)).collect();
@@ -205,9 +215,6 @@ impl Cluster {
             ];
             args.extend(extra.iter().cloned());
             c.node_args.insert(id, args);
-        }
-        for id in 1..=n {
-            c.start_node(id);
         }
         c
     }
