@@ -12,6 +12,7 @@
 //! (ok) | "error": "..." (failed)}. deploy/test-sentinel-clients.sh runs it
 //! beside redis-py and ioredis, against quorate and against real Sentinel.
 
+use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -159,7 +160,10 @@ async fn main() -> anyhow::Result<()> {
             }
         };
         // stdout is line-buffered: each line reaches the script as written.
-        println!("{line}");
+        // Without a reader (a closed pipe) there is nothing left to report.
+        if writeln!(std::io::stdout(), "{line}").is_err() {
+            break;
+        }
         tokio::time::sleep(PAUSE).await;
     }
     Ok(())
