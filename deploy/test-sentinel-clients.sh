@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Unmodified Redis Sentinel clients against quorate's Sentinel-compatible
-# endpoint: redis-py's `Sentinel` and ioredis in Sentinel mode
-# (deploy/sentinel-clients/) each discover the primary of a local managed
-# pair (`quorate local up --redis-pair db`), write in a loop, and must write
-# to the new primary within SENTINEL_CLIENT_BOUND_S (15) seconds of a kill -9
-# of the primary's host processes (data Redis, heartbeat Redis, agent).
+# endpoint: redis-py's `Sentinel`, ioredis in Sentinel mode (both in
+# deploy/sentinel-clients/) and redis-rs's `sentinel::SentinelClient` (the
+# quorate crate's example, src/quorate/examples/redis_rs_sentinel_client.rs)
+# each discover the primary of a local managed pair (`quorate local up
+# --redis-pair db`), write in a loop, and must write to the new primary
+# within SENTINEL_CLIENT_BOUND_S (15) seconds of a kill -9 of the primary's
+# host processes (data Redis, heartbeat Redis, agent).
 # Prints kill -> first write for each client and exits non-zero past the
 # bound. Then (SENTINEL_COMPARE=1, the default) the same clients and the same
 # kill against real Redis Sentinel (3 sentinels, `redis-server --sentinel`,
@@ -12,6 +14,8 @@
 # primary/replica pair, and the numbers side by side (informational).
 #
 # env: QUORATE_BIN (default target/debug/quorate; built if missing),
+#      REDIS_RS_CLIENT_BIN (default examples/redis_rs_sentinel_client beside
+#      QUORATE_BIN; built with cargo if missing),
 #      SENTINEL_CLIENT_DEPS (where redis-py and ioredis are installed;
 #      default target/sentinel-clients), SENTINEL_CLIENT_BASE_PORT (28101),
 #      SENTINEL_CLIENT_BOUND_S (15), SENTINEL_COMPARE (1), KEEP_WORK (0).
@@ -29,6 +33,16 @@ if [ ! -x "$q" ]; then
   cargo build -p quorate --locked
 fi
 q=$(realpath "$q")
+rs_client=${REDIS_RS_CLIENT_BIN:-$(dirname "$q")/examples/redis_rs_sentinel_client}
+if [ ! -x "$rs_client" ]; then
+  cargo build --locked -p quorate --example redis_rs_sentinel_client
+fi
+if [ ! -x "$rs_client" ]; then
+  # cargo built it into its own target directory, which is not QUORATE_BIN's.
+  echo "no $rs_client after cargo build: set REDIS_RS_CLIENT_BIN, or CARGO_TARGET_DIR to QUORATE_BIN's" >&2
+  exit 1
+fi
+rs_client=$(realpath "$rs_client")
 mkdir -p "$deps"
 deps=$(realpath "$deps")
 work=$(mktemp -d)
@@ -56,7 +70,7 @@ if [ ! -d "$deps/node/node_modules/ioredis" ]; then
   npm install --silent --no-audit --no-fund --prefix "$deps/node" ioredis >/dev/null
 fi
 export PYTHONPATH="$deps/py" NODE_PATH="$deps/node/node_modules"
-echo "redis-py $(python3 -c 'import redis; print(redis.__version__)'), ioredis $(node -p 'require("ioredis/package.json").version'), node $(node --version)"
+echo "redis-py $(python3 -c 'import redis; print(redis.__version__)'), ioredis $(node -p 'require("ioredis/package.json").version'), node $(node --version), redis-rs $("$rs_client" --lib-version)"
 
 now() { python3 -c 'import time; print(time.time())'; }
 
@@ -100,7 +114,8 @@ PY
 }
 
 declare -A result
-# run_pass NAME SENTINELS KILL_FUNCTION: starts both clients, waits for
+clients=(redis-py ioredis redis-rs)
+# run_pass NAME SENTINELS KILL_FUNCTION: starts the clients, waits for
 # steady writes, kills the primary's host (KILL_FUNCTION PORT), measures.
 run_pass() {
   local name=$1 sentinels=$2 kill_fn=$3 c
@@ -112,8 +127,11 @@ run_pass() {
   node deploy/sentinel-clients/ioredis_client.js --sentinels "$sentinels" --group db --duration-s 90 \
     >"$out/ioredis.jsonl" 2>"$out/ioredis.err" &
   pids+=($!)
+  "$rs_client" --sentinels "$sentinels" --group db --duration-s 90 \
+    >"$out/redis-rs.jsonl" 2>"$out/redis-rs.err" &
+  pids+=($!)
   local start=$SECONDS
-  for c in redis-py ioredis; do
+  for c in "${clients[@]}"; do
     while [ "$(ok_lines "$out/$c.jsonl")" -lt 25 ]; do
       if [ $((SECONDS - start)) -gt 40 ]; then
         echo "$name: $c never wrote steadily; its output:" >&2
@@ -130,7 +148,7 @@ run_pass() {
   "$kill_fn" "$old"
   echo "$name: killed the primary (port $old) at $kill_t"
   start=$SECONDS
-  for c in redis-py ioredis; do
+  for c in "${clients[@]}"; do
     local r=""
     while [ -z "$r" ] && [ $((SECONDS - start)) -le $((bound_s + 1)) ]; do
       sleep 0.2
@@ -230,7 +248,7 @@ echo
 echo "== kill -9 of the primary -> first write to the new primary (ms)"
 printf '%-10s %12s %16s\n' client quorate redis-sentinel
 status=0
-for c in redis-py ioredis; do
+for c in "${clients[@]}"; do
   printf '%-10s %12s %16s\n' "$c" "${result[quorate,$c]:-none}" "${result[redis-sentinel,$c]:-n/a}"
   v=${result[quorate,$c]:-none}
   if [ "$v" = none ] || [ "$v" -gt $((bound_s * 1000)) ]; then
