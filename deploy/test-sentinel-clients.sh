@@ -72,8 +72,6 @@ fi
 export PYTHONPATH="$deps/py" NODE_PATH="$deps/node/node_modules"
 echo "redis-py $(python3 -c 'import redis; print(redis.__version__)'), ioredis $(node -p 'require("ioredis/package.json").version'), node $(node --version), redis-rs $("$rs_client" --lib-version)"
 
-now() { python3 -c 'import time; print(time.time())'; }
-
 # ok_lines FILE: successful writes so far.
 ok_lines() {
   local n
@@ -115,10 +113,13 @@ PY
 
 declare -A result
 clients=(redis-py ioredis redis-rs)
-# run_pass NAME SENTINELS KILL_FUNCTION: starts the clients, waits for
-# steady writes, kills the primary's host (KILL_FUNCTION PORT), measures.
+# run_pass NAME SENTINELS VICTIMS_FUNCTION: starts the clients, waits for
+# steady writes, kill -9s the primary's host processes (VICTIMS_FUNCTION
+# PORT prints their pids), measures. The pids are found before the clock
+# starts and the clock is bash's own ($EPOCHREALTIME), so that neither pass
+# is charged for a helper process starting.
 run_pass() {
-  local name=$1 sentinels=$2 kill_fn=$3 c
+  local name=$1 sentinels=$2 victims_fn=$3 c
   local out="$work/$name"
   mkdir -p "$out"
   python3 deploy/sentinel-clients/redis_py_client.py --sentinels "$sentinels" --group db --duration-s 90 \
@@ -143,9 +144,12 @@ run_pass() {
   done
   local old
   old=$(master_port "${sentinels%%,*}")
-  local kill_t
-  kill_t=$(now)
-  "$kill_fn" "$old"
+  local victims kill_t
+  victims=$("$victims_fn" "$old")
+  [ -n "$victims" ] || { echo "$name: no process serves port $old" >&2; return 1; }
+  kill_t=$EPOCHREALTIME
+  # shellcheck disable=SC2086
+  kill -9 $victims
   echo "$name: killed the primary (port $old) at $kill_t"
   start=$SECONDS
   for c in "${clients[@]}"; do
@@ -173,21 +177,18 @@ sentinels=$(python3 -c 'import json,sys; print(",".join(n["sentinel_addr"] for n
   "$work/quorate/cluster.json")
 echo "sentinels: $sentinels"
 
-kill_quorate_host() {
-  local pids_of
-  pids_of=$(python3 - "$work/quorate/cluster.json" "$1" <<'PY'
+# The member whose data Redis serves port $1: its data Redis, heartbeat
+# Redis and agent (its whole host).
+quorate_host_pids() {
+  python3 - "$work/quorate/cluster.json" "$1" <<'PY'
 import json, sys
 f, port = json.load(open(sys.argv[1])), sys.argv[2]
 for m in f["members"]:
     if m.get("data_redis_addr", "").endswith(":" + port):
         print(m["data_redis_pid"], m["heartbeat_redis_pid"], m["agent_pid"])
 PY
-)
-  [ -n "$pids_of" ] || { echo "no member serves port $1" >&2; return 1; }
-  # shellcheck disable=SC2086
-  kill -9 $pids_of
 }
-run_pass quorate "$sentinels" kill_quorate_host
+run_pass quorate "$sentinels" quorate_host_pids
 
 if [ "$compare" = 1 ]; then
   echo "== real Redis Sentinel: 3 sentinels (redis-server --sentinel) on a primary/replica pair"
@@ -239,8 +240,8 @@ PY
     sleep 0.5
   done
   if [ "$compare" = 1 ]; then
-    kill_redis_primary() { kill -9 "$(cat "$rs/$1.pid")"; }
-    run_pass redis-sentinel "$rs_sentinels" kill_redis_primary || compare=0
+    redis_primary_pid() { cat "$rs/$1.pid"; }
+    run_pass redis-sentinel "$rs_sentinels" redis_primary_pid || compare=0
   fi
 fi
 
