@@ -13,7 +13,8 @@
 //! - `client` C: acquire, renew and release only as holder C, on the groups
 //!   its certificate names (`*` for any);
 //! - `reader`: reads only;
-//! - `admin`: group changes, switchover, maintenance, unblock, what-if.
+//! - `admin`: group changes and deletes, switchover, maintenance, unblock,
+//!   what-if, backups (a snapshot holds every group's spec).
 //!
 //! Every identity may read: reads steer nothing, and agents and lease
 //! holders read their group's spec, election and lease to do their work.
@@ -237,6 +238,10 @@ pub enum Action<'a> {
     Steer,
     /// Ask what a failover would do.
     WhatIf,
+    /// Delete a group (its lease, views and history with it).
+    DeleteGroup,
+    /// Take a snapshot of the whole replicated state (a backup).
+    Backup,
 }
 
 impl fmt::Display for Action<'_> {
@@ -249,6 +254,8 @@ impl fmt::Display for Action<'_> {
             Action::ApplyGroup => f.write_str("create or change groups"),
             Action::Steer => f.write_str("switch over, set maintenance or lift a failover block"),
             Action::WhatIf => f.write_str("ask what-if"),
+            Action::DeleteGroup => f.write_str("delete groups"),
+            Action::Backup => f.write_str("save snapshots of the cluster's state"),
         }
     }
 }
@@ -320,8 +327,13 @@ pub fn check(who: &Identity, what: Action<'_>) -> Result<(), Denied> {
             }
         }
         (_, Action::Lease { .. }) => deny("only members and clients hold leases"),
-        (Identity::Admin { .. }, Action::ApplyGroup | Action::Steer | Action::WhatIf) => Ok(()),
-        (_, Action::ApplyGroup | Action::Steer | Action::WhatIf) => deny("admin only"),
+        (
+            Identity::Admin { .. },
+            Action::ApplyGroup | Action::Steer | Action::WhatIf | Action::DeleteGroup | Action::Backup,
+        ) => Ok(()),
+        (_, Action::ApplyGroup | Action::Steer | Action::WhatIf | Action::DeleteGroup | Action::Backup) => {
+            deny("admin only")
+        }
     }
 }
 
@@ -369,7 +381,8 @@ mod tests {
         assert!(check(&m, Action::Report { group: "other", observer: "db-1" }).is_err());
         assert!(check(&m, Action::Lease { group: "pair", holder: "db-1" }).is_ok());
         assert!(check(&m, Action::Lease { group: "pair", holder: "db-2" }).is_err());
-        for a in [Action::Raft, Action::ApplyGroup, Action::Steer, Action::WhatIf] {
+        for a in [Action::Raft, Action::ApplyGroup, Action::Steer, Action::WhatIf, Action::DeleteGroup, Action::Backup]
+        {
             assert!(check(&m, a).is_err(), "{a}");
         }
         let e = check(&m, Action::Steer).unwrap_err().to_string();
@@ -399,11 +412,25 @@ mod tests {
         assert!(check(&any, Action::Lease { group: "h", holder: "svc" }).is_ok());
         let r = Identity::Reader { name: "r".into() };
         assert!(check(&r, Action::Read).is_ok());
-        for a in [Action::Raft, Action::Lease { group: "g", holder: "r" }, Action::ApplyGroup, Action::Steer] {
+        for a in [
+            Action::Raft,
+            Action::Lease { group: "g", holder: "r" },
+            Action::ApplyGroup,
+            Action::Steer,
+            Action::DeleteGroup,
+            Action::Backup,
+        ] {
             assert!(check(&r, a).is_err(), "{a}");
         }
+        assert_eq!(
+            check(&r, Action::Backup).unwrap_err().to_string(),
+            "reader r may not save snapshots of the cluster's state: admin only"
+        );
+        assert!(check(&c, Action::DeleteGroup).is_err(), "a client deletes no group");
         let a = Identity::Admin { name: "ops".into() };
-        for act in [Action::Read, Action::ApplyGroup, Action::Steer, Action::WhatIf] {
+        for act in
+            [Action::Read, Action::ApplyGroup, Action::Steer, Action::WhatIf, Action::DeleteGroup, Action::Backup]
+        {
             assert!(check(&a, act).is_ok(), "{act}");
         }
         assert!(check(&a, Action::Raft).is_err());

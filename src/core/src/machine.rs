@@ -12,6 +12,11 @@
 //!
 //! `apply` returns its decision as data ([`Outcome`]) plus the change to
 //! publish to watchers ([`Change`]); the runtime layer sends them on.
+//!
+//! Deleting a group and the state a restored cluster starts from
+//! ([`Machine::restored`]) live in `lifecycle`: both keep every name's
+//! epochs going up (a delete leaves its epoch in the machine's floor; a
+//! restore bumps every epoch by a margin).
 
 use std::collections::BTreeMap;
 
@@ -150,6 +155,18 @@ pub enum Op {
         group: String,
         /// Why, for the logs.
         reason: String,
+    },
+    /// Delete a failover group: its spec, matrix, election state, history
+    /// and lease. Refused for a managed group whose lease is held and not
+    /// expired at the entry's time, unless `force`. The group's epoch is
+    /// kept in the machine's epoch floor, so a group created again under
+    /// the same name never hands out an epoch it handed out before.
+    DeleteGroup {
+        /// The group.
+        group: String,
+        /// Delete even while a primary holds the lease (the holder's next
+        /// renewal is refused and its agent fences).
+        force: bool,
     },
     /// Several commands in one log entry, applied in order at the same time
     /// (the leader batches concurrent reports). Not nested.
@@ -353,6 +370,21 @@ pub enum Rejection {
         /// The name asked for.
         group: String,
     },
+    /// A delete of a managed group whose primary holds a live lease.
+    #[error(
+        "group {group:?} has a live primary: {holder:?} holds its lease at epoch {epoch} for another {remaining_ms} ms; \
+         stop its agents first, or delete with --force (the primary's next renewal is refused and it fences)"
+    )]
+    LivePrimary {
+        /// The group.
+        group: String,
+        /// The lease holder.
+        holder: String,
+        /// Its epoch.
+        epoch: u64,
+        /// Time left on its lease at the entry's time.
+        remaining_ms: u64,
+    },
     /// A report by a member's agent about a group it is not in.
     #[error("{observer} is not a member of group {group:?}")]
     UnknownObserver {
@@ -416,6 +448,14 @@ pub enum Outcome {
         /// Why views were not stored.
         rejected: Vec<Rejection>,
     },
+    /// The group is deleted at `revision`; `lease` is its lease now (free,
+    /// at the epoch the next grant of that name builds on).
+    GroupDeleted {
+        /// The log index of the delete.
+        revision: u64,
+        /// The lease after the delete.
+        lease: LeaseView,
+    },
     /// One outcome per command of a batch, in order.
     Batch(Vec<Outcome>),
     /// The designation moved (or maintenance/blocks changed, switchover started).
@@ -453,6 +493,8 @@ pub enum ChangeKind {
     ViewReported,
     /// The group's election state changed.
     ElectionChanged,
+    /// The group (and its lease) was deleted.
+    GroupDeleted,
 }
 
 impl Change {
@@ -486,6 +528,11 @@ pub struct Machine {
     /// Failover groups: spec and matrix.
     #[serde(default)]
     groups: BTreeMap<String, GroupState>,
+    /// The epoch a lease with no record starts from: the highest epoch of
+    /// any deleted lease, raised by a restore (see `machine::lifecycle`).
+    /// Epochs of a name never go back, even across a delete or a restore.
+    #[serde(default)]
+    epoch_floor: u64,
 }
 
 impl Machine {
@@ -573,6 +620,7 @@ impl Machine {
                 g.election.switchover = None;
                 Ok(())
             }),
+            Op::DeleteGroup { group, force } => self.delete_group(pos.index, now, group, *force),
         }
     }
 
@@ -583,7 +631,7 @@ impl Machine {
             None => LeaseView {
                 group: group.to_owned(),
                 holder: None,
-                epoch: 0,
+                epoch: self.epoch_floor,
                 ttl_ms: 0,
                 remaining_ms: 0,
                 state: LeaseState::Free,
@@ -644,7 +692,9 @@ impl Machine {
         if let Err(r) = self.check_designated(group, holder) {
             return rejected_outcome(r);
         }
-        let rec = self.leases.entry(group.to_owned()).or_default();
+        let floor = self.epoch_floor;
+        let rec =
+            self.leases.entry(group.to_owned()).or_insert_with(|| LeaseRecord { epoch: floor, ..Default::default() });
         if let Some(current) = &rec.holder {
             let grantable_at_ms = grant_timing(rec, timing).grantable_at_ms(rec.renewed_at_ms, rec.ttl_ms);
             if current != holder && now < grantable_at_ms {
@@ -920,7 +970,10 @@ impl Machine {
             group: group.to_owned(),
             holder: holder.to_owned(),
             epoch,
-            current: CurrentHolder { holder: rec.and_then(|r| r.holder.clone()), epoch: rec.map_or(0, |r| r.epoch) },
+            current: CurrentHolder {
+                holder: rec.and_then(|r| r.holder.clone()),
+                epoch: rec.map_or(self.epoch_floor, |r| r.epoch),
+            },
         }
     }
 }
@@ -975,6 +1028,10 @@ fn check_names(group: &str, holder: &str) -> Result<(), Rejection> {
 fn rejected_outcome(r: Rejection) -> Applied {
     Applied { outcome: Outcome::Rejected(r), changes: Vec::new() }
 }
+
+mod lifecycle;
+
+pub use self::lifecycle::RestoreError;
 
 #[cfg(test)]
 mod tests;

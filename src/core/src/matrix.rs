@@ -280,6 +280,21 @@ impl GroupState {
         }
     }
 
+    /// Forgets what observers and agents reported (views, incarnations,
+    /// members' data statuses) and the clock-bound election state (the last
+    /// failover's time, a pending switchover), keeping the spec, the
+    /// designation and the history: what a group restored from a backup
+    /// keeps. Reports are measured on the old cluster's clocks and describe
+    /// a past moment; the new cluster's observers report afresh within
+    /// `report_interval_ms`.
+    pub fn forget_observations(&mut self) {
+        self.views.clear();
+        self.incarnations.clear();
+        self.statuses.clear();
+        self.election.last_failover_ms = None;
+        self.election.switchover = None;
+    }
+
     /// A view's age at `now_ms`, in ms (0 if it is from the future).
     pub fn view_age_ms(view: &StoredView, now_ms: u64) -> u64 {
         let age = i128::from(now_ms) - i128::from(view.reported_at_ms);

@@ -20,6 +20,8 @@ use crate::redis_access::{PASSWORD_ENV, RedisAccess, RedisTls, Secret};
 use crate::tls::config::TlsFiles;
 use serde::{Deserialize, Serialize};
 
+mod default_toml;
+
 /// Everything a coordinator node needs to run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -131,6 +133,17 @@ pub struct ServerConfig {
     /// present none, since Redis clients usually authenticate with the
     /// password; one it does present is still verified.
     pub sentinel_tls_client_auth: bool,
+    /// How far a restore (`restore`) raises every group's epoch: each lease
+    /// starts free at its backed-up epoch plus this, so that a fencing
+    /// token the old cluster handed out after the backup is never handed
+    /// out again (as long as it granted fewer than this many after it).
+    pub restore_epoch_bump: u64,
+    /// A backup file (`quorate snapshot save`) to seed a new cluster from,
+    /// given to the node with the lowest id on its first start, on an empty
+    /// `data_dir`. A flag only (`--restore`), never a file key: it is done
+    /// once, and a restarted node must not try it again.
+    #[serde(skip)]
+    pub restore: PathBuf,
     /// UNSAFE, for the fault suite's negative control only: grant leases
     /// without waiting for the previous holder's to expire.
     pub test_only_skip_lease_wait: bool,
@@ -191,10 +204,19 @@ impl Default for ServerConfig {
             sentinel_max_connections: DEFAULT_SENTINEL_MAX_CONNECTIONS,
             sentinel_tls: false,
             sentinel_tls_client_auth: false,
+            restore_epoch_bump: DEFAULT_RESTORE_EPOCH_BUMP,
+            restore: PathBuf::new(),
             test_only_skip_lease_wait: false,
         }
     }
 }
+
+/// The default epoch bump of a restore, as `etcdutl snapshot restore
+/// --bump-revision` suggests it: far more grants than any group makes
+/// between a backup and its restore, far below the 2^64 epochs there are.
+pub const DEFAULT_RESTORE_EPOCH_BUMP: u64 = 1_000_000;
+/// The largest bump: 2^62 leaves every restored epoch room to grow.
+const MAX_RESTORE_EPOCH_BUMP: u64 = 1 << 62;
 
 /// The default bound on Sentinel endpoint connections, and its largest value.
 pub const DEFAULT_SENTINEL_MAX_CONNECTIONS: u64 = 1024;
@@ -559,7 +581,38 @@ impl ServerConfig {
         self.validate_sentinel()?;
         self.validate_raft_timing()?;
         self.validate_lease_timing()?;
-        self.validate_snapshots()
+        self.validate_snapshots()?;
+        self.validate_restore()
+    }
+
+    /// The epoch bump, and a restore only where it forms the cluster: the
+    /// node with the lowest id (the one that would initialize it).
+    fn validate_restore(&self) -> Result<(), ConfigError> {
+        if !(1..=MAX_RESTORE_EPOCH_BUMP).contains(&self.restore_epoch_bump) {
+            return Err(invalid(
+                "restore_epoch_bump",
+                format!(
+                    "{} is outside 1..={MAX_RESTORE_EPOCH_BUMP}: a restore must raise every epoch",
+                    self.restore_epoch_bump
+                ),
+            ));
+        }
+        if self.restore.as_os_str().is_empty() {
+            return Ok(());
+        }
+        let lowest = parse_peers(&self.peers)?.keys().next().copied();
+        if lowest != Some(self.node_id) {
+            return Err(invalid(
+                "restore",
+                format!(
+                    "give --restore to the node that forms the cluster, node {} (the lowest id in peers), not node {}; \
+                     the others start empty and receive the state from it",
+                    lowest.unwrap_or(0),
+                    self.node_id
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Where to keep data, what to bind, and a peer list naming this node
@@ -1111,6 +1164,23 @@ mod tests {
         let c = ServerConfig { sentinel_tls_client_auth: true, ..secure };
         assert!(err(&c).starts_with("sentinel_tls_client_auth: given without sentinel_tls"), "{}", err(&c));
         assert!(!ServerConfig::default().sentinel_tls && !ServerConfig::default().sentinel_tls_client_auth);
+    }
+
+    #[test]
+    fn restore_settings_are_checked() {
+        let c = ServerConfig { restore_epoch_bump: 0, ..good() };
+        assert!(err(&c).starts_with("restore_epoch_bump: 0 is outside 1..="), "{}", err(&c));
+        let c = ServerConfig { restore: "/tmp/b.snap".into(), node_id: 2, ..good() };
+        assert!(
+            err(&c).starts_with("restore: give --restore to the node that forms the cluster, node 1"),
+            "{}",
+            err(&c)
+        );
+        ServerConfig { restore: "/tmp/b.snap".into(), ..good() }.validate().unwrap();
+        // Never a file key: a restarted node must not restore again.
+        let e = toml::from_str::<ServerConfig>("restore = \"/tmp/b.snap\"").unwrap_err().to_string();
+        assert!(e.contains("unknown field `restore`"), "{e}");
+        assert_eq!(ServerConfig::default().restore_epoch_bump, 1_000_000);
     }
 
     #[test]

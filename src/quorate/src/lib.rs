@@ -5,6 +5,8 @@
 //!
 //! ## Layout
 //!
+//! - [`backup`]: backup files (`quorate snapshot save`, `server --restore`):
+//!   header, checksum, bounded atomic reads and writes.
 //! - [`config`]: one validated configuration struct per process (server,
 //!   agent) and the one merge of defaults, file and flags.
 //! - [`raft`]: openraft behind one facade ([`raft::RaftNode`]): redb log
@@ -38,6 +40,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod backup;
 pub mod bench;
 pub mod cli;
 pub mod client;

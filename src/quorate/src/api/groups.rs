@@ -9,6 +9,7 @@ use crate::tls::caller::Caller;
 use crate::wire::convert::{
     evidence_cells, matrix_pb, member_verdict_pb, restart_pb, spec_from_pb, spec_pb, status_from_pb, views_from_pb,
 };
+use crate::wire::lease_pb;
 
 /// A report from protobuf (gRPC, and a coordinator's own in-process).
 pub fn report_from_pb(r: pb::ReportRequest) -> Result<Report, ServiceError> {
@@ -29,6 +30,15 @@ impl CoordinatorService {
         let spec = spec_from_pb(r.spec.ok_or_else(|| ServiceError::InvalidArgument("spec: missing".into()))?);
         let applied = self.node.apply_group(c, spec).await?;
         Ok(pb::ApplyGroupResponse { created: applied.created, revision: applied.revision })
+    }
+
+    pub(super) async fn delete_group_pb(
+        &self,
+        c: &Caller,
+        r: pb::DeleteGroupRequest,
+    ) -> Result<pb::DeleteGroupResponse, ServiceError> {
+        let d = self.node.delete_group(c, &r.group, r.force).await?;
+        Ok(pb::DeleteGroupResponse { revision: d.revision, lease: Some(lease_pb(&d.lease)) })
     }
 
     pub(super) async fn get_group_pb(

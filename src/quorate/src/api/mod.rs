@@ -132,6 +132,25 @@ pub(super) fn read_consistency(consistency: i32) -> Result<(ReadConsistency, pb:
 }
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+type SnapshotStream = Pin<Box<dyn Stream<Item = Result<pb::SnapshotChunk, Status>> + Send>>;
+
+/// The most file bytes one `SnapshotChunk` carries: well under tonic's
+/// 4 MiB message limit.
+const SNAPSHOT_CHUNK_BYTES: usize = 1 << 20;
+
+/// A backup file as a stream of chunks. The file is read (and every error
+/// reported) before the stream starts, so a refusal is a status the client
+/// follows (not the leader: retried there) rather than a broken stream.
+fn snapshot_chunks(file: crate::service::snapshot::SnapshotFile) -> SnapshotStream {
+    let total_bytes = file.bytes.len() as u64;
+    let (revision, served_by) = (file.revision, file.served_by);
+    let chunks: Vec<Result<pb::SnapshotChunk, Status>> = file
+        .bytes
+        .chunks(SNAPSHOT_CHUNK_BYTES)
+        .map(|data| Ok(pb::SnapshotChunk { data: data.to_vec(), total_bytes, revision, served_by }))
+        .collect();
+    Box::pin(futures::stream::iter(chunks))
+}
 
 #[tonic::async_trait]
 impl Coordinator for CoordinatorService {
@@ -263,5 +282,27 @@ impl Coordinator for CoordinatorService {
 
     async fn what_if(&self, req: Request<pb::WhatIfRequest>) -> Result<Response<pb::WhatIfResponse>, Status> {
         Ok(Response::new(self.what_if_pb(&Caller::of_request(&req), req.into_inner()).await?))
+    }
+
+    async fn delete_group(
+        &self,
+        req: Request<pb::DeleteGroupRequest>,
+    ) -> Result<Response<pb::DeleteGroupResponse>, Status> {
+        let c = Caller::of_request(&req);
+        let r = req.into_inner();
+        let span = info_span!("delete_group", group = %r.group, force = r.force);
+        Ok(Response::new(self.delete_group_pb(&c, r).instrument(span).await?))
+    }
+
+    type SaveSnapshotStream = SnapshotStream;
+
+    async fn save_snapshot(
+        &self,
+        req: Request<pb::SaveSnapshotRequest>,
+    ) -> Result<Response<Self::SaveSnapshotStream>, Status> {
+        let c = Caller::of_request(&req);
+        let span = info_span!("save_snapshot", node_id = self.node.id);
+        let file = self.node.save_snapshot(&c).instrument(span).await?;
+        Ok(Response::new(snapshot_chunks(file)))
     }
 }

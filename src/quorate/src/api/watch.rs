@@ -13,6 +13,7 @@ fn kind_pb(kind: LeaseEvent) -> pb::EventKind {
         LeaseEvent::Released => pb::EventKind::Released,
         LeaseEvent::Expired => pb::EventKind::Expired,
         LeaseEvent::Resync => pb::EventKind::Resync,
+        LeaseEvent::Deleted => pb::EventKind::Deleted,
     }
 }
 

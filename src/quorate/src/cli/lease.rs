@@ -206,6 +206,10 @@ pub async fn watch(client: Client, group: &str, json_mode: bool) -> anyhow::Resu
                 }
             };
             print_watch_event(group, &ev, json_mode);
+            if ev.kind == pb::EventKind::Deleted as i32 {
+                // The group is gone: there is nothing more to watch.
+                return Ok(());
+            }
         }
     }
 }
@@ -252,6 +256,7 @@ fn print_watch_event(group: &str, ev: &pb::WatchEvent, json_mode: bool) {
         Ok(pb::EventKind::Released) => "released",
         Ok(pb::EventKind::Expired) => "expired",
         Ok(pb::EventKind::Resync) => "resync",
+        Ok(pb::EventKind::Deleted) => "deleted",
         _ => "unknown",
     };
     let lease = ev.lease.clone().unwrap_or_default();

@@ -7,6 +7,7 @@ mod election;
 mod groups;
 pub use crate::render::render_matrix;
 mod lease;
+mod lifecycle;
 mod status;
 
 use std::path::PathBuf;
@@ -149,6 +150,17 @@ pub enum Command {
     },
     /// Measure throughput and latency against a running cluster.
     Bench(BenchArgs),
+    /// Backups of the cluster's state (restore with `quorate server --restore`).
+    #[command(subcommand)]
+    Snapshot(SnapshotCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SnapshotCommand {
+    /// Save a consistent snapshot of the whole state, read on the leader, to
+    /// FILE (written atomically; format version, length and SHA-256 in its
+    /// header). Admin only.
+    Save { file: PathBuf },
 }
 
 #[derive(Debug, Args)]
@@ -229,6 +241,21 @@ pub struct ServerArgs {
     /// cluster CA (Redis's tls-auth-clients yes).
     #[arg(long)]
     pub sentinel_tls_client_auth: bool,
+    /// Seed a new cluster from a backup (`quorate snapshot save`): only on
+    /// the node with the lowest id, on an empty data directory, on its
+    /// first start; the other nodes start empty.
+    #[arg(long)]
+    pub restore: Option<PathBuf>,
+    /// How far a restore raises every epoch (default 1000000).
+    #[arg(long)]
+    pub restore_epoch_bump: Option<u64>,
+    /// Print every config key with its default, as a commented TOML file, and exit.
+    #[arg(long, conflicts_with = "check_config")]
+    pub print_default_config: bool,
+    /// Validate a config file (as --config would load it) and exit: 0 and
+    /// one OK line, or non-zero naming the field at fault.
+    #[arg(long, value_name = "FILE")]
+    pub check_config: Option<PathBuf>,
     /// UNSAFE: grant leases without waiting for expiry. Only for the fault
     /// suite's negative control, which must detect the overlap.
     #[arg(long, hide = true)]
@@ -306,6 +333,8 @@ impl ServerArgs {
                 sentinel_peers,
                 sentinel_password_file,
                 sentinel_max_connections,
+                restore,
+                restore_epoch_bump,
             );
             self.redis.overlay(c);
             // Switches: a flag turns one on, its absence leaves the file's.
@@ -377,6 +406,15 @@ pub enum CertsCommand {
 pub enum GroupCommand {
     /// Create or change a group from a TOML file (see README: group spec).
     Apply { file: PathBuf },
+    /// Delete a group: its spec, lease, views and history. Refused for a
+    /// managed group whose primary holds a live lease, unless --force.
+    Delete {
+        name: String,
+        /// Delete even with a live primary (its next renewal is refused and
+        /// its agent fences).
+        #[arg(long)]
+        force: bool,
+    },
     /// Show a group's spec.
     Get { name: String },
     /// List every group.
@@ -528,6 +566,11 @@ pub enum LocalCommand {
         /// and an agent.
         #[arg(long, conflicts_with = "group")]
         redis_pair: Option<String>,
+        /// Seed the new cluster from a backup (`quorate snapshot save`):
+        /// node 1 restores it, the others receive it by Raft. Only for a
+        /// new DIR.
+        #[arg(long)]
+        restore: Option<PathBuf>,
     },
     /// Stop everything `local up` started in DIR (data is kept).
     Down {
@@ -580,15 +623,17 @@ pub fn emit(json_mode: bool, value: &serde_json::Value, text: impl FnOnce() -> S
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let json_mode = cli.json;
     match cli.command {
-        Command::Server(args) => {
-            let config = args.to_config(cli.conn.insecure)?;
-            crate::server::run(config, shutdown_signal()).await?;
-            Ok(())
-        }
+        Command::Server(args) => server(&args, cli.conn.insecure, json_mode).await,
         Command::Status => status::run(&client(&cli.conn)?, json_mode).await,
         Command::Lease(cmd) => lease::run(client(&cli.conn)?, cmd, json_mode).await,
         Command::Watch { group } => lease::watch(client(&cli.conn)?, &group, json_mode).await,
         Command::Group(GroupCommand::Apply { file }) => groups::apply(&client(&cli.conn)?, &file, json_mode).await,
+        Command::Group(GroupCommand::Delete { name, force }) => {
+            lifecycle::delete_group(&client(&cli.conn)?, &name, force, json_mode).await
+        }
+        Command::Snapshot(SnapshotCommand::Save { file }) => {
+            lifecycle::save_snapshot(&client(&cli.conn)?, &file, json_mode).await
+        }
         Command::Group(GroupCommand::Get { name }) => groups::get(&client(&cli.conn)?, &name, json_mode).await,
         Command::Group(GroupCommand::List) => groups::list(&client(&cli.conn)?, json_mode).await,
         Command::Matrix { group, consistency } => {
@@ -627,13 +672,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// `quorate server`: run a node, or print the default config, or check one.
+async fn server(args: &ServerArgs, insecure: bool, json_mode: bool) -> anyhow::Result<()> {
+    if args.print_default_config {
+        print!("{}", ServerConfig::default_toml());
+        return Ok(());
+    }
+    if let Some(file) = &args.check_config {
+        return lifecycle::check_config(file, json_mode);
+    }
+    let config = args.to_config(insecure)?;
+    crate::server::run(config, shutdown_signal()).await?;
+    Ok(())
+}
+
 /// `quorate local up|down`.
 async fn local(cmd: LocalCommand, insecure: bool, json_mode: bool) -> anyhow::Result<()> {
     match cmd {
-        LocalCommand::Up { nodes, dir, base_port, group, members, redis_pair } => {
+        LocalCommand::Up { nodes, dir, base_port, group, members, redis_pair, restore } => {
             let data = redis_pair.is_some();
             let group = redis_pair.map(|g| (g, 2)).or(group.map(|g| (g, members)));
-            let opts = crate::local::UpOptions { nodes, dir, base_port, group, data, insecure };
+            let opts = crate::local::UpOptions { nodes, dir, base_port, group, data, insecure, restore };
             let file = crate::local::up(&opts).await?;
             let value = serde_json::to_value(&file)?;
             emit(json_mode, &value, || {

@@ -97,6 +97,9 @@ pub enum ClientError {
     /// cause is not lost behind the timeout.
     #[error("the call did not complete within {budget:?}{}; a write may still take effect", last_text(.last))]
     Timeout { budget: Duration, last: Option<String> },
+    /// A streamed transfer (a snapshot) broke off or did not add up.
+    #[error("snapshot transfer failed: {0}")]
+    Transfer(String),
 }
 
 fn last_text(last: &Option<String>) -> String {
@@ -111,6 +114,7 @@ impl ClientError {
             ClientError::Unavailable { .. } => Code::Unavailable,
             ClientError::Timeout { .. } => Code::DeadlineExceeded,
             ClientError::NoEndpoints | ClientError::BadEndpoint { .. } => Code::InvalidArgument,
+            ClientError::Transfer(_) => Code::DataLoss,
         }
     }
 
@@ -595,4 +599,60 @@ impl Client {
         let req = pb::WhatIfRequest { group: group.into(), down: down.to_vec() };
         self.unary(req, |mut c, r| async move { c.what_if(r).await }).await
     }
+
+    /// Deletes a group (`force`: even with a live primary).
+    pub async fn delete_group(&self, group: &str, force: bool) -> Result<pb::DeleteGroupResponse, ClientError> {
+        let req = pb::DeleteGroupRequest { group: group.into(), force };
+        self.unary(req, |mut c, r| async move { c.delete_group(r).await }).await
+    }
+
+    /// A backup file of the cluster's state, from the leader (the call
+    /// follows leader hints). The transfer is bounded: at most
+    /// [`crate::backup::MAX_BACKUP_BYTES`], within [`SNAPSHOT_TRANSFER`].
+    pub async fn save_snapshot(&self) -> Result<SnapshotDownload, ClientError> {
+        let mut stream =
+            self.unary(pb::SaveSnapshotRequest {}, |mut c, r| async move { c.save_snapshot(r).await }).await?;
+        let read = async {
+            let mut got = SnapshotDownload { bytes: Vec::new(), revision: 0, served_by: 0 };
+            let mut total = None;
+            while let Some(chunk) = stream.message().await.map_err(|s| ClientError::Transfer(s.message().to_owned()))? {
+                let want = *total.get_or_insert(chunk.total_bytes);
+                if want > crate::backup::MAX_BACKUP_BYTES || chunk.total_bytes != want {
+                    return Err(ClientError::Transfer(format!(
+                        "the server announced {} bytes (limit {})",
+                        chunk.total_bytes,
+                        crate::backup::MAX_BACKUP_BYTES
+                    )));
+                }
+                if got.bytes.len() as u64 + chunk.data.len() as u64 > want {
+                    return Err(ClientError::Transfer(format!("more than the {want} bytes announced")));
+                }
+                got.bytes.extend_from_slice(&chunk.data);
+                (got.revision, got.served_by) = (chunk.revision, chunk.served_by);
+            }
+            match total {
+                Some(want) if got.bytes.len() as u64 == want => Ok(got),
+                want => Err(ClientError::Transfer(format!(
+                    "the stream ended after {} of {} bytes",
+                    got.bytes.len(),
+                    want.map_or_else(|| "the announced".to_owned(), |w| w.to_string())
+                ))),
+            }
+        };
+        tokio::time::timeout(SNAPSHOT_TRANSFER, read)
+            .await
+            .map_err(|_| ClientError::Transfer(format!("not complete within {SNAPSHOT_TRANSFER:?}")))?
+    }
+}
+
+/// How long a snapshot transfer may take once the leader answered.
+pub const SNAPSHOT_TRANSFER: Duration = Duration::from_secs(120);
+
+/// A backup file as received (checked by `crate::backup::decode`).
+#[derive(Debug, Clone)]
+pub struct SnapshotDownload {
+    pub bytes: Vec<u8>,
+    /// The log index it was read at, and the node that read it.
+    pub revision: u64,
+    pub served_by: u64,
 }

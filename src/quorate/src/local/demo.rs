@@ -323,6 +323,7 @@ pub async fn run(opts: &DemoOptions) -> Result<DemoSummary, DemoError> {
         group: Some((GROUP.into(), 2)),
         data: true,
         insecure: opts.insecure,
+        restore: None,
     };
     let mut file: ClusterFile = super::up(&up).await?;
     let result = scenarios(&story, &up, &mut file).await;

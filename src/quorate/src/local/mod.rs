@@ -186,6 +186,9 @@ pub struct UpOptions {
     pub data: bool,
     /// Plain text everywhere instead of mutual TLS (`--insecure`).
     pub insecure: bool,
+    /// A backup to seed the new cluster from (`--restore`): node 1 restores
+    /// it, the others receive it by Raft. Only for a new directory.
+    pub restore: Option<PathBuf>,
 }
 
 /// Why the launcher failed.
@@ -381,8 +384,9 @@ pub fn local_group_spec(group: &str, members: &[MemberEntry]) -> quorate_core::g
     }
 }
 
-/// Starts every node that is not running.
-fn start_nodes(dir: &Path, file: &mut ClusterFile) -> Result<(), LocalError> {
+/// Starts every node that is not running; node 1 (the lowest id, which
+/// forms the cluster) with `--restore FILE` when `restore` is given.
+fn start_nodes(dir: &Path, file: &mut ClusterFile, restore: Option<&Path>) -> Result<(), LocalError> {
     let peers: String = file.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
     assign_sentinel_addrs(&mut file.nodes)?;
     let sentinels: String = file
@@ -396,7 +400,8 @@ fn start_nodes(dir: &Path, file: &mut ClusterFile) -> Result<(), LocalError> {
             continue;
         }
         std::fs::create_dir_all(&node.data_dir).map_err(io("cannot create", Path::new(&node.data_dir)))?;
-        node.pid = spawn_node(dir, node, &peers, &sentinels, file.tls.as_ref())?;
+        let restore = restore.filter(|_| node.id == 1);
+        node.pid = spawn_node(dir, node, &peers, &sentinels, file.tls.as_ref(), restore)?;
     }
     Ok(())
 }
@@ -422,6 +427,7 @@ fn spawn_node(
     peers: &str,
     sentinels: &str,
     tls: Option<&ClusterTls>,
+    restore: Option<&Path>,
 ) -> Result<u32, LocalError> {
     let exe = std::env::current_exe().map_err(io("cannot find the quorate binary", Path::new("current_exe")))?;
     let log_path = dir.join(format!("node-{}.log", node.id));
@@ -440,6 +446,7 @@ fn spawn_node(
                 .into_iter()
                 .flatten(),
         )
+        .args(restore.iter().flat_map(|r| [std::ffi::OsStr::new("--restore"), r.as_os_str()]))
         .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
         .stdin(Stdio::null())
         .stdout(log)
@@ -458,7 +465,14 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
     if opts.group.is_some() {
         find_redis_server()?;
     }
+    let restore = opts.restore.as_deref().map(checked_backup).transpose()?;
     let mut file = match read_cluster_file(&dir)? {
+        Some(_) if restore.is_some() => {
+            return Err(LocalError::Invalid(format!(
+                "--restore seeds a new cluster, and {} already holds one; use another --dir",
+                dir.display()
+            )));
+        }
         Some(f) => {
             if f.group.as_deref() != opts.group.as_ref().map(|(g, _)| g.as_str())
                 || f.members.len() as u64 != opts.group.as_ref().map_or(0, |(_, k)| *k)
@@ -488,7 +502,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         }
         None => new_cluster(&dir, opts)?,
     };
-    start_nodes(&dir, &mut file)?;
+    start_nodes(&dir, &mut file, restore.as_deref())?;
     let data_addrs: Vec<String> = file.members.iter().filter_map(|m| m.data_redis_addr.clone()).collect();
     for m in &mut file.members {
         if !is_redis(m.heartbeat_redis_pid) {
@@ -524,6 +538,16 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
         write_cluster_file(&dir, &file)?;
     }
     Ok(file)
+}
+
+/// The backup `--restore` names, as an absolute path, once it checks out:
+/// a bad file is refused here, with what is wrong with it, before any
+/// process starts.
+fn checked_backup(path: &Path) -> Result<PathBuf, LocalError> {
+    let path = path.canonicalize().map_err(io("cannot find the backup", path))?;
+    crate::backup::read_file(&path)
+        .map_err(|e| LocalError::Invalid(format!("--restore {}: {e}; nothing was started", path.display())))?;
+    Ok(path)
 }
 
 fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> {

@@ -36,9 +36,9 @@ const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_log");
 /// Small values by name: vote, committed, last purged, snapshot.
 pub(super) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta");
 
-const KEY_VOTE: &str = "vote";
-const KEY_COMMITTED: &str = "committed";
-const KEY_LAST_PURGED: &str = "last_purged";
+pub(super) const KEY_VOTE: &str = "vote";
+pub(super) const KEY_COMMITTED: &str = "committed";
+pub(super) const KEY_LAST_PURGED: &str = "last_purged";
 
 /// The storage error of this layer.
 #[derive(Debug, thiserror::Error)]
@@ -77,7 +77,7 @@ fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
     serde_json::from_slice(bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
 }
 
-fn encode<T: serde::Serialize>(value: &T) -> io::Result<Vec<u8>> {
+pub(super) fn encode<T: serde::Serialize>(value: &T) -> io::Result<Vec<u8>> {
     serde_json::to_vec(value).map_err(io::Error::other)
 }
 
@@ -106,7 +106,7 @@ pub(super) fn read_meta<T: serde::de::DeserializeOwned>(db: &Database, key: &str
     }
 }
 
-fn put_meta(txn: &WriteTransaction, key: &str, bytes: &[u8]) -> io::Result<()> {
+pub(super) fn put_meta(txn: &WriteTransaction, key: &str, bytes: &[u8]) -> io::Result<()> {
     let mut table = txn.open_table(META).map_err(io_err)?;
     table.insert(key, bytes).map_err(io_err)?;
     Ok(())

@@ -8,6 +8,12 @@
 //! The read side ([`SmReader`]) is shared with the API layer: reads take a
 //! short `std::sync::RwLock` (never held across an await) and watchers get
 //! every change through a bounded broadcast channel.
+//!
+//! [`seed`] writes a restored state into an empty store as the snapshot a
+//! freshly initialized cluster would have at its first log entry: the node
+//! starts as a member of the cluster with that state, and the others
+//! receive it from it by Raft (InstallSnapshot), as they would any
+//! snapshot.
 
 use std::io;
 use std::sync::{Arc, Mutex, RwLock};
@@ -22,7 +28,10 @@ use redb::{Database, Durability};
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::log_store::{META, io_err, read_meta, write_txn};
+use super::log_store::{
+    KEY_COMMITTED, KEY_LAST_PURGED, KEY_VOTE, META, StoreError, encode, io_err, is_empty, put_meta, read_meta,
+    write_txn,
+};
 use super::{LogId, NodeClock, Snapshot, SnapshotMeta, StoredMembership, TypeConfig};
 
 const KEY_SNAPSHOT: &str = "snapshot";
@@ -285,6 +294,50 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let stored: Option<StoredSnapshot> = read_meta(&self.db, KEY_SNAPSHOT)?;
         Ok(stored.map(|s| Snapshot { meta: s.meta, snapshot: s.data }))
     }
+}
+
+/// Writes `machine` into the empty store `db` as the state of a new
+/// cluster of `members` (id to address), as node `node_id` would hold it
+/// right after forming that cluster: the membership entry at log index 0
+/// (as `Raft::initialize` writes it), already applied, snapshotted and
+/// purged, and this node's vote for itself at term 0. One transaction,
+/// durable before it returns: the store is seeded whole or not at all.
+///
+/// On start, openraft installs the snapshot and the node campaigns; the
+/// others (started empty) vote for it, since their logs are shorter, and
+/// receive the state by snapshot, because the entry they lack is purged.
+pub fn seed(
+    db: &Database,
+    node_id: u64,
+    members: &std::collections::BTreeMap<u64, String>,
+    machine: Machine,
+) -> Result<(), StoreError> {
+    use openraft::vote::{RaftLeaderId as _, RaftVote as _};
+    use openraft::{BasicNode, Membership};
+    if !is_empty(db)? {
+        return Err(StoreError::Io(io::Error::other("the Raft store is not empty: a restore needs an empty data_dir")));
+    }
+    let leader_id = openraft::alias::LeaderIdOf::<TypeConfig>::new(0, node_id);
+    let vote = super::Vote::from_leader_id(leader_id, true);
+    let log_id = LogId::new(leader_id.to_committed(), 0);
+    let voters: std::collections::BTreeSet<u64> = members.keys().copied().collect();
+    let nodes: std::collections::BTreeMap<u64, BasicNode> =
+        members.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
+    let membership = Membership::new(vec![voters], nodes).map_err(|e| StoreError::Io(io::Error::other(e)))?;
+    let stored = StoredMembership::new(Some(log_id), membership);
+    let state = SmState { machine, last_applied: Some(log_id), membership: stored.clone() };
+    let data = encode(&state)?;
+    let snapshot =
+        encode(&StoredSnapshot { meta: SnapshotMeta { last_log_id: Some(log_id), last_membership: stored }, data })?;
+    let (vote, upto) = (encode(&vote)?, encode(&Some(log_id))?);
+    let mut txn = db.begin_write().map_err(io_err)?;
+    txn.set_durability(Durability::Immediate).map_err(io::Error::other)?;
+    put_meta(&txn, KEY_SNAPSHOT, &snapshot)?;
+    put_meta(&txn, KEY_VOTE, &vote)?;
+    put_meta(&txn, KEY_LAST_PURGED, &upto)?;
+    put_meta(&txn, KEY_COMMITTED, &upto)?;
+    txn.commit().map_err(io_err)?;
+    Ok(())
 }
 
 #[cfg(test)]

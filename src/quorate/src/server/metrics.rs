@@ -23,7 +23,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
-use quorate_core::election::Role as DataRole;
+use quorate_core::election::{MoveKind, Role as DataRole};
 use quorate_core::machine::ChangeKind;
 use quorate_core::verdict::Verdict;
 use tokio::sync::broadcast;
@@ -209,6 +209,18 @@ impl ServerMetrics {
         self.count_moves(name, &e.history);
     }
 
+    /// Drops every kept series of a deleted group: lease grants and
+    /// expiries, moves, and what was counted of its history.
+    fn forget_group(&self, group: &str) {
+        let label = GroupLabel { group: group.to_owned() };
+        self.lease_grants.remove(&label);
+        self.lease_expiries.remove(&label);
+        for kind in [MoveKind::Initial, MoveKind::Failover, MoveKind::Switchover] {
+            self.moves.remove(&MoveLabel { group: group.to_owned(), kind: kind.as_str() });
+        }
+        self.moves_seen.lock().unwrap_or_else(|p| p.into_inner()).remove(group);
+    }
+
     /// Counts the history entries decided since this process started that
     /// were not counted yet.
     fn count_moves(&self, group: &str, history: &[quorate_core::election::HistoryEntry]) {
@@ -354,6 +366,13 @@ pub async fn watch_leases(node: Node, metrics: std::sync::Arc<ServerMetrics>) {
             },
             () = crate::shutdown::stopped(&mut stopping) => return,
         };
+        if ev.change.kind == ChangeKind::GroupDeleted {
+            // A deleted group's series go with it (the gauges are rebuilt
+            // from the state at every scrape; these counters are kept).
+            metrics.forget_group(&ev.change.group);
+            last.remove(&ev.change.group);
+            continue;
+        }
         let Some(lease) = ev.change.lease.as_ref() else { continue };
         let label = GroupLabel { group: ev.change.group.clone() };
         let entry = last.entry(ev.change.group.clone()).or_insert((lease.epoch.saturating_sub(1), true));

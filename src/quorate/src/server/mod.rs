@@ -15,6 +15,7 @@ mod elections;
 pub mod health;
 pub mod metrics;
 mod observers;
+mod restore;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -68,6 +69,8 @@ pub enum ServerError {
     Serve(#[from] tonic::transport::Error),
     #[error("gRPC reflection: {0}")]
     Reflection(String),
+    #[error("{0}")]
+    Restore(String),
 }
 
 /// Runs a server until `shutdown` completes, listening on `config.listen`.
@@ -101,11 +104,13 @@ pub async fn run_with_listener(
     let redis = Arc::new(config.redis_options().load_from_env()?);
     let config = Arc::new(config);
     let id = config.node_id;
+    // Before anything is created in data_dir: a restore needs it empty.
+    let seed = restore::prepare(&config)?;
     std::fs::create_dir_all(&config.data_dir)
         .map_err(|source| ServerError::DataDir { path: config.data_dir.display().to_string(), source })?;
 
     let sentinel = bind_sentinel(&config, &transport).await?;
-    let (db, past) = open_store(&config)?;
+    let (db, past) = open_store(&config, seed)?;
     let clock = NodeClock::new(id);
     let http = bind_http(&config).await?;
     let Started { raft, reader, appended, commit_seconds } =
@@ -236,11 +241,19 @@ async fn bind_sentinel(
 
 /// Opens the Raft store and tells what this node knows of its past: an
 /// intact store, or an empty one whose data was lost (the identity file
-/// says it held data) or whose history is not known yet.
-fn open_store(config: &ServerConfig) -> Result<(Arc<redb::Database>, Past), ServerError> {
+/// says it held data) or whose history is not known yet. A restored state
+/// (`seed`) is written into the new store first: the node then starts as a
+/// member of its new cluster, intact.
+fn open_store(
+    config: &ServerConfig,
+    seed: Option<quorate_core::Machine>,
+) -> Result<(Arc<redb::Database>, Past), ServerError> {
     let id = config.node_id;
     let identity = catchup::read_identity(&config.data_dir, id)?;
     let db = open_database(&config.data_dir.join("raft.redb"))?;
+    if let Some(machine) = seed {
+        crate::raft::state_machine::seed(&db, id, &config.peer_map(), machine)?;
+    }
     let past = match (is_empty(&db)?, identity) {
         (false, _) => {
             catchup::write_identity(&config.data_dir, id)?;

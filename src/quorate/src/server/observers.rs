@@ -107,7 +107,8 @@ pub async fn observe_groups(node: Node, reports: Batcher, redis: Arc<RedisAccess
         let stop = loop {
             tokio::select! {
                 ev = changes.recv() => match ev {
-                    Ok(ev) if ev.change.kind != ChangeKind::GroupApplied => {}
+                    // A spec stored or a group deleted: observe the new set.
+                    Ok(ev) if !matches!(ev.change.kind, ChangeKind::GroupApplied | ChangeKind::GroupDeleted) => {}
                     Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => break false,
                     Err(broadcast::error::RecvError::Closed) => break true,
                 },

@@ -1,15 +1,15 @@
-//! Group operations of the service layer: creating and updating groups,
-//! reading their specs, their observation matrix and verdicts, and why a
-//! member's verdict is what it is.
+//! Group operations of the service layer: creating, updating and deleting
+//! groups, reading their specs, their observation matrix and verdicts, and
+//! why a member's verdict is what it is.
 
 use crate::tls::caller::Caller;
-use quorate_core::Op;
 use quorate_core::access::Action;
 use quorate_core::group::GroupSpec;
 use quorate_core::machine::Outcome;
 use quorate_core::matrix::{GroupState, RestartEvent};
 use quorate_core::names::NameKind;
 use quorate_core::verdict::{GroupVerdict, MemberVerdict, explain, verdict};
+use quorate_core::{LeaseView, Op};
 
 use super::leases::{check_name, rejection, unexpected};
 use super::{Node, ReadConsistency, ServiceError};
@@ -45,6 +45,32 @@ impl Node {
             Outcome::GroupApplied { revision, created } => Ok(Applied { created, revision }),
             Outcome::Rejected(rej) => Err(rejection(rej)),
             other => Err(unexpected("ApplyGroup", &other)),
+        }
+    }
+}
+
+/// What deleting a group did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deleted {
+    /// The log index of the delete.
+    pub revision: u64,
+    /// The name's lease now: free, at the epoch its next grant builds on.
+    pub lease: LeaseView,
+}
+
+impl Node {
+    /// Deletes a group with its lease, views and history. The state machine
+    /// refuses a managed group whose primary holds a live lease unless
+    /// `force` (FAILED_PRECONDITION, naming the holder); the snapshot after
+    /// the delete no longer holds the group.
+    pub async fn delete_group(&self, caller: &Caller, name: &str, force: bool) -> Result<Deleted, ServiceError> {
+        caller.check(Action::DeleteGroup)?;
+        check_name(NameKind::Group, name)?;
+        match self.propose(Op::DeleteGroup { group: name.to_owned(), force }).await? {
+            Outcome::GroupDeleted { revision, lease } => Ok(Deleted { revision, lease }),
+            Outcome::Rejected(quorate_core::Rejection::UnknownGroup { .. }) => Err(no_such_group(name)),
+            Outcome::Rejected(rej) => Err(rejection(rej)),
+            other => Err(unexpected("DeleteGroup", &other)),
         }
     }
 }

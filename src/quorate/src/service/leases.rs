@@ -68,7 +68,8 @@ pub fn rejection(r: Rejection) -> ServiceError {
         Rejection::NotManaged { .. }
         | Rejection::StaleDecision { .. }
         | Rejection::FailoverBlocked { .. }
-        | Rejection::InMaintenance { .. } => ServiceError::Precondition(message),
+        | Rejection::InMaintenance { .. }
+        | Rejection::LivePrimary { .. } => ServiceError::Precondition(message),
         Rejection::EpochExhausted { .. } | Rejection::ForeignStamp { .. } | Rejection::NestedBatch => {
             ServiceError::Internal(message)
         }

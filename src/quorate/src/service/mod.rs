@@ -7,11 +7,13 @@
 //!   command (bounded), confirm a read at a consistency level, say who
 //!   leads. Raft's failures become [`ServiceError`]s here.
 //! - [`leases`]: acquire (with its waiting protocol), renew, release, read.
-//! - [`groups`]: creating, updating and reading groups; the matrix and
+//! - [`groups`]: creating, updating, deleting and reading groups; the matrix and
 //!   verdicts; why a member's verdict is what it is.
 //! - [`election`]: managed groups: election status, maintenance, failover
 //!   blocks, switchover (waiting for the new holder), what-if.
 //! - [`reports`]: observers' reports, checked and batched.
+//! - [`snapshot`]: backups: the whole state, read on the leader after a
+//!   linearizable read, as one backup file.
 //! - [`watch`]: a watch's events (lease, election, verdict changes).
 //! - [`discovery`]: each managed group's primary and replicas as clients
 //!   reach them, and the changes of both (the Sentinel endpoint).
@@ -29,6 +31,7 @@ pub mod leases;
 pub mod limits;
 pub mod node;
 pub mod reports;
+pub mod snapshot;
 pub mod watch;
 
 pub use self::error::{LeaderHint, ServiceError};

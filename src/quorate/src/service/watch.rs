@@ -10,6 +10,8 @@
 //! with the passage of time (views go stale), so they are recomputed on
 //! every change of the group and on a short timer.
 //!
+//! A delete of the group ends the watch, after a `Deleted` event.
+//!
 //! Watches are bounded: at most `max_watch_streams` on a node and
 //! `max_watch_streams_per_connection` on one client connection
 //! ([`WatchSlots`]). A watch's slot is held by its event stream, so it is
@@ -56,6 +58,8 @@ pub enum LeaseEvent {
     Expired,
     /// The watcher fell behind; this is the lease as it is now.
     Resync,
+    /// The group was deleted; the watch ends after this event.
+    Deleted,
 }
 
 /// The election state of a managed group after a change.
@@ -197,6 +201,7 @@ fn lease_event_of(kind: ChangeKind) -> Option<LeaseEvent> {
         ChangeKind::Acquired => Some(LeaseEvent::Acquired),
         ChangeKind::Renewed => Some(LeaseEvent::Renewed),
         ChangeKind::Released => Some(LeaseEvent::Released),
+        ChangeKind::GroupDeleted => Some(LeaseEvent::Deleted),
         ChangeKind::GroupApplied | ChangeKind::ViewReported | ChangeKind::ElectionChanged => None,
     }
 }
@@ -268,7 +273,10 @@ impl Watch {
                     }
                     _ => self.send_verdict_changes().await,
                 };
-                sent && (!election_moved || self.send_election(Some(ev.index)).await)
+                // A deleted group is not served on: the watcher is told, and
+                // the stream ends (a name created again is a new group).
+                let deleted = ev.change.kind == ChangeKind::GroupDeleted;
+                sent && !deleted && (!election_moved || self.send_election(Some(ev.index)).await)
             }
             Ok(_) => true,
             Err(broadcast::error::RecvError::Lagged(n)) => {
