@@ -37,6 +37,8 @@
 //! - [`wire`]: what travels between processes (protobuf conversions,
 //!   header names, channels, Redis key formats), shared by every side.
 //! - [`shutdown`]: the shutdown signal every process waits on.
+//! - [`notify`]: systemd's notify protocol (`READY=1`, `STOPPING=1`,
+//!   `WATCHDOG=1`) for servers and agents; a no-op without `NOTIFY_SOCKET`.
 
 pub mod agent;
 pub mod api;
@@ -47,6 +49,7 @@ pub mod client;
 pub mod config;
 pub mod http;
 pub mod local;
+pub mod notify;
 pub mod observation;
 pub mod raft;
 pub mod redis_access;

@@ -59,6 +59,14 @@ pub struct RoleSnapshot {
     pub lease_ttl_ms: u64,
 }
 
+impl RoleSnapshot {
+    /// Whether the role loop ran within twice the lease TTL (at least a
+    /// second): `/liveness`, and the systemd watchdog's keep-alives.
+    pub fn loop_alive(&self) -> bool {
+        self.at.elapsed() < Duration::from_millis(self.lease_ttl_ms.saturating_mul(2).max(1_000))
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ActionLabel {
     pub action: &'static str,
@@ -172,7 +180,7 @@ impl AgentHttp {
             lease_remaining_ms: held.map_or(0, |h| h.valid_until_ms.saturating_sub(now_ms)),
             holder: m.election().and_then(|e| e.holder.clone()),
             designated: m.election().and_then(|e| e.designated.clone()),
-            alive: s.at.elapsed() < Duration::from_millis(s.lease_ttl_ms.saturating_mul(2).max(1_000)),
+            alive: s.loop_alive(),
             last_error: s.last_error.clone(),
         }
     }

@@ -16,6 +16,7 @@ pub mod driver;
 pub mod fence;
 pub mod health;
 pub mod role;
+pub mod systemd;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -29,6 +30,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::client::{Client, ClientError};
 use crate::config::{AgentConfig, ConfigError, DriverKind};
+use crate::notify::Notifier;
 use crate::observation::Observe;
 use crate::observation::store::{RedisStores, Stores};
 use crate::pb::v1 as pb;
@@ -136,14 +138,23 @@ pub async fn run(config: AgentConfig, shutdown: impl std::future::Future<Output 
     let transport = Transport::from_files(config.tls_files()?, warning)?;
     let endpoints: Vec<String> = config.endpoints.split(',').map(str::to_owned).collect();
     let first = Client::new_with(&endpoints, transport.clone())?.with_call_timeout(Duration::from_millis(250));
+    // The process's own notifier: `READY=1`, `STOPPING=1` and watchdog
+    // keep-alives to systemd when it set NOTIFY_SOCKET (crate::notify).
+    let notifier = Notifier::from_env();
     tokio::pin!(shutdown);
     let spec = tokio::select! {
         s = fetch_spec(&first, &config) => s?,
-        () = &mut shutdown => return Ok(()),
+        () = &mut shutdown => {
+            notifier.stopping();
+            notifier.close();
+            return Ok(());
+        }
     };
     let client = Arc::new(Client::new_with(&endpoints, transport)?.with_call_timeout(agent_call_timeout(&spec)));
     let stores = Arc::new(RedisStores::with_access(redis.clone()));
-    run_with(config, spec, client, stores, redis, shutdown).await
+    let result = run_with(config, spec, client, stores, redis, notifier.clone(), shutdown).await;
+    notifier.close();
+    result
 }
 
 /// The agent's tasks over any [`Stores`] (`redis`: how the Redis driver
@@ -154,6 +165,7 @@ pub async fn run_with<S: Stores>(
     client: Arc<Client>,
     stores: Arc<S>,
     redis: Arc<RedisAccess>,
+    notifier: Arc<Notifier>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let http = match config.http_listen.as_str() {
@@ -178,7 +190,7 @@ pub async fn run_with<S: Stores>(
     let (health_tx, health_rx) = watch::channel(None);
     let (offset_tx, offset_rx) = watch::channel(None);
     if let Some(listener) = http {
-        let handler = health::AgentHttp::new(&config, managed, health_rx, offset_rx, metrics.clone());
+        let handler = health::AgentHttp::new(&config, managed, health_rx.clone(), offset_rx, metrics.clone());
         tasks.spawn(crate::http::serve(listener, handler, stop_tx.subscribe()).instrument(span.clone()));
     }
     let publisher = Publisher { config: config.clone(), incarnation, stores: stores.clone(), metrics: metrics.clone() };
@@ -215,8 +227,13 @@ pub async fn run_with<S: Stores>(
         .run(stop_tx.subscribe())
         .instrument(span.clone()),
     );
+    let ready =
+        systemd::notify_ready(config.member.clone(), managed, health_rx.clone(), notifier.clone(), stop_tx.subscribe());
+    tasks.spawn(ready.instrument(span.clone()));
+    tasks.spawn(systemd::watchdog(managed, health_rx, notifier.clone(), stop_tx.subscribe()).instrument(span.clone()));
     tasks.spawn(refresh_spec(config, client, spec_tx, specs_tx, stop_tx.subscribe()).instrument(span));
     shutdown.await;
+    notifier.stopping();
     let _ = stop_tx.send(true);
     while tasks.join_next().await.is_some() {}
     info!("agent stopped");

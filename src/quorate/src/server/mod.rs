@@ -16,6 +16,7 @@ pub mod health;
 pub mod metrics;
 mod observers;
 mod restore;
+pub mod systemd;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -32,6 +33,7 @@ use self::catchup::IdentityError;
 use self::metrics::{GrpcMetricsLayer, ServerMetrics};
 use crate::api::CoordinatorService;
 use crate::config::ServerConfig;
+use crate::notify::Notifier;
 use crate::pb::v1::coordinator_server::CoordinatorServer;
 use crate::raft::log_store::{StoreError, is_empty, open_database};
 use crate::raft::node::{StartError, Started};
@@ -86,7 +88,12 @@ pub async fn run(config: ServerConfig, shutdown: impl Future<Output = ()>) -> Re
     let listener = TcpListener::bind(&config.listen)
         .await
         .map_err(|source| ServerError::Bind { addr: config.listen.clone(), source })?;
-    run_with_listener(config, listener, transport, shutdown).await
+    // The process's own notifier: `READY=1`, `STOPPING=1` and watchdog
+    // keep-alives to systemd when it set NOTIFY_SOCKET (crate::notify).
+    let notifier = Notifier::from_env();
+    let result = serve(config, listener, transport, shutdown, notifier.clone()).await;
+    notifier.close();
+    result
 }
 
 /// Runs a server on a listener the caller bound (tests bind port 0 first,
@@ -98,6 +105,19 @@ pub async fn run_with_listener(
     listener: TcpListener,
     transport: Transport,
     shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    // Not a process of its own (in-process tests): nothing to tell systemd.
+    serve(config, listener, transport, shutdown, Notifier::disabled()).await
+}
+
+/// [`run_with_listener`], telling `notifier` when it is ready, stopping and
+/// alive.
+async fn serve(
+    config: ServerConfig,
+    listener: TcpListener,
+    transport: Transport,
+    shutdown: impl Future<Output = ()>,
+    notifier: Arc<Notifier>,
 ) -> Result<(), ServerError> {
     config.validate()?;
     // Read once: every heartbeat store connection of this node uses it.
@@ -140,6 +160,8 @@ pub async fn run_with_listener(
     let (reports, batcher) = Batcher::start(node.clone());
     let mut tasks = spawn_tasks(&node, past, appended, reports.clone(), redis);
     spawn_observability(&mut tasks, &node, &metrics, http);
+    tasks.spawn(systemd::notify_ready(node.clone(), notifier.clone()).instrument(info_span!("systemd", node_id = id)));
+    tasks.spawn(systemd::watchdog(node.clone(), notifier.clone()).instrument(info_span!("systemd", node_id = id)));
     if let Some((listener, settings)) = sentinel {
         let serve = crate::sentinel::serve(node.clone(), listener, settings);
         tasks.spawn(serve.instrument(info_span!("sentinel", node_id = id)));
@@ -172,6 +194,7 @@ pub async fn run_with_listener(
         }
     };
     info!(node_id = id, "shutting down");
+    notifier.stopping();
     health.set_not_serving::<CoordinatorServer<CoordinatorService>>().await;
     let _ = stop_tx.send(true);
     wind_down(server, tasks, batcher, &raft).await;

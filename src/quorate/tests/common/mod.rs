@@ -78,6 +78,8 @@ pub struct Cluster {
     pub pki: LocalPki,
     /// Extra flags of each node (by id), for settings that differ per node.
     pub node_args: std::collections::BTreeMap<u64, Vec<String>>,
+    /// Extra environment of each node (by id), e.g. systemd's NOTIFY_SOCKET.
+    pub node_env: std::collections::BTreeMap<u64, Vec<(String, String)>>,
     /// Each node's Sentinel endpoint, in id order (see [`Cluster::start_with_sentinels`]).
     pub sentinel_addrs: Vec<String>,
 }
@@ -239,7 +241,16 @@ impl Cluster {
         let peers = nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
         let hosts: Vec<(u64, String)> = nodes.iter().map(|n| (n.id, "127.0.0.1".to_owned())).collect();
         let pki = LocalPki::ensure(&dir.path().join("tls"), &hosts, &[]).unwrap();
-        Cluster { dir, nodes, peers, config, pki, node_args: Default::default(), sentinel_addrs: Vec::new() }
+        Cluster {
+            dir,
+            nodes,
+            peers,
+            config,
+            pki,
+            node_args: Default::default(),
+            node_env: Default::default(),
+            sentinel_addrs: Vec::new(),
+        }
     }
 
     /// Whether node `id`'s process has exited, and how.
@@ -320,6 +331,10 @@ impl Cluster {
             cmd.arg("--http-listen").arg(h);
         }
         cmd.args(self.node_args.get(&id).into_iter().flatten());
+        // A test runner started by systemd must not lend its own notify
+        // socket to the nodes it starts; tests that want one set it.
+        cmd.env_remove("NOTIFY_SOCKET").env_remove("WATCHDOG_USEC").env_remove("WATCHDOG_PID");
+        cmd.envs(self.node_env.get(&id).into_iter().flatten().map(|(k, v)| (k, v)));
         n.proc = Some(Proc { child: cmd.spawn().unwrap(), name: format!("node-{id}") });
     }
 
