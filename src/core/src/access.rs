@@ -13,7 +13,8 @@
 //! - `client` C: acquire, renew and release only as holder C, on the groups
 //!   its certificate names (`*` for any);
 //! - `reader`: reads only;
-//! - `admin`: group changes, switchover, maintenance, unblock, what-if.
+//! - `admin`: group changes, switchover, maintenance, unblock, what-if, and
+//!   cluster membership (adding and removing coordinator nodes).
 //!
 //! Every identity may read: reads steer nothing, and agents and lease
 //! holders read their group's spec, election and lease to do their work.
@@ -237,6 +238,8 @@ pub enum Action<'a> {
     Steer,
     /// Ask what a failover would do.
     WhatIf,
+    /// Add a coordinator node to the cluster, or remove one.
+    ChangeMembership,
 }
 
 impl fmt::Display for Action<'_> {
@@ -249,6 +252,7 @@ impl fmt::Display for Action<'_> {
             Action::ApplyGroup => f.write_str("create or change groups"),
             Action::Steer => f.write_str("switch over, set maintenance or lift a failover block"),
             Action::WhatIf => f.write_str("ask what-if"),
+            Action::ChangeMembership => f.write_str("add or remove coordinator nodes"),
         }
     }
 }
@@ -320,8 +324,10 @@ pub fn check(who: &Identity, what: Action<'_>) -> Result<(), Denied> {
             }
         }
         (_, Action::Lease { .. }) => deny("only members and clients hold leases"),
-        (Identity::Admin { .. }, Action::ApplyGroup | Action::Steer | Action::WhatIf) => Ok(()),
-        (_, Action::ApplyGroup | Action::Steer | Action::WhatIf) => deny("admin only"),
+        (Identity::Admin { .. }, Action::ApplyGroup | Action::Steer | Action::WhatIf | Action::ChangeMembership) => {
+            Ok(())
+        }
+        (_, Action::ApplyGroup | Action::Steer | Action::WhatIf | Action::ChangeMembership) => deny("admin only"),
     }
 }
 
@@ -369,7 +375,7 @@ mod tests {
         assert!(check(&m, Action::Report { group: "other", observer: "db-1" }).is_err());
         assert!(check(&m, Action::Lease { group: "pair", holder: "db-1" }).is_ok());
         assert!(check(&m, Action::Lease { group: "pair", holder: "db-2" }).is_err());
-        for a in [Action::Raft, Action::ApplyGroup, Action::Steer, Action::WhatIf] {
+        for a in [Action::Raft, Action::ApplyGroup, Action::Steer, Action::WhatIf, Action::ChangeMembership] {
             assert!(check(&m, a).is_err(), "{a}");
         }
         let e = check(&m, Action::Steer).unwrap_err().to_string();
@@ -403,9 +409,12 @@ mod tests {
             assert!(check(&r, a).is_err(), "{a}");
         }
         let a = Identity::Admin { name: "ops".into() };
-        for act in [Action::Read, Action::ApplyGroup, Action::Steer, Action::WhatIf] {
+        for act in [Action::Read, Action::ApplyGroup, Action::Steer, Action::WhatIf, Action::ChangeMembership] {
             assert!(check(&a, act).is_ok(), "{act}");
         }
+        // Not even a node may change the membership: only an operator.
+        let e = check(&n, Action::ChangeMembership).unwrap_err().to_string();
+        assert_eq!(e, "node 2 may not add or remove coordinator nodes: admin only");
         assert!(check(&a, Action::Raft).is_err());
         assert!(check(&a, Action::Lease { group: "g", holder: "ops" }).is_err());
     }
