@@ -50,8 +50,8 @@ fn members_pb(m: &Members) -> pb::ClusterMembersResponse {
 }
 
 impl CoordinatorService {
-    pub(super) fn cluster_members_pb(&self, c: &Caller) -> Result<pb::ClusterMembersResponse, ServiceError> {
-        Ok(members_pb(&self.node.cluster_members(c)?))
+    pub(super) async fn cluster_members_pb(&self, c: &Caller) -> Result<pb::ClusterMembersResponse, ServiceError> {
+        Ok(members_pb(&self.node.cluster_members(c).await?))
     }
 
     pub(super) async fn add_node_pb(

@@ -271,7 +271,7 @@ impl Coordinator for CoordinatorService {
         &self,
         req: Request<pb::ClusterMembersRequest>,
     ) -> Result<Response<pb::ClusterMembersResponse>, Status> {
-        Ok(Response::new(self.cluster_members_pb(&Caller::of_request(&req))?))
+        Ok(Response::new(self.cluster_members_pb(&Caller::of_request(&req)).await?))
     }
 
     async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::AddNodeResponse>, Status> {

@@ -154,6 +154,7 @@ pub struct RaftNode {
     raft: Raft,
     id: u64,
     election_timeout_max: Duration,
+    heartbeat_interval: Duration,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -191,7 +192,12 @@ impl RaftNode {
         let raft = Raft::new(id, Arc::new(openraft_config(config)?), NetworkFactory::new(id, transport), log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let node = Self { raft, id, election_timeout_max: Duration::from_millis(config.election_timeout_max_ms) };
+        let node = Self {
+            raft,
+            id,
+            election_timeout_max: Duration::from_millis(config.election_timeout_max_ms),
+            heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+        };
         Ok(Started { raft: node, reader, appended, commit_seconds })
     }
 
@@ -326,7 +332,9 @@ impl RaftNode {
         let joint = membership.get_joint_config().len() > 1;
         let nodes: BTreeMap<u64, String> = membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
         let leads = m.state == ServerState::Leader;
-        let recent = self.election_timeout_max * 2;
+        // A few heartbeats: a node that stopped answering looks out of
+        // contact soon (the service layer also asks each node directly).
+        let recent = self.heartbeat_interval * 4;
         let acks = m.heartbeat.clone().unwrap_or_default();
         let matched = m.replication.clone().unwrap_or_default();
         let last = m.last_log_index.unwrap_or(0);

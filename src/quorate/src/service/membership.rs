@@ -8,6 +8,14 @@
 //! at a time on this node (openraft interleaves concurrent changes into a
 //! joint configuration neither caller asked for).
 //!
+//! Contact is measured twice before a removal or a "safe to stop" is
+//! judged: the leader's last heartbeat acknowledgement (within a window
+//! of a few heartbeats), and a direct Status call answered now by a node
+//! that has caught up since it started. The acknowledgement alone still
+//! looks fresh for a moment after a node dies, and says nothing about a
+//! node that restarted and is still catching up: a rolling restart that
+//! trusted it could stop the next node while the last one is not back.
+//!
 //! The membership in the log is the truth: `peers` in the configuration
 //! only seeds a new cluster and helps a starting node find this one.
 
@@ -15,7 +23,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use quorate_core::access::Action;
-use quorate_core::membership::{Currency, Promotion, check_add};
+use quorate_core::membership::{Contact, Currency, Promotion, check_add};
 use quorate_core::quorum::QuorumResult;
 
 use super::{Node, ServiceError};
@@ -38,6 +46,9 @@ pub const MAX_CATCH_UP_WAIT: Duration = Duration::from_secs(600);
 
 /// How often a waiting add looks at the learner's progress.
 const CATCH_UP_POLL: Duration = Duration::from_millis(50);
+
+/// How long a node may take to answer the direct Status call.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(500);
 
 /// The membership as the serving node (the leader) sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,16 +129,10 @@ impl Node {
     /// The membership with the leader's measurements. Only the leader
     /// measures contact and lag, so a follower answers NotLeader (the
     /// client follows the hint).
-    pub fn cluster_members(&self, caller: &Caller) -> Result<Members, ServiceError> {
+    pub async fn cluster_members(&self, caller: &Caller) -> Result<Members, ServiceError> {
         caller.check(Action::Read)?;
-        if !self.raft.is_leader() {
-            return Err(self.not_leader());
-        }
-        Ok(Members {
-            leader: Some(self.id),
-            view: self.raft.membership(MAX_LAG_ENTRIES),
-            removed: self.reader.removed_nodes(),
-        })
+        let view = self.probed_membership().await?;
+        Ok(Members { leader: Some(self.id), view, removed: self.reader.removed_nodes() })
     }
 
     /// Adds node `id` at `addr`: as a learner, then, once it has caught up
@@ -176,7 +181,7 @@ impl Node {
         caller.check(Action::ChangeMembership)?;
         let _one_change = self.membership_lock.lock().await;
         let started = Instant::now();
-        let view = self.leader_membership()?;
+        let view = self.probed_membership().await?;
         if !view.nodes.contains_key(&id) && self.reader.removed_nodes().contains(&id) {
             // Removed already (a retry after an answer was lost): done.
             return Ok(Removed { id, was_voter: false, took_ms: 0 });
@@ -200,6 +205,41 @@ impl Node {
             return Err(self.not_leader());
         }
         Ok(self.raft.membership(MAX_LAG_ENTRIES))
+    }
+
+    /// [`Self::leader_membership`], with every other node asked directly
+    /// (see the module header): one that does not answer in time, or has
+    /// not caught up since it started, counts as out of contact.
+    async fn probed_membership(&self) -> Result<MembershipView, ServiceError> {
+        let mut view = self.leader_membership()?;
+        let others: Vec<(u64, String)> =
+            view.nodes.iter().filter(|(id, _)| **id != self.id).map(|(id, a)| (*id, a.clone())).collect();
+        let answers = futures::future::join_all(
+            others.iter().map(|(id, addr)| async move { (*id, self.answers_caught_up(*id, addr).await) }),
+        )
+        .await;
+        for (id, ok) in answers {
+            if !ok && let Some(n) = view.progress.nodes.iter_mut().find(|n| n.id == id) {
+                n.contact = Contact::Stale;
+            }
+        }
+        Ok(view)
+    }
+
+    /// Whether node `id` at `addr` answers a Status call now, as itself,
+    /// caught up since it started.
+    async fn answers_caught_up(&self, id: u64, addr: &str) -> bool {
+        let Ok(channel) = crate::wire::lazy_channel_with(addr, &self.transport) else { return false };
+        let mut client = crate::pb::v1::coordinator_client::CoordinatorClient::new(channel);
+        let mut req = tonic::Request::new(crate::pb::v1::StatusRequest {});
+        req.set_timeout(PROBE_TIMEOUT);
+        match tokio::time::timeout(PROBE_TIMEOUT, client.status(req)).await {
+            Ok(Ok(r)) => {
+                let r = r.into_inner();
+                r.node_id == id && r.caught_up
+            }
+            _ => false,
+        }
     }
 
     async fn bounded_change(
