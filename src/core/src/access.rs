@@ -14,7 +14,8 @@
 //!   its certificate names (`*` for any);
 //! - `reader`: reads only;
 //! - `admin`: group changes and deletes, switchover, maintenance, unblock,
-//!   what-if, backups (a snapshot holds every group's spec).
+//!   what-if, backups (a snapshot holds every group's spec), and cluster
+//!   membership (adding and removing coordinator nodes).
 //!
 //! Every identity may read: reads steer nothing, and agents and lease
 //! holders read their group's spec, election and lease to do their work.
@@ -242,6 +243,8 @@ pub enum Action<'a> {
     DeleteGroup,
     /// Take a snapshot of the whole replicated state (a backup).
     Backup,
+    /// Add a coordinator node to the cluster, or remove one.
+    ChangeMembership,
 }
 
 impl fmt::Display for Action<'_> {
@@ -256,6 +259,7 @@ impl fmt::Display for Action<'_> {
             Action::WhatIf => f.write_str("ask what-if"),
             Action::DeleteGroup => f.write_str("delete groups"),
             Action::Backup => f.write_str("save snapshots of the cluster's state"),
+            Action::ChangeMembership => f.write_str("add or remove coordinator nodes"),
         }
     }
 }
@@ -329,11 +333,22 @@ pub fn check(who: &Identity, what: Action<'_>) -> Result<(), Denied> {
         (_, Action::Lease { .. }) => deny("only members and clients hold leases"),
         (
             Identity::Admin { .. },
-            Action::ApplyGroup | Action::Steer | Action::WhatIf | Action::DeleteGroup | Action::Backup,
+            Action::ApplyGroup
+            | Action::Steer
+            | Action::WhatIf
+            | Action::DeleteGroup
+            | Action::Backup
+            | Action::ChangeMembership,
         ) => Ok(()),
-        (_, Action::ApplyGroup | Action::Steer | Action::WhatIf | Action::DeleteGroup | Action::Backup) => {
-            deny("admin only")
-        }
+        (
+            _,
+            Action::ApplyGroup
+            | Action::Steer
+            | Action::WhatIf
+            | Action::DeleteGroup
+            | Action::Backup
+            | Action::ChangeMembership,
+        ) => deny("admin only"),
     }
 }
 
@@ -381,8 +396,15 @@ mod tests {
         assert!(check(&m, Action::Report { group: "other", observer: "db-1" }).is_err());
         assert!(check(&m, Action::Lease { group: "pair", holder: "db-1" }).is_ok());
         assert!(check(&m, Action::Lease { group: "pair", holder: "db-2" }).is_err());
-        for a in [Action::Raft, Action::ApplyGroup, Action::Steer, Action::WhatIf, Action::DeleteGroup, Action::Backup]
-        {
+        for a in [
+            Action::Raft,
+            Action::ApplyGroup,
+            Action::Steer,
+            Action::WhatIf,
+            Action::DeleteGroup,
+            Action::Backup,
+            Action::ChangeMembership,
+        ] {
             assert!(check(&m, a).is_err(), "{a}");
         }
         let e = check(&m, Action::Steer).unwrap_err().to_string();
@@ -428,11 +450,20 @@ mod tests {
         );
         assert!(check(&c, Action::DeleteGroup).is_err(), "a client deletes no group");
         let a = Identity::Admin { name: "ops".into() };
-        for act in
-            [Action::Read, Action::ApplyGroup, Action::Steer, Action::WhatIf, Action::DeleteGroup, Action::Backup]
-        {
+        for act in [
+            Action::Read,
+            Action::ApplyGroup,
+            Action::Steer,
+            Action::WhatIf,
+            Action::DeleteGroup,
+            Action::Backup,
+            Action::ChangeMembership,
+        ] {
             assert!(check(&a, act).is_ok(), "{act}");
         }
+        // Not even a node may change the membership: only an operator.
+        let e = check(&n, Action::ChangeMembership).unwrap_err().to_string();
+        assert_eq!(e, "node 2 may not add or remove coordinator nodes: admin only");
         assert!(check(&a, Action::Raft).is_err());
         assert!(check(&a, Action::Lease { group: "g", holder: "ops" }).is_err());
     }

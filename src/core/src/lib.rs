@@ -13,6 +13,7 @@
 //! - [`access`]: identities (from certificates) and the one check of what each may do.
 //! - [`lease`]: lease arithmetic: the holder's deadline and the grantor's wait, with drift and margin.
 //! - [`quorum`]: majorities over all configured voters, with three answers (yes, no, not enough information).
+//! - [`membership`]: cluster membership decisions: may a node be added, removed or promoted, is it safe to stop one now.
 //! - [`ranking`]: the one order of members for the primary role, and its tie-break.
 //! - [`group`]: a group's spec (members, priorities, timing policy, failover policy) and its validation.
 //! - [`observe`]: one observer's judgement of one member (up, down, unknown, why) from heartbeat reads.
@@ -39,6 +40,7 @@ pub mod group;
 pub mod lease;
 pub mod machine;
 pub mod matrix;
+pub mod membership;
 pub mod names;
 pub mod observe;
 pub mod quorum;

@@ -282,7 +282,7 @@ fn check_http_listen(addr: &str) -> Result<(), ConfigError> {
     Err(invalid("http_listen", format!("{addr:?} is not an IP:PORT to bind")))
 }
 
-fn check_host_port(field: &'static str, addr: &str) -> Result<(), ConfigError> {
+pub fn check_host_port(field: &'static str, addr: &str) -> Result<(), ConfigError> {
     let (host, port) = addr.rsplit_once(':').ok_or_else(|| invalid(field, format!("{addr:?} is not HOST:PORT")))?;
     if host.is_empty() {
         return Err(invalid(field, format!("{addr:?} has no host")));
@@ -727,6 +727,25 @@ impl ServerConfig {
             .collect()
     }
 
+    /// [`Self::sentinel_peer_map`] for the membership `members` (node id to
+    /// gRPC address): its nodes only, a node missing from the map at its
+    /// gRPC host with this node's Sentinel port. An empty membership (not
+    /// learned yet) gives the configured map.
+    pub fn sentinel_peers_of(&self, members: &BTreeMap<u64, String>) -> BTreeMap<u64, String> {
+        let configured = self.sentinel_peer_map();
+        if members.is_empty() || self.sentinel_listen.is_empty() {
+            return configured;
+        }
+        let port = self.sentinel_listen.rsplit_once(':').map_or("", |(_, p)| p);
+        members
+            .iter()
+            .map(|(id, addr)| {
+                let derived = || format!("{}:{port}", addr.rsplit_once(':').map_or(addr.as_str(), |(h, _)| h));
+                (*id, configured.get(id).cloned().unwrap_or_else(derived))
+            })
+            .collect()
+    }
+
     /// Reads the Sentinel password file, once at start (None: no password).
     /// Errors name the field and the file, never what it holds.
     pub fn sentinel_password(&self) -> Result<Option<String>, ConfigError> {
@@ -1131,6 +1150,16 @@ mod tests {
         assert!(err(&c).starts_with("sentinel_peers: must name every node"), "{}", err(&c));
         let c = ServerConfig { sentinel_peers: "1=127.0.0.1:7601".into(), ..good() };
         assert!(err(&c).starts_with("sentinel_peers: given without sentinel_listen"), "{}", err(&c));
+        // The membership decides who is listed: a removed node goes, a
+        // node added since comes in at its host and this node's port.
+        let members: BTreeMap<u64, String> =
+            [(2, "127.0.0.1:7102".to_owned()), (3, "127.0.0.1:7103".to_owned()), (4, "10.0.0.4:7104".to_owned())]
+                .into();
+        let listed = given.sentinel_peers_of(&members);
+        assert_eq!(listed.keys().copied().collect::<Vec<_>>(), vec![2, 3, 4]);
+        assert_eq!(listed[&2], "127.0.0.1:7602");
+        assert_eq!(listed[&4], "10.0.0.4:7601");
+        assert_eq!(given.sentinel_peers_of(&BTreeMap::new()), given.sentinel_peer_map(), "not learned yet");
         let c = ServerConfig { sentinel_max_connections: 0, ..on.clone() };
         assert!(err(&c).starts_with("sentinel_max_connections:"), "{}", err(&c));
         sentinel_tls_needs_an_address_and_certificates(&on);

@@ -1,12 +1,13 @@
 //! The public gRPC service (`quorate.v1.Coordinator`): a translation between
 //! protobuf and the service layer (`crate::service`). Every operation is
-//! decode → call → encode (leases here; `groups`, `election` and `watch`
-//! beside it); the rules, validation and waiting live in the service layer,
+//! decode → call → encode (leases here; `groups`, `election`,
+//! `membership` and `watch` beside it); the rules, validation and waiting live in the service layer,
 //! decisions are the state machine's, and every error leaves through
 //! `status` (the one mapping of [`ServiceError`] to gRPC status).
 
 mod election;
 mod groups;
+mod membership;
 mod status;
 mod watch;
 
@@ -106,7 +107,7 @@ impl CoordinatorService {
             role: st.role.as_str().into(),
             term: st.term,
             leader_id: st.leader,
-            leader_addr: st.leader.and_then(|l| self.node.peers.get(&l).cloned()).unwrap_or_default(),
+            leader_addr: st.leader.and_then(|l| self.node.node_addr(l)).unwrap_or_default(),
             last_log_index: st.last_log_index,
             last_applied: st.applied,
             nodes,
@@ -114,6 +115,7 @@ impl CoordinatorService {
             version: crate::VERSION.into(),
             lease_groups: self.node.reader.lease_count() as u64,
             caught_up: self.node.readiness.caught_up(),
+            removed: self.node.reader.removed_nodes().into_iter().collect(),
         }
     }
 }
@@ -304,5 +306,29 @@ impl Coordinator for CoordinatorService {
         let span = info_span!("save_snapshot", node_id = self.node.id);
         let file = self.node.save_snapshot(&c).instrument(span).await?;
         Ok(Response::new(snapshot_chunks(file)))
+    }
+
+    async fn cluster_members(
+        &self,
+        req: Request<pb::ClusterMembersRequest>,
+    ) -> Result<Response<pb::ClusterMembersResponse>, Status> {
+        Ok(Response::new(self.cluster_members_pb(&Caller::of_request(&req)).await?))
+    }
+
+    async fn add_node(&self, req: Request<pb::AddNodeRequest>) -> Result<Response<pb::AddNodeResponse>, Status> {
+        let c = Caller::of_request(&req);
+        let r = req.into_inner();
+        let span = info_span!("add_node", node = r.id, addr = %r.addr);
+        Ok(Response::new(self.add_node_pb(&c, r).instrument(span).await?))
+    }
+
+    async fn remove_node(
+        &self,
+        req: Request<pb::RemoveNodeRequest>,
+    ) -> Result<Response<pb::RemoveNodeResponse>, Status> {
+        let c = Caller::of_request(&req);
+        let r = req.into_inner();
+        let span = info_span!("remove_node", node = r.id);
+        Ok(Response::new(self.remove_node_pb(&c, r).instrument(span).await?))
     }
 }

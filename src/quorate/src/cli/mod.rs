@@ -3,6 +3,7 @@
 //! module and prints what comes back, for people or (`--json`) as one JSON
 //! object per line.
 
+mod cluster;
 mod election;
 mod groups;
 pub use crate::render::render_matrix;
@@ -79,6 +80,9 @@ pub enum Command {
     Server(Box<ServerArgs>),
     /// Show the cluster: leader, term, every node's role and reachability.
     Status,
+    /// The coordinators' membership: show it, add a node, remove one.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Read, take, hold and give up leases.
     #[command(subcommand)]
     Lease(LeaseCommand),
@@ -362,6 +366,32 @@ impl RedisArgs {
     }
 }
 
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Voters, learners, every node's address, role, last contact, and
+    /// whether it is safe to take it down now (rolling restarts).
+    Members,
+    /// Add a coordinator (start it first, with --peers naming the running
+    /// nodes and itself): a learner until it has caught up, then a voter.
+    AddNode {
+        /// Its node id: a new one, never one that was removed.
+        #[arg(long)]
+        id: u64,
+        /// Its gRPC address, HOST:PORT, as the other nodes reach it.
+        #[arg(long)]
+        addr: String,
+        /// How long to wait for it to catch up before promoting it.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+    },
+    /// Remove a coordinator for good (refused if the rest could not form a
+    /// quorum, or it is the only node up to date).
+    RemoveNode {
+        #[arg(long)]
+        id: u64,
+    },
+}
+
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum OnOff {
     On,
@@ -577,6 +607,23 @@ pub enum LocalCommand {
         #[arg(long)]
         dir: PathBuf,
     },
+    /// Start the next node of the local cluster in DIR and add it (a
+    /// learner, then a voter once caught up); updates cluster.json.
+    AddNode {
+        #[arg(long)]
+        dir: PathBuf,
+        /// How long to wait for it to catch up.
+        #[arg(long, default_value_t = 60)]
+        wait_s: u64,
+    },
+    /// Remove node ID from the local cluster in DIR for good, then stop it;
+    /// updates cluster.json (its data directory is left in place).
+    RemoveNode {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long)]
+        id: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -625,6 +672,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => server(&args, cli.conn.insecure, json_mode).await,
         Command::Status => status::run(&client(&cli.conn)?, json_mode).await,
+        Command::Cluster(ClusterCommand::Members) => cluster::members(&client(&cli.conn)?, json_mode).await,
+        Command::Cluster(ClusterCommand::AddNode { id, addr, wait_s }) => {
+            cluster::add_node(&client(&cli.conn)?, id, &addr, Duration::from_secs(wait_s), json_mode).await
+        }
+        Command::Cluster(ClusterCommand::RemoveNode { id }) => {
+            cluster::remove_node(&client(&cli.conn)?, id, json_mode).await
+        }
         Command::Lease(cmd) => lease::run(client(&cli.conn)?, cmd, json_mode).await,
         Command::Watch { group } => lease::watch(client(&cli.conn)?, &group, json_mode).await,
         Command::Group(GroupCommand::Apply { file }) => groups::apply(&client(&cli.conn)?, &file, json_mode).await,
@@ -723,6 +777,26 @@ async fn local(cmd: LocalCommand, insecure: bool, json_mode: bool) -> anyhow::Re
         LocalCommand::Down { dir } => {
             let stopped = crate::local::down(&dir).await?;
             emit(json_mode, &json!({ "stopped": stopped }), || format!("stopped {} processes", stopped.len()));
+            Ok(())
+        }
+        LocalCommand::AddNode { dir, wait_s } => {
+            let (node, added) = crate::local::add_node(&dir, Duration::from_secs(wait_s)).await?;
+            let value = json!({"added": node.id, "pid": node.pid, "addr": node.addr, "data_dir": node.data_dir,
+                               "caught_up_ms": added.caught_up_ms, "took_ms": added.took_ms});
+            emit(json_mode, &value, || {
+                format!(
+                    "node {} pid {} at {} (data {}) is a voter after {} ms; cluster.json updated",
+                    node.id, node.pid, node.addr, node.data_dir, added.took_ms
+                )
+            });
+            Ok(())
+        }
+        LocalCommand::RemoveNode { dir, id } => {
+            let node = crate::local::remove_node(&dir, id).await?;
+            let value = json!({"removed": id, "data_dir": node.data_dir});
+            emit(json_mode, &value, || {
+                format!("node {id} removed and stopped; cluster.json updated (its data is left in {})", node.data_dir)
+            });
             Ok(())
         }
     }

@@ -643,6 +643,29 @@ impl Client {
             .await
             .map_err(|_| ClientError::Transfer(format!("not complete within {SNAPSHOT_TRANSFER:?}")))?
     }
+
+    /// The coordinators as the leader sees them.
+    pub async fn cluster_members(&self) -> Result<pb::ClusterMembersResponse, ClientError> {
+        self.unary(pb::ClusterMembersRequest {}, |mut c, r| async move { c.cluster_members(r).await }).await
+    }
+
+    /// Adds node `id` at `addr` (a learner, then a voter once caught up,
+    /// within `wait`).
+    pub async fn add_node(&self, id: u64, addr: &str, wait: Duration) -> Result<pb::AddNodeResponse, ClientError> {
+        let req = pb::AddNodeRequest { id, addr: addr.into(), wait_timeout_ms: wait.as_millis() as u64 };
+        self.call(self.call_timeout + wait, |mut c| {
+            let req = req.clone();
+            async move { c.add_node(req).await }
+        })
+        .await
+    }
+
+    /// Removes node `id` for good.
+    pub async fn remove_node(&self, id: u64) -> Result<pb::RemoveNodeResponse, ClientError> {
+        // A membership change commits in two steps (joint consensus): give
+        // it more than one ordinary call's time.
+        self.call(self.call_timeout * 3, |mut c| async move { c.remove_node(pb::RemoveNodeRequest { id }).await }).await
+    }
 }
 
 /// How long a snapshot transfer may take once the leader answered.

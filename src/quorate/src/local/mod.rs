@@ -1,11 +1,14 @@
-//! The local launcher: `quorate local up|down`.
+//! The local launcher: `quorate local up|down|add-node|remove-node`.
 //!
 //! `up` starts a cluster of `quorate server` processes in the background, each
 //! in its own process group (so a Ctrl-C in the terminal does not reach them),
 //! with logs under DIR, records them in `DIR/cluster.json`, and returns once a
 //! leader exists. Run again on the same DIR, it restarts whatever is not
 //! running on its old ports and data. `down` stops what `up` started: SIGTERM,
-//! then SIGKILL after a grace period. Data is kept.
+//! then SIGKILL after a grace period. Data is kept. `add-node` starts the
+//! next node (next id, its ports by the same rule) and adds it to the
+//! cluster; `remove-node` removes one and stops it; both keep
+//! `cluster.json` in step (removed ids are recorded and never reused).
 //!
 //! Secure by default, like a real deployment: `up` issues a CA and a
 //! certificate per identity under `DIR/tls/` ([`LocalPki`]), starts every
@@ -52,6 +55,13 @@ pub struct ClusterFile {
     /// The certificates, unless the cluster was started `--insecure`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClusterTls>,
+    /// Node ids `remove-node` took out: never used again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub removed_ids: Vec<u64>,
+    /// `add-node` or `remove-node` changed the nodes since `up` made them,
+    /// so `up` on this directory no longer checks `--nodes`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub membership_changed: bool,
 }
 
 /// Where `up` put the certificates (every node's and member's are named
@@ -490,7 +500,7 @@ pub async fn up(opts: &UpOptions) -> Result<ClusterFile, LocalError> {
                     dir.display()
                 )));
             }
-            if f.nodes.len() as u64 != opts.nodes {
+            if f.nodes.len() as u64 != opts.nodes && !f.membership_changed {
                 return Err(LocalError::Invalid(format!(
                     "the cluster in {} has {} nodes, not {}; run `quorate local down --dir {0}` and use another --dir",
                     dir.display(),
@@ -625,7 +635,8 @@ fn new_cluster(dir: &Path, opts: &UpOptions) -> Result<ClusterFile, LocalError> 
         }
     }
     let group = opts.group.as_ref().map(|(g, _)| g.clone());
-    let mut file = ClusterFile { endpoints, nodes, group, members, tls: None };
+    let mut file =
+        ClusterFile { endpoints, nodes, group, members, tls: None, removed_ids: Vec::new(), membership_changed: false };
     if !opts.insecure {
         issue_certs(dir, &mut file)?;
     }
@@ -750,4 +761,96 @@ pub async fn stop_pids(pids: &[u32], alive: fn(u32) -> bool) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     signal_all(Signal::SIGKILL);
+}
+
+/// `quorate local add-node`: starts the next node (the next id never used,
+/// its ports by `up`'s rule from the cluster's base port), records it in
+/// `cluster.json`, and adds it to the cluster (a learner, then a voter once
+/// caught up, within `wait`).
+pub async fn add_node(dir: &Path, wait: Duration) -> Result<(NodeEntry, crate::pb::v1::AddNodeResponse), LocalError> {
+    let dir = dir.canonicalize().map_err(io("cannot resolve", dir))?;
+    let Some(mut file) = read_cluster_file(&dir)? else {
+        return Err(LocalError::Invalid(format!("no cluster.json in {}; run `quorate local up` first", dir.display())));
+    };
+    let client = file.admin_client()?;
+    // Ids the cluster removed count too: cluster.json may be older.
+    let removed = client.cluster_members().await.map(|m| m.removed).unwrap_or_default();
+    let used = file.nodes.iter().map(|n| n.id).chain(file.removed_ids.iter().copied()).chain(removed);
+    let id = used.max().unwrap_or(0) + 1;
+    let base = base_port(&file)?;
+    let port = u16::try_from(u64::from(base) + id - 1)
+        .map_err(|_| LocalError::Invalid(format!("no port for node {id} from base port {base}")))?;
+    let addr = format!("127.0.0.1:{port}");
+    if TcpListener::bind(&addr).is_err() {
+        return Err(LocalError::Invalid(format!("port {port} (node {id}) is in use")));
+    }
+    let http_addr = Some(free_local_port(base, 600 + id - 1, &format!("HTTP of node {id}"))?);
+    let data_dir = dir.join(format!("node-{id}"));
+    if data_dir.exists() {
+        return Err(LocalError::Invalid(format!(
+            "{} exists: a node with id {id} ran here before; remove the directory first",
+            data_dir.display()
+        )));
+    }
+    let data_dir = data_dir.display().to_string();
+    file.nodes.push(NodeEntry {
+        id,
+        pid: 0,
+        addr: addr.clone(),
+        data_dir,
+        tls_cert: None,
+        tls_key: None,
+        http_addr,
+        sentinel_addr: None,
+    });
+    if file.tls.is_some() {
+        // Issues node-N for the new node (the others exist already).
+        issue_certs(&dir, &mut file)?;
+    }
+    file.endpoints = file.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
+    file.membership_changed = true;
+    // The other nodes run: this starts only the new one.
+    start_nodes(&dir, &mut file, None)?;
+    write_cluster_file(&dir, &file)?;
+    let added = client
+        .add_node(id, &addr, wait)
+        .await
+        .map_err(|e| LocalError::Invalid(format!("node {id} started at {addr} but was not added: {e}")))?;
+    let node = file.nodes.iter().find(|n| n.id == id).cloned().expect("just added");
+    Ok((node, added))
+}
+
+/// `quorate local remove-node`: removes node `id` from the cluster for
+/// good, then stops its process and takes it out of `cluster.json`
+/// (recording the id as removed). Its data directory is left in place.
+pub async fn remove_node(dir: &Path, id: u64) -> Result<NodeEntry, LocalError> {
+    let dir = dir.canonicalize().map_err(io("cannot resolve", dir))?;
+    let Some(mut file) = read_cluster_file(&dir)? else {
+        return Err(LocalError::Invalid(format!("no cluster.json in {}", dir.display())));
+    };
+    let Some(pos) = file.nodes.iter().position(|n| n.id == id) else {
+        return Err(LocalError::Invalid(format!("node {id} is not in {}", file_path(&dir).display())));
+    };
+    file.admin_client()?
+        .remove_node(id)
+        .await
+        .map_err(|e| LocalError::Invalid(format!("node {id} was not removed: {e}")))?;
+    let node = file.nodes.remove(pos);
+    if is_our_server(node.pid) {
+        stop_pids(&[node.pid], is_our_server).await;
+    }
+    file.removed_ids.push(id);
+    file.endpoints = file.nodes.iter().map(|n| n.addr.clone()).collect::<Vec<_>>().join(",");
+    file.membership_changed = true;
+    write_cluster_file(&dir, &file)?;
+    Ok(node)
+}
+
+/// The base port `up` laid the nodes out from: node N listens on base + N - 1.
+fn base_port(file: &ClusterFile) -> Result<u16, LocalError> {
+    let first = file.nodes.iter().min_by_key(|n| n.id).ok_or_else(|| LocalError::Invalid("no nodes".into()))?;
+    let port = first.addr.rsplit_once(':').and_then(|(_, p)| p.parse::<u64>().ok());
+    port.and_then(|p| p.checked_sub(first.id - 1)).and_then(|p| u16::try_from(p).ok()).ok_or_else(|| {
+        LocalError::Invalid(format!("cannot tell the base port from node {} at {}", first.id, first.addr))
+    })
 }

@@ -6,7 +6,8 @@
 //! stop), the state machine's read side ([`state_machine::SmReader`]),
 //! [`NodeClock`], [`Readiness`] and plain core types.
 //!
-//! - [`node`]: the [`RaftNode`] facade and openraft's configuration.
+//! - [`node`]: the [`RaftNode`] facade (membership changes included) and
+//!   openraft's configuration.
 //! - [`readiness`]: whether this node has caught up since it started.
 //! - [`log_store`]: the Raft log, vote and committed index in redb.
 //! - [`state_machine`]: the in-memory core [`quorate_core::Machine`] behind
@@ -21,7 +22,7 @@ pub mod readiness;
 pub mod service;
 pub mod state_machine;
 
-pub use self::node::{RaftFailure, RaftNode, RaftStatus, RaftView, RaftWatch, ReadConfirm, Role};
+pub use self::node::{MembershipView, RaftFailure, RaftNode, RaftStatus, RaftView, RaftWatch, ReadConfirm, Role};
 pub use self::readiness::{Past, Readiness};
 
 use std::time::Instant;

@@ -7,16 +7,17 @@
 //! [`Role`]) and failures one enum ([`RaftFailure`]): no openraft type
 //! crosses this boundary, so an openraft upgrade stays inside `raft/`.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::type_config::async_runtime::watch::WatchReceiver as _;
-use openraft::{BasicNode, Instant as _, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Instant as _, ReadPolicy, ServerState, SnapshotPolicy};
 use quorate_core::Command;
 use quorate_core::machine::Outcome;
+use quorate_core::membership::{ClusterProgress, Contact, NodeProgress};
 
 use super::log_store::{LogStore, StoreError};
 use super::network::NetworkFactory;
@@ -103,11 +104,31 @@ pub struct RaftStatus {
     pub initialized: bool,
 }
 
+/// The membership as this node sees it, with what it measured of each
+/// node when it leads (see `quorate_core::membership`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipView {
+    /// Every node (voters and learners) with its address.
+    pub nodes: BTreeMap<u64, String>,
+    /// The voters (in a joint configuration: of both sets).
+    pub voters: BTreeSet<u64>,
+    /// A joint configuration: a change is under way.
+    pub joint: bool,
+    /// Since the leader last heard from each node (on the leader only).
+    pub last_contact: BTreeMap<u64, Duration>,
+    /// Contact and lag of each node, for the core's decisions.
+    pub progress: ClusterProgress,
+}
+
 /// Why Raft could not do what was asked.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum RaftFailure {
     #[error("not the leader")]
     NotLeader,
+    /// Raft itself refused a membership change (another one is under way,
+    /// a learner is missing, ...). Nothing changed.
+    #[error("{0}")]
+    MembershipRefused(String),
     #[error("leadership changed before the write committed")]
     LeaderChanged,
     #[error("{0}")]
@@ -133,6 +154,7 @@ pub struct RaftNode {
     raft: Raft,
     id: u64,
     election_timeout_max: Duration,
+    heartbeat_interval: Duration,
 }
 
 impl std::fmt::Debug for RaftNode {
@@ -170,13 +192,23 @@ impl RaftNode {
         let raft = Raft::new(id, Arc::new(openraft_config(config)?), NetworkFactory::new(id, transport), log_store, sm)
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
-        let node = Self { raft, id, election_timeout_max: Duration::from_millis(config.election_timeout_max_ms) };
+        let node = Self {
+            raft,
+            id,
+            election_timeout_max: Duration::from_millis(config.election_timeout_max_ms),
+            heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+        };
         Ok(Started { raft: node, reader, appended, commit_seconds })
     }
 
     /// The Raft RPC service of this node, for the gRPC server.
-    pub fn service(&self, readiness: Arc<Readiness>) -> crate::pb::raft::raft_server::RaftServer<RaftService> {
-        RaftService::new(self.raft.clone(), self.id, readiness).into_server()
+    /// `reader` tells which nodes were removed (their messages are refused).
+    pub fn service(
+        &self,
+        readiness: Arc<Readiness>,
+        reader: Arc<SmReader>,
+    ) -> crate::pb::raft::raft_server::RaftServer<RaftService> {
+        RaftService::new(self.raft.clone(), self.id, readiness, reader).into_server()
     }
 
     /// The state now.
@@ -289,6 +321,80 @@ impl RaftNode {
         self.raft.initialize(members).await.map_err(|e| RaftFailure::Other(e.to_string()))
     }
 
+    /// The membership with this node's measurements: on the leader, when it
+    /// last heard from each node and how many entries each is behind
+    /// (`max_lag_entries` and less counts as up to date); elsewhere both
+    /// unknown.
+    pub fn membership(&self, max_lag_entries: u64) -> MembershipView {
+        let m = self.raft.metrics().borrow_watched().clone();
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<u64> = membership.voter_ids().collect();
+        let joint = membership.get_joint_config().len() > 1;
+        let nodes: BTreeMap<u64, String> = membership.nodes().map(|(id, n)| (*id, n.addr.clone())).collect();
+        let leads = m.state == ServerState::Leader;
+        // A few heartbeats: a node that stopped answering looks out of
+        // contact soon (the service layer also asks each node directly).
+        let recent = self.heartbeat_interval * 4;
+        let acks = m.heartbeat.clone().unwrap_or_default();
+        let matched = m.replication.clone().unwrap_or_default();
+        let last = m.last_log_index.unwrap_or(0);
+        let mut last_contact = BTreeMap::new();
+        let progress = nodes
+            .keys()
+            .map(|id| {
+                let since = acks.get(id).cloned().flatten().map(|t| t.elapsed());
+                if let Some(d) = since {
+                    last_contact.insert(*id, d);
+                }
+                let (contact, lag_entries) = if !leads {
+                    (Contact::Unknown, None)
+                } else if *id == self.id {
+                    (Contact::Recent, Some(0))
+                } else {
+                    let contact = if since.is_some_and(|d| d < recent) { Contact::Recent } else { Contact::Stale };
+                    // No entry in the replication map yet: not known; a
+                    // stream that matched nothing is the whole log behind.
+                    let lag = matched.get(id).map(|l| last.saturating_sub(l.as_ref().map_or(0, |l| l.index)));
+                    (contact, lag)
+                };
+                NodeProgress { id: *id, voter: voters.contains(id), contact, lag_entries }
+            })
+            .collect();
+        let progress = ClusterProgress { leader: leads.then_some(self.id), nodes: progress, max_lag_entries };
+        MembershipView { nodes, voters, joint, last_contact, progress }
+    }
+
+    /// Node `id`'s address in the membership this node knows.
+    pub fn node_addr(&self, id: u64) -> Option<String> {
+        let m = self.raft.metrics().borrow_watched().membership_config.clone();
+        m.membership().get_node(&id).map(|n| n.addr.clone())
+    }
+
+    /// Adds node `id` at `addr` as a learner (it receives the log, does not
+    /// vote); returns once the change is committed, not once it caught up.
+    /// Unbounded here: the caller bounds it.
+    pub async fn add_learner(&self, id: u64, addr: &str) -> Result<(), RaftFailure> {
+        let res = self.raft.add_learner(id, BasicNode { addr: addr.to_owned() }, false).await;
+        res.map(|_| ()).map_err(membership_failure)
+    }
+
+    /// Makes learner `id` a voter (joint consensus: openraft commits the
+    /// joint configuration, then the new one). Unbounded here.
+    pub async fn promote(&self, id: u64) -> Result<(), RaftFailure> {
+        let res = self.raft.change_membership(ChangeMembers::AddVoterIds(BTreeSet::from([id])), false).await;
+        res.map(|_| ()).map_err(membership_failure)
+    }
+
+    /// Takes node `id` out of the membership: a voter through joint
+    /// consensus, a learner at once. Its id is then removed for good (see
+    /// the state machine). Unbounded here.
+    pub async fn remove(&self, id: u64, voter: bool) -> Result<(), RaftFailure> {
+        let ids = BTreeSet::from([id]);
+        let change = if voter { ChangeMembers::RemoveVoters(ids) } else { ChangeMembers::RemoveNodes(ids) };
+        let res = self.raft.change_membership(change, false).await;
+        res.map(|_| ()).map_err(membership_failure)
+    }
+
     /// Asks for a snapshot to be built now.
     pub async fn trigger_snapshot(&self) -> Result<(), RaftFailure> {
         self.raft.trigger().snapshot().await.map_err(|e| RaftFailure::Other(e.to_string()))
@@ -310,6 +416,19 @@ impl RaftNode {
 
     pub async fn shutdown(&self) -> Result<(), RaftFailure> {
         self.raft.shutdown().await.map_err(|e| RaftFailure::Other(e.to_string()))
+    }
+}
+
+/// openraft's answer to a membership change, as a [`RaftFailure`].
+fn membership_failure(e: RaftError<TypeConfig, ClientWriteError<TypeConfig>>) -> RaftFailure {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(_)) => RaftFailure::NotLeader,
+        RaftError::APIError(ClientWriteError::LogEntryDiscarded(_)) => RaftFailure::LeaderChanged,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(e)) => {
+            RaftFailure::MembershipRefused(e.to_string())
+        }
+        RaftError::APIError(e) => RaftFailure::Other(e.to_string()),
+        RaftError::Fatal(f) => RaftFailure::Fatal(f.to_string()),
     }
 }
 

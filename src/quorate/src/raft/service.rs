@@ -1,7 +1,7 @@
-//! The server side of Raft RPCs: check the sender (a node certificate, and
-//! the node its messages claim to come from), decode, check the target,
-//! hand to openraft (votes only when this node may vote, see
-//! [`Readiness`]).
+//! The server side of Raft RPCs: check the sender (a node certificate, not
+//! of a node removed from the cluster, and the node its messages claim to
+//! come from), decode, check the target, hand to openraft (votes only when
+//! this node may vote, see [`Readiness`]).
 
 use crate::tls::caller::Caller;
 use futures::StreamExt;
@@ -16,6 +16,7 @@ use super::network::TARGET_NODE_HEADER;
 use std::sync::Arc;
 
 use super::readiness::Readiness;
+use super::state_machine::SmReader;
 use super::{Raft, SnapshotMeta, TypeConfig, Vote};
 use crate::pb::raft::raft_server;
 use crate::pb::raft::{RaftPayload, SnapshotChunk};
@@ -29,6 +30,7 @@ pub struct RaftService {
     raft: Raft,
     node_id: u64,
     readiness: Arc<Readiness>,
+    reader: Arc<SmReader>,
 }
 
 impl std::fmt::Debug for RaftService {
@@ -38,8 +40,8 @@ impl std::fmt::Debug for RaftService {
 }
 
 impl RaftService {
-    pub fn new(raft: Raft, node_id: u64, readiness: Arc<Readiness>) -> Self {
-        Self { raft, node_id, readiness }
+    pub fn new(raft: Raft, node_id: u64, readiness: Arc<Readiness>, reader: Arc<SmReader>) -> Self {
+        Self { raft, node_id, readiness, reader }
     }
 
     /// A node that lost its data does not vote until it is caught up
@@ -55,15 +57,22 @@ impl RaftService {
         raft_server::RaftServer::new(self).max_decoding_message_size(64 << 20)
     }
 
-    /// Only node certificates reach the Raft service; returns the node the
-    /// certificate names (`None` over plain text).
-    fn check_sender<T>(req: &Request<T>) -> Result<Option<u64>, Status> {
+    /// Only node certificates reach the Raft service, and none of a node
+    /// removed from the cluster (its stale log must not vote or lead);
+    /// returns the node the certificate names (`None` over plain text).
+    fn check_sender<T>(&self, req: &Request<T>) -> Result<Option<u64>, Status> {
         let caller = Caller::of_request(req);
         caller.check(Action::Raft).map_err(|d| Status::permission_denied(d.to_string()))?;
-        Ok(match caller {
+        let sender = match caller {
             Caller::Known(Identity::Node { id }) => Some(id),
             _ => None,
-        })
+        };
+        if let Some(id) = sender.filter(|id| self.reader.is_removed(*id)) {
+            return Err(Status::permission_denied(format!(
+                "node {id} was removed from this cluster; it must not rejoin under this id"
+            )));
+        }
+        Ok(sender)
     }
 
     /// Defence in depth: a message whose vote names a leader or candidate
@@ -110,7 +119,7 @@ fn reply<T: Serialize, E: std::fmt::Display>(res: Result<T, E>) -> Result<Respon
 #[tonic::async_trait]
 impl raft_server::Raft for RaftService {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let sender = Self::check_sender(&req)?;
+        let sender = self.check_sender(&req)?;
         self.check_target(&req)?;
         let rpc: AppendEntriesRequest<TypeConfig> = decode(&req.into_inner().data)?;
         Self::check_claim(sender, *rpc.vote.leader_id().node_id(), "AppendEntries")?;
@@ -118,7 +127,7 @@ impl raft_server::Raft for RaftService {
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let sender = Self::check_sender(&req)?;
+        let sender = self.check_sender(&req)?;
         self.check_target(&req)?;
         if let Some(refused) = self.vote_refusal() {
             return refused;
@@ -129,7 +138,7 @@ impl raft_server::Raft for RaftService {
     }
 
     async fn pre_vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
-        let sender = Self::check_sender(&req)?;
+        let sender = self.check_sender(&req)?;
         self.check_target(&req)?;
         if let Some(refused) = self.vote_refusal() {
             return refused;
@@ -145,7 +154,7 @@ impl raft_server::Raft for RaftService {
             vote: Vote,
             meta: SnapshotMeta,
         }
-        let sender = Self::check_sender(&req)?;
+        let sender = self.check_sender(&req)?;
         self.check_target(&req)?;
         let mut stream = req.into_inner();
         let first = stream.next().await.ok_or_else(|| Status::invalid_argument("empty snapshot stream"))??;

@@ -53,6 +53,13 @@ struct SmState {
     machine: Machine,
     last_applied: Option<LogId>,
     membership: StoredMembership,
+    /// Every node id a membership change ever took out (see
+    /// `quorate_core::membership::removed_by`): derived from the log, so
+    /// every node agrees, and kept in snapshots so it is never forgotten.
+    /// A removed id is never added again, and a removed node that comes
+    /// back is told so.
+    #[serde(default)]
+    removed: std::collections::BTreeSet<u64>,
 }
 
 /// A persisted snapshot: its meta and its bytes.
@@ -101,6 +108,26 @@ impl SmReader {
     /// it, voters and learners.
     pub fn node_ids(&self) -> std::collections::BTreeSet<u64> {
         self.read(|s| s.membership.membership().nodes().map(|(id, _)| *id).collect())
+    }
+
+    /// Every node id ever removed from the membership.
+    pub fn removed_nodes(&self) -> std::collections::BTreeSet<u64> {
+        self.read(|s| s.removed.clone())
+    }
+
+    /// Whether node `id` was ever removed from the membership.
+    pub fn is_removed(&self, id: u64) -> bool {
+        self.read(|s| s.removed.contains(&id))
+    }
+
+    /// Node `id`'s address in the membership as last applied.
+    pub fn node_addr(&self, id: u64) -> Option<String> {
+        self.read(|s| s.membership.membership().get_node(&id).map(|n| n.addr.clone()))
+    }
+
+    /// Every node of the membership as last applied, with its address.
+    pub fn node_addrs(&self) -> std::collections::BTreeMap<u64, String> {
+        self.read(|s| s.membership.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect())
     }
 
     /// `now` on the machine's clock for computing verdicts: as measured by
@@ -235,6 +262,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 match entry.payload {
                     EntryPayload::Blank => (None, Vec::new()),
                     EntryPayload::Membership(m) => {
+                        let ids =
+                            |m: &openraft::Membership<u64, openraft::BasicNode>| m.nodes().map(|(id, _)| *id).collect();
+                        let gone = quorate_core::membership::removed_by(&ids(s.membership.membership()), &ids(&m));
+                        s.removed.extend(gone);
                         s.membership = StoredMembership::new(Some(log_id), m);
                         (None, Vec::new())
                     }
@@ -325,7 +356,9 @@ pub fn seed(
         members.iter().map(|(id, addr)| (*id, BasicNode { addr: addr.clone() })).collect();
     let membership = Membership::new(vec![voters], nodes).map_err(|e| StoreError::Io(io::Error::other(e)))?;
     let stored = StoredMembership::new(Some(log_id), membership);
-    let state = SmState { machine, last_applied: Some(log_id), membership: stored.clone() };
+    // A new cluster: no node of it was ever removed.
+    let state =
+        SmState { machine, last_applied: Some(log_id), membership: stored.clone(), removed: Default::default() };
     let data = encode(&state)?;
     let snapshot =
         encode(&StoredSnapshot { meta: SnapshotMeta { last_log_id: Some(log_id), last_membership: stored }, data })?;

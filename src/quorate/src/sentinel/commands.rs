@@ -31,10 +31,19 @@ pub struct Shared {
     pub caller: Caller,
     /// The password clients must give (`AUTH`), if any.
     pub password: Option<Password>,
-    /// Every coordinator's Sentinel address, this node's included.
-    pub sentinels: BTreeMap<u64, String>,
     /// The published events.
     pub events: broadcast::Sender<Message>,
+}
+
+impl Shared {
+    /// Every coordinator's Sentinel address, this node's included: the
+    /// nodes of the membership now (nodes come and go), each at its
+    /// configured Sentinel address or, for a node added since this one
+    /// started, its host with this node's Sentinel port.
+    pub fn sentinels(&self) -> BTreeMap<u64, String> {
+        let members = self.node.reader.node_addrs();
+        self.node.config.sentinel_peers_of(&members)
+    }
 }
 
 /// A password, never shown.
@@ -377,7 +386,7 @@ fn info(shared: &Shared, rest: &[Vec<u8>]) -> Reply {
                 "master{i}:name={},status={status},address={address},slaves={},sentinels={}\r\n",
                 p.group,
                 p.replicas.len(),
-                shared.sentinels.len().max(1)
+                shared.sentinels().len().max(1)
             ));
         }
     }
@@ -394,7 +403,7 @@ fn find(shared: &Shared, name: &[u8]) -> Result<Primary, Reply> {
 }
 
 fn master_fields(shared: &Shared, p: &Primary, m: &MemberAddr) -> Reply {
-    let others = shared.sentinels.len().saturating_sub(1);
+    let others = shared.sentinels().len().saturating_sub(1);
     Reply::fields([
         ("name", p.group.clone()),
         ("ip", m.host.clone()),
@@ -508,7 +517,7 @@ fn sentinel(shared: &Shared, rest: &[Vec<u8>]) -> Reply {
         "sentinels" => with_group(&|p| {
             Reply::Array(
                 shared
-                    .sentinels
+                    .sentinels()
                     .iter()
                     .filter(|(id, _)| **id != shared.node.id)
                     .map(|(id, addr)| sentinel_fields(&p, *id, addr))

@@ -75,7 +75,6 @@ pub async fn serve(node: Node, listener: TcpListener, settings: Settings) {
     let shared = Arc::new(Shared {
         caller: Caller::Known(Identity::Reader { name: "sentinel-endpoint".into() }),
         password: settings.password.map(Password),
-        sentinels: node.config.sentinel_peer_map(),
         events,
         node,
     });

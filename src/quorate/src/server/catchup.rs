@@ -109,6 +109,17 @@ pub struct PeerAnswer {
     pub last_log_index: u64,
 }
 
+/// A peer's answer with the membership it knows, for a node's standing
+/// (see `server::standing`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipAnswer {
+    pub initialized: bool,
+    /// The node ids of the membership it knows.
+    pub members: std::collections::BTreeSet<u64>,
+    /// Every id it applied as removed.
+    pub removed: std::collections::BTreeSet<u64>,
+}
+
 impl PeerAnswer {
     /// A peer that has entries past the initial membership has seen a
     /// leader elected: the cluster has history.
@@ -176,8 +187,9 @@ pub async fn catch_up(node: Node) {
 pub async fn probe_peers(node: Node) {
     let readiness = node.readiness.clone();
     let mut stopping = node.stopping.clone();
-    let peers: Vec<String> = node.peers.iter().filter(|(id, _)| **id != node.id).map(|(_, a)| a.clone()).collect();
     while readiness.past() == Past::Unknown && !readiness.caught_up() {
+        let peers: Vec<String> =
+            node.known_addrs().into_iter().filter(|(id, _)| *id != node.id).map(|(_, a)| a).collect();
         let answers = futures::future::join_all(peers.iter().map(|a| ask(a, &node.transport))).await;
         match past_from_answers(&answers) {
             Past::Lost => {
@@ -206,12 +218,26 @@ pub async fn probe_peers(node: Node) {
 
 /// Asks one peer for its status; `None` when it does not answer in time.
 pub(super) async fn ask(addr: &str, transport: &Transport) -> Option<PeerAnswer> {
+    let resp = status_of(addr, transport).await?;
+    Some(PeerAnswer { initialized: resp.initialized, last_log_index: resp.last_log_index })
+}
+
+/// Asks one peer for the membership it knows; `None` without an answer.
+pub(super) async fn ask_membership(addr: &str, transport: &Transport) -> Option<MembershipAnswer> {
+    let resp = status_of(addr, transport).await?;
+    Some(MembershipAnswer {
+        initialized: resp.initialized,
+        members: resp.nodes.iter().map(|n| n.id).collect(),
+        removed: resp.removed.into_iter().collect(),
+    })
+}
+
+async fn status_of(addr: &str, transport: &Transport) -> Option<crate::pb::v1::StatusResponse> {
     let channel = lazy_channel_with(addr, transport).ok()?;
     let mut client = CoordinatorClient::new(channel);
     let mut req = tonic::Request::new(StatusRequest {});
     req.set_timeout(PROBE_TIMEOUT);
-    let resp = tokio::time::timeout(PROBE_TIMEOUT, client.status(req)).await.ok()?.ok()?.into_inner();
-    Some(PeerAnswer { initialized: resp.initialized, last_log_index: resp.last_log_index })
+    Some(tokio::time::timeout(PROBE_TIMEOUT, client.status(req)).await.ok()?.ok()?.into_inner())
 }
 
 #[cfg(test)]

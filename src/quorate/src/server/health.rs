@@ -103,8 +103,8 @@ impl CoordinatorHttp {
                 .await
                 .map_err(|e| format!("READ FAILED: {e}"));
         }
-        let addr = self.node.peers.get(&leader).ok_or_else(|| format!("RAFT LEADER {leader} UNKNOWN ADDRESS"))?;
-        self.read_from(addr).await.map_err(|e| format!("READ FAILED at leader {leader}: {e}"))
+        let addr = self.node.node_addr(leader).ok_or_else(|| format!("RAFT LEADER {leader} UNKNOWN ADDRESS"))?;
+        self.read_from(&addr).await.map_err(|e| format!("READ FAILED at leader {leader}: {e}"))
     }
 
     /// A linearizable read at the leader at `addr`, bounded.

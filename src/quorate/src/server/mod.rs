@@ -2,8 +2,8 @@
 //! `sentinel_listen`, the Sentinel-compatible endpoint, one more owned task).
 //!
 //! [`run`] owns everything it starts: the gRPC server, the cluster-formation
-//! task, the leader-duties task, the catch-up tasks and the snapshot
-//! trigger. On shutdown it stops accepting calls, ends long-lived streams,
+//! task, the leader-duties task, the catch-up tasks, the standing check (a
+//! removed node stops, see [`standing`]) and the snapshot trigger. On shutdown it stops accepting calls, ends long-lived streams,
 //! waits (bounded) for its tasks, then shuts Raft down. If Raft itself stops
 //! (a storage error, a failed snapshot install), `run` returns an error so
 //! that the process exits non-zero and its supervisor restarts it: a node
@@ -16,6 +16,7 @@ pub mod health;
 pub mod metrics;
 mod observers;
 mod restore;
+mod standing;
 pub mod systemd;
 
 use std::future::Future;
@@ -63,6 +64,8 @@ pub enum ServerError {
     Identity(#[from] IdentityError),
     #[error("Raft stopped: {0}; exiting so that the supervisor restarts this node")]
     RaftStopped(String),
+    #[error("{0}")]
+    Removed(String),
     #[error(transparent)]
     Tls(#[from] crate::tls::config::TlsError),
     #[error("cannot listen on {addr}: {source}")]
@@ -150,6 +153,7 @@ async fn serve(
         readiness: readiness.clone(),
         transport: transport.clone(),
         watches: WatchSlots::new(config.max_watch_streams, config.max_watch_streams_per_connection),
+        membership_lock: Arc::default(),
     };
     info!(node_id = id, listen = %config.listen, data_dir = %config.data_dir.display(), past = ?past, "quorate server starting");
     if config.test_only_skip_lease_wait {
@@ -159,6 +163,7 @@ async fn serve(
     // One batcher for every report: agents' over gRPC and this node's own.
     let (reports, batcher) = Batcher::start(node.clone());
     let mut tasks = spawn_tasks(&node, past, appended, reports.clone(), redis);
+    let removed = spawn_standing(&mut tasks, &node);
     spawn_observability(&mut tasks, &node, &metrics, http);
     tasks.spawn(systemd::notify_ready(node.clone(), notifier.clone()).instrument(info_span!("systemd", node_id = id)));
     tasks.spawn(systemd::watchdog(node.clone(), notifier.clone()).instrument(info_span!("systemd", node_id = id)));
@@ -175,7 +180,7 @@ async fn serve(
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .layer(GrpcMetricsLayer::new(metrics.clone()))
-        .add_service(raft.service(readiness))
+        .add_service(raft.service(readiness, node.reader.clone()))
         .add_service(coordinator.into_server())
         .add_service(health_service)
         .add_service(reflection)
@@ -192,6 +197,7 @@ async fn serve(
             error!("Raft stopped: {reason}; shutting down and exiting non-zero so that the supervisor restarts this node");
             Err(ServerError::RaftStopped(reason))
         }
+        why = removed => Err(ServerError::Removed(why)),
     };
     info!(node_id = id, "shutting down");
     notifier.stopping();
@@ -200,6 +206,20 @@ async fn serve(
     wind_down(server, tasks, batcher, &raft).await;
     info!(node_id = id, "stopped");
     result
+}
+
+/// Starts the standing check; the future resolves, with the reason, only
+/// if this node was removed from the cluster (see [`standing`]).
+fn spawn_standing(tasks: &mut JoinSet<()>, node: &Node) -> impl Future<Output = String> + use<> {
+    let (removed_tx, removed_rx) = tokio::sync::oneshot::channel();
+    tasks.spawn(standing::watch(node.clone(), removed_tx).instrument(info_span!("standing", node_id = node.id)));
+    // A dropped sender (the task ended at shutdown) is not a removal.
+    async move {
+        match removed_rx.await {
+            Ok(why) => why,
+            Err(_) => std::future::pending().await,
+        }
+    }
 }
 
 /// After the stop signal: the gRPC server gets a grace period for open

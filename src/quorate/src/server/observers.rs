@@ -76,7 +76,9 @@ fn specs_of(node: &Node) -> Vec<GroupSpec> {
 /// Heartbeat stores are reached with `redis` (this node's credentials and
 /// TLS for Redis).
 pub async fn observe_groups(node: Node, reports: Batcher, redis: Arc<RedisAccess>) {
-    let endpoints: Vec<String> = node.peers.values().cloned().collect();
+    // The membership's addresses and the seeds: the client follows leader
+    // hints from there to wherever the leader is now.
+    let endpoints: Vec<String> = node.known_addrs().into_values().collect();
     let sink = match Client::new_with(&endpoints, node.transport.clone()) {
         Ok(client) => Arc::new(OwnNode { node: node.clone(), reports, client }),
         Err(e) => {

@@ -11,6 +11,8 @@
 //!   verdicts; why a member's verdict is what it is.
 //! - [`election`]: managed groups: election status, maintenance, failover
 //!   blocks, switchover (waiting for the new holder), what-if.
+//! - [`membership`]: the coordinators: who they are, adding one (learner,
+//!   then voter once caught up), removing one for good.
 //! - [`reports`]: observers' reports, checked and batched.
 //! - [`snapshot`]: backups: the whole state, read on the leader after a
 //!   linearizable read, as one backup file.
@@ -29,6 +31,7 @@ pub mod error;
 pub mod groups;
 pub mod leases;
 pub mod limits;
+pub mod membership;
 pub mod node;
 pub mod reports;
 pub mod snapshot;

@@ -50,6 +50,8 @@ pub struct Node {
     pub transport: Transport,
     /// The watch streams it serves, bounded in total and per connection.
     pub watches: WatchSlots,
+    /// Held by a membership change for its whole run: one at a time.
+    pub membership_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
 impl std::fmt::Debug for Node {
@@ -62,7 +64,7 @@ impl Node {
     /// The leader as this node knows it, with its address.
     pub fn leader_hint(&self) -> Option<LeaderHint> {
         let leader = self.raft.leader()?;
-        self.peers.get(&leader).map(|addr| LeaderHint { id: leader, addr: addr.clone() })
+        self.node_addr(leader).map(|addr| LeaderHint { id: leader, addr })
     }
 
     pub(super) fn not_leader(&self) -> ServiceError {
@@ -124,7 +126,7 @@ impl Node {
 
     /// A Raft failure as an API error; `write`: whether a write may have
     /// taken effect anyway.
-    fn raft_error(&self, e: RaftFailure, write: bool) -> ServiceError {
+    pub(super) fn raft_error(&self, e: RaftFailure, write: bool) -> ServiceError {
         match e {
             RaftFailure::NotLeader => self.not_leader(),
             RaftFailure::LeaderChanged => {
@@ -133,6 +135,7 @@ impl Node {
             RaftFailure::QuorumNotEnough(detail) => {
                 ServiceError::NoQuorum { node_id: self.id, detail, outcome_unknown: write }
             }
+            RaftFailure::MembershipRefused(detail) => ServiceError::Precondition(detail),
             RaftFailure::Fatal(detail) => ServiceError::Stopped { node_id: self.id, detail },
             RaftFailure::Other(detail) => ServiceError::Internal(detail),
         }

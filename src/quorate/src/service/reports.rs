@@ -101,8 +101,9 @@ impl Batcher {
 
 impl Batcher {
     /// On the leader: may `observer` report `views` now? A coordinator must
-    /// be a node of the cluster (its Raft membership, or this node's
-    /// configured peers), a member must be in every group it reports about
+    /// be a node of the cluster (its Raft membership, or, before the
+    /// cluster has one, this node's configured peers; never a removed
+    /// node), a member must be in every group it reports about
     /// that exists (the state machine refuses unknown groups itself), and
     /// the caller's identity must be within `max_reports_per_s`.
     fn admit(&self, caller: &Caller, observer: &Observer, views: &[GroupView]) -> Result<(), ServiceError> {
@@ -111,7 +112,9 @@ impl Batcher {
             return Err(node.not_leader());
         }
         let mut nodes: BTreeSet<u64> = node.reader.node_ids();
-        nodes.extend(node.peers.keys());
+        if nodes.is_empty() {
+            nodes.extend(node.peers.keys());
+        }
         let refused = |e: quorate_core::matrix::ObserverRefused| ServiceError::InvalidArgument(e.to_string());
         observer.check_node(&nodes).map_err(refused)?;
         node.reader

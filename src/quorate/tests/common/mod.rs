@@ -338,6 +338,54 @@ impl Cluster {
         n.proc = Some(Proc { child: cmd.spawn().unwrap(), name: format!("node-{id}") });
     }
 
+    /// Lays out one more node (the next id, a free port, its `node-N`
+    /// certificate) without starting it; every node's `--peers` then names
+    /// it, as an operator's configuration would. Returns its id.
+    pub fn add_node_slot(&mut self) -> u64 {
+        let id = self.nodes.iter().map(|n| n.id).max().unwrap_or(0) + 1;
+        let dir = self.dir.path();
+        LocalPki::ensure(&dir.join("tls"), &[(id, "127.0.0.1".to_owned())], &[]).unwrap();
+        self.nodes.push(NodeProc {
+            id,
+            addr: format!("127.0.0.1:{}", free_port()),
+            data_dir: dir.join(format!("node-{id}")),
+            log: dir.join(format!("node-{id}.log")),
+            proc: None,
+            http_addr: None,
+        });
+        self.reset_peers();
+        id
+    }
+
+    /// Forgets node `id` (killed first, if it runs): its slot leaves
+    /// `nodes` and every node's `--peers`; its log stays in the directory.
+    pub fn forget_node(&mut self, id: u64) -> NodeProc {
+        self.kill(id);
+        let pos = self.nodes.iter().position(|n| n.id == id).unwrap();
+        let n = self.nodes.remove(pos);
+        self.reset_peers();
+        n
+    }
+
+    fn reset_peers(&mut self) {
+        self.peers = self.nodes.iter().map(|n| format!("{}={}", n.id, n.addr)).collect::<Vec<_>>().join(",");
+    }
+
+    /// A graceful stop of one node (SIGTERM, then wait for it to exit);
+    /// returns how long it took.
+    pub fn stop(&mut self, id: u64) -> Duration {
+        let started = Instant::now();
+        let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
+        if let Some(mut p) = n.proc.take() {
+            signal(p.pid(), nix::sys::signal::Signal::SIGTERM);
+            while p.child.try_wait().unwrap().is_none() {
+                assert!(started.elapsed() < Duration::from_secs(20), "node {id} did not stop within 20 s of SIGTERM");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        started.elapsed()
+    }
+
     /// kill -9 of one node.
     pub fn kill(&mut self, id: u64) {
         let n = self.nodes.iter_mut().find(|n| n.id == id).unwrap();
