@@ -672,24 +672,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Server(args) => server(&args, cli.conn.insecure, json_mode).await,
         Command::Status => status::run(&client(&cli.conn)?, json_mode).await,
-        Command::Cluster(ClusterCommand::Members) => cluster::members(&client(&cli.conn)?, json_mode).await,
-        Command::Cluster(ClusterCommand::AddNode { id, addr, wait_s }) => {
-            cluster::add_node(&client(&cli.conn)?, id, &addr, Duration::from_secs(wait_s), json_mode).await
-        }
-        Command::Cluster(ClusterCommand::RemoveNode { id }) => {
-            cluster::remove_node(&client(&cli.conn)?, id, json_mode).await
-        }
+        Command::Cluster(cmd) => cluster_command(&client(&cli.conn)?, cmd, json_mode).await,
         Command::Lease(cmd) => lease::run(client(&cli.conn)?, cmd, json_mode).await,
         Command::Watch { group } => lease::watch(client(&cli.conn)?, &group, json_mode).await,
-        Command::Group(GroupCommand::Apply { file }) => groups::apply(&client(&cli.conn)?, &file, json_mode).await,
-        Command::Group(GroupCommand::Delete { name, force }) => {
-            lifecycle::delete_group(&client(&cli.conn)?, &name, force, json_mode).await
-        }
+        Command::Group(cmd) => group_command(&client(&cli.conn)?, cmd, json_mode).await,
         Command::Snapshot(SnapshotCommand::Save { file }) => {
             lifecycle::save_snapshot(&client(&cli.conn)?, &file, json_mode).await
         }
-        Command::Group(GroupCommand::Get { name }) => groups::get(&client(&cli.conn)?, &name, json_mode).await,
-        Command::Group(GroupCommand::List) => groups::list(&client(&cli.conn)?, json_mode).await,
         Command::Matrix { group, consistency } => {
             groups::matrix(&client(&cli.conn)?, &group, consistency.to_pb(), json_mode).await
         }
@@ -723,6 +712,27 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             demo(&opts).await
         }
         Command::Bench(args) => bench(&cli.conn, args, json_mode).await,
+    }
+}
+
+/// `quorate cluster members|add-node|remove-node`.
+async fn cluster_command(c: &Client, cmd: ClusterCommand, json_mode: bool) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Members => cluster::members(c, json_mode).await,
+        ClusterCommand::AddNode { id, addr, wait_s } => {
+            cluster::add_node(c, id, &addr, Duration::from_secs(wait_s), json_mode).await
+        }
+        ClusterCommand::RemoveNode { id } => cluster::remove_node(c, id, json_mode).await,
+    }
+}
+
+/// `quorate group apply|delete|get|list`.
+async fn group_command(c: &Client, cmd: GroupCommand, json_mode: bool) -> anyhow::Result<()> {
+    match cmd {
+        GroupCommand::Apply { file } => groups::apply(c, &file, json_mode).await,
+        GroupCommand::Delete { name, force } => lifecycle::delete_group(c, &name, force, json_mode).await,
+        GroupCommand::Get { name } => groups::get(c, &name, json_mode).await,
+        GroupCommand::List => groups::list(c, json_mode).await,
     }
 }
 
