@@ -9,15 +9,16 @@ use std::time::Duration;
 use common::{CliProc, Conn, free_port, run_cli, serial};
 use serde_json::Value;
 
-/// Three consecutive free ports, and the three 500 above them.
+/// Four consecutive free ports (three nodes and one `local add-node`
+/// adds), and the four 500 and 600 above them.
 fn free_base_port() -> u16 {
     for _ in 0..200 {
         let base = free_port();
         // Nodes at base..base+2, their Sentinel endpoints at base+500.. and
         // their HTTP listeners at base+600.. (local up).
         let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
-        let all_free = |from: u16| (0..3).all(|i| free(base + from + i));
-        if base < 60_000 && (1..3).all(|i| free(base + i)) && all_free(500) && all_free(600) {
+        let all_free = |from: u16| (0..4).all(|i| free(base + from + i));
+        if base < 60_000 && (1..4).all(|i| free(base + i)) && all_free(500) && all_free(600) {
             return base;
         }
     }
@@ -86,6 +87,52 @@ fn local_cluster_status_lease_watch_and_restart() {
     let (code, out, err) = run_cli(&["lease", "get", "G", "--json"], &eps);
     assert_eq!(code, 0, "{err}");
     assert_eq!(json(&out)["epoch"], 1);
+}
+
+/// `local add-node` starts node 4 and makes it a voter, `local remove-node`
+/// removes node 2 for good; `cluster.json` and `cluster members` agree at
+/// each step, and a removed id is never given out again.
+#[test]
+fn local_add_node_and_remove_node_keep_cluster_json_in_step() {
+    let _serial = serial();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("cluster");
+    let dir_s = dir.display().to_string();
+    let base = free_base_port().to_string();
+    let _guard = LocalGuard(&dir);
+    let eps = up_and_check_cluster_file(&dir, &base);
+    let file = || -> Value { serde_json::from_slice(&std::fs::read(dir.join("cluster.json")).unwrap()).unwrap() };
+    let ids =
+        |f: &Value| -> Vec<u64> { f["nodes"].as_array().unwrap().iter().map(|n| n["id"].as_u64().unwrap()).collect() };
+    let voters = || -> Vec<u64> {
+        let (code, out, err) = run_cli(&["--json", "cluster", "members"], &eps);
+        assert_eq!(code, 0, "{err}");
+        let mut v: Vec<u64> = json(&out)["voters"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap()).collect();
+        v.sort_unstable();
+        v
+    };
+
+    let (code, out, err) = run_cli(&["--json", "local", "add-node", "--dir", &dir_s], &Conn::none());
+    assert_eq!(code, 0, "local add-node failed: {err}");
+    let added = json(&out);
+    assert_eq!(added["added"], 4, "{added}");
+    assert_eq!(ids(&file()), [1, 2, 3, 4]);
+    assert_eq!(voters(), [1, 2, 3, 4], "node 4 is a voter once add-node returns");
+
+    let (code, out, err) = run_cli(&["--json", "local", "remove-node", "--dir", &dir_s, "--id", "2"], &Conn::none());
+    assert_eq!(code, 0, "local remove-node failed: {err}");
+    assert_eq!(json(&out)["removed"], 2);
+    let f = file();
+    assert_eq!(ids(&f), [1, 3, 4]);
+    assert_eq!(f["removed_ids"], serde_json::json!([2]), "{f}");
+    assert_eq!(voters(), [1, 3, 4]);
+    let (code, out, _) = run_cli(&["--json", "cluster", "members"], &eps);
+    assert_eq!(code, 0);
+    assert_eq!(json(&out)["removed"], serde_json::json!([2]));
+    // Removing it again is refused.
+    let (code, _, err) = run_cli(&["local", "remove-node", "--dir", &dir_s, "--id", "2"], &Conn::none());
+    assert_ne!(code, 0, "removed twice");
+    assert!(!err.is_empty());
 }
 
 /// `local up` of three nodes in `dir` from port `base`: what it prints is
