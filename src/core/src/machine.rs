@@ -255,6 +255,22 @@ pub struct LeaseView {
     pub revision: u64,
 }
 
+impl LeaseView {
+    /// A lease nobody holds, at `epoch` (the epoch its next grant builds
+    /// on), last changed at `revision`.
+    pub fn free(group: &str, epoch: u64, revision: u64) -> Self {
+        Self {
+            group: group.to_owned(),
+            holder: None,
+            epoch,
+            ttl_ms: 0,
+            remaining_ms: 0,
+            state: LeaseState::Free,
+            revision,
+        }
+    }
+}
+
 /// How the reader relates to the machine's clock.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReaderClock {
@@ -628,15 +644,7 @@ impl Machine {
     pub fn lease(&self, group: &str, now: ReaderClock) -> LeaseView {
         match self.leases.get(group) {
             Some(rec) => view(group, rec, now),
-            None => LeaseView {
-                group: group.to_owned(),
-                holder: None,
-                epoch: self.epoch_floor,
-                ttl_ms: 0,
-                remaining_ms: 0,
-                state: LeaseState::Free,
-                revision: 0,
-            },
+            None => LeaseView::free(group, self.epoch_floor, 0),
         }
     }
 

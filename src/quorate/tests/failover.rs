@@ -11,7 +11,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{PairFixture, fenced_set, redis_conn, role_of, serial, signal, wait_one};
+use common::{PairFixture, fenced_set, missing_on, redis_conn, role_of, serial, signal, wait_one};
 use nix::sys::signal::Signal;
 
 const DOWN_AFTER: Duration = Duration::from_millis(500);
@@ -67,18 +67,6 @@ async fn write_acked(f: &PairFixture, member: &str, prefix: &str, n: usize) -> V
         }
     }
     acked
-}
-
-async fn missing_on(port: u16, keys: &[String]) -> Vec<String> {
-    let mut conn = redis_conn(port).await.expect("answers");
-    let mut missing = Vec::new();
-    for k in keys {
-        let v: Option<String> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
-        if v.as_deref() != Some(k.as_str()) {
-            missing.push(k.clone());
-        }
-    }
-    missing
 }
 
 async fn wait_for<F, Fut>(within: Duration, mut f: F) -> Option<Duration>

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use common::{Cluster, PAIR, PairFixture, fenced_set, free_port, redis_conn, run_cli, serial, wait_one};
+use common::{Cluster, PAIR, PairFixture, fenced_set, free_port, missing_on, redis_conn, run_cli, serial, wait_one};
 use quorate::client::Client;
 use quorate::pb::v1 as pb;
 use tonic::Code;
@@ -256,19 +256,6 @@ impl Writer {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap()
     }
-}
-
-/// The acknowledged keys missing on the data Redis at `port`.
-async fn missing_on(port: u16, keys: &[String]) -> Vec<String> {
-    let mut conn = redis_conn(port).await.expect("the data Redis answers");
-    let mut missing = Vec::new();
-    for k in keys {
-        let v: Option<String> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
-        if v.as_deref() != Some(k.as_str()) {
-            missing.push(k.clone());
-        }
-    }
-    missing
 }
 
 /// The pair's primary and epoch now.

@@ -17,7 +17,7 @@
 //!   never handed out again, as long as fewer grants than the margin were
 //!   made after the backup.
 
-use super::{Applied, Change, ChangeKind, LeaseState, LeaseView, Machine, Outcome, Rejection, rejected_outcome};
+use super::{Applied, Change, ChangeKind, LeaseView, Machine, Outcome, Rejection, rejected_outcome};
 use crate::names::{self, NameKind};
 
 /// Why a backup cannot be restored.
@@ -120,15 +120,7 @@ impl Machine {
         if let Some(rec) = self.leases.remove(group) {
             self.epoch_floor = self.epoch_floor.max(rec.epoch);
         }
-        let lease = LeaseView {
-            group: group.to_owned(),
-            holder: None,
-            epoch: self.epoch_floor,
-            ttl_ms: 0,
-            remaining_ms: 0,
-            state: LeaseState::Free,
-            revision: index,
-        };
+        let lease = LeaseView::free(group, self.epoch_floor, index);
         Applied {
             outcome: Outcome::GroupDeleted { revision: index, lease: lease.clone() },
             changes: vec![Change { group: group.to_owned(), kind: ChangeKind::GroupDeleted, lease: Some(lease) }],

@@ -834,6 +834,20 @@ impl Drop for PairFixture {
 }
 
 /// A connection to a data Redis.
+/// The acknowledged keys (each written with itself as its value) missing
+/// on the data Redis at `port`.
+pub async fn missing_on(port: u16, keys: &[String]) -> Vec<String> {
+    let mut conn = redis_conn(port).await.expect("the data Redis answers");
+    let mut missing = Vec::new();
+    for k in keys {
+        let v: Option<String> = redis::cmd("GET").arg(k).query_async(&mut conn).await.unwrap();
+        if v.as_deref() != Some(k.as_str()) {
+            missing.push(k.clone());
+        }
+    }
+    missing
+}
+
 pub async fn redis_conn(port: u16) -> Option<redis::aio::MultiplexedConnection> {
     let c = redis::Client::open(format!("redis://127.0.0.1:{port}")).ok()?;
     let config = redis::AsyncConnectionConfig::new()

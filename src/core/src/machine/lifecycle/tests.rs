@@ -2,7 +2,7 @@
 
 use proptest::prelude::*;
 
-use super::super::{Command, LeaderStamp, LogPosition, Op, Outcome, ReaderClock, Rejection};
+use super::super::{Command, LeaderStamp, LeaseState, LogPosition, Op, Outcome, ReaderClock, Rejection};
 use super::*;
 use crate::group::{FailoverPolicy, GroupSpec, MemberSpec, Policy};
 use crate::lease::LeaseTiming;
