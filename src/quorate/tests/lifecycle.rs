@@ -172,19 +172,19 @@ async fn backup_then_restore_into_a_fresh_cluster() {
         assert_eq!(code, 0, "{got} {err}");
         assert_eq!(strip_revision(&got), strip_revision(want), "{g}");
     }
-    // Every lease is free at its epoch + 1,000,000; the next grant is above
-    // every epoch of the backup.
+    // Every lease is free at the backup's highest epoch + 1,000,000 (above
+    // its own); the next grant is above every epoch of the backup.
     for (g, old_epoch) in &epochs {
         let l = lease(&new.conn(), g);
         assert_eq!(
             (l["epoch"].as_u64(), l["holder"].is_null(), l["state"].as_str()),
-            (Some(old_epoch + 1_000_000), true, Some("free")),
-            "{g}: {l}"
+            (Some(max_epoch + 1_000_000), true, Some("free")),
+            "{g} (at {old_epoch} in the backup): {l}"
         );
     }
     let db1 = member_client(&new, "db", "db-1");
     let e = db1.acquire("db", "db-1", 20_000, None).await.unwrap().lease.unwrap().epoch;
-    assert_eq!(e, 1_000_002);
+    assert_eq!(e, max_epoch + 1_000_001);
     let e = new.client_as("svc").acquire("fresh", "svc", 5_000, None).await.unwrap().lease.unwrap().epoch;
     assert!(e > max_epoch + 1_000_000, "a name not in the backup starts above it too: {e}");
     followers_serve_the_restored_state(&new).await;

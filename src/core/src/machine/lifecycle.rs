@@ -68,11 +68,16 @@ impl Machine {
                 bump: epoch_bump,
             })
         };
+        // Every name starts above the highest epoch in the backup, not only
+        // above its own: then no epoch the new cluster grants is one the
+        // backup holds, whatever the names (a per-name bump would let a
+        // name far behind another re-grant that one's epochs).
+        let top = self.max_epoch();
         let mut leases = self.leases.clone();
         for (group, rec) in &mut leases {
             // Free, with no clock reading: nobody holds a lease of the new
             // cluster until it grants one, with a new epoch.
-            rec.epoch = bump(group, rec.epoch)?;
+            rec.epoch = bump(group, top)?;
             rec.holder = None;
             rec.renewed_at_ms = 0;
             rec.timing = None;
@@ -81,14 +86,7 @@ impl Machine {
         for g in groups.values_mut() {
             g.forget_observations();
         }
-        Ok(Machine {
-            clock: None,
-            clock_now_ms: 0,
-            clock_started_ms: 0,
-            leases,
-            groups,
-            epoch_floor: bump("*", self.max_epoch())?,
-        })
+        Ok(Machine { clock: None, clock_now_ms: 0, clock_started_ms: 0, leases, groups, epoch_floor: bump("*", top)? })
     }
 
     pub(super) fn delete_group(&mut self, index: u64, now: u64, group: &str, force: bool) -> Applied {

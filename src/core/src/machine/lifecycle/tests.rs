@@ -113,7 +113,7 @@ fn a_managed_group_with_a_live_primary_needs_force() {
 }
 
 #[test]
-fn a_restore_frees_every_lease_at_its_epoch_plus_the_bump() {
+fn a_restore_frees_every_lease_above_the_backups_highest_epoch_plus_the_bump() {
     let mut m = Machine::new();
     run(&mut m, 1, 0, Op::ApplyGroup { spec: spec("db", true) });
     run(&mut m, 2, 0, Op::ApplyGroup { spec: spec("cache", false) });
@@ -122,9 +122,10 @@ fn a_restore_frees_every_lease_at_its_epoch_plus_the_bump() {
         granted(&run(&mut m, 4 + i, 0, acquire("orders", "svc")));
     }
     let r = m.restored(1_000_000).unwrap();
-    for (group, old) in [("db", 1), ("orders", 5)] {
+    // db was at 1 and orders at 5: both start free at 5 + the bump.
+    for group in ["db", "orders"] {
         let l = r.lease(group, ReaderClock::Unknown);
-        assert_eq!((l.holder.as_deref(), l.epoch, l.state), (None, old + 1_000_000, LeaseState::Free), "{group}");
+        assert_eq!((l.holder.as_deref(), l.epoch, l.state), (None, 1_000_005, LeaseState::Free), "{group}");
     }
     assert_eq!(r.lease("never", ReaderClock::Unknown).epoch, 1_000_005, "new names start above the backup");
     assert_eq!(r.clock(), None);
@@ -136,7 +137,7 @@ fn a_restore_frees_every_lease_at_its_epoch_plus_the_bump() {
     assert!(db.views.is_empty() && db.statuses.is_empty());
     // The designated member takes the lease at once, above the bump.
     let mut r = r;
-    assert_eq!(granted(&run(&mut r, 1, 5, acquire("db", "db-1"))), 1_000_002);
+    assert_eq!(granted(&run(&mut r, 1, 5, acquire("db", "db-1"))), 1_000_006);
     assert_eq!(granted(&run(&mut r, 2, 5, acquire("other", "svc"))), 1_000_006);
     assert_eq!(m.restored(0), Err(RestoreError::ZeroBump));
     let e = m.restored(u64::MAX - 2).unwrap_err();
