@@ -33,8 +33,20 @@ pub fn serial() -> MutexGuard<'static, ()> {
 
 /// A free TCP port on 127.0.0.1 (bound and released; the OS hands out
 /// ephemeral ports at random, so a clash with another test is unlikely).
+///
+/// Never the same port twice in one test process: the OS may hand a port
+/// just released to the next `bind(0)`, and two nodes of one cluster given
+/// one address cannot both start (CI once saw it).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    static GIVEN: Mutex<std::collections::BTreeSet<u16>> = Mutex::new(std::collections::BTreeSet::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..1_000 {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if given.insert(port) {
+            return port;
+        }
+    }
+    panic!("no port not already handed out in 1000 tries");
 }
 
 /// A child process that is killed when dropped.
