@@ -23,6 +23,7 @@
 //! - [`election`]: the leader's decisions over verdicts: candidates, failover, what-if.
 //! - [`role`]: a member agent's role decisions (take the lease, fence, promote, follow) as a state machine.
 //! - [`machine`]: the replicated state machine: deterministic `apply`, its decision returned as data.
+//! - [`renewals`]: the leader's renewals confirmed without a log entry each, and why that is safe.
 //!
 //! ## The one rule
 //!
@@ -45,6 +46,7 @@ pub mod names;
 pub mod observe;
 pub mod quorum;
 pub mod ranking;
+pub mod renewals;
 pub mod role;
 pub mod verdict;
 

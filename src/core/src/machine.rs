@@ -87,6 +87,23 @@ pub enum Op {
         /// The epoch it was granted at: a renewal of an older grant fails.
         epoch: u64,
     },
+    /// A renewal the leader confirmed without a log entry of its own
+    /// ([`crate::renewals`]), recorded at `at_ms`, the leader's clock when
+    /// the renewal arrived. Written in batches, so that the replicated
+    /// lease keeps up with its holder; never makes a lease last longer than
+    /// what its holder was told, and never revives a lease granted to
+    /// someone else since (it must match `holder` and `epoch`).
+    Renewed {
+        /// The group (and its lease).
+        group: String,
+        /// Who holds it.
+        holder: String,
+        /// The epoch it was granted at.
+        epoch: u64,
+        /// When the leader received the renewal, on the clock of the
+        /// entry's stamp; later than the stamp counts as the stamp.
+        at_ms: u64,
+    },
     /// Give the lease up at once; the next acquirer needs no wait.
     Release {
         /// The group (and its lease).
@@ -615,6 +632,9 @@ impl Machine {
             Op::LeaderStart => Applied { outcome: Outcome::LeaderStarted, changes: Vec::new() },
             Op::Acquire { group, holder, ttl_ms } => self.acquire(pos.index, now, timing, group, holder, *ttl_ms),
             Op::Renew { group, holder, epoch } => self.renew(pos.index, now, group, holder, *epoch),
+            Op::Renewed { group, holder, epoch, at_ms } => {
+                self.renewed(pos.index, now, group, holder, *epoch, (*at_ms).min(now))
+            }
             Op::Release { group, holder, epoch } => self.release(pos.index, now, wall_ms, group, holder, *epoch),
             Op::ApplyGroup { spec } => self.apply_group(pos.index, wall_ms, spec),
             Op::Report { observer, observer_incarnation, views, status } => {
@@ -651,9 +671,22 @@ impl Machine {
     /// When `group`'s lease may be granted to someone other than its holder,
     /// on the machine's clock, or `None` when it is free now.
     pub fn grantable_at_ms(&self, group: &str, timing: LeaseTiming) -> Option<u64> {
+        self.grantable_at_ms_with(group, timing, None)
+    }
+
+    /// [`Self::grantable_at_ms`], counting a renewal of the current grant
+    /// confirmed at `confirmed_at_ms` and not logged yet ([`crate::renewals`]).
+    pub fn grantable_at_ms_with(&self, group: &str, timing: LeaseTiming, confirmed_at_ms: Option<u64>) -> Option<u64> {
         let rec = self.leases.get(group)?;
         rec.holder.as_ref()?;
-        Some(grant_timing(rec, timing).grantable_at_ms(rec.renewed_at_ms, rec.ttl_ms))
+        let renewed = rec.renewed_at_ms.max(confirmed_at_ms.unwrap_or(0));
+        Some(grant_timing(rec, timing).grantable_at_ms(renewed, rec.ttl_ms))
+    }
+
+    /// The holder and epoch of `group`'s current grant, if it is held.
+    pub fn lease_holder(&self, group: &str) -> Option<(&str, u64)> {
+        let rec = self.leases.get(group)?;
+        Some((rec.holder.as_deref()?, rec.epoch))
     }
 
     fn advance_clock(&mut self, pos: LogPosition, stamp: &LeaderStamp) -> u64 {
@@ -737,22 +770,69 @@ impl Machine {
     }
 
     fn renew(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64) -> Applied {
-        if let Err(e) = check_names(group, holder) {
-            return rejected_outcome(e);
-        }
-        if let Err(r) = self.check_designated(group, holder) {
+        if let Err(r) = self.check_renewal(group, holder, epoch, now, None) {
             return rejected_outcome(r);
         }
-        let Some(rec) = self.holder_record(group, holder, epoch) else {
-            return rejected_outcome(self.not_holder(group, holder, epoch));
-        };
-        if now >= rec.renewed_at_ms.saturating_add(rec.ttl_ms) {
-            return rejected_outcome(Rejection::Expired { group: group.to_owned(), epoch });
-        }
+        let rec = self.holder_record(group, holder, epoch).expect("checked: holds the lease");
         rec.renewed_at_ms = now;
         rec.revision = index;
         let lease = view(group, rec, ReaderClock::Now(now));
         Applied { outcome: Outcome::Renewed(lease.clone()), changes: vec![Change::lease(ChangeKind::Renewed, lease)] }
+    }
+
+    /// Records a renewal the leader confirmed at `at_ms` (<= `now`). No
+    /// expiry check: the leader confirmed it while the lease was valid
+    /// counting its confirmations not logged yet, which this machine has
+    /// not seen; the holder and epoch check keeps it from touching a lease
+    /// granted again since. Renewed times only go forward.
+    fn renewed(&mut self, index: u64, now: u64, group: &str, holder: &str, epoch: u64, at_ms: u64) -> Applied {
+        if let Err(e) = check_names(group, holder) {
+            return rejected_outcome(e);
+        }
+        let Some(rec) = self.holder_record(group, holder, epoch) else {
+            return rejected_outcome(self.not_holder(group, holder, epoch));
+        };
+        rec.renewed_at_ms = rec.renewed_at_ms.max(at_ms);
+        rec.revision = index;
+        let lease = view(group, rec, ReaderClock::Now(now));
+        Applied { outcome: Outcome::Renewed(lease.clone()), changes: vec![Change::lease(ChangeKind::Renewed, lease)] }
+    }
+
+    /// Whether `holder` may renew `group`'s lease at `epoch` at `now`: it
+    /// holds the lease at that epoch, is the designated member of a managed
+    /// group, and the lease has not run out, counting from its last logged
+    /// renewal or from `confirmed_at_ms` if later (a renewal the leader
+    /// confirmed and has not logged yet, [`crate::renewals`]). The one rule
+    /// for a renewal, logged or not.
+    pub fn check_renewal(
+        &self,
+        group: &str,
+        holder: &str,
+        epoch: u64,
+        now: u64,
+        confirmed_at_ms: Option<u64>,
+    ) -> Result<(), Rejection> {
+        check_names(group, holder)?;
+        self.check_designated(group, holder)?;
+        let Some(rec) =
+            self.leases.get(group).filter(|rec| rec.epoch == epoch && rec.holder.as_deref() == Some(holder))
+        else {
+            return Err(self.not_holder(group, holder, epoch));
+        };
+        let renewed = rec.renewed_at_ms.max(confirmed_at_ms.unwrap_or(0));
+        if now >= renewed.saturating_add(rec.ttl_ms) {
+            return Err(Rejection::Expired { group: group.to_owned(), epoch });
+        }
+        Ok(())
+    }
+
+    /// The lease of `group` as its holder sees it right after a renewal at
+    /// `now` that is not logged yet: held, a full TTL left.
+    pub fn lease_renewed_at(&self, group: &str, now: u64) -> LeaseView {
+        match self.leases.get(group) {
+            Some(rec) => view(group, &LeaseRecord { renewed_at_ms: now, ..rec.clone() }, ReaderClock::Now(now)),
+            None => LeaseView::free(group, self.epoch_floor, 0),
+        }
     }
 
     fn release(&mut self, index: u64, now: u64, wall_ms: u64, group: &str, holder: &str, epoch: u64) -> Applied {
