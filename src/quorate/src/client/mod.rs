@@ -221,14 +221,20 @@ impl Client {
     }
 
     /// What to say when a call failed because the two ends speak different
-    /// protocols: plain text reaching a TLS port fails in HTTP/2, TLS
-    /// reaching a plain-text port fails in the handshake.
+    /// protocols: plain text reaching a TLS port fails in HTTP/2 (or, when
+    /// the server's refusal closes the connection first, as a canceled
+    /// operation: CI saw both), TLS reaching a plain-text port fails in the
+    /// handshake.
     fn protocol_hint(&self, message: &str) -> Option<&'static str> {
         match &self.transport {
-            Transport::Insecure if message.contains("h2 protocol error") => Some(
-                " (this client speaks plain text (--insecure), and the cluster probably serves mutual TLS: \
+            Transport::Insecure
+                if message.contains("h2 protocol error") || message.contains("operation was canceled") =>
+            {
+                Some(
+                    " (this client speaks plain text (--insecure), and the cluster probably serves mutual TLS: \
                  give --ca, --cert and --key instead)",
-            ),
+                )
+            }
             Transport::Tls(_) if message.contains("InvalidContentType") || message.contains("corrupt message") => {
                 Some(" (this client speaks TLS, and the cluster probably serves plain text (started --insecure))")
             }
