@@ -47,6 +47,16 @@ pub struct ServerConfig {
     pub min_lease_ttl_ms: u64,
     /// Longest lease TTL clients may ask for.
     pub max_lease_ttl_ms: u64,
+    /// Write every renewal to the Raft log before answering it (one
+    /// durable write each). On by default until the unlogged path has run
+    /// the whole fault suite and the side-by-side benchmark; off, the
+    /// leader confirms a renewal with a quorum round instead and logs
+    /// renewals in batches (README: "Renewals without a log write each").
+    pub durable_renewals: bool,
+    /// How often the leader logs the renewals it confirmed since the last
+    /// batch, so that followers, watchers and elections see leases kept
+    /// up. At most a quarter of `min_lease_ttl_ms`.
+    pub renewal_flush_interval_ms: u64,
     /// The largest rate difference between any two clocks, in parts per
     /// million. Leases are only safe while real drift stays below this.
     pub max_clock_drift_ppm: u64,
@@ -173,6 +183,8 @@ impl Default for ServerConfig {
             election_timeout_max_ms: 200,
             min_lease_ttl_ms: 500,
             max_lease_ttl_ms: 300_000,
+            durable_renewals: true,
+            renewal_flush_interval_ms: 100,
             max_clock_drift_ppm: timing.max_clock_drift_ppm,
             lease_margin_ms: timing.lease_margin_ms,
             snapshot_every_entries: 5_000,
@@ -795,6 +807,15 @@ impl ServerConfig {
                 ),
             ));
         }
+        if self.renewal_flush_interval_ms == 0 || self.renewal_flush_interval_ms > self.min_lease_ttl_ms / 4 {
+            return Err(invalid(
+                "renewal_flush_interval_ms",
+                format!(
+                    "{} ms must be positive and at most a quarter of min_lease_ttl_ms ({} ms): followers would see leases lapse between batches",
+                    self.renewal_flush_interval_ms, self.min_lease_ttl_ms
+                ),
+            ));
+        }
         if self.max_lease_ttl_ms < self.min_lease_ttl_ms {
             return Err(invalid(
                 "max_lease_ttl_ms",
@@ -1064,6 +1085,10 @@ mod tests {
         assert!(err(&c).contains("lapse during every Raft leader change"));
         let c = ServerConfig { max_lease_ttl_ms: 10, ..good() };
         assert!(err(&c).starts_with("max_lease_ttl_ms:"));
+        let c = ServerConfig { renewal_flush_interval_ms: 126, ..good() };
+        assert!(err(&c).starts_with("renewal_flush_interval_ms: 126 ms must be positive and at most a quarter"));
+        let c = ServerConfig { renewal_flush_interval_ms: 0, ..good() };
+        assert!(err(&c).starts_with("renewal_flush_interval_ms:"));
         let c = ServerConfig { lease_margin_ms: 400, ..good() };
         assert!(err(&c).starts_with("lease_margin_ms:"));
         let c = ServerConfig { listen: "nowhere".into(), ..good() };

@@ -22,6 +22,11 @@ const KEY_DOCS: &[(&str, &str)] = &[
     ("election_timeout_max_ms", "Above election_timeout_min_ms; an election takes about two timeouts."),
     ("min_lease_ttl_ms", "Shortest lease TTL clients may ask for; above election_timeout_max_ms."),
     ("max_lease_ttl_ms", "Longest lease TTL clients may ask for; at least min_lease_ttl_ms."),
+    ("durable_renewals", "Log every renewal before answering it; false: quorum-confirmed, logged in batches."),
+    (
+        "renewal_flush_interval_ms",
+        "How often the leader logs the renewals it confirmed (at most min_lease_ttl_ms / 4).",
+    ),
     ("max_clock_drift_ppm", "The clock drift bound leases rely on (below 500000)."),
     ("lease_margin_ms", "Added to every grant wait, subtracted from every holder's deadline."),
     ("snapshot_every_entries", "Snapshot and compact the log after this many entries (at most 1000000)..."),

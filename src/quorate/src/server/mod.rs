@@ -28,7 +28,7 @@ use quorate_core::Op;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{Instrument, error, info, info_span, warn};
+use tracing::{Instrument, debug, error, info, info_span, warn};
 
 use self::catchup::IdentityError;
 use self::metrics::{GrpcMetricsLayer, ServerMetrics};
@@ -154,6 +154,7 @@ async fn serve(
         transport: transport.clone(),
         watches: WatchSlots::new(config.max_watch_streams, config.max_watch_streams_per_connection),
         membership_lock: Arc::default(),
+        renewals: renewal_ledger(&config),
     };
     info!(node_id = id, listen = %config.listen, data_dir = %config.data_dir.display(), past = ?past, "quorate server starting");
     if config.test_only_skip_lease_wait {
@@ -363,6 +364,7 @@ fn spawn_tasks(
         tasks.spawn(catchup::probe_peers(node.clone()).instrument(info_span!("probe_peers", node_id = id)));
     }
     tasks.spawn(snapshot_duties(node.clone(), appended).instrument(info_span!("snapshots", node_id = id)));
+    tasks.spawn(flush_renewals(node.clone()).instrument(info_span!("renewals", node_id = id)));
 
     tasks
 }
@@ -425,6 +427,55 @@ async fn leader_duties(node: Node) {
         tokio::select! {
             changed = watch.changed() => if !changed { return },
             () = crate::shutdown::stopped(&mut stopping) => return,
+        }
+    }
+}
+
+/// The leader's ledger of unlogged renewals: one entry per group at most.
+fn renewal_ledger(config: &ServerConfig) -> Arc<std::sync::Mutex<quorate_core::renewals::RenewalLedger>> {
+    let max = usize::try_from(config.max_groups).unwrap_or(usize::MAX);
+    Arc::new(std::sync::Mutex::new(quorate_core::renewals::RenewalLedger::new(max)))
+}
+
+/// The most renewals in one flushed entry (about 100 bytes each, far below
+/// `raft::MAX_ENTRY_BYTES`).
+const FLUSH_BATCH: usize = 1_024;
+
+/// While leading: every `renewal_flush_interval_ms`, logs the renewals
+/// confirmed without a log entry since the last flush (`Op::Renewed` at
+/// each one's receipt time), so that the replicated leases keep up with
+/// their holders. Bookkeeping only: what makes an unlogged renewal safe is
+/// its quorum round and the leader's grant wait (`quorate_core::renewals`).
+/// A failed flush is not retried as such: the next renewal of each lease
+/// marks it again.
+async fn flush_renewals(node: Node) {
+    let mut tick = tokio::time::interval(Duration::from_millis(node.config.renewal_flush_interval_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut stopping = node.stopping.clone();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = crate::shutdown::stopped(&mut stopping) => return,
+        }
+        if !node.raft.is_leader() {
+            continue;
+        }
+        // Bounded: at most as many batches as groups can have leases.
+        loop {
+            let ops = node.reader.with_machine(|m, _| {
+                node.renewals.lock().unwrap_or_else(|p| p.into_inner()).take_flush(m, FLUSH_BATCH)
+            });
+            let full = ops.len() == FLUSH_BATCH;
+            if ops.is_empty() {
+                break;
+            }
+            if let Err(e) = node.propose_all(ops).await {
+                debug!("renewal flush: {e}");
+                break;
+            }
+            if !full {
+                break;
+            }
         }
     }
 }

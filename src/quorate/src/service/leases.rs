@@ -1,7 +1,10 @@
 //! Lease operations: acquire (optionally waiting), renew, release, read.
 //!
-//! The state machine decides every grant (`Machine::acquire`); what lives
-//! here is the waiting protocol of a blocking Acquire: while somebody else
+//! The state machine decides every grant (`Machine::acquire`). Renewals
+//! are confirmed by the leader without a log entry each when it can
+//! (`quorate_core::renewals` decides, [`Node::renew`] does the I/O; the
+//! server's renewal flusher logs them in batches). What also lives here is
+//! the waiting protocol of a blocking Acquire: while somebody else
 //! holds the lease, the leader sleeps until the lease could be granted (the
 //! machine's `grantable_at_ms`, read from the replicated state on the
 //! machine's own clock) or until a change to the group could free it
@@ -11,8 +14,9 @@ use crate::tls::caller::Caller;
 use quorate_core::access::Action;
 use std::time::{Duration, Instant};
 
-use quorate_core::machine::{ChangeKind, Outcome, ReaderClock, Rejection};
+use quorate_core::machine::{ChangeKind, Outcome, Rejection};
 use quorate_core::names::{self, NameKind};
+use quorate_core::renewals::RenewDecision;
 use quorate_core::{LeaseView, Op};
 use tokio::sync::broadcast;
 
@@ -111,11 +115,9 @@ impl Node {
         let timing = self.config.lease_timing();
         self.reader.with_machine(|m, _| {
             let now = self.reader.own_clock_now(m)?;
-            let current = m.lease(group, ReaderClock::Now(now));
-            if current.holder.as_deref().is_none_or(|h| h == holder) {
-                return None;
-            }
-            m.grantable_at_ms(group, timing).map(|at| at.saturating_sub(now)).filter(|ms| *ms > 0)
+            // Counting the renewals this leader confirmed and has not
+            // logged: the machine alone would grant too early.
+            self.renewals.lock().unwrap_or_else(|p| p.into_inner()).grant_wait_ms(m, now, group, holder, timing)
         })
     }
 
@@ -208,11 +210,41 @@ impl Node {
         check_name(NameKind::Group, &group)?;
         check_name(NameKind::Holder, &holder)?;
         caller.check(Action::Lease { group: &group, holder: &holder })?;
+        if let Some(decision) = self.renew_unlogged(&group, &holder, epoch).await? {
+            match decision {
+                RenewDecision::Confirmed(lease) => return Ok(lease),
+                RenewDecision::Rejected(rej) => return Err(rejection(rej)),
+                RenewDecision::Durable => {}
+            }
+        }
         match self.propose(Op::Renew { group, holder, epoch }).await? {
             Outcome::Renewed(lease) => Ok(lease),
             Outcome::Rejected(rej) => Err(rejection(rej)),
             other => Err(unexpected("Renew", &other)),
         }
+    }
+
+    /// A renewal confirmed without a log entry, as `quorate_core::renewals`
+    /// lays out: the receipt time on this leader's clock, then a quorum
+    /// round that starts after it (shared with concurrent renewals and
+    /// reads), then the check against the machine applied up to it.
+    /// `None` when this node cannot (not the leader, its first entry of the
+    /// term not applied, or `durable_renewals`): the renewal is logged.
+    async fn renew_unlogged(
+        &self,
+        group: &str,
+        holder: &str,
+        epoch: u64,
+    ) -> Result<Option<RenewDecision>, ServiceError> {
+        if self.config.durable_renewals || !self.raft.is_leader() {
+            return Ok(None);
+        }
+        let received = self.reader.with_machine(|m, _| Some((m.clock()?.0, self.reader.own_clock_now(m)?)));
+        let Some((base, t_recv)) = received else { return Ok(None) };
+        self.confirm_read(ReadConsistency::Linearizable).await?;
+        Ok(Some(self.reader.with_machine(|m, _| {
+            self.renewals.lock().unwrap_or_else(|p| p.into_inner()).renew(m, base, t_recv, group, holder, epoch)
+        })))
     }
 
     /// Releases `holder`'s lease of `group` at `epoch`.

@@ -52,6 +52,10 @@ pub struct Node {
     pub watches: WatchSlots,
     /// Held by a membership change for its whole run: one at a time.
     pub membership_lock: Arc<tokio::sync::Mutex<()>>,
+    /// The renewals this node confirmed as leader and has not logged yet
+    /// (`quorate_core::renewals`). Locked only for pure decisions, never
+    /// across an await.
+    pub renewals: Arc<std::sync::Mutex<quorate_core::renewals::RenewalLedger>>,
 }
 
 impl std::fmt::Debug for Node {
