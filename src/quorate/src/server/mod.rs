@@ -28,7 +28,7 @@ use quorate_core::Op;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{Instrument, debug, error, info, info_span, warn};
+use tracing::{Instrument, error, info, info_span, warn};
 
 use self::catchup::IdentityError;
 use self::metrics::{GrpcMetricsLayer, ServerMetrics};
@@ -364,7 +364,9 @@ fn spawn_tasks(
         tasks.spawn(catchup::probe_peers(node.clone()).instrument(info_span!("probe_peers", node_id = id)));
     }
     tasks.spawn(snapshot_duties(node.clone(), appended).instrument(info_span!("snapshots", node_id = id)));
-    tasks.spawn(flush_renewals(node.clone()).instrument(info_span!("renewals", node_id = id)));
+    if !node.config.durable_renewals {
+        tasks.spawn(flush_renewals(node.clone()).instrument(info_span!("renewals", node_id = id)));
+    }
 
     tasks
 }
@@ -470,7 +472,8 @@ async fn flush_renewals(node: Node) {
                 break;
             }
             if let Err(e) = node.propose_all(ops).await {
-                debug!("renewal flush: {e}");
+                // Followers see these leases lag until their next renewals.
+                warn!("could not log a batch of renewals: {e}");
                 break;
             }
             if !full {
