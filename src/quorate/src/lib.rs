@@ -74,7 +74,15 @@ pub mod pb {
         tonic::include_proto!("quorate.raft.v1");
     }
 
-    /// The file descriptor set of both packages (for server reflection).
+    /// A client-only subset of etcd's v3 API, `etcdserverpb`: the anchor
+    /// that `quorate bench --target etcd` measures against
+    /// (`proto/anchors/etcd/rpc.proto` says why it is here).
+    #[allow(missing_debug_implementations, clippy::all, clippy::pedantic, clippy::nursery)]
+    pub mod etcd {
+        tonic::include_proto!("etcdserverpb");
+    }
+
+    /// The file descriptor set of both quorate packages (for server reflection).
     pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("quorate_descriptor");
 
     /// The gRPC server reflection service (`grpc.reflection.v1`) over

@@ -2,15 +2,20 @@
 //!
 //! `lease-get` and `acquire-renew` are closed loops (this file); `ingest`
 //! measures what observations cost the coordinators ([`ingest`]); `groups`
-//! whether writes keep committing with thousands of groups ([`groups`]).
+//! whether writes keep committing with thousands of groups ([`groups`]);
+//! `--target etcd` runs the closed loops against etcd ([`etcd`]);
+//! `read-gap` and `leader` measure reads across a leader change
+//! ([`read_gap`]).
 //!
 //! N clients (each with its own connection) issue calls back to back for the
 //! given duration; every latency is recorded and the report gives throughput
 //! and p50/p99/max. Numbers, not assertions: this is how the README's
 //! figures are produced.
 
+pub mod etcd;
 pub mod groups;
 pub mod ingest;
+pub mod read_gap;
 
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -32,6 +37,10 @@ pub enum BenchKind {
     Ingest,
     /// Creates `--count` groups, then renews leases: write latency with many groups.
     Groups,
+    /// One client reads every `--interval-ms`: the longest gap between successes.
+    ReadGap,
+    /// Prints the current leader (id and endpoint) and exits.
+    Leader,
 }
 
 /// The result of one run.
@@ -56,6 +65,8 @@ impl fmt::Display for BenchReport {
             BenchKind::AcquireRenew => "acquire-renew (renewals)".to_owned(),
             BenchKind::Ingest => "ingest".to_owned(),
             BenchKind::Groups => "groups".to_owned(),
+            BenchKind::ReadGap => "read-gap".to_owned(),
+            BenchKind::Leader => "leader".to_owned(),
         };
         write!(
             f,
@@ -142,7 +153,7 @@ async fn worker(
     while Instant::now() < end {
         let t = Instant::now();
         let ok = match kind {
-            BenchKind::LeaseGet | BenchKind::Ingest | BenchKind::Groups => {
+            BenchKind::LeaseGet | BenchKind::Ingest | BenchKind::Groups | BenchKind::ReadGap | BenchKind::Leader => {
                 c.get_lease("bench", consistency).await.is_ok()
             }
             BenchKind::AcquireRenew => c.renew(&group, &holder, epoch).await.is_ok(),

@@ -3,6 +3,7 @@
 //! module and prints what comes back, for people or (`--json`) as one JSON
 //! object per line.
 
+mod bench;
 mod cluster;
 mod election;
 mod groups;
@@ -655,6 +656,22 @@ pub struct BenchArgs {
     /// ingest: an existing heartbeat Redis (default: start a redis-server).
     #[arg(long)]
     pub heartbeat_url: Option<String>,
+    /// The system to drive: lease-get, acquire-renew, read-gap and leader
+    /// also run against etcd (the anchor of the README's comparison).
+    #[arg(long, value_enum, default_value_t = crate::bench::etcd::Target::Quorate)]
+    pub target: crate::bench::etcd::Target,
+    /// With --target etcd: etcd's client endpoints, HOST:PORT,... (plain text).
+    #[arg(long, env = "ETCD_ENDPOINTS", default_value = "127.0.0.1:2379")]
+    pub etcd_endpoints: String,
+    /// read-gap: time between the starts of two reads, in ms.
+    #[arg(long, default_value_t = 1)]
+    pub interval_ms: u64,
+    /// read-gap: the bound on one call, in ms (quorate's client default).
+    #[arg(long, default_value_t = crate::client::DEFAULT_CALL_TIMEOUT.as_millis() as u64)]
+    pub call_timeout_ms: u64,
+    /// read-gap against quorate: the group whose lease is read.
+    #[arg(long, default_value = "bench")]
+    pub group: String,
 }
 
 /// Prints a line: the JSON value with `--json`, else the text.
@@ -827,6 +844,9 @@ async fn demo(opts: &crate::local::demo::DemoOptions) -> anyhow::Result<()> {
 /// `quorate bench`: the groups and ingest benchmarks have options of their
 /// own; the others are closed loops of one kind of call.
 async fn bench(conn: &ConnArgs, args: BenchArgs, json_mode: bool) -> anyhow::Result<()> {
+    if bench::is_theirs(&args) {
+        return bench::run(conn, &args, json_mode).await;
+    }
     let client = client(conn)?;
     match args.kind {
         crate::bench::BenchKind::Groups => {
