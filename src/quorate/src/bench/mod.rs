@@ -2,13 +2,15 @@
 //!
 //! `lease-get` and `acquire-renew` are closed loops (this file); `ingest`
 //! measures what observations cost the coordinators ([`ingest`]); `groups`
-//! whether writes keep committing with thousands of groups ([`groups`]).
+//! whether writes keep committing with thousands of groups ([`groups`]);
+//! `failover-probe` one kill -9 failover as a client sees it ([`failover`]).
 //!
 //! N clients (each with its own connection) issue calls back to back for the
 //! given duration; every latency is recorded and the report gives throughput
 //! and p50/p99/max. Numbers, not assertions: this is how the README's
 //! figures are produced.
 
+pub mod failover;
 pub mod groups;
 pub mod ingest;
 
@@ -32,6 +34,9 @@ pub enum BenchKind {
     Ingest,
     /// Creates `--count` groups, then renews leases: write latency with many groups.
     Groups,
+    /// Kills a primary's host and measures when the replica is writable and
+    /// when clients are told (see [`failover`]).
+    FailoverProbe,
 }
 
 /// The result of one run.
@@ -56,6 +61,7 @@ impl fmt::Display for BenchReport {
             BenchKind::AcquireRenew => "acquire-renew (renewals)".to_owned(),
             BenchKind::Ingest => "ingest".to_owned(),
             BenchKind::Groups => "groups".to_owned(),
+            BenchKind::FailoverProbe => "failover-probe".to_owned(),
         };
         write!(
             f,
@@ -142,7 +148,7 @@ async fn worker(
     while Instant::now() < end {
         let t = Instant::now();
         let ok = match kind {
-            BenchKind::LeaseGet | BenchKind::Ingest | BenchKind::Groups => {
+            BenchKind::LeaseGet | BenchKind::Ingest | BenchKind::Groups | BenchKind::FailoverProbe => {
                 c.get_lease("bench", consistency).await.is_ok()
             }
             BenchKind::AcquireRenew => c.renew(&group, &holder, epoch).await.is_ok(),

@@ -655,6 +655,8 @@ pub struct BenchArgs {
     /// ingest: an existing heartbeat Redis (default: start a redis-server).
     #[arg(long)]
     pub heartbeat_url: Option<String>,
+    #[command(flatten)]
+    pub probe: crate::bench::failover::ProbeArgs,
 }
 
 /// Prints a line: the JSON value with `--json`, else the text.
@@ -849,6 +851,11 @@ async fn bench(conn: &ConnArgs, args: BenchArgs, json_mode: bool) -> anyhow::Res
                 heartbeat_url: args.heartbeat_url,
             };
             let report = crate::bench::ingest::run(&client, &opts).await?;
+            emit(json_mode, &serde_json::to_value(&report)?, || report.to_string());
+            Ok(())
+        }
+        crate::bench::BenchKind::FailoverProbe => {
+            let report = crate::bench::failover::run(&client, &args.probe).await?;
             emit(json_mode, &serde_json::to_value(&report)?, || report.to_string());
             Ok(())
         }
