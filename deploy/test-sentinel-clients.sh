@@ -11,7 +11,8 @@
 # bound. Then (SENTINEL_COMPARE=1, the default) the same clients and the same
 # kill against real Redis Sentinel (3 sentinels, `redis-server --sentinel`,
 # down-after-milliseconds 500, like quorate's default down_after_ms) on a
-# primary/replica pair, and the numbers side by side (informational).
+# primary/replica pair (deploy/bench/sentinel.sh starts them), and the
+# numbers side by side (informational).
 #
 # env: QUORATE_BIN (default target/debug/quorate; built if missing),
 #      REDIS_RS_CLIENT_BIN (default examples/redis_rs_sentinel_client beside
@@ -22,6 +23,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/lib/deps.sh
+source deploy/bench/sentinel.sh
 need_redis_server
 
 q=${QUORATE_BIN:-target/debug/quorate}
@@ -51,6 +53,7 @@ pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   "$q" local down --dir "$work/quorate" >/dev/null 2>&1 || true
+  [ -z "${rs:-}" ] || sentinel_down "$rs"
   if [ "${KEEP_WORK:-0}" = 1 ]; then echo "work dir kept: $work" >&2; else rm -rf "$work"; fi
 }
 trap cleanup EXIT
@@ -193,52 +196,15 @@ run_pass quorate "$sentinels" quorate_host_pids
 if [ "$compare" = 1 ]; then
   echo "== real Redis Sentinel: 3 sentinels (redis-server --sentinel) on a primary/replica pair"
   rs="$work/redis-sentinel"
-  mkdir -p "$rs"
   p1=$((base + 800)) p2=$((base + 801))
-  spawn_redis() { # PORT [REPLICAOF_PORT]
-    mkdir -p "$rs/$1"
-    redis-server --port "$1" --bind 127.0.0.1 --save "" --appendonly no --dir "$rs/$1" \
-      ${2:+--replicaof 127.0.0.1 "$2"} >"$rs/$1.log" 2>&1 &
-    pids+=($!)
-    disown "$!" # no "Killed" line from the shell when the pass kills it
-    echo $! >"$rs/$1.pid"
-  }
-  spawn_redis "$p1"
-  spawn_redis "$p2" "$p1"
-  sentinel_addrs=()
-  for i in 1 2 3; do
-    sp=$((base + 810 + i))
-    cat >"$rs/sentinel-$i.conf" <<CONF
-port $sp
-bind 127.0.0.1
-sentinel monitor db 127.0.0.1 $p1 2
-sentinel down-after-milliseconds db 500
-sentinel failover-timeout db 5000
-sentinel parallel-syncs db 1
-CONF
-    redis-server "$rs/sentinel-$i.conf" --sentinel --dir "$rs" >"$rs/sentinel-$i.log" 2>&1 &
-    pids+=($!)
-    sentinel_addrs+=("127.0.0.1:$sp")
-  done
-  rs_sentinels=$(IFS=,; echo "${sentinel_addrs[*]}")
-  # Until every sentinel knows the others and the replica.
-  start=$SECONDS
-  until python3 - "$rs_sentinels" <<'PY'
-import sys, redis
-for a in sys.argv[1].split(","):
-    h, p = a.rsplit(":", 1)
-    m = redis.Redis(host=h, port=int(p), socket_timeout=1).sentinel_master("db")
-    if m["num-other-sentinels"] < 2 or m["num-slaves"] < 1:
-        sys.exit(1)
-PY
-  do
-    if [ $((SECONDS - start)) -gt 30 ]; then
-      echo "real Sentinel did not settle; skipping the comparison" >&2
-      compare=0
-      break
-    fi
-    sleep 0.5
-  done
+  sentinel_ports=($((base + 811)) $((base + 812)) $((base + 813)))
+  rs_sentinels=$(printf '127.0.0.1:%s,' "${sentinel_ports[@]}")
+  rs_sentinels=${rs_sentinels%,}
+  # Until every sentinel knows the others and the replica (bounded).
+  if ! sentinel_up "$rs" db "$p1" "$p2" "${sentinel_ports[@]}"; then
+    echo "real Sentinel did not settle; skipping the comparison" >&2
+    compare=0
+  fi
   if [ "$compare" = 1 ]; then
     redis_primary_pid() { cat "$rs/$1.pid"; }
     run_pass redis-sentinel "$rs_sentinels" redis_primary_pid || compare=0

@@ -226,21 +226,31 @@ async fn keep_alive_worker(addr: String, ch: Channel, end: Instant) -> Result<(V
     }
     let id = grant.id;
     // The request side of the stream: one message per keep-alive, sent
-    // only once the previous answer is in.
+    // only once the previous answer is in. The first one is queued before
+    // the call is awaited: etcd sends the stream's response headers only
+    // with its first answer, so awaiting the call with nothing queued
+    // would wait forever.
     let (tx, rx) = tokio::sync::mpsc::channel(1);
-    let mut answers = lease
-        .lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx))
+    let mut t = Instant::now();
+    tx.send(pb::LeaseKeepAliveRequest { id }).await.map_err(|_| EtcdError::Lease("keep-alive stream closed".into()))?;
+    let call = lease.lease_keep_alive(tokio_stream::wrappers::ReceiverStream::new(rx));
+    let mut answers = tokio::time::timeout(STATUS_TIMEOUT, call)
         .await
+        .map_err(|_| EtcdError::Timeout { call: "LeaseKeepAlive", addr: addr.clone(), timeout: STATUS_TIMEOUT })?
         .map_err(|s| EtcdError::call("LeaseKeepAlive", &addr, &s))?
         .into_inner();
     let mut lat = Vec::with_capacity(1 << 16);
     let mut errors = 0;
+    let mut first = true;
     while Instant::now() < end {
-        let t = Instant::now();
-        if tx.send(pb::LeaseKeepAliveRequest { id }).await.is_err() {
-            errors += 1;
-            break;
+        if !first {
+            t = Instant::now();
+            if tx.send(pb::LeaseKeepAliveRequest { id }).await.is_err() {
+                errors += 1;
+                break;
+            }
         }
+        first = false;
         // Bounded: a stream that stays silent past the run's end ends it.
         let left = end.saturating_duration_since(Instant::now()) + Duration::from_secs(1);
         match tokio::time::timeout(left, answers.message()).await {

@@ -5,7 +5,7 @@
 //! whether writes keep committing with thousands of groups ([`groups`]);
 //! `--target etcd` runs the closed loops against etcd ([`etcd`]);
 //! `read-gap` and `leader` measure reads across a leader change
-//! ([`read_gap`]).
+//! ([`read_gap`]); `failover-probe` one kill -9 failover as a client sees it ([`failover`]).
 //!
 //! N clients (each with its own connection) issue calls back to back for the
 //! given duration; every latency is recorded and the report gives throughput
@@ -13,6 +13,7 @@
 //! figures are produced.
 
 pub mod etcd;
+pub mod failover;
 pub mod groups;
 pub mod ingest;
 pub mod read_gap;
@@ -41,6 +42,9 @@ pub enum BenchKind {
     ReadGap,
     /// Prints the current leader (id and endpoint) and exits.
     Leader,
+    /// Kills a primary's host and measures when the replica is writable and
+    /// when clients are told (see [`failover`]).
+    FailoverProbe,
 }
 
 /// The result of one run.
@@ -67,6 +71,7 @@ impl fmt::Display for BenchReport {
             BenchKind::Groups => "groups".to_owned(),
             BenchKind::ReadGap => "read-gap".to_owned(),
             BenchKind::Leader => "leader".to_owned(),
+            BenchKind::FailoverProbe => "failover-probe".to_owned(),
         };
         write!(
             f,
@@ -153,7 +158,12 @@ async fn worker(
     while Instant::now() < end {
         let t = Instant::now();
         let ok = match kind {
-            BenchKind::LeaseGet | BenchKind::Ingest | BenchKind::Groups | BenchKind::ReadGap | BenchKind::Leader => {
+            BenchKind::LeaseGet
+            | BenchKind::Ingest
+            | BenchKind::Groups
+            | BenchKind::ReadGap
+            | BenchKind::Leader
+            | BenchKind::FailoverProbe => {
                 c.get_lease("bench", consistency).await.is_ok()
             }
             BenchKind::AcquireRenew => c.renew(&group, &holder, epoch).await.is_ok(),

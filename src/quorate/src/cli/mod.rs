@@ -672,6 +672,8 @@ pub struct BenchArgs {
     /// read-gap against quorate: the group whose lease is read.
     #[arg(long, default_value = "bench")]
     pub group: String,
+    #[command(flatten)]
+    pub probe: crate::bench::failover::ProbeArgs,
 }
 
 /// Prints a line: the JSON value with `--json`, else the text.
@@ -869,6 +871,11 @@ async fn bench(conn: &ConnArgs, args: BenchArgs, json_mode: bool) -> anyhow::Res
                 heartbeat_url: args.heartbeat_url,
             };
             let report = crate::bench::ingest::run(&client, &opts).await?;
+            emit(json_mode, &serde_json::to_value(&report)?, || report.to_string());
+            Ok(())
+        }
+        crate::bench::BenchKind::FailoverProbe => {
+            let report = crate::bench::failover::run(&client, &args.probe).await?;
             emit(json_mode, &serde_json::to_value(&report)?, || report.to_string());
             Ok(())
         }
