@@ -48,10 +48,10 @@ pub struct ServerConfig {
     /// Longest lease TTL clients may ask for.
     pub max_lease_ttl_ms: u64,
     /// Write every renewal to the Raft log before answering it (one
-    /// durable write each). On by default until the unlogged path has run
-    /// the whole fault suite and the side-by-side benchmark; off, the
-    /// leader confirms a renewal with a quorum round instead and logs
-    /// renewals in batches (README: "Renewals without a log write each").
+    /// durable write each). Off by default: the leader confirms a renewal
+    /// with a quorum round started after its receipt and logs renewals in
+    /// batches (README: "Renewals without a log write each"); grants and
+    /// releases are always logged.
     pub durable_renewals: bool,
     /// How often the leader logs the renewals it confirmed since the last
     /// batch, so that followers, watchers and elections see leases kept
@@ -183,7 +183,7 @@ impl Default for ServerConfig {
             election_timeout_max_ms: 200,
             min_lease_ttl_ms: 500,
             max_lease_ttl_ms: 300_000,
-            durable_renewals: true,
+            durable_renewals: false,
             renewal_flush_interval_ms: 100,
             max_clock_drift_ppm: timing.max_clock_drift_ppm,
             lease_margin_ms: timing.lease_margin_ms,
