@@ -780,11 +780,26 @@ impl ServerConfig {
         if self.heartbeat_interval_ms == 0 {
             return Err(invalid("heartbeat_interval_ms", "must be positive"));
         }
-        if self.election_timeout_min_ms < 3 * self.heartbeat_interval_ms {
+        // What keeps a working leader in office is not the election timer
+        // but the leader lease, election_timeout_max_ms: a follower refuses
+        // every (pre-)vote until that long after it last heard the leader,
+        // and every election starts with a pre-vote (raft::node). So the
+        // lease must outlast lost heartbeats, while the timer's minimum only
+        // sets how soon a follower asks again once the lease has run out.
+        if self.election_timeout_max_ms < 3 * self.heartbeat_interval_ms {
+            return Err(invalid(
+                "election_timeout_max_ms",
+                format!(
+                    "{} ms is less than 3 x heartbeat_interval_ms ({} ms): two lost heartbeats would let an election through",
+                    self.election_timeout_max_ms, self.heartbeat_interval_ms
+                ),
+            ));
+        }
+        if self.election_timeout_min_ms <= self.heartbeat_interval_ms {
             return Err(invalid(
                 "election_timeout_min_ms",
                 format!(
-                    "{} ms is less than 3 x heartbeat_interval_ms ({} ms): two lost heartbeats would start an election",
+                    "{} ms must be above heartbeat_interval_ms ({} ms)",
                     self.election_timeout_min_ms, self.heartbeat_interval_ms
                 ),
             ));
@@ -1073,12 +1088,14 @@ mod tests {
         assert!(err(&c).contains("node id 1 is listed twice"));
         let c = ServerConfig { peers: "1=127.0.0.1".into(), ..good() };
         assert!(err(&c).starts_with("peers:"));
-        let c = ServerConfig { election_timeout_min_ms: 100, election_timeout_max_ms: 200, ..good() };
+        let c = ServerConfig { election_timeout_min_ms: 100, election_timeout_max_ms: 140, ..good() };
         assert!(
-            err(&c).starts_with("election_timeout_min_ms: 100 ms is less than 3 x heartbeat_interval_ms"),
+            err(&c).starts_with("election_timeout_max_ms: 140 ms is less than 3 x heartbeat_interval_ms"),
             "{}",
             err(&c)
         );
+        let c = ServerConfig { election_timeout_min_ms: 50, ..good() };
+        assert!(err(&c).starts_with("election_timeout_min_ms: 50 ms must be above heartbeat_interval_ms"), "{}", err(&c));
         let c = ServerConfig { election_timeout_max_ms: 150, ..good() };
         assert!(err(&c).starts_with("election_timeout_max_ms:"));
         let c = ServerConfig { min_lease_ttl_ms: 200, ..good() };

@@ -170,8 +170,10 @@ pub enum SnapshotCommand {
 
 #[derive(Debug, Args)]
 pub struct ServerArgs {
-    /// TOML file with any ServerConfig keys; flags override it.
-    #[arg(long)]
+    /// TOML file with any ServerConfig keys; flags override it. From the
+    /// environment too, so that `quorate local up` passes one file to every
+    /// node it starts.
+    #[arg(long, env = "QUORATE_SERVER_CONFIG")]
     pub config: Option<PathBuf>,
     /// This node's Raft id (one of --peers).
     #[arg(long)]
