@@ -55,7 +55,7 @@ pub struct FailoverPolicy {
 
 impl FailoverPolicy {
     /// The bound on each coordinator call of an agent, in ms: a sixth of the
-    /// lease TTL (166 ms for the default one-second lease), within
+    /// lease TTL (100 ms for the default 600 ms lease), within
     /// 50..=1000 ms. Below the renewal interval (a quarter of the TTL), so a
     /// call to an unreachable coordinator never holds up what comes after it
     /// for as long as one renewal.
@@ -66,7 +66,7 @@ impl FailoverPolicy {
 
 impl Default for FailoverPolicy {
     fn default() -> Self {
-        Self { lease_ttl_ms: 1_000, max_lag_bytes: 1 << 20, min_failover_interval_ms: 30_000, initial_primary: None }
+        Self { lease_ttl_ms: 600, max_lag_bytes: 1 << 20, min_failover_interval_ms: 30_000, initial_primary: None }
     }
 }
 
@@ -593,7 +593,7 @@ mod tests {
     #[test]
     fn an_agent_call_is_bounded_by_a_sixth_of_the_lease() {
         let mut s = spec(&["a", "b"]);
-        assert_eq!(s.agent_call_timeout_ms(), 166, "unmanaged: the default lease's");
+        assert_eq!(s.agent_call_timeout_ms(), 100, "unmanaged: the default lease's");
         let ttl = |ms| FailoverPolicy { lease_ttl_ms: ms, ..FailoverPolicy::default() };
         s.failover = Some(ttl(3_000));
         assert_eq!(s.agent_call_timeout_ms(), 500);

@@ -167,20 +167,23 @@ impl Default for ServerConfig {
             listen: String::new(),
             data_dir: PathBuf::new(),
             peers: String::new(),
-            // A one-second lease must survive a leader change: its holder
-            // has about 640 ms after its last renewal before it must fence
-            // (README: "The budget of a leader change"). Followers grant a
-            // (pre-)vote only once their leader lease, which openraft sets to
-            // election_timeout_max_ms, has run out, while election timers
-            // fire within [min, max): the first pre-vote is usually refused
-            // and an election takes about two timeouts, 300-400 ms here
-            // (with 150-300 it took 300-600 ms). Shorter heartbeats would
-            // also shorten openraft's append deadline (3/4 of the
-            // heartbeat), and 40 ms heartbeats made replication under 20%
-            // packet loss stall far more often.
+            // The default 600 ms group lease must survive a leader change:
+            // its holder has about 370 ms after its last renewal before it
+            // must fence (README: "The budget of a leader change").
+            // Followers grant a (pre-)vote only once their leader lease,
+            // which openraft sets to election_timeout_max_ms, has run out,
+            // and a follower's timer fires election_timeout (sampled in
+            // [min, max)) after that lease: an election starts 210-300 ms
+            // after the last heartbeat and the first pre-vote succeeds
+            // (measured with deploy/bench/leader-change.sh: 270 ms median
+            // read gap; it was 420 ms with 150-200). The lease still spans
+            // three heartbeats, so two lost ones never let an election
+            // through. Shorter heartbeats would also shorten openraft's
+            // append deadline (3/4 of the heartbeat), and 40 ms heartbeats
+            // made replication under 20% packet loss stall far more often.
             heartbeat_interval_ms: 50,
-            election_timeout_min_ms: 150,
-            election_timeout_max_ms: 200,
+            election_timeout_min_ms: 60,
+            election_timeout_max_ms: 150,
             min_lease_ttl_ms: 500,
             max_lease_ttl_ms: 300_000,
             durable_renewals: false,
@@ -1096,9 +1099,9 @@ mod tests {
         );
         let c = ServerConfig { election_timeout_min_ms: 50, ..good() };
         assert!(err(&c).starts_with("election_timeout_min_ms: 50 ms must be above heartbeat_interval_ms"), "{}", err(&c));
-        let c = ServerConfig { election_timeout_max_ms: 150, ..good() };
+        let c = ServerConfig { election_timeout_max_ms: 60, ..good() };
         assert!(err(&c).starts_with("election_timeout_max_ms:"));
-        let c = ServerConfig { min_lease_ttl_ms: 200, ..good() };
+        let c = ServerConfig { min_lease_ttl_ms: 150, renewal_flush_interval_ms: 30, ..good() };
         assert!(err(&c).contains("lapse during every Raft leader change"));
         let c = ServerConfig { max_lease_ttl_ms: 10, ..good() };
         assert!(err(&c).starts_with("max_lease_ttl_ms:"));

@@ -15,7 +15,8 @@ use common::{PairFixture, fenced_set, missing_on, redis_conn, role_of, serial, s
 use nix::sys::signal::Signal;
 
 const DOWN_AFTER: Duration = Duration::from_millis(500);
-const LEASE_TTL: Duration = Duration::from_millis(1000);
+/// The group lease of the fixture: the default (`FailoverPolicy::default`).
+const LEASE_TTL: Duration = Duration::from_millis(600);
 
 /// Writes `n` keys to `member`'s Redis under the epoch quorate gives it, and
 /// returns them once a replica has acknowledged each (`WAIT 1` >= 1). A write
