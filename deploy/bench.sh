@@ -1,31 +1,42 @@
 #!/usr/bin/env bash
-# Reproduces the README's performance figures on this machine: builds a
-# release binary, starts a local 3-node cluster on ports 27101-27103, runs
-# every benchmark, stops the cluster. Takes about five minutes.
+# The side-by-side benchmark: quorate against its anchors, on this machine,
+# in one run, and one table with ratios and the goals. Usage:
+#   deploy/bench.sh [OUT_DIR]        (default: a new directory under /tmp)
+#
+# Builds the release binary (unless SKIP_BUILD=1), installs what is missing
+# (redis-server, which also runs Redis Sentinel; etcd-server, Debian's etcd
+# 3.4; jq, curl, python3), then runs, each on its own local clusters, all
+# stopped when it ends:
+#   deploy/bench/throughput.sh    linearizable reads at 1, 8 and 64 clients
+#                                 and renewals at 8, quorate vs etcd;
+#   deploy/bench/leader-change.sh kill -9 of the Raft leader under readers,
+#                                 quorate vs etcd (TRIALS, default 5);
+#   deploy/bench/failover.sh      kill -9 of a Redis primary's host, quorate
+#                                 vs Redis Sentinel (down-after 500 ms,
+#                                 TRIALS, default 5).
+# Each appends its rows to OUT_DIR/rows.tsv; deploy/bench/table.py prints
+# the table (also saved as OUT_DIR/table.md). About 10 minutes. The
+# quorate-only figures (lease-read, stale reads, ingest) are
+# deploy/bench/quorate-only.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+out=${1:-$(mktemp -d /tmp/quorate-bench.XXXXXX)}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+: >"$out/rows.tsv"
 source deploy/lib/deps.sh
-need_redis_server
-cargo build --release --locked -p quorate
-q=$PWD/target/release/quorate
-dir=$(mktemp -d)
-trap '"$q" local down --dir "$dir" >/dev/null 2>&1 || true; rm -rf "$dir"' EXIT
-"$q" local up --nodes 3 --dir "$dir" --base-port 27101 >/dev/null
-export QUORATE_ENDPOINTS=127.0.0.1:27101,127.0.0.1:27102,127.0.0.1:27103
-# On mutual TLS, the default, as local up's client identity (it may read
-# and hold leases, as client@INSTANCE).
-export QUORATE_CA=$dir/tls/ca.crt QUORATE_CERT=$dir/tls/client.crt QUORATE_KEY=$dir/tls/client.key
-echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
-for c in 1 16 64; do "$q" bench lease-get --clients "$c" --duration-s 5; done
-"$q" bench lease-get --clients 64 --duration-s 5 --consistency lease-read
-"$q" bench lease-get --clients 64 --duration-s 5 --consistency stale
-for c in 1 16 64; do "$q" bench acquire-renew --clients "$c" --duration-s 5; done
-# The ingest benchmark plays thousands of members over a few connections,
-# which only a plain-text cluster lets one process do (over TLS each member
-# reports with its own certificate): it runs on a cluster started --insecure.
-"$q" local down --dir "$dir" >/dev/null
-rm -rf "$dir"
-unset QUORATE_CA QUORATE_CERT QUORATE_KEY
-export QUORATE_INSECURE=true
-"$q" local up --nodes 3 --dir "$dir" --base-port 27101 >/dev/null
-for n in 1000 2000 4000; do "$q" bench ingest --members "$n" --duration-s 10; done
+need_cmd python3 python3
+if [ -z "${SKIP_BUILD:-}" ]; then
+  cargo build --release --locked -p quorate
+fi
+export SKIP_BUILD=1 QUORATE_BIN=${QUORATE_BIN:-$PWD/target/release/quorate}
+export QUORATE=$QUORATE_BIN
+echo "== $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); results in $out"
+echo "== throughput (quorate vs etcd)"
+deploy/bench/throughput.sh "$out"
+echo "== leader change (quorate vs etcd)"
+deploy/bench/leader-change.sh "$out" 2> >(grep -v ' Killed ' >&2)
+echo "== failover (quorate vs Redis Sentinel)"
+deploy/bench/failover.sh "$out"
+echo
+python3 deploy/bench/table.py "$out" | tee "$out/table.md"

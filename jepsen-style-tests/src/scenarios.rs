@@ -223,9 +223,15 @@ pub fn profile(name: &str, seed: u64) -> anyhow::Result<Vec<Scenario>> {
             ..s("control-drift-beyond-bound", Fault::None, Expect::Safety)
         },
         Scenario { control: Some(Control::SkipLeaseWait), ..s("control-skip-lease-wait", Fault::None, Expect::Safety) },
+        // The primary cut off both ways (its clients still reach it): the
+        // deadline fence is then the only thing that stops it. With
+        // CoordinatorsDropPrimary (one way) the old primary still hears the
+        // ELECTION event pushed on its watch stream and follows the new one
+        // within a few ms of its promotion, fence or no fence, so that
+        // fault no longer shows the bug.
         Scenario {
             control: Some(Control::NoDeadlineFence),
-            ..s("control-no-deadline-fence", Fault::CoordinatorsDropPrimary, Expect::Failover)
+            ..s("control-no-deadline-fence", Fault::IsolatePrimary, Expect::Failover)
         },
     ];
     match name {
