@@ -16,7 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure().build_client(true).build_server(true).compile_with_config(
         config,
         &protos,
-        &[proto_root.clone()],
+        std::slice::from_ref(&proto_root),
     )?;
     let etcd = [proto_root.join("anchors/etcd/rpc.proto")];
     let mut config = tonic_prost_build::Config::new();

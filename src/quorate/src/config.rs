@@ -1098,7 +1098,11 @@ mod tests {
             err(&c)
         );
         let c = ServerConfig { election_timeout_min_ms: 50, ..good() };
-        assert!(err(&c).starts_with("election_timeout_min_ms: 50 ms must be above heartbeat_interval_ms"), "{}", err(&c));
+        assert!(
+            err(&c).starts_with("election_timeout_min_ms: 50 ms must be above heartbeat_interval_ms"),
+            "{}",
+            err(&c)
+        );
         let c = ServerConfig { election_timeout_max_ms: 60, ..good() };
         assert!(err(&c).starts_with("election_timeout_max_ms:"));
         let c = ServerConfig { min_lease_ttl_ms: 150, renewal_flush_interval_ms: 30, ..good() };

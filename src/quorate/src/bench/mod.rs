@@ -163,9 +163,7 @@ async fn worker(
             | BenchKind::Groups
             | BenchKind::ReadGap
             | BenchKind::Leader
-            | BenchKind::FailoverProbe => {
-                c.get_lease("bench", consistency).await.is_ok()
-            }
+            | BenchKind::FailoverProbe => c.get_lease("bench", consistency).await.is_ok(),
             BenchKind::AcquireRenew => c.renew(&group, &holder, epoch).await.is_ok(),
         };
         if ok {

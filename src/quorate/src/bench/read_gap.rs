@@ -119,9 +119,10 @@ impl std::fmt::Display for ReadGapReport {
     }
 }
 
-/// The one reader of a run.
+/// The one reader of a run, of either system (the quorate client is boxed:
+/// it is much larger than the etcd reader).
 enum Reader {
-    Quorate { client: Client, group: String, consistency: pb::Consistency },
+    Quorate { client: Box<Client>, group: String, consistency: pb::Consistency },
     Etcd(EtcdReader),
 }
 
@@ -194,7 +195,10 @@ pub async fn run(
                 pb::Consistency::LeaseRead => "lease-read",
                 _ => "linearizable",
             };
-            (Reader::Quorate { client, group: opts.group.clone(), consistency: opts.consistency }, name)
+            (
+                Reader::Quorate { client: Box::new(client), group: opts.group.clone(), consistency: opts.consistency },
+                name,
+            )
         }
         Target::Etcd => {
             let etcd = etcd.ok_or(EtcdError::NoEndpoints)?;
