@@ -329,7 +329,7 @@ fn the_default_config_checks_back_and_mistakes_name_the_field() {
     std::fs::write(&file, text.replace("restore_epoch_bump = 1000000", "restore_epoch_bump = 0")).unwrap();
     let (code, _, err) = run_cli(&["server", "--check-config", &file.display().to_string()], &Conn::none());
     assert!(code != 0 && err.contains("restore_epoch_bump: 0 is outside"), "{err}");
-    std::fs::write(&file, text.replace("election_timeout_max_ms = 200", "election_timeout_max_ms = 100")).unwrap();
+    std::fs::write(&file, text.replace("election_timeout_max_ms = 150", "election_timeout_max_ms = 100")).unwrap();
     let (code, _, err) = run_cli(&["server", "--check-config", &file.display().to_string()], &Conn::none());
     assert!(code != 0 && err.contains("election_timeout_max_ms:"), "{err}");
     std::fs::write(&file, "node_id = 1\nlease_ttl = 5\n").unwrap();
