@@ -13,7 +13,10 @@
 #                                 quorate vs etcd (TRIALS, default 5);
 #   deploy/bench/failover.sh      kill -9 of a Redis primary's host, quorate
 #                                 vs Redis Sentinel (down-after 500 ms,
-#                                 TRIALS, default 5).
+#                                 TRIALS, default 5);
+#   deploy/bench/scale.sh         members kept fresh by 3 coordinators
+#                                 (bench ingest at 10,000 members), vs the
+#                                 1 s leases etcd's keep-alives sustain.
 # Each appends its rows to OUT_DIR/rows.tsv; deploy/bench/table.py prints
 # the table (also saved as OUT_DIR/table.md). About 10 minutes. The
 # quorate-only figures (lease-read, stale reads, ingest) are
@@ -38,5 +41,7 @@ echo "== leader change (quorate vs etcd)"
 deploy/bench/leader-change.sh "$out" 2> >(grep -v ' Killed ' >&2)
 echo "== failover (quorate vs Redis Sentinel)"
 deploy/bench/failover.sh "$out"
+echo "== scale (quorate members kept fresh vs etcd keep-alives)"
+deploy/bench/scale.sh "$out"
 echo
 python3 deploy/bench/table.py "$out" | tee "$out/table.md"

@@ -147,7 +147,15 @@ pub fn fenced_register_accepts_only_newest(ops: &[Op]) -> CheckResult {
 /// Given (invoked, completed, epoch) ops: for A completed before B was
 /// invoked, B's epoch must be >= A's.
 fn real_time_monotonic(ops: &[(u64, u64, u64)], what: &str) -> CheckResult {
+    real_time_monotonic_after(ops, &[], what)
+}
+
+/// As [`real_time_monotonic`], where `writes` (completion time, epoch) are
+/// also operations every later-invoked one in `ops` must see: a read invoked
+/// after a client learned it was granted epoch `e` returns `e` or newer.
+fn real_time_monotonic_after(ops: &[(u64, u64, u64)], writes: &[(u64, u64)], what: &str) -> CheckResult {
     let mut by_completion: Vec<(u64, u64)> = ops.iter().map(|(_, done, e)| (*done, *e)).collect();
+    by_completion.extend_from_slice(writes);
     by_completion.sort();
     let mut by_invoke: Vec<(u64, u64, u64)> = ops.to_vec();
     by_invoke.sort();
@@ -172,7 +180,10 @@ fn real_time_monotonic(ops: &[(u64, u64, u64)], what: &str) -> CheckResult {
     CheckResult::Pass
 }
 
-/// Epochs seen by clients never go backwards between non-overlapping queries.
+/// Epochs seen by clients never go backwards between non-overlapping
+/// queries, and a read invoked after a grant was acknowledged (`acquire`)
+/// sees that grant's epoch or a newer one: linearizable reads, checked
+/// against both other reads and writes.
 pub fn client_epochs_monotonic(ops: &[Op]) -> CheckResult {
     let mut by_group: BTreeMap<String, Vec<(u64, u64, u64)>> = BTreeMap::new();
     for o in oks(ops, "get-lease") {
@@ -183,8 +194,15 @@ pub fn client_epochs_monotonic(ops: &[Op]) -> CheckResult {
     if by_group.is_empty() {
         return CheckResult::NotApplicable;
     }
+    let mut grants: BTreeMap<String, Vec<(u64, u64)>> = BTreeMap::new();
+    for o in oks(ops, "acquire") {
+        if let (Some(g), Some(e)) = (o.str("group"), o.u64("epoch")) {
+            grants.entry(g.to_owned()).or_default().push((o.t, e));
+        }
+    }
     for (group, reads) in by_group {
-        if let CheckResult::Fail(why) = real_time_monotonic(&reads, &format!("{group} lease read")) {
+        let writes = grants.get(&group).map_or(&[][..], Vec::as_slice);
+        if let CheckResult::Fail(why) = real_time_monotonic_after(&reads, writes, &format!("{group} lease read")) {
             return CheckResult::Fail(why);
         }
     }
@@ -964,6 +982,14 @@ mod tests {
         assert!(client_epochs_monotonic(&[r(0, 10, 2), r(20, 30, 1)]).is_fail());
         // Overlapping reads may disagree.
         assert_eq!(client_epochs_monotonic(&[r(0, 30, 2), r(10, 20, 1)]), CheckResult::Pass);
+        // A read invoked after a grant was acknowledged must see it; one
+        // invoked before may not.
+        let acq = |done, e: u64| ok(done, "acquire", json!({"group":"g","holder":"y","epoch":e}));
+        assert!(client_epochs_monotonic(&[acq(10, 3), r(20, 30, 2)]).is_fail());
+        assert_eq!(client_epochs_monotonic(&[acq(10, 3), r(5, 30, 2), r(20, 40, 3)]), CheckResult::Pass);
+        // Another group's grant says nothing about this one.
+        let other = ok(10, "acquire", json!({"group":"h","holder":"y","epoch":9}));
+        assert_eq!(client_epochs_monotonic(&[other, r(20, 30, 2)]), CheckResult::Pass);
     }
 
     #[test]

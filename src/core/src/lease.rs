@@ -109,6 +109,27 @@ impl LeaseTiming {
         renewed_ms.saturating_add(self.grant_delay_ms(ttl_ms))
     }
 
+    /// How long a quorum acknowledgement lets the Raft leader act as leader
+    /// without asking the quorum again (linearizable reads, unlogged
+    /// renewals), in microseconds.
+    ///
+    /// A follower that acknowledged a heartbeat sent at `t` refuses votes
+    /// until `leader_lease_ms` after it received it, on its own clock: no
+    /// other leader is elected before `t + leader_lease_ms` in real time as
+    /// measured by that follower. The leader measures the age on its clock,
+    /// so the usable age is shortened for two clocks' drift (the leader's
+    /// slow, the follower's fast: `lease * (1 - 2 * drift)`, below
+    /// `lease * (1 - drift) / (1 + drift)`) and by the margin. Zero means
+    /// never: every such read or renewal then waits for a quorum round
+    /// (ReadIndex). The runtime hands this age to openraft, which compares it
+    /// with its quorum-acknowledged send time inside its core, atomically with
+    /// taking the read's log position.
+    pub fn leader_lease_usable_us(&self, leader_lease_ms: u64) -> u64 {
+        let drift2 = self.max_clock_drift_ppm.saturating_mul(2).min(PPM);
+        let slow = mul_ppm_floor(leader_lease_ms.saturating_mul(1000), PPM - drift2);
+        slow.saturating_sub(self.lease_margin_ms.saturating_mul(1000))
+    }
+
     /// How often a holder renews: a quarter of the TTL. The holder's slack
     /// when the Raft leader dies just before a renewal is
     /// `valid - lead - interval` (about 640 ms for a one-second lease): the
@@ -157,6 +178,16 @@ mod tests {
     }
 
     #[test]
+    fn leader_lease_defaults() {
+        let t = LeaseTiming::default();
+        // 150 ms * (1 - 2%) - 50 ms.
+        assert_eq!(t.leader_lease_usable_us(150), 97_000);
+        // A margin as long as the lease leaves nothing: always a quorum round.
+        let t = LeaseTiming { lease_margin_ms: 150, ..t };
+        assert_eq!(t.leader_lease_usable_us(150), 0);
+    }
+
+    #[test]
     fn the_test_only_switch_removes_the_wait() {
         let t = LeaseTiming { test_only_skip_wait: true, ..LeaseTiming::default() };
         assert_eq!(t.grant_delay_ms(1000), 0);
@@ -194,6 +225,26 @@ mod tests {
             let d = u128::from(drift);
             prop_assert!(valid * (ppm + d) <= delay * (ppm - d));
             prop_assert!(t.holder_valid_for_ms(ttl) < t.grant_delay_ms(ttl));
+        }
+
+        /// The leader lease in integers: an age the leader measures below
+        /// the usable age, with the leader's clock up to `drift` slow and a
+        /// follower's up to `drift` fast, is less than the lease on the
+        /// follower's clock, which refuses votes for that long:
+        /// `usable * (1 + d) < lease * (1 - d)`.
+        #[test]
+        fn leader_lease_ends_before_followers_vote(
+            lease_ms in 1u64..100_000,
+            drift in 0u64..499_999,
+            margin in 0u64..1_000,
+        ) {
+            let t = LeaseTiming { max_clock_drift_ppm: drift, lease_margin_ms: margin, test_only_skip_wait: false };
+            let usable = u128::from(t.leader_lease_usable_us(lease_ms));
+            let ppm = u128::from(PPM);
+            let d = u128::from(drift);
+            let lease_us = u128::from(lease_ms) * 1000;
+            prop_assert!(usable * (ppm + d) <= lease_us * (ppm - d));
+            prop_assert!(usable < lease_us);
         }
 
         /// The loss signal always comes before the deadline (or at the send

@@ -10,9 +10,13 @@
 //!
 //! 1. it takes `t_recv` on its own clock when the renewal arrives (after the
 //!    holder's `t_send`), on the machine's current clock base;
-//! 2. it then confirms its leadership with a quorum round that starts after
-//!    `t_recv` (a ReadIndex round; concurrent renewals share it) and waits
-//!    until everything committed before it is applied;
+//! 2. it then confirms its leadership after `t_recv`, either by its Raft
+//!    leader lease (a quorum acknowledged a heartbeat sent at `t_ack`, and
+//!    `now - t_ack` is below the lease shortened for drift and margin,
+//!    [`crate::lease::LeaseTiming::leader_lease_usable_us`]) or by a quorum
+//!    round that starts after `t_recv` (a ReadIndex round; concurrent
+//!    renewals share it), and waits until everything committed before it
+//!    is applied;
 //! 3. it checks the renewal against the applied machine at `t_recv`, counting
 //!    its own earlier unlogged confirmations ([`Machine::check_renewal`]),
 //!    and records `t_recv` here ([`RenewalLedger::renew`]);
@@ -25,7 +29,10 @@
 //! leader was elected by a majority of voters; the quorum round of 2 was
 //! acknowledged by a majority in this leader's term; the two majorities
 //! share a voter, which acknowledged before it voted (a voter that voted in
-//! a newer term refuses the older term's heartbeats). So the later leader's
+//! a newer term refuses the older term's heartbeats). With the leader lease
+//! instead, that shared voter refuses every vote until the lease has run
+//! out on its own clock, which (drift and margin absorbed) is after the
+//! check of 2, itself after `t_recv`. Either way the later leader's
 //! first entry, where the machine restarts every held lease's TTL, is
 //! stamped after `t_recv` in real time, and it grants the lease only a full
 //! `ttl * (1 + drift) + margin` after that: after the holder's validity

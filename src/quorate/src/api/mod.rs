@@ -129,6 +129,7 @@ pub(super) fn read_consistency(consistency: i32) -> Result<(ReadConsistency, pb:
             (ReadConsistency::Linearizable, pb::Consistency::Linearizable)
         }
         pb::Consistency::LeaseRead => (ReadConsistency::LeaseRead, pb::Consistency::LeaseRead),
+        pb::Consistency::ReadIndex => (ReadConsistency::ReadIndex, pb::Consistency::ReadIndex),
         pb::Consistency::Stale => (ReadConsistency::Stale, pb::Consistency::Stale),
     })
 }

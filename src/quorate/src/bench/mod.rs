@@ -111,6 +111,7 @@ pub async fn run(
         consistency: match (kind, consistency) {
             (BenchKind::AcquireRenew, _) => "write".to_owned(),
             (_, pb::Consistency::LeaseRead) => "lease-read".to_owned(),
+            (_, pb::Consistency::ReadIndex) => "read-index".to_owned(),
             (_, pb::Consistency::Stale) => "stale".to_owned(),
             _ => "linearizable".to_owned(),
         },

@@ -193,6 +193,7 @@ pub async fn run(
             let name = match opts.consistency {
                 pb::Consistency::Stale => "stale",
                 pb::Consistency::LeaseRead => "lease-read",
+                pb::Consistency::ReadIndex => "read-index",
                 _ => "linearizable",
             };
             (

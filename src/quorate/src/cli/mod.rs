@@ -554,8 +554,13 @@ pub enum LeaseCommand {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 pub enum ConsistencyArg {
+    /// The leader lease while a quorum acknowledged recently, else a quorum round.
     Linearizable,
+    /// Always a quorum round (ReadIndex), whatever the clocks.
+    ReadIndex,
+    /// The leader lease or UNAVAILABLE.
     LeaseRead,
+    /// Any node's local state.
     Stale,
 }
 
@@ -563,6 +568,7 @@ impl ConsistencyArg {
     pub fn to_pb(self) -> pb::Consistency {
         match self {
             ConsistencyArg::Linearizable => pb::Consistency::Linearizable,
+            ConsistencyArg::ReadIndex => pb::Consistency::ReadIndex,
             ConsistencyArg::LeaseRead => pb::Consistency::LeaseRead,
             ConsistencyArg::Stale => pb::Consistency::Stale,
         }

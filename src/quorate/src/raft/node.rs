@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use openraft::error::{ClientWriteError, LinearizableReadError, RaftError};
 use openraft::type_config::async_runtime::watch::WatchReceiver as _;
-use openraft::{BasicNode, ChangeMembers, Instant as _, ReadPolicy, ServerState, SnapshotPolicy};
+use openraft::{BasicNode, ChangeMembers, Instant as _, LinearizerOption, ServerState, SnapshotPolicy};
 use quorate_core::Command;
 use quorate_core::machine::Outcome;
 use quorate_core::membership::{ClusterProgress, Contact, NodeProgress};
@@ -139,13 +139,18 @@ pub enum RaftFailure {
     Other(String),
 }
 
-/// How a read is confirmed by the leader.
+/// How the leader confirms that it still leads before it serves a read or
+/// an unlogged renewal. `usable` is the leader lease shortened for drift
+/// and margin (`LeaseTiming::leader_lease_usable_us`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadConfirm {
-    /// A quorum round (ReadIndex).
+    /// A quorum round that starts after the call (ReadIndex).
     ReadIndex,
-    /// The leader's lease, no round.
-    Lease,
+    /// The leader lease when a quorum acknowledged a heartbeat sent less
+    /// than `usable` ago; otherwise a quorum round, as for `ReadIndex`.
+    LeaseOrRound { usable: Duration },
+    /// The leader lease only: refused at once when it does not cover now.
+    LeaseOnly { usable: Duration },
 }
 
 /// The handle: cheap to clone, every clone the same node.
@@ -251,11 +256,23 @@ impl RaftNode {
     /// Confirms that this node leads, so that its state may be read as the
     /// cluster's. Unbounded here: the caller bounds it.
     pub async fn confirm_leadership(&self, how: ReadConfirm) -> Result<(), RaftFailure> {
-        let policy = match how {
-            ReadConfirm::ReadIndex => ReadPolicy::ReadIndex,
-            ReadConfirm::Lease => ReadPolicy::LeaseRead,
+        // openraft compares the age of its quorum acknowledgement (the send
+        // time of the acknowledged heartbeat) with `usable` inside its core,
+        // together with taking the read's log position; a zero age asks for
+        // a heartbeat round sent after the call. A stale acknowledgement
+        // triggers that round at once instead of waiting for the next
+        // periodic heartbeat.
+        let option = match how {
+            ReadConfirm::ReadIndex => LinearizerOption::new(Some(Duration::ZERO), true),
+            ReadConfirm::LeaseOrRound { usable } if usable.is_zero() => {
+                LinearizerOption::new(Some(Duration::ZERO), true)
+            }
+            ReadConfirm::LeaseOrRound { usable } => LinearizerOption::new(Some(usable), true),
+            ReadConfirm::LeaseOnly { usable } => {
+                LinearizerOption::new(Some(usable), false).with_wait_timeout(Duration::ZERO)
+            }
         };
-        match self.raft.ensure_linearizable(policy).await {
+        match self.raft.ensure_linearizable(option).await {
             Ok(_) => Ok(()),
             Err(RaftError::APIError(LinearizableReadError::ForwardToLeader(_))) => Err(RaftFailure::NotLeader),
             Err(RaftError::APIError(LinearizableReadError::QuorumNotEnough(q))) => {

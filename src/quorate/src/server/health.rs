@@ -4,8 +4,9 @@
 //! - `/livez`: 200 while the process runs and its Raft core has not stopped;
 //! - `/readyz`: 200 when a leader is known, this node has caught up since it
 //!   started, and a linearizable read succeeds (on the leader a ReadIndex
-//!   round; on a follower a linearizable `GetLease` asked of the leader, as
-//!   etcd's followers forward their ReadIndex);
+//!   round; on a follower a linearizable `GetLease` asked of the leader,
+//!   which its leader lease or a quorum round confirms, as etcd's followers
+//!   forward their ReadIndex);
 //! - `/leader`: 200 on the Raft leader only (orchestrator's
 //!   `/api/leader-check`, with 503 elsewhere as every check here);
 //! - `/metrics`: [`super::metrics`].
@@ -97,11 +98,7 @@ impl CoordinatorHttp {
             return Err("CATCHING UP: this node has not caught up with the cluster since it started".into());
         }
         if view.role == Role::Leader {
-            return self
-                .node
-                .confirm_read(ReadConsistency::Linearizable)
-                .await
-                .map_err(|e| format!("READ FAILED: {e}"));
+            return self.node.confirm_read(ReadConsistency::ReadIndex).await.map_err(|e| format!("READ FAILED: {e}"));
         }
         let addr = self.node.node_addr(leader).ok_or_else(|| format!("RAFT LEADER {leader} UNKNOWN ADDRESS"))?;
         self.read_from(&addr).await.map_err(|e| format!("READ FAILED at leader {leader}: {e}"))

@@ -27,7 +27,12 @@ const WRITE_HARD_CAP: Duration = Duration::from_secs(10);
 /// How a read must be confirmed before it is served.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ReadConsistency {
+    /// Confirmed by the leader lease while a quorum acknowledged recently
+    /// enough, else by a quorum round.
     Linearizable,
+    /// Always a quorum round after the read arrives, whatever the clocks.
+    ReadIndex,
+    /// The leader lease or nothing: refused while it does not cover now.
     LeaseRead,
     Stale,
 }
@@ -159,11 +164,21 @@ impl Node {
     /// Makes a read safe to serve at `consistency` from the local state
     /// machine. Linearizable and lease reads must be served by the leader;
     /// stale reads by a node that has caught up since it started.
+    ///
+    /// The leader lease is openraft's (`election_timeout_max_ms`: a follower
+    /// refuses votes that long after a heartbeat), used only up to
+    /// `lease_timing().leader_lease_usable_us`, shortened for two clocks'
+    /// drift and the lease margin; the same clock assumption every lease
+    /// already rests on.
     pub async fn confirm_read(&self, consistency: ReadConsistency) -> Result<(), ServiceError> {
+        let usable = Duration::from_micros(
+            self.config.lease_timing().leader_lease_usable_us(self.config.election_timeout_max_ms),
+        );
         let how = match consistency {
             ReadConsistency::Stale => return self.ensure_caught_up(),
-            ReadConsistency::Linearizable => ReadConfirm::ReadIndex,
-            ReadConsistency::LeaseRead => ReadConfirm::Lease,
+            ReadConsistency::Linearizable => ReadConfirm::LeaseOrRound { usable },
+            ReadConsistency::ReadIndex => ReadConfirm::ReadIndex,
+            ReadConsistency::LeaseRead => ReadConfirm::LeaseOnly { usable },
         };
         let bound = Duration::from_millis(self.config.election_timeout_max_ms * 2);
         match tokio::time::timeout(bound, self.raft.confirm_leadership(how)).await {

@@ -28,7 +28,7 @@ impl Node {
     /// A backup of the cluster's state (admin only; must reach the leader).
     pub async fn save_snapshot(&self, caller: &Caller) -> Result<SnapshotFile, ServiceError> {
         caller.check(Action::Backup)?;
-        self.confirm_read(ReadConsistency::Linearizable).await?;
+        self.confirm_read(ReadConsistency::ReadIndex).await?;
         let wall_ms =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         // Copy under the lock, encode without it: applies go on meanwhile.
