@@ -194,6 +194,50 @@ async fn a_minority_refuses_writes_with_unavailable_within_the_election_timeout(
     assert!(started.elapsed() < election_timeout_max + Duration::from_millis(700), "took {:?}", started.elapsed());
 }
 
+/// A leader cut off from its followers serves linearizable reads only while
+/// its leader lease covers them: no read invoked `usable` or more after the
+/// last heartbeat its followers could have acknowledged succeeds (usable:
+/// `election_timeout_max_ms` 150 shortened for two clocks' drift and the
+/// 50 ms margin, 97 ms, while a follower refuses votes for 150 ms). A
+/// read-index read invoked after they are gone never succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_isolated_leader_serves_reads_only_while_its_lease_covers_them() {
+    let _serial = serial();
+    let usable = Duration::from_millis(97);
+    let mut cluster = Cluster::start(3);
+    let leader = cluster.wait_for_leader(LEADER_WAIT).await;
+    cluster.client_as("warmup").acquire("g", "warmup", 5_000, None).await.unwrap();
+    let mut raw = cluster.client_as("warmup").raw(&cluster.node(leader).addr).unwrap();
+    let read = |c: pb::Consistency| pb::GetLeaseRequest { group: "g".into(), consistency: c as i32 };
+    for c in [pb::Consistency::Linearizable, pb::Consistency::ReadIndex] {
+        raw.get_lease(read(c)).await.expect("a read on a healthy leader");
+    }
+
+    for id in (1..=3).filter(|id| *id != leader) {
+        cluster.kill(id);
+    }
+    // Every heartbeat the followers acknowledged was sent before now.
+    let killed = Instant::now();
+    let (mut served, mut refused) = (0, 0);
+    while killed.elapsed() < Duration::from_millis(800) {
+        let invoked = killed.elapsed();
+        match raw.get_lease(read(pb::Consistency::Linearizable)).await {
+            Ok(_) => {
+                assert!(invoked < usable, "a read invoked {invoked:?} after the quorum was lost was served");
+                served += 1;
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+                refused += 1;
+            }
+        }
+    }
+    eprintln!("isolated leader: {served} linearizable reads served, then {refused} refused");
+    assert!(refused > 0, "the isolated leader never refused a linearizable read");
+    let err = raw.get_lease(read(pb::Consistency::ReadIndex)).await.expect_err("a read-index read without a quorum");
+    assert_eq!(err.code(), Code::Unavailable, "{err:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_inputs_are_refused_with_a_message_saying_what_is_wrong() {
     let _serial = serial();
