@@ -336,6 +336,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            version: 0,
         };
         let views: Vec<pb::GroupView> = (0..10_000).map(view).collect();
         let total: usize = views.iter().map(|v| v.encoded_len()).sum();
@@ -354,6 +355,7 @@ mod tests {
                 .map(|v| quorate_core::machine::GroupView {
                     group: v.group.clone(),
                     cells: v.cells.iter().map(|o| crate::wire::convert::observation_from_pb(o).unwrap()).collect(),
+                    version: v.version,
                 })
                 .collect();
             let op = quorate_core::Op::Report {
