@@ -706,7 +706,7 @@ async fn forge_as_member(
     let report = |observer: &str| pb::ReportRequest {
         observer: observer.into(),
         observer_incarnation: 0xF0F0,
-        views: vec![pb::GroupView { group: PAIR.into(), cells: vec![down(primary)] }],
+        views: vec![pb::GroupView { group: PAIR.into(), cells: vec![down(primary)], version: 0 }],
         status: Some(pb::MemberStatus {
             role: "replica".into(),
             role_code: pb::MemberRole::Replica as i32,
@@ -716,6 +716,7 @@ async fn forge_as_member(
             healthy: true,
             ..Default::default()
         }),
+        refresh: Vec::new(),
     };
     let mut tally: BTreeMap<&str, BTreeMap<String, u64>> = BTreeMap::new();
     let mut count =

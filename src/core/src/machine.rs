@@ -132,6 +132,20 @@ pub enum Op {
         #[serde(default)]
         status: Option<MemberStatus>,
     },
+    /// One observer's word that its views of these groups are unchanged:
+    /// each `(group, version)` renews the time of the view it stored under
+    /// that token ([`GroupState::refresh`]), so an observer whose
+    /// observations did not change need not send them again to keep them
+    /// fresh. Views not stored under that token are left alone and named in
+    /// the outcome; the observer sends those in full.
+    Refresh {
+        /// Who observed.
+        observer: Observer,
+        /// Which start of the observer (tokens are per start).
+        observer_incarnation: u64,
+        /// `(group, version)` of each view to renew.
+        views: Vec<(String, u64)>,
+    },
     /// The leader's decision to move a managed group's designation.
     Designate {
         /// The managed group.
@@ -197,6 +211,14 @@ pub struct GroupView {
     pub group: String,
     /// Its observation of each target, by member id.
     pub cells: Vec<(String, Observation)>,
+    /// The observer's token for these cells, for later [`Op::Refresh`]es
+    /// (0: none, and not written, so views without one encode as before).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub version: u64,
+}
+
+fn is_zero(v: &u64) -> bool {
+    *v == 0
 }
 
 /// Where an entry sits in the Raft log, as far as the machine needs to know.
@@ -481,6 +503,13 @@ pub enum Outcome {
         /// Why views were not stored.
         rejected: Vec<Rejection>,
     },
+    /// The views of a refresh were renewed, except those of the groups in
+    /// `missed` (no view stored under that token: the observer sends them
+    /// in full).
+    Refreshed {
+        /// Groups whose view was not renewed.
+        missed: Vec<String>,
+    },
     /// The group is deleted at `revision`; `lease` is its lease now (free,
     /// at the epoch the next grant of that name builds on).
     GroupDeleted {
@@ -639,6 +668,9 @@ impl Machine {
             Op::ApplyGroup { spec } => self.apply_group(pos.index, wall_ms, spec),
             Op::Report { observer, observer_incarnation, views, status } => {
                 self.report(pos.index, now, observer, *observer_incarnation, views, status.as_ref())
+            }
+            Op::Refresh { observer, observer_incarnation, views } => {
+                self.refresh(pos.index, now, observer, *observer_incarnation, views)
             }
             Op::Designate { group, kind, from, to, reason, evidence } => {
                 self.designate(pos.index, now, wall_ms, group, *kind, from.as_deref(), to, reason, evidence)
@@ -914,7 +946,14 @@ impl Machine {
                 rejected.push(Rejection::UnknownObserver { group: view.group.clone(), observer: observer.clone() });
                 continue;
             }
-            restarts.extend(g.report(observer.clone(), observer_incarnation, &view.cells, now, index));
+            restarts.extend(g.report_versioned(
+                observer.clone(),
+                observer_incarnation,
+                &view.cells,
+                view.version,
+                now,
+                index,
+            ));
             if let (Observer::Member(m), Some(st)) = (observer, status) {
                 g.statuses.insert(m.clone(), st.clone());
             }
@@ -924,6 +963,30 @@ impl Machine {
             return rejected_outcome(rejected.remove(0));
         }
         Applied { outcome: Outcome::Reported { restarts, rejected }, changes }
+    }
+
+    /// Renews the views named by an [`Op::Refresh`]. No change is published:
+    /// no cell changed, only the views' time (watchers are not told of
+    /// reports either; elections re-judge on their own tick).
+    fn refresh(
+        &mut self,
+        index: u64,
+        now: u64,
+        observer: &Observer,
+        observer_incarnation: u64,
+        views: &[(String, u64)],
+    ) -> Applied {
+        let missed = views
+            .iter()
+            .filter(|(group, version)| {
+                !self
+                    .groups
+                    .get_mut(group)
+                    .is_some_and(|g| g.refresh(observer, observer_incarnation, *version, now, index))
+            })
+            .map(|(group, _)| group.clone())
+            .collect();
+        Applied { outcome: Outcome::Refreshed { missed }, changes: Vec::new() }
     }
 
     /// For a managed group's lease, only the designated member may hold it.

@@ -116,6 +116,12 @@ pub struct StoredView {
     pub observer_incarnation: u64,
     /// Its observation of each target, by member id.
     pub cells: BTreeMap<String, Observation>,
+    /// The observer's token for these cells (0: none). A later
+    /// [`GroupState::refresh`] with the same token renews the view's time
+    /// without the cells being sent again; anything but a report that
+    /// changes the cells clears it. Absent in views stored before it.
+    #[serde(default)]
+    pub version: u64,
 }
 
 /// A member seen coming back with a new incarnation.
@@ -210,7 +216,13 @@ impl GroupState {
             Observer::Coordinator(_) => true,
         });
         for v in self.views.values_mut() {
+            let before = v.cells.len();
             v.cells.retain(|t, _| keep(t));
+            // The cells are no longer what the observer sent under its
+            // token: a refresh must not vouch for them.
+            if v.cells.len() != before {
+                v.version = 0;
+            }
         }
         self.incarnations.retain(|m, _| keep(m));
         self.statuses.retain(|m, _| keep(m));
@@ -219,13 +231,27 @@ impl GroupState {
         self.revision = revision;
     }
 
-    /// Stores a view. Cells about non-members, and a member's cell about
-    /// itself, are dropped. Returns the restarts it reveals.
+    /// Stores a view without a token ([`Self::report_versioned`] with 0).
     pub fn report(
         &mut self,
         observer: Observer,
         observer_incarnation: u64,
         cells: &[(String, Observation)],
+        now_ms: u64,
+        revision: u64,
+    ) -> Vec<RestartEvent> {
+        self.report_versioned(observer, observer_incarnation, cells, 0, now_ms, revision)
+    }
+
+    /// Stores a view under the observer's token `version`
+    /// ([`StoredView::version`]). Cells about non-members, and a member's
+    /// cell about itself, are dropped. Returns the restarts it reveals.
+    pub fn report_versioned(
+        &mut self,
+        observer: Observer,
+        observer_incarnation: u64,
+        cells: &[(String, Observation)],
+        version: u64,
         now_ms: u64,
         revision: u64,
     ) -> Vec<RestartEvent> {
@@ -256,9 +282,41 @@ impl GroupState {
             }
             self.restarts.push_back(r.clone());
         }
-        self.views.insert(observer, StoredView { reported_at_ms: now_ms, observer_incarnation, cells: stored });
+        self.views
+            .insert(observer, StoredView { reported_at_ms: now_ms, observer_incarnation, cells: stored, version });
         self.revision = revision;
         restarts
+    }
+
+    /// Renews the time of `observer`'s view if it is still the one stored
+    /// under `version` by this incarnation of the observer, its cells
+    /// untouched since. The observer sends a refresh only while it observes
+    /// exactly what those cells say (states, reasons, incarnations,
+    /// restarts), so the renewed view claims no more than a full report of
+    /// the same observations would. Each cell's `state_age_ms` grows by the
+    /// time since the view was last renewed, as the observer's own would.
+    /// False, and nothing changes, otherwise: the observer must then send
+    /// the view in full.
+    pub fn refresh(
+        &mut self,
+        observer: &Observer,
+        observer_incarnation: u64,
+        version: u64,
+        now_ms: u64,
+        revision: u64,
+    ) -> bool {
+        let now_ms = i64::try_from(now_ms).unwrap_or(i64::MAX);
+        let Some(view) = self.views.get_mut(observer) else { return false };
+        if version == 0 || view.version != version || view.observer_incarnation != observer_incarnation {
+            return false;
+        }
+        let elapsed = u64::try_from(now_ms.saturating_sub(view.reported_at_ms)).unwrap_or(0);
+        for cell in view.cells.values_mut() {
+            cell.state_age_ms = cell.state_age_ms.saturating_add(elapsed);
+        }
+        view.reported_at_ms = now_ms;
+        self.revision = revision;
+        true
     }
 
     /// Moves every view's time onto a new clock, keeping its age as of the

@@ -44,9 +44,10 @@ fn report(observer: &str, prefix: &str, n: usize, cells: usize) -> pb::ReportReq
                     ..Default::default()
                 })
                 .collect(),
+            version: 0,
         })
         .collect();
-    pb::ReportRequest { observer: observer.into(), observer_incarnation: 1, views, status: None }
+    pb::ReportRequest { observer: observer.into(), observer_incarnation: 1, views, status: None, refresh: Vec::new() }
 }
 
 /// Acquires (or re-acquires) `n` leases one after the other and returns the

@@ -288,7 +288,7 @@ fn groups_are_applied_validated_and_reported_on() {
         observer,
         observer_incarnation: 9,
         status: None,
-        views: vec![GroupView { group: "cache".into(), cells: vec![("c2".into(), cell(inc))] }],
+        views: vec![GroupView { group: "cache".into(), cells: vec![("c2".into(), cell(inc))], version: 0 }],
     };
     assert_eq!(
         run(&mut m, 3, 10, report(Observer::Member("c1".into()), 7)),
@@ -305,7 +305,7 @@ fn groups_are_applied_validated_and_reported_on() {
         run(&mut m, 5, 20, report(Observer::Member("zz".into()), 8)),
         Outcome::Rejected(Rejection::UnknownObserver { .. })
     ));
-    let view = |group: &str| GroupView { group: group.into(), cells: vec![] };
+    let view = |group: &str| GroupView { group: group.into(), cells: vec![], version: 0 };
     let unknown = Op::Report {
         observer: Observer::Coordinator(1),
         observer_incarnation: 1,
@@ -339,6 +339,87 @@ fn groups_are_applied_validated_and_reported_on() {
     // Survives a snapshot round trip.
     let copy: Machine = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
     assert_eq!(copy, m);
+}
+
+#[test]
+fn a_refresh_renews_only_the_view_stored_under_its_token() {
+    use crate::group::{MemberSpec, Policy};
+    use crate::observe::{ObsState, Reason};
+    let member = |id: &str| MemberSpec {
+        id: id.into(),
+        heartbeat: "redis://h:1".into(),
+        priority: 1,
+        data: None,
+        announce: None,
+    };
+    let spec = GroupSpec {
+        name: "g".into(),
+        members: vec![member("a"), member("b"), member("c")],
+        policy: Policy::default(),
+        failover: None,
+    };
+    let mut m = Machine::new();
+    run(&mut m, 1, 0, Op::ApplyGroup { spec: spec.clone() });
+    let cell = Observation {
+        state: ObsState::Up,
+        reason: Reason::Advancing,
+        state_age_ms: 100,
+        incarnation: Some(1),
+        seq: Some(1),
+        restarts: 0,
+    };
+    let cells = vec![("a".into(), cell.clone()), ("b".into(), cell.clone()), ("c".into(), cell)];
+    let c1 = Observer::Coordinator(1);
+    let report = |version| Op::Report {
+        observer: Observer::Coordinator(1),
+        observer_incarnation: 9,
+        views: vec![GroupView { group: "g".into(), cells: cells.clone(), version }],
+        status: None,
+    };
+    let refresh = |inc, views: &[(&str, u64)]| Op::Refresh {
+        observer: Observer::Coordinator(1),
+        observer_incarnation: inc,
+        views: views.iter().map(|(g, v)| ((*g).to_owned(), *v)).collect(),
+    };
+    let refreshed = |missed: &[&str]| Outcome::Refreshed { missed: missed.iter().map(|g| (*g).to_owned()).collect() };
+    run(&mut m, 2, 1_000, report(5));
+    // The token matches: the view's time moves, its ages grow with it, and
+    // nothing else changes.
+    assert_eq!(run(&mut m, 3, 2_500, refresh(9, &[("g", 5)])), refreshed(&[]));
+    let v = &m.group("g").unwrap().views[&c1];
+    assert_eq!((v.reported_at_ms, v.cells["a"].state_age_ms, v.cells["a"].seq), (2_500, 1_600, Some(1)));
+    assert_eq!(m.group("g").unwrap().revision, 3);
+    // Another token, another incarnation of the observer, an unknown group,
+    // an observer without a view, or a view without a token: missed, and
+    // nothing changes.
+    let before = m.clone();
+    assert_eq!(run(&mut m, 4, 3_000, refresh(9, &[("g", 4), ("nope", 5)])), refreshed(&["g", "nope"]));
+    assert_eq!(run(&mut m, 5, 3_000, refresh(8, &[("g", 5)])), refreshed(&["g"]));
+    let other =
+        Op::Refresh { observer: Observer::Coordinator(2), observer_incarnation: 9, views: vec![("g".into(), 5)] };
+    assert_eq!(run(&mut m, 6, 3_000, other), refreshed(&["g"]));
+    assert_eq!(m.group("g").unwrap().views, before.group("g").unwrap().views);
+    run(&mut m, 7, 3_000, report(0));
+    assert_eq!(run(&mut m, 8, 3_100, refresh(9, &[("g", 0)])), refreshed(&["g"]));
+    // A spec change that drops one of the view's cells voids the token: the
+    // observer must send what it sees in full again.
+    run(&mut m, 9, 3_200, report(6));
+    let mut smaller = spec;
+    smaller.members.pop();
+    run(&mut m, 10, 3_300, Op::ApplyGroup { spec: smaller.clone() });
+    assert_eq!(run(&mut m, 11, 3_400, refresh(9, &[("g", 6)])), refreshed(&["g"]));
+    assert_eq!(m.group("g").unwrap().views[&c1].reported_at_ms, 3_200);
+    // One that keeps every cell keeps it.
+    run(&mut m, 12, 3_500, report(7));
+    run(&mut m, 13, 3_600, Op::ApplyGroup { spec: smaller });
+    assert_eq!(run(&mut m, 14, 3_700, refresh(9, &[("g", 7)])), refreshed(&[]));
+    // Tokens survive a snapshot round trip; entries without one encode as
+    // before (no `version` field).
+    let copy: Machine = serde_json::from_str(&serde_json::to_string(&m).unwrap()).unwrap();
+    assert_eq!(copy, m);
+    let old = serde_json::to_string(&report(0)).unwrap();
+    assert!(!old.contains("version"), "{old}");
+    assert_eq!(serde_json::from_str::<Op>(&old).unwrap(), report(0));
 }
 
 #[test]

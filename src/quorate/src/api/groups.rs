@@ -4,7 +4,7 @@
 use super::{CoordinatorService, read_consistency};
 use crate::pb::v1 as pb;
 use crate::service::ServiceError;
-use crate::service::reports::Report;
+use crate::service::reports::{Report, Reported};
 use crate::tls::caller::Caller;
 use crate::wire::convert::{
     evidence_cells, matrix_pb, member_verdict_pb, restart_pb, spec_from_pb, spec_pb, status_from_pb, views_from_pb,
@@ -18,7 +18,18 @@ pub fn report_from_pb(r: pb::ReportRequest) -> Result<Report, ServiceError> {
         incarnation: r.observer_incarnation,
         views: views_from_pb(r.views)?,
         status: r.status.as_ref().map(status_from_pb),
+        refresh: r.refresh.into_iter().map(|v| (v.group, v.version)).collect(),
     })
+}
+
+/// A report's outcome as protobuf (gRPC, and a coordinator's own in-process).
+pub fn reported_pb(r: &Reported) -> pb::ReportResponse {
+    pb::ReportResponse {
+        restarts: r.restarts.iter().map(restart_pb).collect(),
+        rejected: r.rejected.iter().map(ToString::to_string).collect(),
+        unrefreshed: r.unrefreshed.clone(),
+        refreshed: u32::try_from(r.refreshed).unwrap_or(u32::MAX),
+    }
 }
 
 impl CoordinatorService {
@@ -57,10 +68,7 @@ impl CoordinatorService {
 
     pub(super) async fn report_pb(&self, c: &Caller, r: pb::ReportRequest) -> Result<pb::ReportResponse, ServiceError> {
         let reported = self.reports.report(c, report_from_pb(r)?).await?;
-        Ok(pb::ReportResponse {
-            restarts: reported.restarts.iter().map(restart_pb).collect(),
-            rejected: reported.rejected.iter().map(ToString::to_string).collect(),
-        })
+        Ok(reported_pb(&reported))
     }
 
     pub(super) async fn get_matrix_pb(&self, c: &Caller, r: pb::GetMatrixRequest) -> Result<pb::Matrix, ServiceError> {

@@ -11,7 +11,7 @@ mod membership;
 mod status;
 mod watch;
 
-pub use self::groups::report_from_pb;
+pub use self::groups::{report_from_pb, reported_pb};
 pub use crate::wire::lease_pb;
 
 use std::pin::Pin;

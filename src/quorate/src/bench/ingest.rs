@@ -3,8 +3,10 @@
 //! Simulates N members in groups of K, all publishing heartbeats into one
 //! heartbeat store (a redis-server it starts, unless `--heartbeat-url` is
 //! given): one pipelined round trip per heartbeat interval sets every key.
-//! Simulated agents send what real agents send: one report per member per
-//! report interval, with its view of its peers. The coordinators do their
+//! Simulated agents send what real agents without a data driver send: one
+//! report per member per report interval, with its view of its peers, in
+//! full the first time (and whenever the leader could not renew it), then,
+//! their peers' observations unchanged, as a refresh of that view. The coordinators do their
 //! real work: observe every member of every group, ingest every report
 //! through Raft. The bench measures, over the window after a warm-up:
 //! the CPU time of every `quorate server` process on this machine (from
@@ -302,6 +304,9 @@ struct Agents {
     in_flight: Arc<Semaphore>,
     /// Reports that failed.
     failed: Arc<AtomicU64>,
+    /// Per member (in the order of `members`), the token of its view the
+    /// leader stored; 0 until one got through, and after a missed refresh.
+    tokens: Arc<Vec<AtomicU64>>,
 }
 
 impl Agents {
@@ -313,7 +318,7 @@ impl Agents {
         until: Instant,
     ) -> Result<Self, IngestError> {
         let conns: Vec<Arc<Client>> = (0..8).map(|_| client.another().map(Arc::new)).collect::<Result<_, _>>()?;
-        let members = specs
+        let members: Vec<(String, String, Vec<String>)> = specs
             .iter()
             .flat_map(|s| {
                 s.members.iter().map(|m| {
@@ -322,8 +327,10 @@ impl Agents {
                 })
             })
             .collect();
+        let tokens: Arc<Vec<AtomicU64>> = Arc::new((0..members.len()).map(|_| AtomicU64::new(0)).collect());
         Ok(Self {
             conns,
+            tokens,
             members,
             report_interval: Duration::from_millis(policy.report_interval_ms),
             incarnation,
@@ -342,15 +349,30 @@ impl Agents {
         let mut i = 0usize;
         while Instant::now() < self.until {
             tick.tick().await;
-            let (group, member, peers) = &members[i % members.len()];
+            let at = i % members.len();
+            let (group, member, peers) = &members[at];
             i += 1;
-            let req = self.report(group, member, peers, i as u64);
+            let token = self.tokens[at].load(Ordering::Relaxed);
+            let (req, sent) = if token == 0 {
+                // Tokens need only differ between this member's views.
+                (self.report(group, member, peers, i as u64), i as u64)
+            } else {
+                (self.refresh(group, member, token), token)
+            };
             let Ok(permit) = self.in_flight.clone().acquire_owned().await else { break };
             let c = self.conns[i % self.conns.len()].clone();
             let failed = self.failed.clone();
+            let tokens = self.tokens.clone();
             tokio::spawn(async move {
-                if c.report_view(req).await.is_err() {
-                    failed.fetch_add(1, Ordering::Relaxed);
+                let full = req.refresh.is_empty();
+                match c.report_view(req).await {
+                    Ok(resp) => {
+                        let stored = full || resp.refreshed == 1;
+                        tokens[at].store(if stored { sent } else { 0 }, Ordering::Relaxed);
+                    }
+                    Err(_) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                    }
                 }
                 drop(permit);
             });
@@ -378,8 +400,20 @@ impl Agents {
         pb::ReportRequest {
             observer: member.to_owned(),
             observer_incarnation: self.incarnation,
-            views: vec![pb::GroupView { group: group.to_owned(), cells }],
+            views: vec![pb::GroupView { group: group.to_owned(), cells, version: seq }],
             status: None,
+            refresh: Vec::new(),
+        }
+    }
+
+    /// `member`'s refresh of the view it sent under `token`.
+    fn refresh(&self, group: &str, member: &str, token: u64) -> pb::ReportRequest {
+        pb::ReportRequest {
+            observer: member.to_owned(),
+            observer_incarnation: self.incarnation,
+            views: Vec::new(),
+            status: None,
+            refresh: vec![pb::ViewRefresh { group: group.to_owned(), version: token }],
         }
     }
 }

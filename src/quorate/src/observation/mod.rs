@@ -6,34 +6,42 @@
 //! timeout shorter than the interval, so a slow store cannot stall the loop),
 //! feeds the readings to one pure [`Tracker`] per target, and queues a
 //! group's view when one of its observations changes state and at least
-//! every `report_interval_ms`. The reporter sends every queued view (the
-//! latest view per group, never a backlog), in reports of at most
-//! [`REPORT_CHUNK_BYTES`] sent together, so that a coordinator watching
-//! thousands of groups never writes an entry larger than the cluster takes,
-//! and retries what failed until it gets through.
+//! every `report_interval_ms`. What it reads, and which tracker each key
+//! feeds, is planned once per change of the groups, not per tick: a
+//! coordinator reads every member of every group ten times a second.
+//!
+//! The reporter ([`report`]) sends every queued view (the latest view per
+//! group, never a backlog), in reports of at most [`REPORT_CHUNK_BYTES`]
+//! sent together, so that a coordinator watching thousands of groups never
+//! writes an entry larger than the cluster takes, and retries what failed
+//! until it gets through. A view that says what the last one that got
+//! through said goes as a refresh of that one, a few bytes, not again in
+//! full.
 //!
 //! Where reports go is a [`ReportSink`]: an agent's [`Client`] sends them
 //! to the cluster, following the Raft leader; a coordinator node hands its
 //! own to its service layer in-process (`server::observers`).
 
+mod report;
 pub mod store;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use quorate_core::group::{GroupSpec, Policy, heartbeat_key};
 use quorate_core::matrix::Observer;
 use quorate_core::observe::{Beat, Reading, Tracker};
-use tokio::sync::{Notify, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
+pub use self::report::REPORT_CHUNK_BYTES;
+use self::report::{Pending, report_loop};
 use self::store::Stores;
 use crate::client::{Client, ClientError};
 use crate::pb::v1 as pb;
-use crate::wire::MAX_VIEWS_PER_REPORT;
 use crate::wire::convert::observation_pb;
 
 /// Where reports go. [`Client`] sends them to the cluster; a coordinator's
@@ -41,42 +49,14 @@ use crate::wire::convert::observation_pb;
 pub trait ReportSink: Send + Sync + 'static {
     /// Why a report did not get through (it is retried).
     type Error: std::fmt::Display + Send;
-    fn report(&self, req: pb::ReportRequest) -> impl Future<Output = Result<(), Self::Error>> + Send;
+    fn report(&self, req: pb::ReportRequest) -> impl Future<Output = Result<pb::ReportResponse, Self::Error>> + Send;
 }
 
 impl ReportSink for Client {
     type Error = ClientError;
-    async fn report(&self, req: pb::ReportRequest) -> Result<(), ClientError> {
-        self.report_view(req).await.map(|_| ())
+    async fn report(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, ClientError> {
+        self.report_view(req).await
     }
-}
-
-/// The most protobuf-encoded view bytes in one report. Reports are stored
-/// as JSON, a few times larger, and must fit a log entry
-/// ([`crate::raft::MAX_ENTRY_BYTES`]); the leader packs small reports into
-/// one entry anyway.
-pub const REPORT_CHUNK_BYTES: usize = 64 << 10;
-
-/// Splits `views` into runs of at most [`REPORT_CHUNK_BYTES`] and
-/// [`MAX_VIEWS_PER_REPORT`] views (a single larger view goes alone).
-fn chunks(views: Vec<pb::GroupView>) -> Vec<Vec<pb::GroupView>> {
-    use prost::Message as _;
-    let mut out: Vec<Vec<pb::GroupView>> = Vec::new();
-    let mut bytes = 0usize;
-    for v in views {
-        let size = v.encoded_len();
-        match out.last_mut() {
-            Some(last) if bytes + size <= REPORT_CHUNK_BYTES && last.len() < MAX_VIEWS_PER_REPORT => {
-                bytes += size;
-                last.push(v);
-            }
-            _ => {
-                bytes = size;
-                out.push(vec![v]);
-            }
-        }
-    }
-    out
 }
 
 /// The policy the loop runs by over `specs`: the tightest of theirs, so
@@ -101,36 +81,6 @@ fn targets<'a>(specs: &'a [GroupSpec], observer: &'a Observer) -> impl Iterator<
     })
 }
 
-/// Views waiting to be reported: the latest per group.
-#[derive(Default)]
-struct Pending {
-    views: Mutex<BTreeMap<String, pb::GroupView>>,
-    notify: Notify,
-}
-
-impl Pending {
-    fn put(&self, views: Vec<pb::GroupView>) {
-        let mut p = self.views.lock().unwrap_or_else(|e| e.into_inner());
-        for v in views {
-            p.insert(v.group.clone(), v);
-        }
-        drop(p);
-        self.notify.notify_one();
-    }
-
-    fn take(&self) -> Vec<pb::GroupView> {
-        std::mem::take(&mut *self.views.lock().unwrap_or_else(|e| e.into_inner())).into_values().collect()
-    }
-
-    /// Puts back views that failed to send, unless newer ones replaced them.
-    fn put_back(&self, views: Vec<pb::GroupView>) {
-        let mut p = self.views.lock().unwrap_or_else(|e| e.into_inner());
-        for v in views {
-            p.entry(v.group.clone()).or_insert(v);
-        }
-    }
-}
-
 /// One observer's observation loop: who observes, what, where it reads and
 /// where its reports go.
 #[derive(Debug)]
@@ -147,14 +97,27 @@ pub struct Observe<S, R> {
     pub sink: Arc<R>,
 }
 
+/// One store's part of a read round: its keys, and the tracker (an index
+/// into [`Round::trackers`]) each one feeds, in the same order.
+struct StoreRead {
+    url: String,
+    keys: Vec<String>,
+    trackers: Vec<usize>,
+}
+
 /// The loop's state between ticks.
 struct Round {
     observer: Observer,
     start: Instant,
     /// The groups as last seen.
     current: Vec<GroupSpec>,
-    /// One pure tracker per (group, target).
-    trackers: BTreeMap<(String, String), Tracker>,
+    /// The (group, target) of each tracker, sorted, so that a group's
+    /// trackers are one run.
+    ids: Vec<(String, String)>,
+    /// One pure tracker per (group, target), in the order of `ids`.
+    trackers: Vec<Tracker>,
+    /// What a read round reads, from `current`.
+    plan: Vec<StoreRead>,
     /// When every group's view was last sent. Refreshes go out together, so
     /// a coordinator observing many groups sends one report per interval.
     last_refresh: Option<Instant>,
@@ -184,29 +147,21 @@ impl<S: Stores, R: ReportSink> Observe<S, R> {
             )
             .in_current_span(),
         );
-        let mut round = Round {
-            observer: self.observer.clone(),
-            start: Instant::now(),
-            current: self.specs.borrow_and_update().clone(),
-            trackers: BTreeMap::new(),
-            last_refresh: None,
-            last_status: None,
-        };
+        let mut round = Round::new(self.observer.clone(), self.specs.borrow_and_update().clone());
         let mut interval = tick_of(&round.current);
         loop {
             tokio::select! {
                 _ = interval.tick() => {}
                 changed = self.specs.changed() => {
                     if changed.is_err() { break; }
-                    round.current = self.specs.borrow_and_update().clone();
+                    round.set_specs(self.specs.borrow_and_update().clone());
                     interval = tick_of(&round.current);
                     debug!(groups = round.current.len(), "specs changed");
                     continue;
                 }
                 () = crate::shutdown::stopped(&mut stop) => break,
             }
-            round.keep_trackers();
-            let readings = read_round(&round.current, &round.observer, self.stores.as_ref())
+            let readings = read_round(&round.plan, read_timeout(&round.current), self.stores.as_ref())
                 .instrument(info_span!("read_round"))
                 .await;
             let changed = round.track(readings);
@@ -222,42 +177,67 @@ impl<S: Stores, R: ReportSink> Observe<S, R> {
 }
 
 impl Round {
+    fn new(observer: Observer, specs: Vec<GroupSpec>) -> Self {
+        let mut round = Round {
+            observer,
+            start: Instant::now(),
+            current: Vec::new(),
+            ids: Vec::new(),
+            trackers: Vec::new(),
+            plan: Vec::new(),
+            last_refresh: None,
+            last_status: None,
+        };
+        round.set_specs(specs);
+        round
+    }
+
     fn now_ms(&self) -> u64 {
         self.start.elapsed().as_millis() as u64
     }
 
-    /// Keeps one tracker per current (group, target), each with its
-    /// group's `down_after_ms`.
-    fn keep_trackers(&mut self) {
-        let wanted: BTreeMap<(String, String), u64> = self
-            .current
-            .iter()
-            .flat_map(|s| {
-                targets(std::slice::from_ref(s), &self.observer)
-                    .map(|(g, m, _)| ((g.to_owned(), m.to_owned()), s.policy.down_after_ms))
-                    .collect::<Vec<_>>()
-            })
-            .collect();
-        self.trackers.retain(|k, _| wanted.contains_key(k));
+    /// Takes the groups `specs` and plans reading them: one tracker per
+    /// (group, target), each with its group's `down_after_ms` (trackers of
+    /// targets still observed keep their state), and per store the keys
+    /// to read.
+    fn set_specs(&mut self, specs: Vec<GroupSpec>) {
         let now = self.now_ms();
-        for (k, down_after) in &wanted {
-            self.trackers
-                .entry(k.clone())
-                .or_insert_with(|| Tracker::new(*down_after, now))
-                .set_down_after(*down_after);
+        let mut old: BTreeMap<(String, String), Tracker> =
+            std::mem::take(&mut self.ids).into_iter().zip(std::mem::take(&mut self.trackers)).collect();
+        let mut wanted: BTreeMap<(String, String), (u64, &str)> = BTreeMap::new();
+        for s in &specs {
+            for (g, m, url) in targets(std::slice::from_ref(s), &self.observer) {
+                wanted.insert((g.to_owned(), m.to_owned()), (s.policy.down_after_ms, url));
+            }
         }
+        let mut by_store: BTreeMap<&str, StoreRead> = BTreeMap::new();
+        for (i, (key, (down_after, url))) in wanted.iter().enumerate() {
+            let mut t = old.remove(key).unwrap_or_else(|| Tracker::new(*down_after, now));
+            t.set_down_after(*down_after);
+            self.trackers.push(t);
+            let read = by_store.entry(url).or_insert_with(|| StoreRead {
+                url: (*url).to_owned(),
+                keys: Vec::new(),
+                trackers: Vec::new(),
+            });
+            read.keys.push(heartbeat_key(&key.0, &key.1));
+            read.trackers.push(i);
+        }
+        self.plan = by_store.into_values().collect();
+        self.ids = wanted.into_keys().collect();
+        self.current = specs;
     }
 
-    /// Feeds one round of readings to the trackers; the groups whose
-    /// observations changed state.
-    fn track(&mut self, readings: Vec<((String, String), Reading)>) -> BTreeSet<String> {
+    /// Feeds one round of readings (per store of the plan, in its order) to
+    /// the trackers; the groups whose observations changed state.
+    fn track(&mut self, readings: Vec<Vec<Reading>>) -> BTreeSet<String> {
         let now = self.now_ms();
         let mut changed = BTreeSet::new();
-        for (key, reading) in readings {
-            if let Some(t) = self.trackers.get_mut(&key)
-                && let Some(tr) = t.observe(now, reading)
-            {
-                let (group, target) = &key;
+        for (read, values) in self.plan.iter().zip(readings) {
+            for (&i, reading) in read.trackers.iter().zip(values) {
+                let t = &mut self.trackers[i];
+                let Some(tr) = t.observe(now, reading) else { continue };
+                let (group, target) = &self.ids[i];
                 changed.insert(group.clone());
                 if let Some((from, to)) = tr.restarted {
                     info!(%group, %target, from = format!("{from:016x}"), to = format!("{to:016x}"), "target restarted");
@@ -292,113 +272,39 @@ impl Round {
         self.current
             .iter()
             .filter(|s| refresh || changed.contains(&s.name))
-            .map(|s| pb::GroupView {
-                group: s.name.clone(),
-                cells: self
-                    .trackers
-                    .range((s.name.clone(), String::new())..)
+            .map(|s| {
+                let first = self.ids.partition_point(|(g, _)| *g < s.name);
+                let cells = self.ids[first..]
+                    .iter()
+                    .zip(&self.trackers[first..])
                     .take_while(|((g, _), _)| *g == s.name)
                     .map(|((_, id), t)| observation_pb(id, &t.observation(now)))
-                    .collect(),
+                    .collect();
+                pb::GroupView { group: s.name.clone(), cells, version: 0 }
             })
             .collect()
     }
 }
 
-/// One read of every target's key: one MGET per store, all stores at once.
-async fn read_round<S: Stores>(
-    specs: &[GroupSpec],
-    observer: &Observer,
-    stores: &S,
-) -> Vec<((String, String), Reading)> {
-    let timeout = read_timeout(specs);
-    let mut by_store: BTreeMap<&str, Vec<(&str, &str)>> = BTreeMap::new();
-    for (group, member, url) in targets(specs, observer) {
-        by_store.entry(url).or_default().push((group, member));
-    }
-    let reads = by_store.into_iter().map(|(url, ids)| async move {
-        let keys: Vec<String> = ids.iter().map(|(g, m)| heartbeat_key(g, m)).collect();
-        let res = stores.get_many(url, &keys, timeout).await;
-        let key = |(g, m): &(&str, &str)| ((*g).to_owned(), (*m).to_owned());
-        match res {
-            Ok(values) => ids
-                .iter()
-                .zip(values)
-                .map(|(id, v)| {
-                    let reading = match v {
-                        None => Reading::Missing,
-                        Some(s) => Beat::parse(&s).map_or(Reading::Garbled, Reading::Present),
-                    };
-                    (key(id), reading)
+/// One read of every key of `plan`: one MGET per store, all stores at once;
+/// per store, its readings in the order of its keys.
+async fn read_round<S: Stores>(plan: &[StoreRead], timeout: Duration, stores: &S) -> Vec<Vec<Reading>> {
+    let reads = plan.iter().map(|read| async move {
+        match stores.get_many(&read.url, &read.keys, timeout).await {
+            Ok(values) => values
+                .into_iter()
+                .map(|v| match v {
+                    None => Reading::Missing,
+                    Some(s) => Beat::parse(&s).map_or(Reading::Garbled, Reading::Present),
                 })
-                .collect::<Vec<_>>(),
+                .collect(),
             Err(e) => {
                 debug!("unreachable: {e}");
-                ids.iter().map(|id| (key(id), Reading::Unreachable)).collect()
+                vec![Reading::Unreachable; read.keys.len()]
             }
         }
     });
-    futures::future::join_all(reads).await.into_iter().flatten().collect()
-}
-
-/// Sends every queued view, in reports of bounded size sent together, until
-/// they get through; then waits for more. A failed report is retried
-/// shortly, merged with newer views.
-async fn report_loop<R: ReportSink>(
-    observer: Observer,
-    incarnation: u64,
-    sink: Arc<R>,
-    pending: Arc<Pending>,
-    status: Option<watch::Receiver<pb::MemberStatus>>,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut failures = 0u32;
-    loop {
-        tokio::select! {
-            () = pending.notify.notified() => {}
-            () = crate::shutdown::stopped(&mut stop) => return,
-        }
-        let views = pending.take();
-        if views.is_empty() {
-            continue;
-        }
-        let status = status.as_ref().map(|s| s.borrow().clone());
-        let sends = chunks(views).into_iter().map(|views| {
-            let req = pb::ReportRequest {
-                observer: observer.to_string(),
-                observer_incarnation: incarnation,
-                views,
-                status: status.clone(),
-            };
-            let sink = sink.clone();
-            async move { sink.report(req.clone()).await.map_err(|e| (e, req.views)) }
-        });
-        let mut failed = None;
-        for res in futures::future::join_all(sends).await {
-            if let Err((e, views)) = res {
-                pending.put_back(views);
-                failed = Some(e);
-            }
-        }
-        match failed {
-            None => {
-                if failures > 0 {
-                    info!(after = failures, "reports get through again");
-                }
-                failures = 0;
-            }
-            Some(e) => {
-                failures += 1;
-                if failures == 1 || failures.is_power_of_two() {
-                    warn!(failures, "report failed, will retry: {e}");
-                }
-                tokio::select! {
-                    () = tokio::time::sleep(Duration::from_millis(100)) => pending.notify.notify_one(),
-                    () = crate::shutdown::stopped(&mut stop) => return,
-                }
-            }
-        }
-    }
+    futures::future::join_all(reads).await
 }
 
 #[cfg(test)]
@@ -407,8 +313,10 @@ mod tests {
 
     use quorate_core::group::{MemberSpec, Policy};
 
+    use super::report::chunks;
     use super::*;
     use crate::observation::store::MemStores;
+    use std::sync::Mutex;
 
     #[derive(Default)]
     struct Collect {
@@ -428,6 +336,7 @@ mod tests {
                     ..Default::default()
                 })
                 .collect(),
+            version: 0,
         };
         let views: Vec<pb::GroupView> = (0..10_000).map(view).collect();
         let total: usize = views.iter().map(|v| v.encoded_len()).sum();
@@ -446,6 +355,7 @@ mod tests {
                 .map(|v| quorate_core::machine::GroupView {
                     group: v.group.clone(),
                     cells: v.cells.iter().map(|o| crate::wire::convert::observation_from_pb(o).unwrap()).collect(),
+                    version: v.version,
                 })
                 .collect();
             let op = quorate_core::Op::Report {
@@ -466,11 +376,13 @@ mod tests {
         assert!(chunks(Vec::new()).is_empty());
     }
 
+    /// A leader that stores every view and renews every refresh.
     impl ReportSink for Collect {
         type Error = ClientError;
-        async fn report(&self, req: pb::ReportRequest) -> Result<(), ClientError> {
+        async fn report(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, ClientError> {
+            let refreshed = req.refresh.len() as u32;
             self.reports.lock().unwrap().push((Instant::now(), req));
-            Ok(())
+            Ok(pb::ReportResponse { refreshed, ..Default::default() })
         }
     }
 
@@ -560,14 +472,110 @@ mod tests {
         let (c_at, why) = c_down.expect("c never reported down");
         assert_eq!(why, "heartbeat store unreachable");
         assert!(c_at - (t0 + Duration::from_secs(4)) <= Duration::from_millis(700));
-        // a stays up throughout, and is refreshed about once a second.
-        let a_reports: Vec<Instant> =
-            reports.iter().filter(|(_, r)| state_of(r, "g1", "a").is_some()).map(|(t, _)| *t).collect();
+        // a stays up throughout, and its group is reported about once a
+        // second: in full when something changed, else as a refresh of the
+        // last view sent in full, by its token.
+        let mentions =
+            |r: &pb::ReportRequest| state_of(r, "g1", "a").is_some() || r.refresh.iter().any(|f| f.group == "g1");
+        let a_reports: Vec<Instant> = reports.iter().filter(|(_, r)| mentions(r)).map(|(t, _)| *t).collect();
         let down = pb::ObservationState::ObservedDown as i32;
         assert!(reports.iter().all(|(_, r)| state_of(r, "g1", "a").is_none_or(|(s, _)| s != down)), "a went down");
         assert!((7..=10).contains(&a_reports.len()), "{} reports of g1 in 7 s", a_reports.len());
         for w in a_reports.windows(2) {
             assert!(w[1] - w[0] <= Duration::from_millis(1100), "refresh gap {:?}", w[1] - w[0]);
         }
+        let mut last_token = 0;
+        let mut refreshes = 0;
+        for (_, r) in &reports {
+            if let Some(v) = r.views.iter().find(|v| v.group == "g1") {
+                assert_ne!(v.version, 0);
+                assert_ne!(v.version, last_token, "a new token for every view sent in full");
+                last_token = v.version;
+            }
+            for f in r.refresh.iter().filter(|f| f.group == "g1") {
+                assert_eq!(f.version, last_token, "a refresh names the last view sent in full");
+                assert!(r.views.is_empty() && r.status.is_none());
+                refreshes += 1;
+            }
+        }
+        assert!(refreshes >= 4, "{refreshes} refreshes of g1 in 7 s");
+    }
+
+    /// A leader that renews only some refreshes: none when `old` (a leader
+    /// that predates refreshes answers 0), else all but `missed`.
+    struct Renews {
+        old: bool,
+        missed: Vec<String>,
+        reports: Mutex<Vec<pb::ReportRequest>>,
+    }
+
+    impl ReportSink for Renews {
+        type Error = ClientError;
+        async fn report(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, ClientError> {
+            let missed: Vec<String> =
+                req.refresh.iter().filter(|f| self.missed.contains(&f.group)).map(|f| f.group.clone()).collect();
+            let refreshed = (req.refresh.len() - missed.len()) as u32;
+            self.reports.lock().unwrap().push(req);
+            let resp = pb::ReportResponse { refreshed, unrefreshed: missed, ..Default::default() };
+            Ok(if self.old { pb::ReportResponse::default() } else { resp })
+        }
+    }
+
+    /// Runs a loop over g1 (a, b beating) and g2 (c beating) for 3.5 s.
+    async fn run_against(sink: Arc<Renews>) -> Vec<pb::ReportRequest> {
+        let stores = MemStores::new();
+        let far = Instant::now() + Duration::from_secs(60);
+        for (g, m) in [("g1", "a"), ("g1", "b"), ("g2", "c")] {
+            tokio::spawn(beat(stores.clone(), "redis://s1:1", g, m, far));
+        }
+        let specs =
+            vec![spec("g1", &[("a", "redis://s1:1"), ("b", "redis://s1:1")]), spec("g2", &[("c", "redis://s1:1")])];
+        let (_specs_tx, specs_rx) = watch::channel(specs);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let observe = Observe {
+            observer: Observer::Coordinator(1),
+            incarnation: 1,
+            specs: specs_rx,
+            status: None,
+            stores: Arc::new(stores),
+            sink: sink.clone(),
+        };
+        let looping = tokio::spawn(observe.run(stop_rx));
+        tokio::time::sleep(Duration::from_millis(3_500)).await;
+        let _ = stop_tx.send(true);
+        looping.await.unwrap();
+        sink.reports.lock().unwrap().clone()
+    }
+
+    fn full_views_of(reports: &[pb::ReportRequest], group: &str) -> usize {
+        reports.iter().flat_map(|r| &r.views).filter(|v| v.group == group).count()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_view_the_leader_did_not_renew_is_sent_in_full_at_once() {
+        let sink = Arc::new(Renews { old: false, missed: vec!["g2".into()], reports: Mutex::default() });
+        let reports = run_against(sink).await;
+        // g1 goes in full once, then as refreshes; g2's refreshes are
+        // missed, and each miss sends it in full right after.
+        assert_eq!(full_views_of(&reports, "g1"), 1);
+        let g2_full = full_views_of(&reports, "g2");
+        let g2_refreshes = reports.iter().flat_map(|r| &r.refresh).filter(|f| f.group == "g2").count();
+        assert!(g2_refreshes >= 2 && g2_full == g2_refreshes + 1, "{g2_full} in full, {g2_refreshes} refreshes");
+        for (i, r) in reports.iter().enumerate() {
+            if r.refresh.iter().any(|f| f.group == "g2") {
+                let next = reports.get(i + 1).expect("a missed refresh is followed by the view in full");
+                assert!(next.views.iter().any(|v| v.group == "g2"));
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_predates_refreshes_gets_every_view_in_full() {
+        let sink = Arc::new(Renews { old: true, missed: Vec::new(), reports: Mutex::default() });
+        let reports = run_against(sink).await;
+        // Once a second, as before refreshes: a refresh at each interval,
+        // answered with nothing, then the views in full.
+        assert!(full_views_of(&reports, "g1") >= 4 && full_views_of(&reports, "g2") >= 4);
+        assert_eq!(full_views_of(&reports, "g1"), full_views_of(&reports, "g2"));
     }
 }

@@ -1,7 +1,8 @@
 //! Coordinator nodes observe every member of every group, like agents do:
 //! the same observation loop (`crate::observation`), over all groups at
-//! once (one read per store per tick, one report per tick with changes),
-//! reporting as `coordinator-N`. While this node leads, it hands its
+//! once (one read per store per tick, one report per tick with changes,
+//! unchanged views renewed by refreshes rather than sent again), reporting
+//! as `coordinator-N`. While this node leads, it hands its
 //! reports to its own service layer in-process; as a follower it sends them
 //! to the leader through a client (only the leader proposes). The set of
 //! groups follows the replicated state.
@@ -18,7 +19,7 @@ use tokio::task::JoinSet;
 use tracing::{Instrument, info_span, warn};
 
 use super::Node;
-use crate::api::report_from_pb;
+use crate::api::{report_from_pb, reported_pb};
 use crate::client::{Client, ClientError};
 use crate::observation::store::RedisStores;
 use crate::observation::{Observe, ReportSink};
@@ -54,17 +55,16 @@ enum OwnReportError {
 impl ReportSink for OwnNode {
     type Error = OwnReportError;
 
-    async fn report(&self, req: pb::ReportRequest) -> Result<(), OwnReportError> {
+    async fn report(&self, req: pb::ReportRequest) -> Result<pb::ReportResponse, OwnReportError> {
         if self.node.raft.is_leader() {
             match self.reports.report(&Caller::Internal, report_from_pb(req.clone())?).await {
-                Ok(_) => return Ok(()),
+                Ok(reported) => return Ok(reported_pb(&reported)),
                 // Leadership moved meanwhile: the leader takes it.
                 Err(ServiceError::NotLeader { .. }) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        self.client.report_view(req).await?;
-        Ok(())
+        Ok(self.client.report_view(req).await?)
     }
 }
 

@@ -128,6 +128,7 @@ async fn run(node: Node, mut rx: mpsc::Receiver<(Op, Reply)>) {
 fn too_large(op: &Op, bytes: usize) -> ServiceError {
     let what = match op {
         Op::Report { views, .. } => format!("a report with {} views", views.len()),
+        Op::Refresh { views, .. } => format!("a refresh of {} views", views.len()),
         _ => "a command".to_owned(),
     };
     ServiceError::TooLarge { what, bytes, limit: MAX_BATCH_BYTES }

@@ -23,18 +23,21 @@ use std::time::Duration;
 
 use quorate_core::access::Action;
 use quorate_core::group::{GroupSpec, parse_host_port, parse_redis_url};
-use quorate_core::machine::ReaderClock;
+use quorate_core::machine::{Change, ChangeKind, ReaderClock};
 use quorate_core::matrix::GroupState;
 use quorate_core::verdict::{GroupVerdict, MemberVerdict, Verdict, verdict};
 use tokio::sync::{broadcast, mpsc};
 
 use super::{Node, ServiceError};
+use crate::raft::state_machine::ChangeEvent;
 use crate::shutdown::stopped;
 use crate::tls::caller::Caller;
 
 /// How often the primaries' down flags are recomputed without a change in
 /// the log (as watches recheck verdicts).
 const RECHECK: Duration = Duration::from_millis(200);
+/// The most queued changes one rescan stands for ([`drain`]).
+const DRAIN_AT_MOST: usize = 4096;
 
 /// A member's down flags, from its verdict.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -200,6 +203,16 @@ impl Node {
         Ok(QuorumCheck { usable, needed: voters / 2 + 1, voters })
     }
 
+    /// Can `change` move what discovery shows? Anything but a view
+    /// reported about a group that is not managed: discovery lists only
+    /// managed groups, and every observer reports every second about every
+    /// group, so rescanning every group for each report grew with groups
+    /// times reports.
+    fn concerns_discovery(&self, change: &Change) -> bool {
+        change.kind != ChangeKind::ViewReported
+            || self.reader.with_machine(|m, _| m.group(&change.group).is_none_or(|g| g.spec.is_managed()))
+    }
+
     /// Follows discovery's changes and sends them on `tx` until the node
     /// stops or the receiver goes. Nothing is sent for the state at start.
     pub async fn discovery_events(&self, tx: mpsc::Sender<DiscoveryEvent>) {
@@ -214,7 +227,8 @@ impl Node {
         loop {
             tokio::select! {
                 ev = changes.recv() => match ev {
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Ok(ev) if !self.concerns_discovery(&ev.change) => continue,
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => drain(&mut changes),
                     Err(broadcast::error::RecvError::Closed) => return,
                 },
                 _ = recheck.tick() => {}
@@ -231,6 +245,18 @@ impl Node {
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Drops the changes already queued: the rescan that follows sees the
+/// state after them all (it reads the state now), so a burst of reports
+/// costs one rescan, not one each. Bounded, so a flood cannot hold the loop.
+fn drain(changes: &mut broadcast::Receiver<ChangeEvent>) {
+    for _ in 0..DRAIN_AT_MOST {
+        match changes.try_recv() {
+            Ok(_) | Err(broadcast::error::TryRecvError::Lagged(_)) => {}
+            Err(_) => return,
         }
     }
 }

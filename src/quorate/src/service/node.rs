@@ -198,6 +198,9 @@ fn op_name(op: &Op) -> String {
         Op::Report { observer, views, .. } => {
             format!("a report by {} with {} views", short(&observer.to_string()), views.len())
         }
+        Op::Refresh { observer, views, .. } => {
+            format!("a refresh by {} of {} views", short(&observer.to_string()), views.len())
+        }
         Op::ApplyGroup { spec } => format!("the spec of group {}", short(&spec.name)),
         Op::Batch(ops) => format!("a batch of {} commands", ops.len()),
         other => short(&format!("{other:?}")),

@@ -1,5 +1,8 @@
 //! Observers' reports: one observer's view of its targets, checked and
 //! proposed through the [`Batcher`] (many reports share one log entry).
+//! A report may also renew views the observer still holds unchanged, by
+//! the token it sent them under ([`Op::Refresh`]), instead of sending them
+//! again.
 //!
 //! Agents send theirs over gRPC; a coordinator hands its own to its node
 //! in-process (`server::observers`). Both arrive here.
@@ -47,6 +50,9 @@ pub struct Report {
     pub views: Vec<GroupView>,
     /// An agent's own data service, if it runs one.
     pub status: Option<MemberStatus>,
+    /// `(group, version)` of views the observer still holds unchanged:
+    /// their time is renewed ([`Op::Refresh`]).
+    pub refresh: Vec<(String, u64)>,
 }
 
 /// What the state machine made of a report.
@@ -57,46 +63,88 @@ pub struct Reported {
     /// Views the machine refused (an unknown group, an observer it does not
     /// know), each with its reason; the rest were recorded.
     pub rejected: Vec<Rejection>,
+    /// Groups of `refresh` whose view was not renewed.
+    pub unrefreshed: Vec<String>,
+    /// How many views of `refresh` were renewed.
+    pub refreshed: usize,
 }
 
 impl Batcher {
-    /// Checks `r` and records it in the next batch.
+    /// Checks `r` and records it in the next batch: its views as one
+    /// command, its refreshes as another.
     pub async fn report(&self, caller: &Caller, r: Report) -> Result<Reported, ServiceError> {
-        if r.observer.is_empty() {
-            return Err(ServiceError::InvalidArgument("observer: missing".into()));
+        check_report(caller, &r)?;
+        let observer = Observer::parse(&r.observer);
+        let groups = r.views.iter().map(|v| v.group.as_str()).chain(r.refresh.iter().map(|(g, _)| g.as_str()));
+        self.admit(caller, &observer, groups)?;
+        let mut reported =
+            Reported { restarts: Vec::new(), rejected: Vec::new(), unrefreshed: Vec::new(), refreshed: 0 };
+        if !r.views.is_empty() || r.refresh.is_empty() {
+            let op = Op::Report {
+                observer: observer.clone(),
+                observer_incarnation: r.incarnation,
+                views: r.views,
+                status: r.status,
+            };
+            match self.propose(op).await? {
+                Outcome::Reported { restarts, rejected } => {
+                    (reported.restarts, reported.rejected) = (restarts, rejected)
+                }
+                Outcome::Rejected(rej) => return Err(rejection(rej)),
+                other => return Err(unexpected("Report", &other)),
+            }
         }
-        // Every name is checked before it is echoed or stored: bounded in
-        // length and charset, so no error carries unbounded input back.
-        check_name(NameKind::Member, &r.observer).map_err(|e| prefixed("observer", e))?;
-        if r.views.len() > MAX_VIEWS_PER_REPORT {
+        if !r.refresh.is_empty() {
+            let asked = r.refresh.len();
+            let op = Op::Refresh { observer, observer_incarnation: r.incarnation, views: r.refresh };
+            match self.propose(op).await? {
+                Outcome::Refreshed { missed } => {
+                    reported.refreshed = asked.saturating_sub(missed.len());
+                    reported.unrefreshed = missed;
+                }
+                Outcome::Rejected(rej) => return Err(rejection(rej)),
+                other => return Err(unexpected("Refresh", &other)),
+            }
+        }
+        Ok(reported)
+    }
+}
+
+/// A report is well formed and bounded, and its caller may report as its
+/// observer about every group it names. Every name is checked before it is
+/// echoed or stored: bounded in length and charset, so no error carries
+/// unbounded input back.
+fn check_report(caller: &Caller, r: &Report) -> Result<(), ServiceError> {
+    if r.observer.is_empty() {
+        return Err(ServiceError::InvalidArgument("observer: missing".into()));
+    }
+    check_name(NameKind::Member, &r.observer).map_err(|e| prefixed("observer", e))?;
+    for (what, n) in [("views", r.views.len()), ("refresh", r.refresh.len())] {
+        if n > MAX_VIEWS_PER_REPORT {
             return Err(ServiceError::ResourceExhausted(format!(
-                "views: {} views in one report; the limit is {MAX_VIEWS_PER_REPORT} (MAX_VIEWS_PER_REPORT): split it",
-                r.views.len()
+                "{what}: {n} views in one report; the limit is {MAX_VIEWS_PER_REPORT} (MAX_VIEWS_PER_REPORT): split it"
             )));
         }
-        for v in &r.views {
-            check_name(NameKind::Group, &v.group)?;
-            if v.cells.len() > MAX_MEMBERS {
-                return Err(ServiceError::InvalidArgument(format!(
-                    "views[{}].cells: {} observations; a group has at most {MAX_MEMBERS} members",
-                    v.group,
-                    v.cells.len()
-                )));
-            }
-            for (target, _) in &v.cells {
-                check_name(NameKind::Member, target).map_err(|e| prefixed("target", e))?;
-            }
-            caller.check(Action::Report { group: &v.group, observer: &r.observer })?;
-        }
-        let observer = Observer::parse(&r.observer);
-        self.admit(caller, &observer, &r.views)?;
-        let op = Op::Report { observer, observer_incarnation: r.incarnation, views: r.views, status: r.status };
-        match self.propose(op).await? {
-            Outcome::Reported { restarts, rejected } => Ok(Reported { restarts, rejected }),
-            Outcome::Rejected(rej) => Err(rejection(rej)),
-            other => Err(unexpected("Report", &other)),
-        }
     }
+    for v in &r.views {
+        check_name(NameKind::Group, &v.group)?;
+        if v.cells.len() > MAX_MEMBERS {
+            return Err(ServiceError::InvalidArgument(format!(
+                "views[{}].cells: {} observations; a group has at most {MAX_MEMBERS} members",
+                v.group,
+                v.cells.len()
+            )));
+        }
+        for (target, _) in &v.cells {
+            check_name(NameKind::Member, target).map_err(|e| prefixed("target", e))?;
+        }
+        caller.check(Action::Report { group: &v.group, observer: &r.observer })?;
+    }
+    for (group, _) in &r.refresh {
+        check_name(NameKind::Group, group).map_err(|e| prefixed("refresh", e))?;
+        caller.check(Action::Report { group, observer: &r.observer })?;
+    }
+    Ok(())
 }
 
 impl Batcher {
@@ -106,7 +154,12 @@ impl Batcher {
     /// node), a member must be in every group it reports about
     /// that exists (the state machine refuses unknown groups itself), and
     /// the caller's identity must be within `max_reports_per_s`.
-    fn admit(&self, caller: &Caller, observer: &Observer, views: &[GroupView]) -> Result<(), ServiceError> {
+    fn admit<'a>(
+        &self,
+        caller: &Caller,
+        observer: &Observer,
+        groups: impl Iterator<Item = &'a str> + Clone,
+    ) -> Result<(), ServiceError> {
         let node = &self.node;
         if !node.raft.is_leader() {
             return Err(node.not_leader());
@@ -119,10 +172,10 @@ impl Batcher {
         observer.check_node(&nodes).map_err(refused)?;
         node.reader
             .with_machine(|m, _| {
-                views.iter().filter_map(|v| m.group(&v.group)).try_for_each(|g| observer.check_member_of(&g.spec))
+                groups.clone().filter_map(|name| m.group(name)).try_for_each(|g| observer.check_member_of(&g.spec))
             })
             .map_err(refused)?;
-        let Some(key) = rate_key(caller, observer, views) else { return Ok(()) };
+        let Some(key) = rate_key(caller, observer, groups.clone().next()) else { return Ok(()) };
         let mut rates = self.rates.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         if rates.try_take(&key, Instant::now()) {
             return Ok(());
@@ -136,19 +189,19 @@ impl Batcher {
 
 /// Whose rate bucket a report takes from: a member's, named by its
 /// certificate (`quorate://member/G/M`), or over plain text by the report's
-/// first group and observer. None: exempt. This process is; so are
+/// first group (`first_group`) and observer. None: exempt. This process is; so are
 /// coordinator nodes: a node certificate already reaches the Raft RPCs,
 /// so a bound on its reports would protect nothing, and a coordinator
 /// reports about every group (up to `max_groups`) every read round, so a
 /// bound that fits it would bound no member. (Over plain text anyone may
 /// claim to be a coordinator of the cluster, as anyone may do anything.)
-fn rate_key(caller: &Caller, observer: &Observer, views: &[GroupView]) -> Option<String> {
+fn rate_key(caller: &Caller, observer: &Observer, first_group: Option<&str>) -> Option<String> {
     match (caller, observer) {
         (Caller::Internal | Caller::Known(Identity::Node { .. }), _) => None,
         (Caller::Known(id), _) => Some(id.uri()),
         (Caller::Insecure | Caller::Unusable(_), Observer::Coordinator(_)) => None,
         (Caller::Insecure | Caller::Unusable(_), Observer::Member(m)) => {
-            Some(format!("{}/{m}", views.first().map_or("", |v| v.group.as_str())))
+            Some(format!("{}/{m}", first_group.unwrap_or("")))
         }
     }
 }
@@ -157,22 +210,18 @@ fn rate_key(caller: &Caller, observer: &Observer, views: &[GroupView]) -> Option
 mod tests {
     use super::*;
 
-    fn view(group: &str) -> GroupView {
-        GroupView { group: group.into(), cells: Vec::new() }
-    }
-
     #[test]
     fn members_are_rate_limited_and_nodes_are_not() {
         let member = Caller::Known(Identity::Member { group: "g".into(), member: "m".into() });
         let m = Observer::Member("m".into());
-        assert_eq!(rate_key(&member, &m, &[view("g")]).as_deref(), Some("quorate://member/g/m"));
+        assert_eq!(rate_key(&member, &m, Some("g")).as_deref(), Some("quorate://member/g/m"));
         let node = Caller::Known(Identity::Node { id: 1 });
-        assert_eq!(rate_key(&node, &Observer::Coordinator(1), &[view("g")]), None);
-        assert_eq!(rate_key(&Caller::Internal, &Observer::Coordinator(1), &[]), None);
+        assert_eq!(rate_key(&node, &Observer::Coordinator(1), Some("g")), None);
+        assert_eq!(rate_key(&Caller::Internal, &Observer::Coordinator(1), None), None);
         // Plain text: by group and observer, so that members of the same
         // name in different groups (different agents) have their own.
-        assert_eq!(rate_key(&Caller::Insecure, &m, &[view("g")]).as_deref(), Some("g/m"));
-        assert_eq!(rate_key(&Caller::Insecure, &m, &[view("h")]).as_deref(), Some("h/m"));
-        assert_eq!(rate_key(&Caller::Insecure, &Observer::Coordinator(2), &[view("g")]), None);
+        assert_eq!(rate_key(&Caller::Insecure, &m, Some("g")).as_deref(), Some("g/m"));
+        assert_eq!(rate_key(&Caller::Insecure, &m, Some("h")).as_deref(), Some("h/m"));
+        assert_eq!(rate_key(&Caller::Insecure, &Observer::Coordinator(2), Some("g")), None);
     }
 }

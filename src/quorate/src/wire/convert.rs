@@ -255,7 +255,7 @@ pub fn views_from_pb(views: Vec<pb::GroupView>) -> Result<Vec<GroupView>, Decode
         .into_iter()
         .map(|v| {
             let cells = v.cells.iter().map(observation_from_pb).collect::<Result<Vec<_>, _>>()?;
-            Ok(GroupView { group: v.group, cells })
+            Ok(GroupView { group: v.group, cells, version: v.version })
         })
         .collect()
 }
