@@ -3,9 +3,11 @@
 # sides (`quorate bench --target quorate|etcd`). Usage:
 # deploy/bench/throughput.sh OUT_DIR
 #
-# Starts a local 3-node quorate cluster (ports 24101..) and a 3-member
-# etcd 3.4 (ports 23790..23795) side by side, then runs, interleaved
-# (quorate, then etcd, for each point), BENCH_SECONDS (default 5) each:
+# Starts a local 3-node quorate cluster (ports 24101..), runs quorate's
+# points and stops it, then does the same with a 3-member etcd 3.4 (ports
+# 23790..23795): each system is measured with the machine to itself (an
+# idle cluster of the other kind took up to half a core, which showed most
+# at 64 clients). BENCH_SECONDS (default 5) a point:
 # - linearizable reads at 1, 8 and 64 clients: quorate GetLease vs etcd
 #   Range (linearizable, etcd's default), and p99 at 64. quorate's leader
 #   confirms them by its leader lease while a quorum acknowledged recently
@@ -45,10 +47,6 @@ cleanup() {
 }
 trap cleanup EXIT
 
-quorate_up "$qdir" "$QUORATE_BASE"
-etcd_up "$edir" "$ETCD_BASE"
-export ETCD_ENDPOINTS
-ETCD_ENDPOINTS=$(cat "$edir/endpoints")
 anchor="etcd-$(etcd_version)"
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs); $anchor;" \
   "quorate $([ -n "${BENCH_QUORATE_INSECURE:-}" ] && echo plain text || echo mutual TLS), etcd plain text;" \
@@ -68,11 +66,18 @@ val() {
     "$work/$1-$2.json"
 }
 
-for c in 1 8 64; do
-  for s in quorate etcd; do run "get-$c" "$s" lease-get --clients "$c"; done
-done
+quorate_up "$qdir" "$QUORATE_BASE"
+for c in 1 8 64; do run "get-$c" quorate lease-get --clients "$c"; done
 for c in 1 8; do run "get-ri-$c" quorate lease-get --clients "$c" --consistency read-index; done
-for s in quorate etcd; do run renew-8 "$s" acquire-renew --clients 8; done
+run renew-8 quorate acquire-renew --clients 8
+quorate_down "$qdir"
+
+etcd_up "$edir" "$ETCD_BASE"
+export ETCD_ENDPOINTS
+ETCD_ENDPOINTS=$(cat "$edir/endpoints")
+for c in 1 8 64; do run "get-$c" etcd lease-get --clients "$c"; done
+run renew-8 etcd acquire-renew --clients 8
+etcd_down "$edir"
 
 for c in 1 8 64; do
   bench_row "$out" "linearizable_read_${c}c_ops_per_s" "$(val "get-$c" quorate ops_per_s)" \

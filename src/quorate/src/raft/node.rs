@@ -239,6 +239,19 @@ impl RaftNode {
         m.state == ServerState::Leader && m.last_quorum_acked.is_some_and(|t| t.elapsed() < self.election_timeout_max)
     }
 
+    /// The term this node leads in, if its last published metrics show a
+    /// quorum acknowledgement (of a heartbeat or append sent at `t`, in
+    /// that term) with `t` less than `usable` ago; `None` otherwise. One
+    /// metrics snapshot: role, term and acknowledgement agree. A snapshot
+    /// lags the core, so what it shows is a past fact and only errs towards
+    /// an older acknowledgement.
+    pub fn lease_term(&self, usable: Duration) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow_watched();
+        (m.state == ServerState::Leader && m.last_quorum_acked.as_ref().is_some_and(|t| t.elapsed() < usable))
+            .then_some(m.current_term)
+    }
+
     /// Proposes `cmd` and waits until it is applied; the state machine's
     /// outcome. Unbounded here: the caller bounds it.
     pub async fn write(&self, cmd: Command) -> Result<Outcome, RaftFailure> {

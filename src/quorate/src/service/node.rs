@@ -174,6 +174,11 @@ impl Node {
         let usable = Duration::from_micros(
             self.config.lease_timing().leader_lease_usable_us(self.config.election_timeout_max_ms),
         );
+        if matches!(consistency, ReadConsistency::Linearizable | ReadConsistency::LeaseRead)
+            && self.lease_covers_applied(usable)
+        {
+            return Ok(());
+        }
         let how = match consistency {
             ReadConsistency::Stale => return self.ensure_caught_up(),
             ReadConsistency::Linearizable => ReadConfirm::LeaseOrRound { usable },
@@ -189,6 +194,29 @@ impl Node {
             }),
             Ok(res) => res.map_err(|e| self.raft_error(e, false)),
         }
+    }
+}
+
+impl Node {
+    /// The leader lease's fast path, without a message to Raft's core (one
+    /// cross-task round trip, most of a lease read's cost at one client):
+    /// this node's metrics show it leads in term `T` with a quorum
+    /// acknowledgement younger than `usable`, and its state machine has
+    /// applied its own first entry of `T` (the machine's clock is this
+    /// process's, in `T`). Then the local state holds every write
+    /// acknowledged before now: one from an earlier term is below that
+    /// first entry; one of `T` is this node's, applied before it was
+    /// acknowledged; one of a later term needs a leader elected by a
+    /// majority that shares a voter with the acknowledging quorum, which
+    /// refuses votes for `election_timeout_max_ms` after acknowledging,
+    /// so not before now (`usable` absorbs drift and margin). The caller
+    /// reads the state after this returns, so never an older one.
+    /// `false`: confirm through openraft's core instead.
+    fn lease_covers_applied(&self, usable: Duration) -> bool {
+        let Some(term) = self.raft.lease_term(usable) else { return false };
+        self.reader.with_machine(|m, _| {
+            m.clock().is_some_and(|(base, _)| base.term == term) && self.reader.own_clock_now(m).is_some()
+        })
     }
 }
 
