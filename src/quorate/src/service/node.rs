@@ -209,7 +209,9 @@ impl Node {
     /// acknowledged; one of a later term needs a leader elected by a
     /// majority that shares a voter with the acknowledging quorum, which
     /// refuses votes for `election_timeout_max_ms` after acknowledging,
-    /// so not before now (`usable` absorbs drift and margin). The caller
+    /// so not before now (`usable` absorbs drift and margin; openraft's
+    /// leadership transfer, whose votes skip that refusal, must stay
+    /// unused while this path exists). The caller
     /// reads the state after this returns, so never an older one.
     /// `false`: confirm through openraft's core instead.
     fn lease_covers_applied(&self, usable: Duration) -> bool {
