@@ -15,8 +15,10 @@
 //!    `now - t_ack` is below the lease shortened for drift and margin,
 //!    [`crate::lease::LeaseTiming::leader_lease_usable_us`]) or by a quorum
 //!    round that starts after `t_recv` (a ReadIndex round; concurrent
-//!    renewals share it), and waits until everything committed before it
-//!    is applied;
+//!    renewals share it); the check below reads the machine as applied
+//!    then, which may lag entries already proposed or committed (the
+//!    runtime's lease fast path does not wait for them; the property test
+//!    confirms renewals against a machine with entries still in flight);
 //! 3. it checks the renewal against the applied machine at `t_recv`, counting
 //!    its own earlier unlogged confirmations ([`Machine::check_renewal`]),
 //!    and records `t_recv` here ([`RenewalLedger::renew`]);

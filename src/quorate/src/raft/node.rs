@@ -277,9 +277,6 @@ impl RaftNode {
         // periodic heartbeat.
         let option = match how {
             ReadConfirm::ReadIndex => LinearizerOption::new(Some(Duration::ZERO), true),
-            ReadConfirm::LeaseOrRound { usable } if usable.is_zero() => {
-                LinearizerOption::new(Some(Duration::ZERO), true)
-            }
             ReadConfirm::LeaseOrRound { usable } => LinearizerOption::new(Some(usable), true),
             ReadConfirm::LeaseOnly { usable } => {
                 LinearizerOption::new(Some(usable), false).with_wait_timeout(Duration::ZERO)

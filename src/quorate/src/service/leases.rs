@@ -228,7 +228,7 @@ impl Node {
     /// lays out: the receipt time on this leader's clock, then leadership
     /// confirmed after it (the leader lease, or a quorum round shared with
     /// concurrent renewals and reads when the lease does not cover it),
-    /// then the check against the machine applied up to it.
+    /// then the check against the machine as applied then.
     /// `None` when this node cannot (not the leader, its first entry of the
     /// term not applied, or `durable_renewals`): the renewal is logged.
     async fn renew_unlogged(
